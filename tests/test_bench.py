@@ -1,0 +1,28 @@
+"""The benchmark harness measures every variant in one run and reports consistent figures."""
+
+from __future__ import annotations
+
+import json
+
+import lqc
+from lqc.bench import format_bench, model_weight_bytes, run_bench
+
+
+def test_bench_tiny_model_eager_and_lqc(tmp_path):
+    model = lqc.models.load("tiny-llama").model
+    result = run_bench(
+        model, model_name="tiny-llama", recipe="default", target="eager", variants=("eager", "lqc"),
+        prefill_tokens=32, prompt_tokens=8, decode_tokens=4, runs=2, log=lambda _: None,
+    )
+    eager, compressed = result.variants
+    for v in result.variants:
+        assert v.prefill_ms > 0 and v.decode_tokens_per_s > 0
+        assert len(v.prefill_runs_ms) == 2 and len(v.decode_runs_tokens_per_s) == 2
+        # 2 layers x (keys + values) x 2 KV heads x 16 dims x 4 bytes
+        assert v.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4
+    assert eager.weight_bytes == model_weight_bytes(model)
+    assert compressed.weight_bytes == lqc.reports()[-1].bytes_after  # the graph's constants as stored
+    assert eager.compile_warm_s == 0.0 and compressed.compile_cold_s >= 0.0
+    table = format_bench(result)
+    assert "decode tok/s" in table and "lqc" in table
+    (tmp_path / "r.json").write_text(json.dumps(result.to_json()))

@@ -1,0 +1,46 @@
+"""The `lqc` command: listings and clear errors (exit code 2, message naming the fix)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from lqc.cli import main
+
+
+def test_passes_lists_options_and_defaults(capsys):
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert "cleanup: remove no-op" in out
+    assert "targets (list[str], default [])" in out and "ignore (list[str], default [])" in out
+
+
+def test_recipes(capsys):
+    assert main(["recipes"]) == 0
+    assert "default:" in capsys.readouterr().out
+    assert main(["recipes", "default"]) == 0
+    assert "pass: cleanup" in capsys.readouterr().out
+
+
+def test_bad_recipe_is_a_clear_error(capsys):
+    assert main(["recipes", "int5"]) == 2
+    assert "no named recipe 'int5'" in capsys.readouterr().err
+
+
+def test_import_registers_user_passes(tmp_path):
+    plugin = tmp_path / "my_lqc_plugin.py"
+    plugin.write_text(
+        "from lqc.passes import Pass, PassResult, register_pass\n"
+        "@register_pass\n"
+        "class Noop(Pass):\n"
+        "    name = 'my_noop'\n"
+        "    description = 'does nothing, on purpose'\n"
+        "    def run(self, graph, ctx):\n"
+        "        return PassResult(changed=False)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "lqc.cli", "--import", "my_lqc_plugin", "passes"],
+        capture_output=True, text=True, cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "my_noop: does nothing, on purpose" in result.stdout
