@@ -110,7 +110,9 @@ def annotate_regions(graph: Graph) -> list[Region]:
         rows = _weight_rows(graph, weight, op_name(node))
         if rows is not None and rows in vocab_sizes:
             path = graph.module_path(node) or "lm_head"
-            regions.append(_region("lm_head", path, None, (path,), [node]))
+            # a weight tied to the embedding belongs to the embedding region, not to this one
+            owned = [weight] if len(weight.users) == 1 else []
+            regions.append(_region("lm_head", path, None, (path,), [node, *owned]))
 
     by_name = {n.name: n for n in nodes}
     for node in nodes:

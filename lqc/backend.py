@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -68,7 +69,9 @@ def lqc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: A
         )
 
     def build(args: Sequence[Any], rebuilding: bool = False) -> CompiledGraph:
+        start = time.perf_counter()
         graph = capture(gm, args, name=name)
+        capture_seconds = time.perf_counter() - start
         ctx = PassContext(calibration=calibration, progress=opts.progress)
         if opts.verify:
             ctx.check_inputs = [tuple(args[i.index] for i in graph.inputs)]
@@ -79,13 +82,16 @@ def lqc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: A
                     pass  # decode graphs: the example inputs are the check
         debug_dir = Path(opts.debug_dir) / name if opts.debug_dir else None
         report = PassManager(recipe, verify=opts.verify, debug_dir=debug_dir).run(graph, ctx)
-        with _reports_lock:
-            _reports.append(report)
+        report.capture_seconds = capture_seconds
         target = opts.target
         if rebuilding and any(i.role == "size" for i in graph.inputs):
             # Outside dynamo's tracing context Inductor would specialize a dynamic graph to these shapes.
             target = "eager"
+        start = time.perf_counter()
         fn = compile_graph(graph, target, [args[i.index] for i in graph.inputs])
+        report.codegen_seconds = time.perf_counter() - start
+        with _reports_lock:
+            _reports.append(report)
         frozen = [(f.index, f.tensor, f.version) for f in graph.frozen]
         return CompiledGraph(
             fn, [i.index for i in graph.inputs], frozen, rebuild=lambda a: build(a, rebuilding=True), name=name

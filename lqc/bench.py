@@ -8,8 +8,9 @@ reset, Inductor's and lqc's caches kept). Ratios are against Inductor, measured 
 
 from __future__ import annotations
 
-import copy
+import os
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -98,12 +99,15 @@ class _Runner:
 
 
 def _make_forward(model: torch.nn.Module, variant: str, recipe: Any, target: str) -> Callable:
+    # dynamic=False: every variant runs the same three static graphs (prefill, prompt, decode step);
+    # automatic dynamic shapes would otherwise depend on which variant saw which shape first.
     if variant == "eager":
         return model.forward
     if variant == "inductor":
-        return torch.compile(model.forward)
+        return torch.compile(model.forward, dynamic=False)
     if variant == "lqc":
-        return torch.compile(model.forward, backend="lqc", options={"recipe": recipe, "target": target, "progress": False})
+        options = {"recipe": recipe, "target": target, "progress": False}
+        return torch.compile(model.forward, backend="lqc", options=options, dynamic=False)
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
 
@@ -114,52 +118,9 @@ def _lqc_weight_bytes() -> int | None:
     return done[-1].bytes_after if done else None
 
 
-def bench_variant(
-    model: torch.nn.Module, variant: str, *, recipe: Any, target: str, prefill_ids: torch.Tensor,
-    prompt_ids: torch.Tensor, decode_tokens: int, runs: int, log: Callable[[str], None] = print,
-) -> VariantResult:
-    torch._dynamo.reset()
-    runner = _Runner(model, _make_forward(model, variant, recipe, target))
-
-    def first_calls() -> float:
-        """Seconds spent in first calls (compilation included) of the three graphs the loop uses."""
-        return runner.prefill(prefill_ids) + sum(runner.decode(prompt_ids, 2)[:2])
-
-    cold_first = first_calls()
-    prefill_times = [runner.prefill(prefill_ids) for _ in range(runs)]
-    decode_runs = [runner.decode(prompt_ids, decode_tokens) for _ in range(runs)]
-    prompt_s = statistics.median(r[0] for r in decode_runs)
-    decode_s = statistics.median(r[1] for r in decode_runs)
-    steady_first = statistics.median(prefill_times) + prompt_s + 2 * decode_s / decode_tokens
-    compile_cold = max(cold_first - steady_first, 0.0)
-
-    compile_warm = 0.0
-    if variant != "eager":
-        torch._dynamo.reset()
-        runner = _Runner(model, _make_forward(model, variant, recipe, target))
-        compile_warm = max(first_calls() - steady_first, 0.0)
-
-    cache = decode_runs[-1][2]
-    kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-    weight_bytes = model_weight_bytes(model)
-    if variant == "lqc":
-        weight_bytes = _lqc_weight_bytes() or weight_bytes
-    result = VariantResult(
-        variant=variant,
-        prefill_ms=statistics.median(prefill_times) * 1e3,
-        decode_tokens_per_s=decode_tokens / decode_s,
-        weight_bytes=weight_bytes,
-        kv_bytes_per_token=kv_bytes / cache.layers[0].max_cache_len,
-        compile_cold_s=compile_cold,
-        compile_warm_s=compile_warm,
-        prefill_runs_ms=[t * 1e3 for t in prefill_times],
-        decode_runs_tokens_per_s=[decode_tokens / r[1] for r in decode_runs],
-    )
-    log(
-        f"  {variant}: prefill {result.prefill_ms:.1f} ms, decode {result.decode_tokens_per_s:.2f} tok/s, "
-        f"compile {compile_cold:.1f}s cold / {compile_warm:.1f}s warm"
-    )
-    return result
+def _first_calls(runner: _Runner, prefill_ids: torch.Tensor, prompt_ids: torch.Tensor) -> float:
+    """Seconds spent in the first call of each graph the benchmark uses, compilation included."""
+    return runner.prefill(prefill_ids) + sum(runner.decode(prompt_ids, 2)[:2])
 
 
 def run_bench(
@@ -167,7 +128,14 @@ def run_bench(
     variants=VARIANTS, prefill_tokens: int = 512, prompt_tokens: int = 128, decode_tokens: int = 128,
     runs: int = 5, threads: int = 2, seed: int = 0, log: Callable[[str], None] = print,
 ) -> BenchResult:
+    """Compile times first, variant by variant (dynamo reset before each; "cold" on fresh caches,
+    "warm" right after, with Inductor's and lqc's caches kept). Then every variant is compiled
+    side by side and the timed runs are interleaved, so drift in the machine's speed (several
+    percent on a 2-core machine) hits all variants alike."""
     torch.set_num_threads(threads)
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        # a cold compile must not hit kernels an earlier process cached
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lqc-bench-inductor-")
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     prefill_ids = torch.randint(0, vocab, (1, prefill_tokens), generator=gen)
@@ -177,13 +145,54 @@ def run_bench(
         threads=threads, prefill_tokens=prefill_tokens, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
         runs=runs, torch_version=torch.__version__,
     )
+    first_cold: dict[str, float] = {}
+    first_warm: dict[str, float] = {}
+    weight_bytes: dict[str, int] = {}
     for variant in variants:
-        log(f"benchmarking {variant} ...")
-        result.variants.append(
-            bench_variant(
-                model, variant, recipe=recipe, target=target, prefill_ids=prefill_ids, prompt_ids=prompt_ids,
-                decode_tokens=decode_tokens, runs=runs, log=log,
-            )
+        log(f"compiling {variant} (cold, then warm) ...")
+        torch._dynamo.reset()
+        first_cold[variant] = _first_calls(_Runner(model, _make_forward(model, variant, recipe, target)), prefill_ids, prompt_ids)
+        weight_bytes[variant] = (_lqc_weight_bytes() if variant == "lqc" else None) or model_weight_bytes(model)
+        torch._dynamo.reset()
+        first_warm[variant] = _first_calls(_Runner(model, _make_forward(model, variant, recipe, target)), prefill_ids, prompt_ids)
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=64):
+        runners = {v: _Runner(model, _make_forward(model, v, recipe, target)) for v in variants}
+        for runner in runners.values():
+            _first_calls(runner, prefill_ids, prompt_ids)  # compile (warm caches) and warm up
+        prefill_times: dict[str, list[float]] = {v: [] for v in variants}
+        decode_runs: dict[str, list] = {v: [] for v in variants}
+        for run in range(runs):
+            log(f"timed run {run + 1}/{runs} ...")
+            for v in variants:
+                prefill_times[v].append(runners[v].prefill(prefill_ids))
+            for v in variants:
+                decode_runs[v].append(runners[v].decode(prompt_ids, decode_tokens))
+
+    for v in variants:
+        prompt_s = statistics.median(r[0] for r in decode_runs[v])
+        decode_s = statistics.median(r[1] for r in decode_runs[v])
+        prefill_s = statistics.median(prefill_times[v])
+        steady_first = prefill_s + prompt_s + 2 * decode_s / decode_tokens
+        cache = decode_runs[v][-1][2]
+        kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+        compiled = v != "eager"
+        item = VariantResult(
+            variant=v,
+            prefill_ms=prefill_s * 1e3,
+            decode_tokens_per_s=decode_tokens / decode_s,
+            weight_bytes=weight_bytes[v],
+            kv_bytes_per_token=kv_bytes / cache.layers[0].max_cache_len,
+            compile_cold_s=max(first_cold[v] - steady_first, 0.0) if compiled else 0.0,
+            compile_warm_s=max(first_warm[v] - steady_first, 0.0) if compiled else 0.0,
+            prefill_runs_ms=[t * 1e3 for t in prefill_times[v]],
+            decode_runs_tokens_per_s=[decode_tokens / r[1] for r in decode_runs[v]],
+        )
+        result.variants.append(item)
+        log(
+            f"  {v}: prefill {item.prefill_ms:.1f} ms, decode {item.decode_tokens_per_s:.2f} tok/s, "
+            f"compile {item.compile_cold_s:.1f}s cold / {item.compile_warm_s:.1f}s warm"
         )
     torch._dynamo.reset()
     return result
@@ -202,6 +211,6 @@ def format_bench(result: BenchResult) -> str:
     head = (
         f"{result.model}, recipe {result.recipe!r}, target {result.target}, {result.threads} threads, "
         f"prefill {result.prefill_tokens} tokens, decode {result.decode_tokens} after {result.prompt_tokens}, "
-        f"median of {result.runs}"
+        f"median of {result.runs} interleaved runs"
     )
     return head + "\n" + format_table(columns, rows)

@@ -63,7 +63,8 @@ def load(name_or_path: str, *, dtype: torch.dtype = torch.float32, seed: int = 0
         return _load_gguf(path, dtype, path.stem)
     if path.is_dir() and (path / "config.json").is_file():
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path) if has_tokenizer else None
         return LoadedModel(model.eval(), tokenizer, path.name)
     raise LqcConfigError(
         f"cannot load {name_or_path!r}: give {SMOLLM2!r}, one of {', '.join(TINY_CONFIGS)}, a local Hugging Face "

@@ -11,13 +11,16 @@ from __future__ import annotations
 import abc
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch.fx as fx
 
 from lqc.ir import Graph
 
 from .options import PassOptions, parse_options
+
+if TYPE_CHECKING:  # context.py imports this module
+    from .context import PassContext
 
 
 @dataclass
@@ -49,7 +52,7 @@ class Pass(abc.ABC):
         return f"{type(self).__name__}({self.options})"
 
     @abc.abstractmethod
-    def run(self, graph: Graph, ctx: "PassContext") -> PassResult:  # noqa: F821 (context imports base)
+    def run(self, graph: Graph, ctx: "PassContext") -> PassResult:
         """Rewrite ``graph`` in place."""
 
     def selects(self, where: fx.Node | str) -> bool:

@@ -96,11 +96,9 @@ class PassManager:
         graph.prune_constants()
         try:
             graph.recompile()
-            verify_graph(graph, expected_outputs, after=p.name)
-        except VerificationError:
-            raise
         except Exception as exc:
             raise VerificationError(f"pass {p.name!r} left an invalid graph: {type(exc).__name__}: {exc}") from exc
+        verify_graph(graph, expected_outputs, after=p.name)
         if "regions" not in p.preserves:
             annotate_regions(graph)
 

@@ -91,12 +91,11 @@ def _check(value: Any, tp: Any, where: str) -> Any:
             raise LqcConfigError(f"{where} must be one of {', '.join(map(str, choices))}; got {value!r}")
         return value
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for option in get_args(tp):
             try:
                 return _check(value, option, where)
-            except LqcConfigError as exc:
-                errors.append(str(exc))
+            except LqcConfigError:
+                continue
         raise LqcConfigError(f"{where} must be {type_label(tp)}; got {value!r}")
     if tp is type(None):
         if value is not None:

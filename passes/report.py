@@ -44,6 +44,8 @@ class GraphReport:
     capture_nodes: int = 0
     capture_bytes: int = 0
     fallback: str = ""  # why this graph fell back to Inductor, if it did
+    capture_seconds: float = 0.0  # freezing, shape propagation, regions
+    codegen_seconds: float = 0.0  # compiling the result for the target (Inductor's time, say)
 
     @property
     def bytes_after(self) -> int:
@@ -103,6 +105,9 @@ def _looks_numeric(cell: str) -> bool:
 
 def format_summary(report: GraphReport) -> str:
     head = f"# {report.graph}" + (f"  (fell back to Inductor: {report.fallback})" if report.fallback else "")
+    head += f"  capture {report.capture_seconds:.2f}s"
+    if report.codegen_seconds:
+        head += f", codegen {report.codegen_seconds:.2f}s"
     return head + "\n" + format_table(SUMMARY_COLUMNS, summary_rows(report))
 
 

@@ -52,3 +52,17 @@ def test_calibration_input_errors():
     cal = calibration_from(torch.arange(100))
     with pytest.raises(LqcConfigError, match="needs 512"):
         cal.windows(1, 512)
+
+
+def test_models_load_a_local_hf_directory(tmp_path):
+    import lqc.models
+
+    tiny = lqc.models.load("tiny-llama")
+    tiny.model.save_pretrained(tmp_path)
+    loaded = lqc.models.load(str(tmp_path))
+    ids = torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, tiny.model(ids).logits)
+    assert loaded.tokenizer is None and loaded.name == tmp_path.name
+    with pytest.raises(LqcConfigError, match="cannot load 'no-such-model'"):
+        lqc.models.load("no-such-model")
