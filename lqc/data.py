@@ -1,7 +1,8 @@
 """Text for calibration and evaluation: locating it, tokenizing it, cutting windows.
 
 The evaluation text (``eval.txt``) and calibration text (``calib.txt``) live in the shared data
-folder (``$LQC_DATA_DIR``, else ``../shared/data`` next to the repository). They never overlap:
+folder (``$LQC_DATA_DIR``, else ``../shared/data`` next to the repository, else the copy in
+``benchmarks/data``). They never overlap:
 calibrating on the evaluation text would flatter every method.
 """
 
@@ -21,7 +22,12 @@ _REPO = Path(__file__).resolve().parents[1]
 
 
 def data_dir() -> Path:
-    candidates = [os.environ.get("LQC_DATA_DIR"), _REPO.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    candidates = [
+        os.environ.get("LQC_DATA_DIR"),
+        _REPO.parent / "shared" / "data",
+        Path.cwd().parent / "shared" / "data",
+        _REPO / "benchmarks" / "data",  # the repository's own copy, for clones outside the workspace
+    ]
     for candidate in candidates:
         if candidate and (Path(candidate) / "eval.txt").is_file():
             return Path(candidate)
@@ -31,9 +37,9 @@ def data_dir() -> Path:
 
 
 def data_file(name: str) -> Path:
-    """``"eval"`` / ``"calib"`` (or a file name) in the shared data folder; a path is returned as is."""
+    """``"eval"`` / ``"calib"`` (or a bare file name) in the shared data folder; a path is returned as is."""
     path = Path(name)
-    if path.is_file():
+    if path.is_file() or len(path.parts) > 1:
         return path
     if name in ("eval", "calib"):
         name += ".txt"

@@ -94,8 +94,8 @@ def test_shapes_propagated_on_every_node(tiny_models, token_ids):
             assert "val" in node.meta, node.name
 
 
-def test_dynamic_decode_graph_keeps_symbols_and_cache_inputs(tiny_llama):
-    """generate() with the dynamic cache: the third graph has a symbolic cache length."""
+def _capture_generate(model, **generate_kwargs):
+    """Every graph dynamo captures during a short generate(), as lqc Graphs."""
     from lqc.ir import capture
 
     graphs = []
@@ -104,10 +104,16 @@ def test_dynamic_decode_graph_keeps_symbols_and_cache_inputs(tiny_llama):
         graphs.append(capture(gm, example_inputs, name=f"g{len(graphs)}"))
         return gm.forward
 
-    tiny_llama.forward = torch.compile(tiny_llama.forward, backend=backend)
+    model.forward = torch.compile(model.forward, backend=backend)
     ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        tiny_llama.generate(ids, max_new_tokens=4, do_sample=False)
+        model.generate(ids, max_new_tokens=4, do_sample=False, **generate_kwargs)
+    return graphs
+
+
+def test_dynamic_decode_graph_keeps_symbols_and_cache_inputs(tiny_llama):
+    """generate() with the dynamic cache: the third graph has a symbolic cache length."""
+    graphs = _capture_generate(tiny_llama)
     assert len(graphs) == 3
     decode = graphs[2]
     roles = [i.role for i in decode.inputs]
@@ -118,18 +124,7 @@ def test_dynamic_decode_graph_keeps_symbols_and_cache_inputs(tiny_llama):
 
 
 def test_static_cache_graph_keeps_buffers_as_inputs(tiny_llama):
-    from lqc.ir import capture
-
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(capture(gm, example_inputs, name=f"g{len(graphs)}"))
-        return gm.forward
-
-    tiny_llama.forward = torch.compile(tiny_llama.forward, backend=backend)
-    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        tiny_llama.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    graphs = _capture_generate(tiny_llama, cache_implementation="static")
     decode = graphs[-1]
     roles = [i.role for i in decode.inputs]
     assert roles.count("kv_cache") == 4  # keys and values of 2 layers: written in place, never frozen
