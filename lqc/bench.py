@@ -47,6 +47,7 @@ class BenchResult:
     runs: int
     torch_version: str
     variants: list[VariantResult] = field(default_factory=list)
+    graphs_compiled_while_timing: int = 0  # must be 0: a compile inside a timed run corrupts it
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -82,10 +83,11 @@ class _Runner:
         return time.perf_counter() - start
 
     @torch.no_grad()
-    def decode(self, prompt: torch.Tensor, steps: int) -> tuple[float, float, Any]:
-        """(prompt seconds, decode seconds for ``steps`` tokens, cache)."""
+    def decode(self, prompt: torch.Tensor, steps: int, cache_length: int) -> tuple[float, float, Any]:
+        """(prompt seconds, decode seconds for ``steps`` tokens, cache). The cache length is fixed
+        by the caller: a cache of another length is another shape, and another compilation."""
         length = prompt.shape[1]
-        cache = self.new_cache(length + steps)
+        cache = self.new_cache(cache_length)
         start = time.perf_counter()
         out = self.forward(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1:].argmax(-1)
@@ -118,9 +120,15 @@ def _lqc_weight_bytes() -> int | None:
     return done[-1].bytes_after if done else None
 
 
-def _first_calls(runner: _Runner, prefill_ids: torch.Tensor, prompt_ids: torch.Tensor) -> float:
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def _first_calls(runner: _Runner, prefill_ids: torch.Tensor, prompt_ids: torch.Tensor, cache_length: int) -> float:
     """Seconds spent in the first call of each graph the benchmark uses, compilation included."""
-    return runner.prefill(prefill_ids) + sum(runner.decode(prompt_ids, 2)[:2])
+    return runner.prefill(prefill_ids) + sum(runner.decode(prompt_ids, 2, cache_length)[:2])
 
 
 def run_bench(
@@ -140,6 +148,7 @@ def run_bench(
     gen = torch.Generator().manual_seed(seed)
     prefill_ids = torch.randint(0, vocab, (1, prefill_tokens), generator=gen)
     prompt_ids = torch.randint(0, vocab, (1, prompt_tokens), generator=gen)
+    cache_length = prompt_tokens + decode_tokens
     result = BenchResult(
         model=model_name, recipe=recipe if isinstance(recipe, (str, list, dict)) else str(recipe), target=target,
         threads=threads, prefill_tokens=prefill_tokens, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
@@ -151,16 +160,17 @@ def run_bench(
     for variant in variants:
         log(f"compiling {variant} (cold, then warm) ...")
         torch._dynamo.reset()
-        first_cold[variant] = _first_calls(_Runner(model, _make_forward(model, variant, recipe, target)), prefill_ids, prompt_ids)
+        first_cold[variant] = _first_calls(_Runner(model, _make_forward(model, variant, recipe, target)), prefill_ids, prompt_ids, cache_length)
         weight_bytes[variant] = (_lqc_weight_bytes() if variant == "lqc" else None) or model_weight_bytes(model)
         torch._dynamo.reset()
-        first_warm[variant] = _first_calls(_Runner(model, _make_forward(model, variant, recipe, target)), prefill_ids, prompt_ids)
+        first_warm[variant] = _first_calls(_Runner(model, _make_forward(model, variant, recipe, target)), prefill_ids, prompt_ids, cache_length)
 
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=64):
         runners = {v: _Runner(model, _make_forward(model, v, recipe, target)) for v in variants}
         for runner in runners.values():
-            _first_calls(runner, prefill_ids, prompt_ids)  # compile (warm caches) and warm up
+            _first_calls(runner, prefill_ids, prompt_ids, cache_length)  # compile (warm caches) and warm up
+        graphs_before = _graphs_compiled()
         prefill_times: dict[str, list[float]] = {v: [] for v in variants}
         decode_runs: dict[str, list] = {v: [] for v in variants}
         for run in range(runs):
@@ -168,7 +178,10 @@ def run_bench(
             for v in variants:
                 prefill_times[v].append(runners[v].prefill(prefill_ids))
             for v in variants:
-                decode_runs[v].append(runners[v].decode(prompt_ids, decode_tokens))
+                decode_runs[v].append(runners[v].decode(prompt_ids, decode_tokens, cache_length))
+        result.graphs_compiled_while_timing = _graphs_compiled() - graphs_before
+        if result.graphs_compiled_while_timing:
+            log(f"warning: {result.graphs_compiled_while_timing} graphs were compiled during timed runs")
 
     for v in variants:
         prompt_s = statistics.median(r[0] for r in decode_runs[v])

@@ -15,6 +15,7 @@ def test_bench_tiny_model_eager_and_lqc(tmp_path):
         prefill_tokens=32, prompt_tokens=8, decode_tokens=4, runs=2, log=lambda _: None,
     )
     eager, compressed = result.variants
+    assert result.graphs_compiled_while_timing == 0
     for v in result.variants:
         assert v.prefill_ms > 0 and v.decode_tokens_per_s > 0
         assert len(v.prefill_runs_ms) == 2 and len(v.decode_runs_tokens_per_s) == 2
