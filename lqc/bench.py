@@ -8,15 +8,14 @@ reset, Inductor's and lqc's caches kept). Ratios are against Inductor, measured 
 
 from __future__ import annotations
 
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
 
+from lqc.passes import DEFAULT_CACHE
 from lqc.passes.report import format_table
 
 VARIANTS = ("eager", "inductor", "lqc")
@@ -140,10 +139,9 @@ def run_bench(
     "warm" right after, with Inductor's and lqc's caches kept). Then every variant is compiled
     side by side and the timed runs are interleaved, so drift in the machine's speed (several
     percent on a 2-core machine) hits all variants alike."""
+    from torch._inductor.utils import fresh_cache
+
     torch.set_num_threads(threads)
-    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        # a cold compile must not hit kernels an earlier process cached
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lqc-bench-inductor-")
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     prefill_ids = torch.randint(0, vocab, (1, prefill_tokens), generator=gen)
@@ -159,11 +157,15 @@ def run_bench(
     weight_bytes: dict[str, int] = {}
     for variant in variants:
         log(f"compiling {variant} (cold, then warm) ...")
-        torch._dynamo.reset()
-        first_cold[variant] = _first_calls(_Runner(model, _make_forward(model, variant, recipe, target)), prefill_ids, prompt_ids, cache_length)
-        weight_bytes[variant] = (_lqc_weight_bytes() if variant == "lqc" else None) or model_weight_bytes(model)
-        torch._dynamo.reset()
-        first_warm[variant] = _first_calls(_Runner(model, _make_forward(model, variant, recipe, target)), prefill_ids, prompt_ids, cache_length)
+        # Cold: empty Inductor caches (on disk and in memory), lqc's transform cache emptied too.
+        # Warm: dynamo reset, both caches as the cold compile left them.
+        with fresh_cache():
+            DEFAULT_CACHE.clear()
+            torch._dynamo.reset()
+            first_cold[variant] = _first_calls(_Runner(model, _make_forward(model, variant, recipe, target)), prefill_ids, prompt_ids, cache_length)
+            weight_bytes[variant] = (_lqc_weight_bytes() if variant == "lqc" else None) or model_weight_bytes(model)
+            torch._dynamo.reset()
+            first_warm[variant] = _first_calls(_Runner(model, _make_forward(model, variant, recipe, target)), prefill_ids, prompt_ids, cache_length)
 
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=64):
