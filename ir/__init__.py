@@ -1,5 +1,6 @@
 """lqc.ir: capture, the frozen Graph, regions, shapes, op names, patterns. Imports nothing of lqc."""
 
+from . import lqc_ops  # noqa: F401  (defines the lqc:: ops)
 from .capture import capture, trace
 from .errors import (
     CaptureError,

@@ -129,7 +129,10 @@ class Graph:
             return self.gm.graph.get_attr(name)
 
     def prune_constants(self) -> int:
-        """Drop constants no node references any more. Returns how many were dropped."""
+        """Drop constants no node uses any more (their get_attr nodes too). Returns how many."""
+        for node in list(self.gm.graph.find_nodes(op="get_attr")):
+            if not node.users:
+                self.gm.graph.erase_node(node)
         used = {n.target for n in self.gm.graph.find_nodes(op="get_attr")}
         dropped = [name for name, _ in self.gm.named_buffers() if name not in used and "." not in name]
         for name in dropped:

@@ -1,0 +1,67 @@
+"""lqc's own ops: schemas, shape (fake) implementations and graph invariants.
+
+The implementations that compute live in ``lqc.runtime`` (reference math and fast CPU kernels);
+here is what a graph needs to be checked and shape-propagated without running anything.
+
+``lqc::qlinear(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_features)``
+computes ``x @ W.T + bias`` for a quantized weight W. ``fmt`` names the format and layout:
+
+| fmt | qweight | scales | zeros | computed by |
+| --- | --- | --- | --- | --- |
+| ``int8`` | int8 [N, K] | [N] | - | reference: dequantize, matmul in x's dtype |
+| ``int8_cpu`` | int8 [N, K] | [N] bf16 | - | ``torch._weight_int8pack_mm`` in bf16 |
+| ``int4`` | uint8 [N, K/2] (two codes a byte) | [N, K/g] | [N, K/g] | reference |
+| ``int4_cpu`` | torch's CPU int4 layout [N, K/2] | [K/g, N, 2] bf16 scales and zeros | - | ``torch._weight_int4pack_mm_for_cpu`` in bf16 |
+| ``w8a8`` | int8 [N, K] | [N] | - | activations to int8 per token, int8 x int8 matmul |
+| ``fp8`` | float8_e4m3fn [N, K] | [N] | - | reference |
+
+K is the padded width (a multiple of the group size); ``in_features`` is x's width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .errors import VerificationError
+from .graph import Graph
+from .lint import register_op_verifier
+
+QLINEAR_FORMATS = ("int8", "int8_cpu", "int4", "int4_cpu", "w8a8", "fp8")
+
+_lib = torch.library.Library("lqc", "FRAGMENT")
+_lib.define(
+    "qlinear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, str fmt, "
+    "int group_size, int in_features, int out_features) -> Tensor"
+)
+
+
+@torch.library.register_fake("lqc::qlinear")
+def _qlinear_fake(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def qlinear_args(node: fx.Node) -> dict:
+    names = ("x", "qweight", "scales", "zeros", "bias", "fmt", "group_size", "in_features", "out_features")
+    return dict(zip(names, node.args))
+
+
+def _check_qlinear(graph: Graph, node: fx.Node) -> None:
+    a = qlinear_args(node)
+    where = f"lqc::qlinear %{node.name}"
+    fmt, n, k_in, g = a["fmt"], a["out_features"], a["in_features"], a["group_size"]
+    if fmt not in QLINEAR_FORMATS:
+        raise VerificationError(f"{where}: unknown format {fmt!r}; formats: {', '.join(QLINEAR_FORMATS)}")
+    x = a["x"].meta.get("val") if isinstance(a["x"], fx.Node) else None
+    if x is not None and x.shape[-1] != k_in:
+        raise VerificationError(f"{where}: input has {x.shape[-1]} features, the weight expects {k_in}")
+    q = graph.constant(a["qweight"]) if graph.is_constant(a["qweight"]) else a["qweight"].meta.get("val")
+    packed = fmt.startswith("int4")
+    k = q.shape[1] * (2 if packed else 1)
+    if q.shape[0] != n or k < k_in:
+        raise VerificationError(f"{where}: qweight {tuple(q.shape)} does not fit [{n}, {k_in}] in format {fmt}")
+    if packed and (g <= 0 or k % g):
+        raise VerificationError(f"{where}: padded width {k} is not a multiple of the group size {g}")
+
+
+register_op_verifier("lqc::qlinear", _check_qlinear)

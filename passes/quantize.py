@@ -1,0 +1,140 @@
+"""``quantize``: linear layers -> ``lqc::qlinear`` with packed weights.
+
+Formats (see lqc.runtime.quant_formats): ``int8`` weight-only per channel; ``int4`` weight-only,
+group-wise asymmetric; ``w8a8`` int8 weights with int8 activations quantized per token at run
+time; ``fp8`` e4m3 weights with a per-channel scale. Methods choose the quantization parameters:
+``rtn`` (round to nearest, min/max) and ``hqq`` (optimized zero points) need no data.
+
+Every weight is transformed once per model and recipe through the transform cache, so each
+recompiled graph (prefill, decode...) reuses it. Embeddings are never touched and the lm_head is
+left alone unless ``include_lm_head``. A width the group size does not divide is padded with zero
+columns (exact), or with ``pad: false`` the layer is skipped with a warning. A weight holding NaN
+or inf is an error naming the layer.
+
+With ``kernels: true`` (the default) weights on the CPU are laid out for torch's packed CPU
+matmuls, which compute in bfloat16: fast, and as accurate as a bfloat16 model. ``kernels: false``
+keeps the reference layout: exact dequantize-then-matmul in the activations' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.fx as fx
+
+from lqc.ir import Graph
+from lqc.ir.errors import LqcConfigError
+from lqc.ir.linear import LinearSite, linear_sites
+from lqc.ir.provenance import derived_from
+from lqc.runtime.qlinear import int4_cpu_layout, int8_cpu_layout
+from lqc.runtime.quant_formats import QuantizedWeight, quantize_fp8, quantize_int4, quantize_int8
+
+from .base import Pass, PassResult
+from .hqq import hqq_int4_params
+from .options import PassOptions
+from .registry import register_pass
+
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+@dataclass
+class QuantizeOptions(PassOptions):
+    method: Literal["rtn", "hqq"] = field(default="rtn", metadata={"help": "how quantization parameters are chosen"})
+    format: Literal["int8", "int4", "w8a8", "fp8"] = field(default="int8", metadata={"help": "weight (and activation) format"})
+    group_size: int = field(default=64, metadata={"help": "int4: inputs per scale and zero (32, 64, 128 or 256)"})
+    pad: bool = field(default=True, metadata={"help": "pad widths the group size does not divide (else skip the layer, warned)"})
+    include_lm_head: bool = field(default=False, metadata={"help": "quantize the lm_head too"})
+    kernels: bool = field(default=True, metadata={"help": "use torch's packed CPU kernels (bfloat16 compute) where shapes allow"})
+    hqq_iters: int = field(default=20, metadata={"help": "hqq: optimization steps"})
+
+    def __post_init__(self) -> None:
+        if self.format == "int4" and self.group_size not in GROUP_SIZES:
+            raise LqcConfigError(f"quantize.group_size must be one of {', '.join(map(str, GROUP_SIZES))} for int4; got {self.group_size}")
+        if self.method == "hqq" and self.format != "int4":
+            raise LqcConfigError(f"method 'hqq' optimizes int4 zero points; use format 'int4' (got {self.format!r})")
+
+
+@register_pass
+class Quantize(Pass):
+    name = "quantize"
+    description = "linear layers -> lqc::qlinear with int8 / int4 / w8a8 / fp8 packed weights (rtn, hqq)"
+    Options = QuantizeOptions
+
+    def run(self, graph: Graph, ctx) -> PassResult:
+        opts = self.options
+        lm_head_nodes = {name for r in graph.regions_of_kind("lm_head") for name in r.nodes}
+        layers, skipped = [], []
+        for site in linear_sites(graph):
+            if not self.selects(site.node) or (site.node.name in lm_head_nodes and not opts.include_lm_head):
+                continue
+            name = site.name(graph)
+            weight = site.weight_tensor(graph)
+            if not torch.isfinite(weight).all():
+                raise LqcConfigError(f"the weight of {name} contains NaN or inf; fix the model before quantizing it")
+            if opts.format == "int4" and weight.shape[1] % opts.group_size and not opts.pad:
+                skipped.append(name)
+                warnings.warn(
+                    f"quantize: {name} has {weight.shape[1]} inputs, not a multiple of group_size {opts.group_size}; "
+                    f"left unquantized (pad: true would pad it)",
+                    stacklevel=2,
+                )
+                continue
+            qweight = ctx.transform(graph, ("weight", name), [site.weight], lambda: self.quantize_weight(weight))
+            bytes_before = graph.constant(site.weight).nbytes
+            self._rewrite(graph, site, qweight, name)
+            layers.append({"layer": name, "shape": list(weight.shape), "bytes_before": bytes_before, "bytes_after": qweight["nbytes"]})
+        return PassResult(
+            matches=len(layers),
+            details={"format": opts.format, "method": opts.method, "group_size": opts.group_size, "layers": layers, "skipped": skipped},
+        )
+
+    # -- weights ---------------------------------------------------------------------------------
+    def quantize_weight(self, weight: torch.Tensor) -> dict:
+        """The quantized weight: its canonical form (what lqc.save writes) and the constants the
+        graph uses (the kernel layout where one applies)."""
+        opts = self.options
+        if opts.format == "int4":
+            scales = zeros = None
+            if opts.method == "hqq":
+                padded = torch.nn.functional.pad(weight.to(torch.float32), (0, (-weight.shape[1]) % opts.group_size))
+                scales, zeros = hqq_int4_params(padded, opts.group_size, iters=opts.hqq_iters)
+            canonical = quantize_int4(weight, opts.group_size, scales, zeros)
+        elif opts.format == "fp8":
+            canonical = quantize_fp8(weight)
+        else:
+            canonical = quantize_int8(weight, fmt=opts.format)
+        return {"canonical": canonical, "nbytes": canonical.nbytes(), **self._layout(canonical, weight.device)}
+
+    def _layout(self, q: QuantizedWeight, device: torch.device) -> dict:
+        use_kernels = self.options.kernels and device.type == "cpu"
+        if use_kernels and q.format == "int8":
+            qweight, scales = int8_cpu_layout(q)
+            return {"fmt": "int8_cpu", "qweight": qweight, "scales": scales, "zeros": None}
+        if use_kernels and q.format == "int4" and q.out_features % 16 == 0:
+            qweight, scales_and_zeros = int4_cpu_layout(q)
+            return {"fmt": "int4_cpu", "qweight": qweight, "scales": scales_and_zeros, "zeros": None}
+        return {"fmt": q.format, "qweight": q.qweight, "scales": q.scales, "zeros": q.zeros}
+
+    # -- graph -----------------------------------------------------------------------------------
+    def _rewrite(self, graph: Graph, site: LinearSite, q: dict, name: str) -> fx.Node:
+        canonical: QuantizedWeight = q["canonical"]
+        fqns = graph.fqns(site.weight)
+        g = graph.gm.graph
+        with derived_from(graph, [site.node, site.weight]):
+            qweight = graph.add_constant(q["qweight"], f"{name}.qweight", fqns, before=site.node)
+            scales = graph.add_constant(q["scales"], f"{name}.scales", fqns, before=site.node)
+            zeros = graph.add_constant(q["zeros"], f"{name}.zeros", fqns, before=site.node) if q["zeros"] is not None else None
+            with g.inserting_before(site.node):
+                new = g.call_function(
+                    torch.ops.lqc.qlinear.default,
+                    (site.x, qweight, scales, zeros, site.bias, q["fmt"], canonical.group_size,
+                     canonical.in_features, canonical.out_features),
+                )
+        new.meta["lqc_quantized"] = {"layer": name, "format": canonical.format, "canonical": canonical}
+        site.node.replace_all_uses_with(new)
+        g.erase_node(site.node)
+        return new

@@ -1,0 +1,97 @@
+"""The quantize pass on tiny models: formats, layer selection, padding, errors, methods."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lqc.ir import LqcConfigError, op_name, trace
+from lqc.passes import PassContext, PassManager
+from lqc.passes.hqq import hqq_int4_params
+from lqc.runtime.quant_formats import int4_minmax_params, quantize_int4
+
+LINEARS_PER_BLOCK = 7  # q, k, v, o, gate, up, down
+
+
+def _run(model, ids, *entries):
+    graph = trace(model, ids)
+    report = PassManager([{"pass": "cleanup"}, *entries], verify=True).run(graph, PassContext(check_inputs=[(ids,)]))
+    return graph, report.records[-1]
+
+
+@pytest.mark.parametrize(
+    "entry,max_error,max_bytes_ratio",
+    [
+        ({"format": "int8"}, 0.02, 0.30),
+        ({"format": "int8", "kernels": False}, 0.02, 0.30),
+        ({"format": "int4", "group_size": 32}, 0.15, 0.20),
+        ({"format": "int4", "group_size": 64, "method": "hqq"}, 0.15, 0.20),
+        ({"format": "w8a8"}, 0.03, 0.30),
+        ({"format": "fp8"}, 0.06, 0.30),
+    ],
+)
+def test_formats_rewrite_every_block_linear(tiny_llama, token_ids, entry, max_error, max_bytes_ratio):
+    graph, record = _run(tiny_llama, token_ids, {"pass": "quantize", **entry})
+    assert record.matches == 2 * LINEARS_PER_BLOCK  # the lm_head is left alone by default
+    qlinears = [n for n in graph.nodes if op_name(n) == "lqc::qlinear"]
+    assert len(qlinears) == record.matches and not [n for n in graph.nodes if op_name(n) == "linear" and "layers" in graph.module_path(n)]
+    assert 0 < record.rel_error < max_error
+    layer_bytes = sum(layer["bytes_before"] for layer in record.details["layers"])
+    assert sum(layer["bytes_after"] for layer in record.details["layers"]) <= max_bytes_ratio * layer_bytes
+    assert record.bytes_after < record.bytes_before
+
+
+def test_lm_head_on_request_and_targets(tiny_llama, token_ids):
+    _, record = _run(tiny_llama, token_ids, {"pass": "quantize", "include_lm_head": True})
+    assert record.matches == 2 * LINEARS_PER_BLOCK + 1
+    _, record = _run(tiny_llama, token_ids, {"pass": "quantize", "targets": [r"\.mlp\."], "ignore": [r"layers\.0\."]})
+    assert [layer["layer"] for layer in record.details["layers"]] == [
+        "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"
+    ]
+
+
+def test_widths_the_group_does_not_divide_are_padded_or_skipped(tiny_llama, token_ids):
+    # tiny-llama's down_proj has 160 inputs: not a multiple of 64
+    graph, record = _run(tiny_llama, token_ids, {"pass": "quantize", "format": "int4", "group_size": 64, "kernels": False})
+    assert record.matches == 14 and record.rel_error < 0.15
+    down = next(n for n in graph.nodes if op_name(n) == "lqc::qlinear" and "down_proj" in graph.module_path(n))
+    assert graph.constant(down.args[1]).shape == (64, 96) and down.args[7] == 160  # 192 padded columns, 2 a byte
+    with pytest.warns(UserWarning, match=r"down_proj has 160 inputs, not a multiple of group_size 64"):
+        _, record = _run(tiny_llama, token_ids, {"pass": "quantize", "format": "int4", "group_size": 64, "pad": False})
+    assert record.matches == 12 and len(record.details["skipped"]) == 2
+
+
+def test_bad_input_errors(tiny_llama, token_ids):
+    with pytest.raises(LqcConfigError, match=r"quantize.method must be one of rtn, hqq; got 'awk'"):
+        _run(tiny_llama, token_ids, {"pass": "quantize", "method": "awk"})
+    with pytest.raises(LqcConfigError, match=r"quantize.format must be one of int8, int4, w8a8, fp8"):
+        _run(tiny_llama, token_ids, {"pass": "quantize", "format": "int3"})
+    with pytest.raises(LqcConfigError, match=r"group_size must be one of 32, 64, 128, 256"):
+        _run(tiny_llama, token_ids, {"pass": "quantize", "format": "int4", "group_size": 48})
+    with torch.no_grad():
+        tiny_llama.model.layers[1].self_attn.v_proj.weight[3, 5] = float("nan")
+    with pytest.raises(LqcConfigError, match=r"model.layers.1.self_attn.v_proj contains NaN or inf"):
+        _run(tiny_llama, token_ids, {"pass": "quantize"})
+
+
+def test_gpt2_conv1d_weights(tiny_models, token_ids):
+    # GPT-2's Conv1D computes addmm(b, x, W) with W stored [in, out]
+    graph, record = _run(tiny_models["tiny-gpt2"], token_ids, {"pass": "quantize", "format": "int8"})
+    assert record.matches == 2 * 4 and record.rel_error < 0.02
+
+
+def test_hqq_lowers_weight_error_against_rtn():
+    torch.manual_seed(0)
+    w = torch.randn(256, 512) * 0.02
+    w[torch.rand_like(w) < 0.01] *= 8  # outliers, as real weights have
+    rtn = quantize_int4(w, 64, *int4_minmax_params(w, 64), param_dtype=torch.float32).dequantize()
+    hqq = quantize_int4(w, 64, *hqq_int4_params(w, 64), param_dtype=torch.float32).dequantize()
+    for p in (1, 2):
+        assert (hqq - w).norm(p=p) < (rtn - w).norm(p=p)
+
+
+def test_quantized_graph_runs_under_inductor(tiny_llama, token_ids):
+    compiled = torch.compile(tiny_llama, backend="lqc", options={"recipe": [{"pass": "quantize", "format": "int4", "group_size": 32}]})
+    with torch.no_grad():
+        out, ref = compiled(token_ids).logits, tiny_llama(token_ids).logits
+    assert ((out - ref).norm() / ref.norm()).item() < 0.15
