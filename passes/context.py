@@ -55,8 +55,13 @@ class Calibration:
             )
         return [stream[i * per_window : (i + 1) * per_window].view(batch, length) for i in range(count)]
 
-    def inputs_for(self, graph: Graph, max_windows: int | None = None) -> list[tuple]:
+    def inputs_for(self, graph: Graph, max_windows: int | None = None, *, tokens: int | None = None) -> list[tuple]:
+        """Inputs for ``graph``: windows of the token shape it was captured with. ``tokens`` asks for
+        a token budget instead of a window count (a graph captured on a short prompt then gets
+        many short windows rather than a handful of tokens)."""
         batch, length = token_shape(graph, self.default_length)
+        if tokens is not None:
+            max_windows = max(1, -(-tokens // (batch * length)))
         return [inputs_from_tokens(graph, w) for w in self.windows(batch, length, max_windows)]
 
 
@@ -81,8 +86,8 @@ class PassContext:
             )
         return self.calibration
 
-    def calibration_inputs(self, graph: Graph, max_windows: int | None = None) -> list[tuple]:
-        return self.require_calibration().inputs_for(graph, max_windows)
+    def calibration_inputs(self, graph: Graph, max_windows: int | None = None, *, tokens: int | None = None) -> list[tuple]:
+        return self.require_calibration().inputs_for(graph, max_windows, tokens=tokens)
 
     def transform(self, graph: Graph, key: Any, constants: Sequence[fx.Node | str], compute: Callable[[], T]) -> T:
         """Compute a weight transform once per model: cached under the current pass's name and

@@ -18,7 +18,6 @@ keeps the reference layout: exact dequantize-then-matmul in the activations' dty
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal
@@ -31,46 +30,75 @@ from lqc.ir.errors import LqcConfigError
 from lqc.ir.linear import LinearSite, linear_sites
 from lqc.ir.provenance import derived_from
 from lqc.runtime.qlinear import int4_cpu_layout, int8_cpu_layout
-from lqc.runtime.quant_formats import QuantizedWeight, quantize_fp8, quantize_int4, quantize_int8
+from lqc.runtime.quant_formats import QuantizedWeight, pad_columns, quantize_fp8, quantize_int4, quantize_int8
 
+from .activation_stats import collect_input_stats
 from .base import Pass, PassResult
+from .gptq import gptq
 from .hqq import hqq_int4_params
 from .options import PassOptions
 from .registry import register_pass
 
 GROUP_SIZES = (32, 64, 128, 256)
+CALIBRATED_METHODS = ("gptq",)
 
 
 @dataclass
 class QuantizeOptions(PassOptions):
-    method: Literal["rtn", "hqq"] = field(default="rtn", metadata={"help": "how quantization parameters are chosen"})
+    method: Literal["rtn", "hqq", "gptq"] = field(default="rtn", metadata={"help": "how quantization parameters are chosen (gptq needs calibration)"})
     format: Literal["int8", "int4", "w8a8", "fp8"] = field(default="int8", metadata={"help": "weight (and activation) format"})
     group_size: int = field(default=64, metadata={"help": "int4: inputs per scale and zero (32, 64, 128 or 256)"})
     pad: bool = field(default=True, metadata={"help": "pad widths the group size does not divide (else skip the layer, warned)"})
     include_lm_head: bool = field(default=False, metadata={"help": "quantize the lm_head too"})
     kernels: bool = field(default=True, metadata={"help": "use torch's packed CPU kernels (bfloat16 compute) where shapes allow"})
     hqq_iters: int = field(default=20, metadata={"help": "hqq: optimization steps"})
+    damp: float = field(default=0.01, metadata={"help": "gptq: Hessian damping, a fraction of its mean diagonal"})
+    act_order: bool = field(default=False, metadata={"help": "gptq: quantize columns by decreasing Hessian diagonal (static groups)"})
+    block_size: int = field(default=128, metadata={"help": "gptq: columns per block of lazy updates"})
+    calibration_tokens: int = field(default=16384, metadata={"help": "gptq: calibration tokens the statistics are collected on"})
 
     def __post_init__(self) -> None:
         if self.format == "int4" and self.group_size not in GROUP_SIZES:
             raise LqcConfigError(f"quantize.group_size must be one of {', '.join(map(str, GROUP_SIZES))} for int4; got {self.group_size}")
         if self.method == "hqq" and self.format != "int4":
             raise LqcConfigError(f"method 'hqq' optimizes int4 zero points; use format 'int4' (got {self.format!r})")
+        if self.method == "gptq" and self.format not in ("int4", "int8"):
+            raise LqcConfigError(f"method 'gptq' quantizes int4 or int8 weights; got format {self.format!r}")
 
 
 @register_pass
 class Quantize(Pass):
     name = "quantize"
-    description = "linear layers -> lqc::qlinear with int8 / int4 / w8a8 / fp8 packed weights (rtn, hqq)"
+    description = "linear layers -> lqc::qlinear with int8 / int4 / w8a8 / fp8 packed weights (rtn, hqq, gptq)"
     Options = QuantizeOptions
+
+    def __init__(self, options=None, **values):
+        super().__init__(options, **values)
+        if self.options.method in CALIBRATED_METHODS:
+            self.requires = frozenset({"calibration"})
 
     def run(self, graph: Graph, ctx) -> PassResult:
         opts = self.options
         lm_head_nodes = {name for r in graph.regions_of_kind("lm_head") for name in r.nodes}
+        sites = [
+            site for site in linear_sites(graph)
+            if self.selects(site.node) and (site.node.name not in lm_head_nodes or opts.include_lm_head)
+        ]
+        stats: dict = {}
+
+        def input_stats(site: LinearSite):
+            # Collected on the first weight the transform cache does not already hold, for all sites at once.
+            if not stats:
+                stats.update(
+                    collect_input_stats(
+                        graph, ctx.calibration_inputs(graph, tokens=opts.calibration_tokens), [s.x for s in sites],
+                        max_samples=0, progress=ctx.progress,
+                    )
+                )
+            return stats[site.x.name]
+
         layers, skipped = [], []
-        for site in linear_sites(graph):
-            if not self.selects(site.node) or (site.node.name in lm_head_nodes and not opts.include_lm_head):
-                continue
+        for site in sites:
             name = site.name(graph)
             weight = site.weight_tensor(graph)
             if not torch.isfinite(weight).all():
@@ -83,7 +111,9 @@ class Quantize(Pass):
                     stacklevel=2,
                 )
                 continue
-            qweight = ctx.transform(graph, ("weight", name), [site.weight], lambda: self.quantize_weight(weight))
+            qweight = ctx.transform(
+                graph, ("weight", name), [site.weight], lambda: self.quantize_weight(weight, lambda: input_stats(site))
+            )
             bytes_before = graph.constant(site.weight).nbytes
             self._rewrite(graph, site, qweight, name)
             layers.append({"layer": name, "shape": list(weight.shape), "bytes_before": bytes_before, "bytes_after": qweight["nbytes"]})
@@ -93,14 +123,17 @@ class Quantize(Pass):
         )
 
     # -- weights ---------------------------------------------------------------------------------
-    def quantize_weight(self, weight: torch.Tensor) -> dict:
+    def quantize_weight(self, weight: torch.Tensor, input_stats=None) -> dict:
         """The quantized weight: its canonical form (what lqc.save writes) and the constants the
-        graph uses (the kernel layout where one applies)."""
+        graph uses (the kernel layout where one applies). ``input_stats()`` gives the layer's
+        calibration statistics (calibrated methods only)."""
         opts = self.options
-        if opts.format == "int4":
+        if opts.method == "gptq":
+            canonical = self._gptq(weight, input_stats())
+        elif opts.format == "int4":
             scales = zeros = None
             if opts.method == "hqq":
-                padded = torch.nn.functional.pad(weight.to(torch.float32), (0, (-weight.shape[1]) % opts.group_size))
+                padded = pad_columns(weight.to(torch.float32), opts.group_size)
                 scales, zeros = hqq_int4_params(padded, opts.group_size, iters=opts.hqq_iters)
             canonical = quantize_int4(weight, opts.group_size, scales, zeros)
         elif opts.format == "fp8":
@@ -108,6 +141,19 @@ class Quantize(Pass):
         else:
             canonical = quantize_int8(weight, fmt=opts.format)
         return {"canonical": canonical, "nbytes": canonical.nbytes(), **self._layout(canonical, weight.device)}
+
+    def _gptq(self, weight: torch.Tensor, stats) -> QuantizedWeight:
+        opts = self.options
+        k = weight.shape[1]
+        group = opts.group_size if opts.format == "int4" else 0
+        padded = pad_columns(weight.to(torch.float32), group) if group else weight.to(torch.float32)
+        hessian = torch.zeros(padded.shape[1], padded.shape[1], dtype=torch.float64)
+        hessian[:k, :k] = stats.mean_hessian  # padded inputs are always zero: dead columns
+        result = gptq(padded, hessian, fmt=opts.format, group_size=group, block_size=opts.block_size,
+                      damp=opts.damp, act_order=opts.act_order)
+        if opts.format == "int4":
+            return quantize_int4(result.weight[:, :k], group, result.scales, result.zeros)
+        return quantize_int8(result.weight, scales=result.scales)
 
     def _layout(self, q: QuantizedWeight, device: torch.device) -> dict:
         use_kernels = self.options.kernels and device.type == "cpu"

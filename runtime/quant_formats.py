@@ -76,10 +76,13 @@ def pad_columns(weight: torch.Tensor, multiple: int) -> torch.Tensor:
     return torch.cat([weight, weight.new_zeros(weight.shape[0], extra)], dim=1)  # F.pad refuses int8
 
 
-def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32, fmt: str = "int8") -> QuantizedWeight:
-    """Symmetric per-output-channel int8 (round to nearest)."""
+def quantize_int8(
+    weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32, fmt: str = "int8", scales: torch.Tensor | None = None
+) -> QuantizedWeight:
+    """Symmetric per-output-channel int8: absmax scales (RTN) unless a method passes its own."""
     w = weight.to(torch.float32)
-    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
+    if scales is None:
+        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
     # Round with the stored scale, so dequantization uses exactly the scale the codes were made for.
     scales = scales.to(scale_dtype)
     q = torch.round(w / scales.to(torch.float32)[:, None]).clamp(-127, 127).to(torch.int8)

@@ -1,0 +1,130 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight column by column, pushing each column's rounding
+error onto the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs.
+
+For a linear with inputs X, the layer-output error of a weight change D is tr(D H D^T) with
+H = X^T X. Quantizing column i and compensating the rest optimally gives the update
+W[:, i:] -= (w_i - q_i) / [H^-1]_ii * [H^-1]_i,i:, computed from the upper Cholesky factor of H^-1,
+in blocks of columns so most of the work is matrix products. H is damped by a fraction of its
+mean diagonal so the factorization exists.
+
+Group parameters (int4): without act-order, each group's scale and zero are fitted to the
+already-updated weights when its first column is reached; with act-order (columns by decreasing
+Hessian diagonal) they are fitted up front on the original weights ("static groups"), so every
+group keeps one scale and zero whatever order its columns are visited in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lqc.runtime.quant_formats import INT4_OFFSET
+
+MAX_CODE = 15
+
+
+@dataclass
+class GPTQResult:
+    weight: torch.Tensor  # the quantized weight, dequantized [N, K]: exactly on the format's grid
+    scales: torch.Tensor  # [N, K/g] (int4) or [N] (int8)
+    zeros: torch.Tensor | None  # [N, K/g] (int4, lqc's convention w = (q - 8) * s + z)
+
+
+def _int4_params(w: torch.Tensor, param_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # rounded to the dtype they are stored in, so the weights GPTQ compensates for are the stored ones
+    lo, hi = w.amin(dim=1), w.amax(dim=1)
+    s = ((hi - lo) / MAX_CODE).clamp(min=1e-8)
+    return s.to(param_dtype).float(), (lo + INT4_OFFSET * s).to(param_dtype).float()
+
+
+def _quant_int4(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    q = torch.clamp(torch.round((w - z) / s) + INT4_OFFSET, 0, MAX_CODE)
+    return (q - INT4_OFFSET) * s + z
+
+
+def _quant_int8(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.round(w / s), -127, 127) * s
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(upper Cholesky factor of the damped H^-1, mask of dead input columns)."""
+    h = hessian.to(torch.float64).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    for attempt in range(5):
+        try:
+            chol = torch.linalg.cholesky(h)
+            break
+        except torch.linalg.LinAlgError:
+            h += damp * (10**attempt) * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    else:
+        raise torch.linalg.LinAlgError("the calibration Hessian is not positive definite even after damping")
+    inverse = torch.cholesky_inverse(chol)
+    return torch.linalg.cholesky(inverse, upper=True).to(torch.float32), dead
+
+
+@torch.no_grad()
+def gptq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    fmt: str,
+    group_size: int = 0,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    param_dtype: torch.dtype = torch.float16,
+) -> GPTQResult:
+    """Quantize ``weight`` [N, K] (K a multiple of ``group_size`` for int4) given the mean input
+    Hessian [K, K]. ``fmt``: "int4" (group-wise asymmetric) or "int8" (per-channel symmetric)."""
+    w = weight.to(torch.float32).clone()
+    n, k = w.shape
+    if fmt == "int8":
+        row_scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
+    elif fmt != "int4" or group_size <= 0 or k % group_size:
+        raise ValueError(f"gptq supports int4 with a group size dividing {k}, or int8; got {fmt} g{group_size}")
+
+    groups = k // group_size if fmt == "int4" else 0
+    scales = torch.zeros(n, groups) if fmt == "int4" else row_scales
+    zeros = torch.zeros(n, groups) if fmt == "int4" else None
+    fitted = torch.zeros(groups, dtype=torch.bool)
+    if fmt == "int4" and act_order:  # static groups, fitted before any update
+        for g in range(groups):
+            scales[:, g], zeros[:, g] = _int4_params(w[:, g * group_size : (g + 1) * group_size], param_dtype)
+        fitted[:] = True
+
+    # Columns are visited in `order`; the factor is computed for H in that order.
+    order = torch.argsort(torch.diag(hessian), descending=True) if act_order else torch.arange(k)
+    hinv, dead = inverse_hessian_factor(hessian[order][:, order], damp)
+    w = w[:, order]
+    w[:, dead] = 0  # inputs that were always zero: their weights never matter
+    result = torch.zeros_like(w)
+    for start in range(0, k, block_size):
+        end = min(start + block_size, k)
+        block = w[:, start:end].clone()
+        errors = torch.zeros_like(block)
+        h_block = hinv[start:end, start:end]
+        for i in range(end - start):
+            column = int(order[start + i])
+            col = block[:, i]
+            if fmt == "int4":
+                g = column // group_size
+                if not fitted[g]:  # first column of this group, in order: fit on updated weights
+                    first = start + i
+                    span = w[:, first : first + group_size].clone()
+                    span[:, : end - first] = block[:, i : i + (end - first)][:, : span.shape[1]]
+                    scales[:, g], zeros[:, g] = _int4_params(span, param_dtype)
+                    fitted[g] = True
+                q = _quant_int4(col, scales[:, g], zeros[:, g])
+            else:
+                q = _quant_int8(col, row_scales)
+            result[:, start + i] = q
+            err = (col - q) / h_block[i, i]
+            block[:, i:] -= err[:, None] * h_block[i, i:][None, :]
+            errors[:, i] = err
+        w[:, end:] -= errors @ hinv[start:end, end:]
+
+    inverse_order = torch.argsort(order)
+    return GPTQResult(result[:, inverse_order], scales, zeros)
