@@ -66,3 +66,31 @@ def _const(value) -> bool:
 def _rank(node: fx.Node) -> int | None:
     val = node.meta.get("val")
     return val.dim() if isinstance(val, torch.Tensor) else None
+
+
+def feeds_attention_scores(node: fx.Node, depth: int = 12) -> bool:
+    """Whether ``node`` flows (through reshapes, rotary embedding...) into the query or key of an
+    attention: an sdpa's first two operands, or a matmul followed by a softmax."""
+    frontier, seen = [(node, 0)], set()
+    while frontier:
+        current, d = frontier.pop()
+        for user in current.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            name = op_name(user)
+            if name == "scaled_dot_product_attention" and current in user.args[:2]:
+                return True
+            if name in ("matmul", "bmm") and any(op_name(u) in ("softmax", "_softmax") for u in _downstream(user, 3)):
+                return True
+            if d + 1 < depth and name != "scaled_dot_product_attention":
+                frontier.append((user, d + 1))
+    return False
+
+
+def _downstream(node: fx.Node, depth: int) -> list[fx.Node]:
+    out, frontier = [], [node]
+    for _ in range(depth):
+        frontier = [u for n in frontier for u in n.users]
+        out += frontier
+    return out

@@ -27,25 +27,29 @@ import torch.fx as fx
 
 from lqc.ir import Graph
 from lqc.ir.errors import LqcConfigError
-from lqc.ir.linear import LinearSite, linear_sites
+from lqc.ir.linear import LinearSite, feeds_attention_scores, linear_sites
 from lqc.ir.provenance import derived_from
 from lqc.runtime.qlinear import int4_cpu_layout, int8_cpu_layout
-from lqc.runtime.quant_formats import QuantizedWeight, pad_columns, quantize_fp8, quantize_int4, quantize_int8
+from lqc.runtime.quant_formats import (
+    QuantizedWeight, int4_minmax_params, pad_columns, quantize_fp8, quantize_int4, quantize_int8,
+)
 
 from .activation_stats import collect_input_stats
+from .awq import search_clipping, search_scales
 from .base import Pass, PassResult
 from .gptq import gptq
 from .hqq import hqq_int4_params
 from .options import PassOptions
 from .registry import register_pass
+from .scale_migration import find_producer, scale_producer
 
 GROUP_SIZES = (32, 64, 128, 256)
-CALIBRATED_METHODS = ("gptq",)
+CALIBRATED_METHODS = ("gptq", "awq")
 
 
 @dataclass
 class QuantizeOptions(PassOptions):
-    method: Literal["rtn", "hqq", "gptq"] = field(default="rtn", metadata={"help": "how quantization parameters are chosen (gptq needs calibration)"})
+    method: Literal["rtn", "hqq", "gptq", "awq"] = field(default="rtn", metadata={"help": "how quantization parameters are chosen (gptq and awq need calibration)"})
     format: Literal["int8", "int4", "w8a8", "fp8"] = field(default="int8", metadata={"help": "weight (and activation) format"})
     group_size: int = field(default=64, metadata={"help": "int4: inputs per scale and zero (32, 64, 128 or 256)"})
     pad: bool = field(default=True, metadata={"help": "pad widths the group size does not divide (else skip the layer, warned)"})
@@ -55,7 +59,9 @@ class QuantizeOptions(PassOptions):
     damp: float = field(default=0.01, metadata={"help": "gptq: Hessian damping, a fraction of its mean diagonal"})
     act_order: bool = field(default=False, metadata={"help": "gptq: quantize columns by decreasing Hessian diagonal (static groups)"})
     block_size: int = field(default=128, metadata={"help": "gptq: columns per block of lazy updates"})
-    calibration_tokens: int = field(default=16384, metadata={"help": "gptq: calibration tokens the statistics are collected on"})
+    calibration_tokens: int = field(default=16384, metadata={"help": "gptq, awq: calibration tokens the statistics are collected on"})
+    awq_grid: int = field(default=20, metadata={"help": "awq: points of the scale exponent grid in [0, 1)"})
+    awq_samples: int = field(default=512, metadata={"help": "awq: calibration rows the scale and clipping searches use"})
 
     def __post_init__(self) -> None:
         if self.format == "int4" and self.group_size not in GROUP_SIZES:
@@ -64,12 +70,14 @@ class QuantizeOptions(PassOptions):
             raise LqcConfigError(f"method 'hqq' optimizes int4 zero points; use format 'int4' (got {self.format!r})")
         if self.method == "gptq" and self.format not in ("int4", "int8"):
             raise LqcConfigError(f"method 'gptq' quantizes int4 or int8 weights; got format {self.format!r}")
+        if self.method == "awq" and self.format != "int4":
+            raise LqcConfigError(f"method 'awq' quantizes int4 weights; got format {self.format!r}")
 
 
 @register_pass
 class Quantize(Pass):
     name = "quantize"
-    description = "linear layers -> lqc::qlinear with int8 / int4 / w8a8 / fp8 packed weights (rtn, hqq, gptq)"
+    description = "linear layers -> lqc::qlinear with int8 / int4 / w8a8 / fp8 packed weights (rtn, hqq, gptq, awq)"
     Options = QuantizeOptions
 
     def __init__(self, options=None, **values):
@@ -92,35 +100,103 @@ class Quantize(Pass):
                 stats.update(
                     collect_input_stats(
                         graph, ctx.calibration_inputs(graph, tokens=opts.calibration_tokens), [s.x for s in sites],
-                        max_samples=0, progress=ctx.progress,
+                        max_samples=opts.awq_samples if opts.method == "awq" else 0,
+                        want_hessian=opts.method == "gptq", progress=ctx.progress,
                     )
                 )
             return stats[site.x.name]
 
-        layers, skipped = [], []
-        for site in sites:
+        skipped = []
+        for site in list(sites):
             name = site.name(graph)
             weight = site.weight_tensor(graph)
             if not torch.isfinite(weight).all():
                 raise LqcConfigError(f"the weight of {name} contains NaN or inf; fix the model before quantizing it")
             if opts.format == "int4" and weight.shape[1] % opts.group_size and not opts.pad:
+                sites.remove(site)
                 skipped.append(name)
                 warnings.warn(
                     f"quantize: {name} has {weight.shape[1]} inputs, not a multiple of group_size {opts.group_size}; "
                     f"left unquantized (pad: true would pad it)",
                     stacklevel=2,
                 )
-                continue
-            qweight = ctx.transform(
-                graph, ("weight", name), [site.weight], lambda: self.quantize_weight(weight, lambda: input_stats(site))
+
+        awq_weights, awq_groups = self._awq(graph, ctx, sites, input_stats) if opts.method == "awq" else ({}, [])
+        layers = []
+        for site in sites:
+            name = site.name(graph)
+            weight = site.weight_tensor(graph)
+            qweight = awq_weights.get(name) or ctx.transform(
+                graph, ("weight", name), [site.weight],
+                lambda site=site, weight=weight: self.quantize_weight(weight, lambda: input_stats(site)),
             )
             bytes_before = graph.constant(site.weight).nbytes
             self._rewrite(graph, site, qweight, name)
             layers.append({"layer": name, "shape": list(weight.shape), "bytes_before": bytes_before, "bytes_after": qweight["nbytes"]})
-        return PassResult(
-            matches=len(layers),
-            details={"format": opts.format, "method": opts.method, "group_size": opts.group_size, "layers": layers, "skipped": skipped},
+        details = {"format": opts.format, "method": opts.method, "group_size": opts.group_size, "layers": layers, "skipped": skipped}
+        if awq_groups:
+            details["awq"] = awq_groups
+        return PassResult(matches=len(layers), details=details)
+
+    # -- AWQ: per group of linears sharing an input ------------------------------------------------
+    def _awq(self, graph: Graph, ctx, sites: list[LinearSite], input_stats) -> tuple[dict[str, dict], list[dict]]:
+        """Scales for every group first (applied to float weights), then every weight quantized,
+        as AWQ does: a row scaling of up_proj (for down_proj) must reach up_proj's own quantization."""
+        by_input: dict[fx.Node, list[LinearSite]] = {}
+        for site in sites:
+            by_input.setdefault(site.x, []).append(site)
+        groups = [(group, find_producer(graph, x, group)) for x, group in by_input.items()]
+        names = {id(site): site.name(graph) for site in sites}
+        sources = [site.weight for site in sites] + [c for _, p in groups if p for c in p.constants]
+        result = ctx.transform(
+            graph, ("awq", tuple(names.values())), list(dict.fromkeys(sources)),
+            lambda: self._awq_compute(graph, groups, names, input_stats),
         )
+        quantized_names = set(names.values())
+        report = []
+        for (group, producer), group_result in zip(groups, result["groups"]):
+            # a producer that is itself quantized here already carries 1/s in its quantized rows
+            if producer is not None and not (producer.site is not None and producer.site.name(graph) in quantized_names):
+                scale_producer(graph, producer, group_result["scales"])
+            report.append({
+                "layers": [names[id(site)] for site in group], "alpha": group_result["alpha"],
+                "scales_into": producer.describe(graph) if producer else None, "unclipped": group_result["unclipped"],
+            })
+        return result["weights"], report
+
+    def _awq_compute(self, graph: Graph, groups, names: dict, input_stats) -> dict:
+        opts = self.options
+        g = opts.group_size
+        weights = {names[id(site)]: site.weight_tensor(graph).to(torch.float32) for group, _ in groups for site in group}
+        group_results = []
+        for group, producer in groups:
+            stats = input_stats(group[0])
+            group_names = [names[id(site)] for site in group]
+            if producer is not None:
+                scales, alpha, _ = search_scales(stats.sample, stats.abs_mean, [weights[n] for n in group_names], g, grid=opts.awq_grid)
+                for n in group_names:
+                    weights[n] = weights[n] * scales[None, :]
+                if producer.site is not None and producer.site.name(graph) in weights:
+                    up = producer.site.name(graph)
+                    weights[up] = weights[up] / scales[:, None]  # rows: the up projection's outputs
+            else:
+                scales, alpha = torch.ones(stats.width), None
+            unclipped = [n for site, n in zip(group, group_names) if feeds_attention_scores(site.node)]
+            group_results.append({"scales": scales, "alpha": alpha, "unclipped": unclipped, "x": stats.sample / scales})
+        quantized = {}
+        for (group, _), info in zip(groups, group_results):
+            for site in group:
+                name = names[id(site)]
+                padded = pad_columns(weights[name], g)
+                if name in info["unclipped"]:
+                    group_scales, group_zeros = int4_minmax_params(padded, g)
+                else:
+                    group_scales, group_zeros = search_clipping(pad_columns(info["x"], g), padded, g)
+                canonical = quantize_int4(weights[name], g, group_scales, group_zeros)
+                quantized[name] = {"canonical": canonical, "nbytes": canonical.nbytes(), **self._layout(canonical, weights[name].device)}
+        for info in group_results:
+            del info["x"]
+        return {"groups": group_results, "weights": quantized}
 
     # -- weights ---------------------------------------------------------------------------------
     def quantize_weight(self, weight: torch.Tensor, input_stats=None) -> dict:
