@@ -5,6 +5,7 @@ watched node (the input of one or more linears):
 
 - ``hessian``: X^T X summed over tokens (GPTQ's second-order information), float64;
 - ``abs_mean``: mean |x| per input channel (AWQ's activation salience);
+- ``abs_max``: max |x| per input channel (SmoothQuant's outlier measure);
 - ``samples``: a fixed random subset of token rows (AWQ's scale and clipping searches).
 
 No model-specific hooks: the graph itself is run with torch.fx's Interpreter.
@@ -31,6 +32,7 @@ class InputStats:
     want_hessian: bool = True
     hessian: torch.Tensor | None = None
     abs_sum: torch.Tensor | None = None
+    abs_max: torch.Tensor | None = None
     count: int = 0
     samples: list[torch.Tensor] = field(default_factory=list)
     _kept: int = 0
@@ -39,11 +41,13 @@ class InputStats:
         rows = x.detach().reshape(-1, self.width).to(torch.float32)
         if self.abs_sum is None:
             self.abs_sum = torch.zeros(self.width, dtype=torch.float64)
+            self.abs_max = torch.zeros(self.width, dtype=torch.float32)
             if self.want_hessian:
                 self.hessian = torch.zeros(self.width, self.width, dtype=torch.float64)
         if self.want_hessian:
             self.hessian += (rows.T @ rows).to(torch.float64)
         self.abs_sum += rows.abs().sum(dim=0).to(torch.float64)
+        self.abs_max = torch.maximum(self.abs_max, rows.abs().amax(dim=0))
         self.count += rows.shape[0]
         room = self.max_samples - self._kept
         if room > 0:

@@ -76,9 +76,11 @@ def gptq(
     damp: float = 0.01,
     act_order: bool = False,
     param_dtype: torch.dtype = torch.float16,
+    group_params: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> GPTQResult:
     """Quantize ``weight`` [N, K] (K a multiple of ``group_size`` for int4) given the mean input
-    Hessian [K, K]. ``fmt``: "int4" (group-wise asymmetric) or "int8" (per-channel symmetric)."""
+    Hessian [K, K]. ``fmt``: "int4" (group-wise asymmetric) or "int8" (per-channel symmetric).
+    ``group_params``: int4 (scales, zeros) [N, K/g] to use as static groups."""
     w = weight.to(torch.float32).clone()
     n, k = w.shape
     if fmt == "int8":
@@ -90,7 +92,11 @@ def gptq(
     scales = torch.zeros(n, groups) if fmt == "int4" else row_scales
     zeros = torch.zeros(n, groups) if fmt == "int4" else None
     fitted = torch.zeros(groups, dtype=torch.bool)
-    if fmt == "int4" and act_order:  # static groups, fitted before any update
+    if fmt == "int4" and group_params is not None:  # static groups given by the caller
+        scales = group_params[0].to(param_dtype).float().clone()
+        zeros = group_params[1].to(param_dtype).float().clone()
+        fitted[:] = True
+    elif fmt == "int4" and act_order:  # static groups, fitted before any update
         for g in range(groups):
             scales[:, g], zeros[:, g] = _int4_params(w[:, g * group_size : (g + 1) * group_size], param_dtype)
         fitted[:] = True

@@ -62,6 +62,10 @@ class QuantizeOptions(PassOptions):
     calibration_tokens: int = field(default=16384, metadata={"help": "gptq, awq: calibration tokens the statistics are collected on"})
     awq_grid: int = field(default=20, metadata={"help": "awq: points of the scale exponent grid in [0, 1)"})
     awq_samples: int = field(default=512, metadata={"help": "awq: calibration rows the scale and clipping searches use"})
+    awq_gptq: bool = field(default=False, metadata={"help": "awq: quantize the scaled weights with GPTQ instead of the clipping search"})
+    gptq_params: Literal["minmax", "clip"] = field(
+        default="minmax", metadata={"help": "gptq int4: group parameters from min/max, or from the output-error clipping search (static groups)"}
+    )
 
     def __post_init__(self) -> None:
         if self.format == "int4" and self.group_size not in GROUP_SIZES:
@@ -100,8 +104,8 @@ class Quantize(Pass):
                 stats.update(
                     collect_input_stats(
                         graph, ctx.calibration_inputs(graph, tokens=opts.calibration_tokens), [s.x for s in sites],
-                        max_samples=opts.awq_samples if opts.method == "awq" else 0,
-                        want_hessian=opts.method == "gptq", progress=ctx.progress,
+                        max_samples=opts.awq_samples if (opts.method == "awq" or opts.gptq_params == "clip") else 0,
+                        want_hessian=opts.method == "gptq" or opts.awq_gptq, progress=ctx.progress,
                     )
                 )
             return stats[site.x.name]
@@ -182,12 +186,19 @@ class Quantize(Pass):
             else:
                 scales, alpha = torch.ones(stats.width), None
             unclipped = [n for site, n in zip(group, group_names) if feeds_attention_scores(site.node)]
-            group_results.append({"scales": scales, "alpha": alpha, "unclipped": unclipped, "x": stats.sample / scales})
+            group_results.append({"scales": scales, "alpha": alpha, "unclipped": unclipped, "x": stats.sample / scales, "stats": stats})
         quantized = {}
         for (group, _), info in zip(groups, group_results):
             for site in group:
                 name = names[id(site)]
                 padded = pad_columns(weights[name], g)
+                if opts.awq_gptq:
+                    # the inputs are now x / s: their Hessian is diag(1/s) H diag(1/s)
+                    inv = 1.0 / info["scales"].to(torch.float64)
+                    canonical = self._gptq(weights[name], info["stats"], hessian=info["stats"].mean_hessian * inv[:, None] * inv[None, :],
+                                           x=info["x"], clip=name not in info["unclipped"])
+                    quantized[name] = {"canonical": canonical, "nbytes": canonical.nbytes(), **self._layout(canonical, weights[name].device)}
+                    continue
                 if name in info["unclipped"]:
                     group_scales, group_zeros = int4_minmax_params(padded, g)
                 else:
@@ -195,7 +206,7 @@ class Quantize(Pass):
                 canonical = quantize_int4(weights[name], g, group_scales, group_zeros)
                 quantized[name] = {"canonical": canonical, "nbytes": canonical.nbytes(), **self._layout(canonical, weights[name].device)}
         for info in group_results:
-            del info["x"]
+            del info["x"], info["stats"]
         return {"groups": group_results, "weights": quantized}
 
     # -- weights ---------------------------------------------------------------------------------
@@ -218,15 +229,20 @@ class Quantize(Pass):
             canonical = quantize_int8(weight, fmt=opts.format)
         return {"canonical": canonical, "nbytes": canonical.nbytes(), **self._layout(canonical, weight.device)}
 
-    def _gptq(self, weight: torch.Tensor, stats) -> QuantizedWeight:
+    def _gptq(self, weight: torch.Tensor, stats, hessian: torch.Tensor | None = None,
+              x: torch.Tensor | None = None, clip: bool = True) -> QuantizedWeight:
         opts = self.options
         k = weight.shape[1]
         group = opts.group_size if opts.format == "int4" else 0
         padded = pad_columns(weight.to(torch.float32), group) if group else weight.to(torch.float32)
-        hessian = torch.zeros(padded.shape[1], padded.shape[1], dtype=torch.float64)
-        hessian[:k, :k] = stats.mean_hessian  # padded inputs are always zero: dead columns
-        result = gptq(padded, hessian, fmt=opts.format, group_size=group, block_size=opts.block_size,
-                      damp=opts.damp, act_order=opts.act_order)
+        full = torch.zeros(padded.shape[1], padded.shape[1], dtype=torch.float64)
+        full[:k, :k] = stats.mean_hessian if hessian is None else hessian  # padded inputs are always zero: dead columns
+        group_params = None
+        if group and opts.gptq_params == "clip":
+            x = stats.sample if x is None else x
+            group_params = search_clipping(pad_columns(x, group), padded, group) if clip else int4_minmax_params(padded, group)
+        result = gptq(padded, full, fmt=opts.format, group_size=group, block_size=opts.block_size,
+                      damp=opts.damp, act_order=opts.act_order, group_params=group_params)
         if opts.format == "int4":
             return quantize_int4(result.weight[:, :k], group, result.scales, result.zeros)
         return quantize_int8(result.weight, scales=result.scales)

@@ -184,3 +184,24 @@ def test_awq_in_a_recipe(tiny_llama, token_ids, monkeypatch):
     monkeypatch.setattr(quantize_module, "search_scales", lambda x, mean, ws, g, grid: (torch.ones(x.shape[1]), 0.0, []))
     monkeypatch.setattr(quantize_module, "search_clipping", lambda x, w, g: int4_minmax_params(w, g))
     assert run([entry]).rel_error == rtn.rel_error
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"method": "gptq", "gptq_params": "clip"}, {"method": "gptq", "act_order": True, "gptq_params": "clip"},
+     {"method": "awq", "awq_gptq": True}],
+)
+def test_gptq_variants_beat_rtn(tiny_llama, token_ids, extra):
+    from lqc.passes import Calibration, TransformCache
+
+    calibration = Calibration([torch.randint(0, 256, (2000,), generator=torch.Generator().manual_seed(7))])
+
+    def run(entry):
+        graph = trace(tiny_llama, token_ids)
+        ctx = PassContext(calibration=calibration, check_inputs=[(token_ids,)], progress=False, cache=TransformCache())
+        return PassManager([entry], verify=True).run(graph, ctx).records[0]
+
+    base = {"pass": "quantize", "format": "int4", "group_size": 32, "calibration_tokens": 2000}
+    record = run({**base, **extra})
+    assert record.matches == 14
+    assert record.rel_error < run(base).rel_error
