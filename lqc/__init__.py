@@ -13,6 +13,7 @@ from lqc.compress import compress  # noqa: E402
 from lqc.ir import Graph, LqcConfigError, LqcError, LqcGraphError  # noqa: E402
 from lqc.options import CompileOptions  # noqa: E402
 from lqc.passes import Pass, PassContext, PassManager, PassResult, register_pass  # noqa: E402
+from lqc.serialize import load, save  # noqa: E402
 
 __all__ = [
     "CompileOptions",
@@ -26,8 +27,10 @@ __all__ = [
     "PassResult",
     "clear_reports",
     "compress",
+    "load",
     "lqc_backend",
     "models",
     "register_pass",
     "reports",
+    "save",
 ]

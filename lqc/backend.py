@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,12 +42,24 @@ log = logging.getLogger("lqc")
 _graph_ids = itertools.count()
 _reports: list[GraphReport] = []
 _reports_lock = threading.Lock()
+_compiled: list[weakref.ref] = []  # every CompiledGraph, for lqc.compress to find its own
 
 
 def reports() -> list[GraphReport]:
     """Pass reports of every graph lqc compiled in this process, oldest first."""
     with _reports_lock:
         return list(_reports)
+
+
+def compiled_graph_count() -> int:
+    with _reports_lock:
+        return len(_compiled)
+
+
+def compiled_graphs_since(count: int) -> list[CompiledGraph]:
+    """CompiledGraphs built after ``compiled_graph_count()`` returned ``count`` (still alive)."""
+    with _reports_lock:
+        return [c for ref in _compiled[count:] if (c := ref()) is not None]
 
 
 def clear_reports() -> None:
@@ -93,9 +106,12 @@ def lqc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: A
         with _reports_lock:
             _reports.append(report)
         frozen = [(f.index, f.tensor, f.version) for f in graph.frozen]
-        return CompiledGraph(
-            fn, [i.index for i in graph.inputs], frozen, rebuild=lambda a: build(a, rebuilding=True), name=name
+        compiled = CompiledGraph(
+            fn, [i.index for i in graph.inputs], frozen, rebuild=lambda a: build(a, rebuilding=True), name=name, graph=graph
         )
+        with _reports_lock:
+            _compiled.append(weakref.ref(compiled))
+        return compiled
 
     try:
         return build(list(example_inputs))

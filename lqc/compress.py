@@ -11,12 +11,14 @@ recalibration. ``generate()`` works on the result as on the original.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from lqc.ir.errors import LqcConfigError
 
+from .backend import compiled_graph_count, compiled_graphs_since
 from .data import calibration_from
 from .options import CompileOptions
 
@@ -54,6 +56,20 @@ def compress(
             if vocab is None:
                 raise LqcConfigError("pass example_inputs= (token ids): the model has no config.vocab_size to draw them from")
             example_inputs = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+    first = compiled_graph_count()
     with torch.no_grad():
         compressed(example_inputs)  # compile now: calibrate and transform weights ahead of time
+    # what lqc.save writes: the recipe, and the graph(s) this capture produced
+    compressed._lqc_compression = Compression(recipe=options.recipe, target=target, graphs=[
+        c.graph for c in compiled_graphs_since(first) if c.graph is not None
+    ])
     return compressed
+
+
+@dataclass
+class Compression:
+    """How a module returned by ``compress`` was made."""
+
+    recipe: Any
+    target: str
+    graphs: list = field(default_factory=list)

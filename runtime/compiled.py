@@ -23,12 +23,14 @@ class CompiledGraph:
         frozen: Sequence[tuple[int, torch.Tensor, int]],
         rebuild: Callable[[Sequence[Any]], "CompiledGraph"] | None = None,
         name: str = "graph",
+        graph: Any = None,
     ):
         self.fn = fn
         self.user_indices = tuple(user_indices)
         self.frozen = tuple(frozen)  # (argument index, tensor, its _version at compile time)
         self.rebuild = rebuild
         self.name = name
+        self.graph = graph  # the lqc Graph after the passes: what lqc.save writes
 
     def weights_unchanged(self, args: Sequence[Any]) -> bool:
         for index, tensor, version in self.frozen:
@@ -47,5 +49,5 @@ class CompiledGraph:
                 stacklevel=2,
             )
             fresh = self.rebuild(args)
-            self.fn, self.user_indices, self.frozen = fresh.fn, fresh.user_indices, fresh.frozen
+            self.fn, self.user_indices, self.frozen, self.graph = fresh.fn, fresh.user_indices, fresh.frozen, fresh.graph
         return self.fn(*[args[i] for i in self.user_indices])

@@ -93,3 +93,43 @@ def int4_cpu_layout(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor
     packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
     scales_and_zeros = torch.stack([weight.scales, weight.zeros], dim=-1).transpose(0, 1).contiguous()
     return packed, scales_and_zeros.to(torch.bfloat16)
+
+
+KERNEL_LAYOUTS = ("int8", "int8_cpu", "int4", "int4_cpu", "w8a8", "fp8")
+
+
+def kernel_layout(weight: QuantizedWeight, kernel: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(qweight, scales, zeros) of ``weight`` laid out for the qlinear format ``kernel``: the
+    canonical tensors, or the packed CPU layouts built from them (deterministically)."""
+    if kernel == "int8_cpu" and weight.format == "int8":
+        return (*int8_cpu_layout(weight), None)
+    if kernel == "int4_cpu" and weight.format == "int4":
+        return (*int4_cpu_layout(weight), None)
+    if kernel == weight.format:
+        return weight.qweight, weight.scales, weight.zeros
+    raise ValueError(f"a {weight.format} weight has no {kernel!r} layout; valid layouts: {', '.join(KERNEL_LAYOUTS)}")
+
+
+class QLinear(torch.nn.Module):
+    """An eager module computing ``lqc::qlinear``: what lqc.load puts where a quantized linear was.
+
+    Its buffers are the constants the quantize pass put in the graph, so a loaded model traces
+    to the same graph the compressed one ran."""
+
+    def __init__(self, weight: QuantizedWeight, kernel: str, bias: torch.Tensor | None = None):
+        super().__init__()
+        qweight, scales, zeros = kernel_layout(weight, kernel)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.bias = torch.nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.kernel, self.group_size = kernel, weight.group_size
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.lqc.qlinear(
+            x, self.qweight, self.scales, self.zeros, self.bias, self.kernel, self.group_size, self.in_features, self.out_features
+        )
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}, group_size={self.group_size}"

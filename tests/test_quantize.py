@@ -205,3 +205,49 @@ def test_gptq_variants_beat_rtn(tiny_llama, token_ids, extra):
     record = run({**base, **extra})
     assert record.matches == 14
     assert record.rel_error < run(base).rel_error
+
+
+def test_smoothquant_search_never_loses_to_no_smoothing():
+    from lqc.passes.smoothquant import fake_quant_w8a8, search_smoothing
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(256, 128, generator=g)
+    x[:, :4] *= 60.0  # outlier channels, as in LLM activations
+    weights = [torch.randn(64, 128, generator=g) * 0.05 for _ in range(2)]
+    scales, alpha, errors = search_smoothing(x, x.abs().amax(0), weights)
+    assert alpha is not None and errors[0] > 2 * min(errors)  # smoothing pays off on outliers
+    assert scales[:4].min() > scales[4:].max()  # the outlier channels are divided most
+    err = lambda s: sum(float((fake_quant_w8a8(x / s, w * s) - x @ w.T).pow(2).mean()) for w in weights)
+    assert err(scales) == pytest.approx(min(errors))
+
+
+def test_smoothquant_in_a_recipe(tiny_llama, token_ids):
+    """Outliers are planted by an exact reparameterization (one input_layernorm channel x50, the
+    q/k/v columns /50): plain W8A8 suffers, SmoothQuant migrates them back."""
+    import copy
+
+    from lqc.passes import Calibration, TransformCache
+
+    model = copy.deepcopy(tiny_llama)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[:3] *= 50.0
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.weight[:, :3] /= 50.0
+    calibration = Calibration([torch.randint(0, 256, (2000,), generator=torch.Generator().manual_seed(9))])
+
+    def run(entry):
+        graph = trace(model, token_ids)
+        ctx = PassContext(calibration=calibration, check_inputs=[(token_ids,)], progress=False, cache=TransformCache())
+        return PassManager([entry], verify=True).run(graph, ctx).records[0]
+
+    plain = run({"pass": "quantize", "format": "w8a8"})
+    for alpha in (0.5, None):
+        smooth = run({"pass": "quantize", "format": "w8a8", "smoothquant": True, "smooth_alpha": alpha, "calibration_tokens": 2000})
+        assert smooth.matches == 14 and smooth.rel_error < 0.5 * plain.rel_error
+        qkv = next(g for g in smooth.details["smoothquant"] if len(g["layers"]) == 3)
+        assert qkv["scales_into"] == "model.layers.0.input_layernorm.weight"
+    with pytest.raises(LqcConfigError, match="use format 'w8a8' with method 'rtn'"):
+        run({"pass": "quantize", "format": "int8", "smoothquant": True})
+    with pytest.raises(LqcConfigError, match="needs calibration data"):
+        PassManager([{"pass": "quantize", "format": "w8a8", "smoothquant": True}]).run(trace(model, token_ids), PassContext())

@@ -1,0 +1,186 @@
+"""Quantization quality on SmolLM2-135M: lqc's formats and methods against torchao's configs.
+
+Every row is measured in this one process on the same evaluation windows (DESIGN.md protocol:
+non-overlapping 512-token windows of eval.txt, float32 reference, full = 128 windows) with the
+same calibration text for the calibrated methods. lqc rows use the reference qlinear math
+(``kernels: false``: dequantize, then a float32 matmul) and torchao rows its float32 path, so the
+table compares quantization error alone; the packed CPU kernels compute in bfloat16 and are
+measured for speed by benchmarks/quant_speed.py.
+
+    python benchmarks/quant_quality.py --windows 128 --out benchmarks/results/smollm2-quant-quality
+    python benchmarks/quant_quality.py --windows 16 --only lqc-int8 torchao-int8-wo   # a quick look
+
+torchao 0.18 on a CPU: Int4WeightOnlyConfig needs CUDA (or the mslk package) in every packing
+format, so its CPU int4 weight-only config is IntxWeightOnlyConfig(int4, PerGroup(g)); both its
+symmetric default and the asymmetric (zero point) mapping are measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import lqc
+from lqc.backend import clear_reports, reports
+from lqc.data import calibration_from, data_file, tokenize_file
+from lqc.evaluate import causal_lm_logits, perplexity
+
+
+def lqc_quantize(**options) -> list[dict]:
+    return [{"pass": "cleanup"}, {"pass": "quantize", "kernels": False, **options}]
+
+
+LQC_CONFIGS = {
+    "lqc-int8": lqc_quantize(format="int8"),
+    "lqc-int8-gptq": lqc_quantize(format="int8", method="gptq"),
+    "lqc-int4-g32-rtn": lqc_quantize(format="int4", group_size=32),
+    "lqc-int4-g64-rtn": lqc_quantize(format="int4", group_size=64),
+    "lqc-int4-g64-hqq": lqc_quantize(format="int4", group_size=64, method="hqq"),
+    "lqc-int4-g64-gptq": lqc_quantize(format="int4", group_size=64, method="gptq", act_order=True),
+    "lqc-int4-g64-gptq-clip": lqc_quantize(format="int4", group_size=64, method="gptq", act_order=True, gptq_params="clip"),
+    "lqc-int4-g64-awq": lqc_quantize(format="int4", group_size=64, method="awq"),
+    "lqc-int4-g64-awq-gptq": lqc_quantize(format="int4", group_size=64, method="awq", awq_gptq=True, act_order=True, gptq_params="clip"),
+    "lqc-int4-g128-rtn": lqc_quantize(format="int4", group_size=128),
+    "lqc-int4-g128-awq": lqc_quantize(format="int4", group_size=128, method="awq"),
+    "lqc-w8a8": lqc_quantize(format="w8a8"),
+    "lqc-w8a8-smooth": lqc_quantize(format="w8a8", smoothquant=True),
+    "lqc-fp8": lqc_quantize(format="fp8"),
+}
+
+
+ORDER = [
+    "lqc-int8", "lqc-int8-gptq", "torchao-int8-wo",
+    "lqc-int4-g64-rtn", "lqc-int4-g64-hqq", "lqc-int4-g64-awq", "lqc-int4-g64-gptq-clip", "torchao-int4-g64-wo",
+    "torchao-int4-g64-wo-asym",
+    "lqc-w8a8", "lqc-w8a8-smooth", "torchao-w8a8-dyn", "lqc-fp8",
+    "lqc-int4-g128-awq", "lqc-int4-g128-rtn", "torchao-int4-g128-wo-asym",
+    "lqc-int4-g64-awq-gptq", "lqc-int4-g64-gptq", "lqc-int4-g32-rtn",
+]
+
+
+def torchao_configs() -> dict:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_primitives import MappingType
+
+    return {
+        "torchao-int8-wo": Int8WeightOnlyConfig(),
+        "torchao-int4-g64-wo": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64)),
+        "torchao-int4-g64-wo-asym": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64), mapping_type=MappingType.ASYMMETRIC),
+        "torchao-int4-g128-wo-asym": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(128), mapping_type=MappingType.ASYMMETRIC),
+        "torchao-w8a8-dyn": Int8DynamicActivationInt8WeightConfig(),
+    }
+
+
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of a (possibly torchao subclass) tensor as stored: the sum of its inner tensors."""
+    if hasattr(tensor, "__tensor_flatten__") and type(tensor) is not torch.nn.Parameter and type(tensor) is not torch.Tensor:
+        names, _ = tensor.__tensor_flatten__()
+        return sum(stored_bytes(getattr(tensor, n)) for n in names if getattr(tensor, n) is not None)
+    return tensor.numel() * tensor.element_size()
+
+
+def block_linears(model) -> list[tuple[str, torch.nn.Linear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}"]
+
+
+def run_lqc(model, tokenizer, recipe, calibration, ids, windows):
+    clear_reports()
+    start = time.perf_counter()
+    compressed = lqc.compress(model, recipe, calibration=calibration, tokenizer=tokenizer, progress=False)
+    seconds = time.perf_counter() - start
+    record = reports()[-1].records[-1]
+    layers = record.details["layers"]
+    result = perplexity(causal_lm_logits(compressed), ids, max_windows=windows, progress=False)
+    return result, {
+        "linear_bytes_fp32": sum(layer["bytes_before"] for layer in layers),
+        "linear_bytes_stored": sum(layer["bytes_after"] for layer in layers),
+        "quantized_layers": len(layers), "compress_seconds": round(seconds, 1),
+    }
+
+
+def run_torchao(model, config, ids, windows):
+    from torchao.quantization import quantize_
+
+    quantized = copy.deepcopy(model)
+    names = {n for n, _ in block_linears(quantized)}  # the lm_head is left alone, as lqc does
+    before = sum(m.weight.numel() * m.weight.element_size() for _, m in block_linears(quantized))
+    start = time.perf_counter()
+    quantize_(quantized, config, filter_fn=lambda module, fqn: isinstance(module, torch.nn.Linear) and fqn in names)
+    seconds = time.perf_counter() - start
+    after = sum(stored_bytes(m.weight) for n, m in quantized.named_modules() if n in names)
+    result = perplexity(causal_lm_logits(quantized), ids, max_windows=windows, progress=False)
+    return result, {"linear_bytes_fp32": before, "linear_bytes_stored": after, "quantized_layers": len(names),
+                    "compress_seconds": round(seconds, 1)}
+
+
+def markdown(rows: list[dict], reference: dict) -> str:
+    lines = [
+        f"Perplexity on eval.txt, {reference['windows']} windows of {reference['window_length']} tokens "
+        f"({reference['scored_tokens']:,} scored tokens). float32: {reference['perplexity']:.4f}.",
+        "",
+        "| config | perplexity | vs float32 | linear bytes / fp16 | stored MB | compress s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        fp16 = row["linear_bytes_fp32"] / 2
+        lines.append(
+            f"| {row['config']} | {row['perplexity']:.4f} | {row['delta_pct']:+.2f}% | "
+            f"{row['linear_bytes_stored'] / fp16:.3f} | {row['linear_bytes_stored'] / 1e6:.1f} | {row['compress_seconds']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--windows", type=int, default=128)
+    parser.add_argument("--only", nargs="*", default=None, help="config names (default: all)")
+    parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    loaded = lqc.models.load("smollm2-135m")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    ids = tokenize_file(data_file("eval.txt"), tokenizer)
+    calibration = calibration_from("calib", tokenizer)
+    configs = {**{k: ("lqc", v) for k, v in LQC_CONFIGS.items()}, **{k: ("torchao", v) for k, v in torchao_configs().items()}}
+    configs = {name: configs[name] for name in ORDER}  # each lqc format next to its torchao anchors
+    unknown = set(args.only or []) - set(configs)
+    if unknown:
+        parser.error(f"unknown configs {sorted(unknown)}; valid: {', '.join(configs)}")
+    with torch.no_grad():
+        reference = perplexity(causal_lm_logits(model), ids, max_windows=args.windows, progress=False).to_json()
+        print(f"float32: {reference['perplexity']:.4f} ({reference['scored_tokens']} tokens, {reference['seconds']:.0f}s)", flush=True)
+        rows = []
+        for name, (kind, config) in configs.items():
+            if args.only is not None and name not in args.only:
+                continue
+            if kind == "lqc":
+                result, extra = run_lqc(model, tokenizer, config, calibration, ids, args.windows)
+            else:
+                result, extra = run_torchao(model, config, ids, args.windows)
+            assert result.scored_tokens == reference["scored_tokens"]
+            row = {"config": name, "recipe": config if kind == "lqc" else repr(config), "perplexity": result.perplexity,
+                   "delta_pct": 100 * (result.perplexity / reference["perplexity"] - 1), **extra}
+            rows.append(row)
+            print(f"{name}: {row['perplexity']:.4f} ({row['delta_pct']:+.2f}%), stored/fp16 "
+                  f"{row['linear_bytes_stored'] / (row['linear_bytes_fp32'] / 2):.3f}, {result.seconds:.0f}s eval", flush=True)
+            if args.out:  # written after every row: a long run keeps what it measured
+                out = Path(args.out)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                meta = {"model": loaded.name, "torch": torch.__version__, "threads": args.threads}
+                out.with_suffix(".json").write_text(json.dumps({**meta, "reference": reference, "rows": rows}, indent=1) + "\n")
+                out.with_suffix(".md").write_text(markdown(rows, reference))
+    print(markdown(rows, reference))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

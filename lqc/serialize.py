@@ -1,0 +1,208 @@
+"""``lqc.save(model, dir)`` and ``lqc.load(dir)``: a compressed model on disk, without pickle.
+
+The directory holds:
+
+- ``model.safetensors``: every float tensor of the model's state dict as compression left it
+  (scale migrations such as AWQ's and SmoothQuant's change norm weights), and per quantized
+  linear its canonical ``{layer}.qweight``, ``.scales`` and ``.zeros`` (lqc.runtime.quant_formats);
+- ``lqc.json``: the manifest: lqc and format versions, the recipe, the model's architecture and
+  configuration, and per quantized layer its format, group size, shape and kernel layout;
+- the tokenizer's own JSON files, when one was given.
+
+``load`` builds the model from its configuration, puts a ``QLinear`` module (which calls
+``lqc::qlinear`` with the same constants the compressed graph used) where each quantized linear
+was, and loads the tensors: no calibration, no quantization, and the same logits. Only recipes
+made of ``cleanup`` and ``quantize`` passes can be saved (other passes change the graph in ways
+a state dict does not hold), and only models returned by ``lqc.compress``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lqc.ir import op_name
+from lqc.ir.errors import LqcConfigError, LqcError
+from lqc.passes import load_recipe
+from lqc.recipes import resolve_recipe
+from lqc.runtime.qlinear import KERNEL_LAYOUTS, QLinear
+from lqc.runtime.quant_formats import QuantizedWeight
+
+FORMAT = "lqc-compressed-model"
+FORMAT_VERSION = 1
+MANIFEST = "lqc.json"
+TENSORS = "model.safetensors"
+SAVABLE_PASSES = ("cleanup", "quantize")
+QUANT_FORMATS = ("int8", "int4", "w8a8", "fp8")
+
+
+def save(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
+    """Write a model returned by ``lqc.compress`` to ``directory`` (created if needed)."""
+    from safetensors.torch import save_file
+
+    import lqc
+
+    compression = getattr(model, "_lqc_compression", None)
+    if compression is None or not compression.graphs:
+        raise LqcConfigError("lqc.save needs a model returned by lqc.compress(model, recipe, ...); compress it first")
+    recipe = [{"pass": p.name, **dataclasses.asdict(p.options)} for p in load_recipe(resolve_recipe(compression.recipe))]
+    unsupported = sorted({entry["pass"] for entry in recipe} - set(SAVABLE_PASSES))
+    if unsupported:
+        raise LqcConfigError(
+            f"lqc.save stores recipes of {' and '.join(SAVABLE_PASSES)} passes; this one also has {', '.join(unsupported)}"
+        )
+
+    floats, layers = _compressed_state(compression.graphs[0])
+    state = {name: t for name, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
+    for name, tensor in floats.items():
+        if name not in state:
+            if _unchanged_attribute(model, name, tensor):
+                continue  # a non-persistent buffer (rotary frequencies): the model rebuilds it
+            raise LqcError(f"lqc.save: the compressed graph changed {name}, which the model's state dict does not hold")
+        if tensor.shape != state[name].shape:
+            raise LqcError(f"lqc.save: {name} is {tuple(tensor.shape)} in the compressed graph, {tuple(state[name].shape)} in the model")
+        state[name] = tensor
+    for layer in layers:
+        state.pop(f"{layer}.weight", None)
+
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}  # tied weights are stored once
+    by_storage: dict[tuple, str] = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if key in by_storage:
+            aliases[name] = by_storage[key]
+            continue
+        by_storage[key] = name
+        tensors[name] = tensor.detach().contiguous()
+    manifest_layers = {}
+    for layer, info in layers.items():
+        q: QuantizedWeight = info["canonical"]
+        for part in ("qweight", "scales", "zeros"):
+            if getattr(q, part) is not None:
+                tensors[f"{layer}.{part}"] = getattr(q, part).contiguous()
+        manifest_layers[layer] = {
+            "format": q.format, "group_size": q.group_size, "in_features": q.in_features,
+            "out_features": q.out_features, "kernel": info["kernel"], "bias": info["bias"],
+        }
+
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "architectures", None) and not hasattr(config, "model_type"):
+        raise LqcConfigError("lqc.save stores Hugging Face models (a `config` with `model_type`); this model has none")
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "lqc_version": lqc.__version__, "torch_version": torch.__version__,
+        "recipe": recipe, "target": compression.target,
+        "model": {"architecture": type(model).__name__, "config": config.to_dict()},
+        "aliases": aliases, "layers": manifest_layers,
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / TENSORS), metadata={"format": FORMAT})
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json_default) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+def load(directory: str | Path) -> torch.nn.Module:
+    """The model ``save`` wrote, as an eager module; compile it like any other."""
+    import transformers
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    model_info = manifest["model"]
+    architecture = getattr(transformers, model_info["architecture"], None)
+    if architecture is None:
+        raise LqcConfigError(
+            f"{directory}: architecture {model_info['architecture']!r} is not in transformers {transformers.__version__}"
+        )
+    config_dict = dict(model_info["config"])
+    config = transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    model = architecture(config).eval()
+
+    tensors = load_file(str(directory / TENSORS))
+    for layer, info in manifest["layers"].items():
+        q = QuantizedWeight(
+            info["format"], tensors.pop(f"{layer}.qweight"), tensors.pop(f"{layer}.scales"),
+            tensors.pop(f"{layer}.zeros", None), info["group_size"], info["in_features"],
+        )
+        bias = tensors.get(f"{layer}.bias")
+        parent_name, _, child = layer.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, QLinear(q, info["kernel"], bias))
+    for alias, name in manifest["aliases"].items():
+        tensors[alias] = tensors[name]
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    missing = [k for k in missing if k.rpartition(".")[0] not in manifest["layers"]]  # QLinear buffers: set above
+    if missing or unexpected:
+        raise LqcError(f"{directory}: the saved tensors do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """The manifest of a saved model, checked: a clear error for anything this lqc cannot read."""
+    import lqc
+
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise LqcConfigError(f"{directory} holds no {MANIFEST}: not a model written by lqc.save")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise LqcConfigError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise LqcConfigError(
+            f"{path}: written by lqc {manifest.get('lqc_version')} in format version {manifest.get('format_version')}; "
+            f"lqc {lqc.__version__} reads version {FORMAT_VERSION}. Load it with that lqc version, or compress and save again"
+        )
+    for layer, info in manifest.get("layers", {}).items():
+        if info.get("format") not in QUANT_FORMATS or info.get("kernel") not in KERNEL_LAYOUTS:
+            raise LqcConfigError(
+                f"{path}: layer {layer} has format {info.get('format')!r} / kernel {info.get('kernel')!r}; "
+                f"this lqc knows formats {', '.join(QUANT_FORMATS)} and kernels {', '.join(KERNEL_LAYOUTS)}"
+            )
+    return manifest
+
+
+def _compressed_state(graph) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """(float constants by module path, quantized layers) of a graph after its passes."""
+    layers: dict[str, dict] = {}
+    quantized_inputs = set()
+    for node in graph.nodes:
+        if op_name(node) == "lqc::qlinear":
+            info = node.meta["lqc_quantized"]
+            bias = node.args[4]
+            layers[info["layer"]] = {
+                "canonical": info["canonical"], "kernel": node.args[5],
+                "bias": bias is not None and bool(graph.fqns(bias)),
+            }
+            quantized_inputs.update(a.target for a in node.args[1:4] if graph.is_constant(a))
+    floats: dict[str, torch.Tensor] = {}
+    for name, tensor in graph.constants():
+        if name in quantized_inputs:
+            continue
+        for fqn in graph.fqns(name):
+            if fqn in floats and not torch.equal(floats[fqn], tensor):
+                raise LqcError(f"lqc.save: the compressed graph holds two different values for {fqn}")
+            floats[fqn] = tensor
+    return floats, layers
+
+
+def _unchanged_attribute(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> bool:
+    try:
+        current = model.get_buffer(name)
+    except AttributeError:
+        return False
+    return current.shape == tensor.shape and torch.equal(current, tensor)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    raise TypeError(f"lqc.save cannot write {type(value).__name__} {value!r} into the manifest")
