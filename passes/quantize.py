@@ -44,6 +44,7 @@ from .hqq import hqq_int4_params
 from .options import PassOptions
 from .registry import register_pass
 from .scale_migration import find_producer, scale_producer
+from .sensitivity import layer_sensitivity
 from .smoothquant import search_smoothing
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -69,6 +70,9 @@ class QuantizeOptions(PassOptions):
     gptq_params: Literal["minmax", "clip"] = field(
         default="minmax", metadata={"help": "gptq int4: group parameters from min/max, or from the output-error clipping search (static groups)"}
     )
+    keep_sensitive: int = field(default=0, metadata={"help": "keep the k layers whose lone quantization moves the output most in higher precision (needs calibration)"})
+    keep_format: Literal["auto", "int8", "float"] = field(default="auto", metadata={"help": "keep_sensitive: their format (auto: int8 under int4, else float)"})
+    sensitivity_tokens: int = field(default=1024, metadata={"help": "keep_sensitive: calibration tokens the ranking is measured on"})
     smoothquant: bool = field(default=False, metadata={"help": "w8a8: migrate activation outliers into the weights first (needs calibration)"})
     smooth_alpha: float | None = field(default=None, metadata={"help": "smoothquant: migration strength in (0, 1); null searches a grid per group"})
 
@@ -97,7 +101,7 @@ class Quantize(Pass):
 
     def __init__(self, options=None, **values):
         super().__init__(options, **values)
-        if self.options.method in CALIBRATED_METHODS or self.options.smoothquant:
+        if self.options.method in CALIBRATED_METHODS or self.options.smoothquant or self.options.keep_sensitive:
             self.requires = frozenset({"calibration"})
 
     def run(self, graph: Graph, ctx) -> PassResult:
@@ -136,6 +140,8 @@ class Quantize(Pass):
                     stacklevel=2,
                 )
 
+        kept = self._keep_sensitive(graph, ctx, sites) if opts.keep_sensitive else {}
+        sites = [site for site in sites if site.name(graph) not in kept]
         migrates = opts.method == "awq" or opts.smoothquant
         migrated_weights, migration_groups = self._migrate(graph, ctx, sites, input_stats) if migrates else ({}, [])
         layers = []
@@ -149,10 +155,53 @@ class Quantize(Pass):
             bytes_before = graph.constant(site.weight).nbytes
             self._rewrite(graph, site, qweight, name)
             layers.append({"layer": name, "shape": list(weight.shape), "bytes_before": bytes_before, "bytes_after": qweight["nbytes"]})
+        for name, (site, keep) in kept.items():
+            shape, bytes_before = list(site.weight_tensor(graph).shape), graph.constant(site.weight).nbytes
+            if keep is not None:  # int8 under int4: rewritten like any layer, in its own format
+                self._rewrite(graph, site, keep, name)
+            layers.append({"layer": name, "shape": shape, "bytes_before": bytes_before,
+                           "bytes_after": keep["nbytes"] if keep else bytes_before, "kept": self._kept_format()})
         details = {"format": opts.format, "method": opts.method, "group_size": opts.group_size, "layers": layers, "skipped": skipped}
+        if kept:
+            details["sensitivity"] = self._ranking
         if migration_groups:
             details["awq" if opts.method == "awq" else "smoothquant"] = migration_groups
-        return PassResult(matches=len(layers), details=details)
+        return PassResult(matches=sum(layer.get("kept") != "float" for layer in layers), details=details)
+
+    # -- sensitivity: the k layers quantization hurts most stay in higher precision ------------------
+    def _kept_format(self) -> str:
+        opts = self.options
+        return opts.keep_format if opts.keep_format != "auto" else ("int8" if opts.format == "int4" else "float")
+
+    def _keep_sensitive(self, graph: Graph, ctx, sites: list[LinearSite]) -> dict[str, tuple[LinearSite, dict | None]]:
+        """{layer: (site, its int8 weight, or None to stay float)} for the k most sensitive layers."""
+        opts = self.options
+        names = [site.name(graph) for site in sites]
+        self._ranking = ctx.transform(
+            graph, ("sensitivity", tuple(names)), [site.weight for site in sites],
+            lambda: layer_sensitivity(graph, sites, ctx.calibration_inputs(graph, tokens=opts.sensitivity_tokens),
+                                      self._fake_quantize, progress=ctx.progress),
+        )
+        by_name = dict(zip(names, sites))
+        kept = {}
+        for row in self._ranking[: opts.keep_sensitive]:
+            site = by_name[row["layer"]]
+            keep = None
+            if self._kept_format() == "int8":
+                weight = site.weight_tensor(graph)
+                int8 = Quantize(format="int8", kernels=opts.kernels)
+                keep = ctx.transform(graph, ("kept-int8", row["layer"]), [site.weight], lambda: int8.quantize_weight(weight))
+            kept[row["layer"]] = (site, keep)
+        return kept
+
+    def _fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        """Round-to-nearest in this pass's format, dequantized: the sensitivity proxy."""
+        opts = self.options
+        if opts.format == "int4":
+            return quantize_int4(weight, opts.group_size).dequantize()
+        if opts.format == "fp8":
+            return quantize_fp8(weight).dequantize()
+        return quantize_int8(weight, fmt=opts.format).dequantize()
 
     # -- AWQ and SmoothQuant: scale migration per group of linears sharing an input ------------------
     def _migrate(self, graph: Graph, ctx, sites: list[LinearSite], input_stats) -> tuple[dict[str, dict], list[dict]]:

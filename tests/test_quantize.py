@@ -251,3 +251,37 @@ def test_smoothquant_in_a_recipe(tiny_llama, token_ids):
         run({"pass": "quantize", "format": "int8", "smoothquant": True})
     with pytest.raises(LqcConfigError, match="needs calibration data"):
         PassManager([{"pass": "quantize", "format": "w8a8", "smoothquant": True}]).run(trace(model, token_ids), PassContext())
+
+
+def test_sensitivity_is_each_layers_own_output_error_and_keeps_the_worst(tiny_llama, token_ids):
+    from lqc.ir.linear import linear_sites
+    from lqc.passes import Calibration, TransformCache
+    from lqc.passes.sensitivity import layer_sensitivity
+
+    calibration = Calibration([torch.randint(0, 256, (48,), generator=torch.Generator().manual_seed(4))])
+    graph = trace(tiny_llama, token_ids)
+    inputs = PassContext(calibration=calibration).calibration_inputs(graph, tokens=48)
+    sites = [s for s in linear_sites(graph) if "layers" in s.name(graph)]
+    ranking = layer_sensitivity(graph, sites, inputs, lambda w: quantize_int4(w, 32).dequantize())
+    assert len(ranking) == 14 and ranking[0]["rel_error"] > ranking[-1]["rel_error"] > 0
+    for row in (ranking[0], ranking[-1]):  # the same figure as quantizing that layer alone
+        alone = PassManager([{"pass": "quantize", "format": "int4", "group_size": 32, "kernels": False,
+                              "targets": [f"^{row['layer']}$"]}], verify=True)
+        record = alone.run(trace(tiny_llama, token_ids), PassContext(check_inputs=inputs)).records[0]
+        assert record.matches == 1 and record.rel_error == pytest.approx(row["rel_error"], rel=1e-4)
+
+    def run(entry):
+        graph = trace(tiny_llama, token_ids)
+        ctx = PassContext(calibration=calibration, check_inputs=inputs, progress=False, cache=TransformCache())
+        return graph, PassManager([entry], verify=True).run(graph, ctx).records[0]
+
+    base = {"pass": "quantize", "format": "int4", "group_size": 32, "sensitivity_tokens": 48}
+    _, plain = run(base)
+    graph, kept = run({**base, "keep_sensitive": 1})
+    assert kept.details["sensitivity"][0]["layer"] == ranking[0]["layer"] and kept.matches == 14
+    worst = next(n for n in graph.nodes if op_name(n) == "lqc::qlinear" and graph.module_path(n) == ranking[0]["layer"])
+    assert worst.meta["lqc_quantized"]["canonical"].format == "int8"
+    assert kept.rel_error < plain.rel_error
+    graph, floated = run({**base, "keep_sensitive": 2, "keep_format": "float"})
+    assert floated.matches == 12 and [op_name(n) for n in graph.nodes].count("linear") == 3  # + the lm_head
+    assert [layer["kept"] for layer in floated.details["layers"] if "kept" in layer] == ["float", "float"]
