@@ -62,7 +62,7 @@ def model_weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-class _Runner:
+class Runner:
     """One variant's forward, driven through a prefill and a static-cache decode loop."""
 
     def __init__(self, model: torch.nn.Module, forward: Callable):
@@ -125,7 +125,7 @@ def _graphs_compiled() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def _first_calls(runner: _Runner, prefill_ids: torch.Tensor, prompt_ids: torch.Tensor, cache_length: int) -> float:
+def _first_calls(runner: Runner, prefill_ids: torch.Tensor, prompt_ids: torch.Tensor, cache_length: int) -> float:
     """Seconds spent in the first call of each graph the benchmark uses, compilation included."""
     return runner.prefill(prefill_ids) + sum(runner.decode(prompt_ids, 2, cache_length)[:2])
 
@@ -162,14 +162,14 @@ def run_bench(
         with fresh_cache():
             DEFAULT_CACHE.clear()
             torch._dynamo.reset()
-            first_cold[variant] = _first_calls(_Runner(model, _make_forward(model, variant, recipe, target)), prefill_ids, prompt_ids, cache_length)
+            first_cold[variant] = _first_calls(Runner(model, _make_forward(model, variant, recipe, target)), prefill_ids, prompt_ids, cache_length)
             weight_bytes[variant] = (_lqc_weight_bytes() if variant == "lqc" else None) or model_weight_bytes(model)
             torch._dynamo.reset()
-            first_warm[variant] = _first_calls(_Runner(model, _make_forward(model, variant, recipe, target)), prefill_ids, prompt_ids, cache_length)
+            first_warm[variant] = _first_calls(Runner(model, _make_forward(model, variant, recipe, target)), prefill_ids, prompt_ids, cache_length)
 
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=64):
-        runners = {v: _Runner(model, _make_forward(model, v, recipe, target)) for v in variants}
+        runners = {v: Runner(model, _make_forward(model, v, recipe, target)) for v in variants}
         for runner in runners.values():
             _first_calls(runner, prefill_ids, prompt_ids, cache_length)  # compile (warm caches) and warm up
         graphs_before = _graphs_compiled()

@@ -1,4 +1,4 @@
-"""The ``lqc`` command: ``lqc passes``, ``lqc recipes``, ``lqc eval``, ``lqc bench``."""
+"""The ``lqc`` command: ``lqc passes``, ``lqc recipes``, ``lqc eval``, ``lqc compress``, ``lqc bench``."""
 
 from __future__ import annotations
 
@@ -115,6 +115,22 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_compress(args) -> int:
+    import torch
+
+    import lqc
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer, name = lqc.models.load(args.model)
+    started = time.perf_counter()
+    compressed = lqc.compress(model, _load_recipe_arg(args.recipe), calibration=args.calibration, tokenizer=tokenizer)
+    print(f"compressed {name} with {args.recipe} in {time.perf_counter() - started:.1f}s")
+    out = lqc.save(compressed, args.out, tokenizer=tokenizer)
+    stored = sum(f.stat().st_size for f in Path(out).iterdir())
+    print(f"saved to {out} ({stored / 1e6:.1f} MB); load it with lqc.load({str(out)!r}) or `lqc eval --model {out}`")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lqc", description="lqc: a compression compiler for PyTorch transformers")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
@@ -142,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--debug-dir", default=None)
     evaluate.add_argument("--json", default=None, help="also write the results here")
     evaluate.set_defaults(func=cmd_eval)
+
+    compress = sub.add_parser("compress", help="compress a model and save it (lqc.save): safetensors + a JSON manifest")
+    compress.add_argument("--model", default="smollm2-135m")
+    compress.add_argument("--recipe", required=True, help="named recipe, YAML file, or inline YAML (cleanup and quantize passes)")
+    compress.add_argument("--calibration", default=None, help="'calib' (shared calib.txt) or a text file")
+    compress.add_argument("--out", required=True, help="directory to write")
+    compress.add_argument("--threads", type=int, default=2)
+    compress.set_defaults(func=cmd_compress)
 
     bench = sub.add_parser("bench", help="prefill/decode speed, sizes and compile times: eager, Inductor, lqc")
     bench.add_argument("--model", default="smollm2-135m")

@@ -58,7 +58,12 @@ def compress(
             example_inputs = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
     first = compiled_graph_count()
     with torch.no_grad():
-        compressed(example_inputs)  # compile now: calibrate and transform weights ahead of time
+        try:
+            compressed(example_inputs)  # compile now: calibrate and transform weights ahead of time
+        except torch._dynamo.exc.BackendCompilerFailed as exc:
+            if isinstance(exc.inner_exception, LqcConfigError):
+                raise exc.inner_exception from None  # a configuration error reads best without dynamo's wrapping
+            raise
     # what lqc.save writes: the recipe, and the graph(s) this capture produced
     compressed._lqc_compression = Compression(recipe=options.recipe, target=target, graphs=[
         c.graph for c in compiled_graphs_since(first) if c.graph is not None

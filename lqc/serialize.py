@@ -55,6 +55,8 @@ def save(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None) -
         raise LqcConfigError(
             f"lqc.save stores recipes of {' and '.join(SAVABLE_PASSES)} passes; this one also has {', '.join(unsupported)}"
         )
+    if any(entry.get("include_embedding") for entry in recipe):
+        raise LqcConfigError("lqc.save does not store int8 embedding tables yet: compress without include_embedding to save")
 
     floats, layers = _compressed_state(compression.graphs[0])
     state = {name: t for name, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
@@ -63,8 +65,9 @@ def save(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None) -
             if _unchanged_attribute(model, name, tensor):
                 continue  # a non-persistent buffer (rotary frequencies): the model rebuilds it
             raise LqcError(f"lqc.save: the compressed graph changed {name}, which the model's state dict does not hold")
-        if tensor.shape != state[name].shape:
-            raise LqcError(f"lqc.save: {name} is {tuple(tensor.shape)} in the compressed graph, {tuple(state[name].shape)} in the model")
+        if tensor.shape != state[name].shape or tensor.dtype != state[name].dtype:
+            raise LqcError(f"lqc.save: {name} is {tuple(tensor.shape)} {tensor.dtype} in the compressed graph, "
+                           f"{tuple(state[name].shape)} {state[name].dtype} in the model")
         state[name] = tensor
     for layer in layers:
         state.pop(f"{layer}.weight", None)

@@ -26,8 +26,9 @@ from typing import Literal
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
-from lqc.ir import Graph
+from lqc.ir import Graph, op_name
 from lqc.ir.errors import LqcConfigError
 from lqc.ir.linear import LinearSite, feeds_attention_scores, linear_sites
 from lqc.ir.provenance import derived_from
@@ -58,6 +59,7 @@ class QuantizeOptions(PassOptions):
     group_size: int = field(default=64, metadata={"help": "int4: inputs per scale and zero (32, 64, 128 or 256)"})
     pad: bool = field(default=True, metadata={"help": "pad widths the group size does not divide (else skip the layer, warned)"})
     include_lm_head: bool = field(default=False, metadata={"help": "quantize the lm_head too"})
+    include_embedding: bool = field(default=False, metadata={"help": "store embedding tables as int8 rows with a per-row scale"})
     kernels: bool = field(default=True, metadata={"help": "use torch's packed CPU kernels (bfloat16 compute) where shapes allow"})
     hqq_iters: int = field(default=20, metadata={"help": "hqq: optimization steps"})
     damp: float = field(default=0.01, metadata={"help": "gptq: Hessian damping, a fraction of its mean diagonal"})
@@ -161,12 +163,69 @@ class Quantize(Pass):
                 self._rewrite(graph, site, keep, name)
             layers.append({"layer": name, "shape": shape, "bytes_before": bytes_before,
                            "bytes_after": keep["nbytes"] if keep else bytes_before, "kept": self._kept_format()})
+        if opts.include_embedding:
+            layers += self._quantize_embeddings(graph, ctx, quantized_linears={
+                n.meta["lqc_quantized"]["layer"]: n for n in graph.nodes if op_name(n) == "lqc::qlinear"
+            })
         details = {"format": opts.format, "method": opts.method, "group_size": opts.group_size, "layers": layers, "skipped": skipped}
         if kept:
             details["sensitivity"] = self._ranking
         if migration_groups:
             details["awq" if opts.method == "awq" else "smoothquant"] = migration_groups
         return PassResult(matches=sum(layer.get("kept") != "float" for layer in layers), details=details)
+
+    # -- embeddings: int8 rows, gathered, then scaled ----------------------------------------------
+    def _quantize_embeddings(self, graph: Graph, ctx, quantized_linears: dict[str, fx.Node]) -> list[dict]:
+        """``embedding(W, ids)`` -> ``embedding(Q, ids) * embedding(s, ids)``: per-row symmetric int8.
+
+        A table tied to an lm_head this pass quantized to int8 (its rows are the lm_head's output
+        channels: the same per-row scales) shares that lm_head's int8 codes instead of a copy."""
+        rows = []
+        for node in list(graph.nodes):
+            if op_name(node) != "embedding":
+                continue
+            # F.embedding(ids, table, padding_idx, max_norm, ...) or aten.embedding(table, ids, ...)
+            table_at = 0 if node.target is torch.ops.aten.embedding.default else 1
+            table, ids = node.args[table_at], node.args[1 - table_at]
+            max_norm = node.args[3] if table_at == 1 and len(node.args) > 3 else node.kwargs.get("max_norm")
+            if not graph.is_constant(table) or not self.selects(node):
+                continue
+            if max_norm is not None:
+                warnings.warn(f"quantize: {graph.module_path(node)} renormalizes its rows (max_norm); left in float", stacklevel=3)
+                continue
+            name = (graph.fqns(table) or (table.name,))[0].removesuffix(".weight")
+            weight = graph.constant(table)
+            if not torch.isfinite(weight).all():
+                raise LqcConfigError(f"the table of {name} contains NaN or inf; fix the model before quantizing it")
+            shared = next((q for q in quantized_linears.values() if q.args[1] is not None and set(graph.fqns(table)) & set(graph.fqns(q.args[1]))), None)
+            canonical = shared.meta["lqc_quantized"]["canonical"] if shared is not None else None
+            if canonical is None or canonical.format not in ("int8", "w8a8") or canonical.padded_in_features != weight.shape[1]:
+                canonical = ctx.transform(graph, ("embedding", name), [table], lambda weight=weight: quantize_int8(weight))
+                others = [u for g_node in graph.gm.graph.find_nodes(op="get_attr", target=table.target)
+                          for u in g_node.users if u is not node]
+                if others:
+                    users = sorted({graph.module_path(u) or u.name for u in others})
+                    warnings.warn(
+                        f"quantize: {name}'s table is shared with a layer that stays in float ({', '.join(users)}); "
+                        f"the int8 copy adds {canonical.nbytes():,} bytes. With include_lm_head and format int8 they share it.",
+                        stacklevel=3,
+                    )
+                bytes_after = canonical.nbytes()
+            else:
+                bytes_after = 0  # the lm_head's codes and scales, already counted there
+            fqns = graph.fqns(table)
+            g = graph.gm.graph
+            with derived_from(graph, [node, table]):
+                codes = graph.add_constant(canonical.qweight, f"{name}.qweight", fqns, before=node)
+                scales = graph.add_constant(canonical.scales.to(torch.float32)[:, None], f"{name}.scales", fqns, before=node)
+                with g.inserting_before(node):
+                    gathered = g.call_method("to", (g.call_function(F.embedding, (ids, codes)), torch.float32))
+                    row_scales = g.call_function(F.embedding, (ids, scales))
+                    value = g.call_method("to", (g.call_function(torch.mul, (gathered, row_scales)), weight.dtype))
+            node.replace_all_uses_with(value)
+            g.erase_node(node)
+            rows.append({"layer": name, "shape": list(weight.shape), "bytes_before": weight.nbytes, "bytes_after": bytes_after, "embedding": True})
+        return rows
 
     # -- sensitivity: the k layers quantization hurts most stay in higher precision ------------------
     def _kept_format(self) -> str:

@@ -44,3 +44,19 @@ def test_import_registers_user_passes(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "my_noop: does nothing, on purpose" in result.stdout
+
+
+def test_compress_saves_a_loadable_model(tmp_path, capsys):
+    import torch
+
+    import lqc
+
+    out = tmp_path / "tiny-int8"
+    assert main(["compress", "--model", "tiny-llama", "--recipe", "int8", "--out", str(out)]) == 0
+    assert f"saved to {out}" in capsys.readouterr().out
+    loaded = lqc.models.load(str(out))
+    assert loaded.name == "tiny-int8" and type(loaded.model.model.layers[0].mlp.down_proj).__name__ == "QLinear"
+    with torch.no_grad():
+        assert loaded.model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 256)
+    assert main(["compress", "--model", "tiny-llama", "--recipe", "int4-awq", "--out", str(out)]) == 2
+    assert "needs calibration data" in capsys.readouterr().err

@@ -285,3 +285,19 @@ def test_sensitivity_is_each_layers_own_output_error_and_keeps_the_worst(tiny_ll
     graph, floated = run({**base, "keep_sensitive": 2, "keep_format": "float"})
     assert floated.matches == 12 and [op_name(n) for n in graph.nodes].count("linear") == 3  # + the lm_head
     assert [layer["kept"] for layer in floated.details["layers"] if "kept" in layer] == ["float", "float"]
+
+
+def test_embedding_tables_on_request(tiny_llama, token_ids):
+    import copy
+
+    model = copy.deepcopy(tiny_llama)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in SmolLM2
+    with pytest.warns(UserWarning, match=r"shared with a layer that stays in float \(lm_head\)"):
+        graph, record = _run(model, token_ids, {"pass": "quantize", "include_embedding": True})
+    table = next(layer for layer in record.details["layers"] if layer.get("embedding"))
+    assert table["layer"] == "model.embed_tokens" and table["bytes_after"] < 0.3 * table["bytes_before"]
+    assert record.rel_error < 0.02 and "embedding" not in [op_name(n) for n in graph.nodes if n.args and graph.is_constant(n.args[0]) and graph.constant(n.args[0]).is_floating_point()]
+    # with the lm_head in int8 the two share one int8 table: fewer bytes than either alone
+    graph, shared = _run(model, token_ids, {"pass": "quantize", "include_embedding": True, "include_lm_head": True})
+    assert next(layer for layer in shared.details["layers"] if layer.get("embedding"))["bytes_after"] == 0
+    assert shared.bytes_after < record.bytes_after - table["bytes_after"] and shared.rel_error < 0.03
