@@ -51,6 +51,7 @@ LQC_CONFIGS = {
     "lqc-w8a8": lqc_quantize(format="w8a8"),
     "lqc-w8a8-smooth": lqc_quantize(format="w8a8", smoothquant=True),
     "lqc-fp8": lqc_quantize(format="fp8"),
+    "lqc-fp8-dyn": lqc_quantize(format="fp8_dyn"),
 }
 
 
@@ -59,7 +60,7 @@ ORDER = [
     "lqc-int4-g64-rtn", "lqc-int4-g64-hqq", "lqc-int4-g64-awq", "lqc-int4-g64-gptq-clip", "torchao-int4-g64-wo",
     "torchao-int4-g64-wo-asym",
     "lqc-w8a8", "lqc-w8a8-smooth", "torchao-w8a8-dyn", "lqc-fp8",
-    "lqc-int4-g128-awq", "lqc-int4-g128-rtn", "torchao-int4-g128-wo-asym",
+    "lqc-int4-g128-awq", "lqc-fp8-dyn", "lqc-int4-g128-rtn", "torchao-int4-g128-wo-asym",
     "lqc-int4-g64-awq-gptq", "lqc-int4-g64-gptq", "lqc-int4-g32-rtn",
 ]
 

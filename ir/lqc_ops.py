@@ -14,6 +14,7 @@ computes ``x @ W.T + bias`` for a quantized weight W. ``fmt`` names the format a
 | ``int4_cpu`` | torch's CPU int4 layout [N, K/2] | [K/g, N, 2] bf16 scales and zeros | - | ``torch._weight_int4pack_mm_for_cpu`` in bf16 |
 | ``w8a8`` | int8 [N, K] | [N] | - | activations to int8 per token, int8 x int8 matmul |
 | ``fp8`` | float8_e4m3fn [N, K] | [N] | - | reference |
+| ``fp8_dyn`` | float8_e4m3fn [N, K] | [N] | - | activations to fp8 e4m3 per token, ``torch._scaled_mm`` |
 
 K is the padded width (a multiple of the group size); ``in_features`` is x's width.
 """
@@ -27,7 +28,7 @@ from .errors import VerificationError
 from .graph import Graph
 from .lint import register_op_verifier
 
-QLINEAR_FORMATS = ("int8", "int8_cpu", "int4", "int4_cpu", "w8a8", "fp8")
+QLINEAR_FORMATS = ("int8", "int8_cpu", "int4", "int4_cpu", "w8a8", "fp8", "fp8_dyn")
 
 _lib = torch.library.Library("lqc", "FRAGMENT")
 _lib.define(

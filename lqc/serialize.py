@@ -37,7 +37,7 @@ FORMAT_VERSION = 1
 MANIFEST = "lqc.json"
 TENSORS = "model.safetensors"
 SAVABLE_PASSES = ("cleanup", "quantize")
-QUANT_FORMATS = ("int8", "int4", "w8a8", "fp8")
+QUANT_FORMATS = ("int8", "int4", "w8a8", "fp8", "fp8_dyn")
 
 
 def save(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:

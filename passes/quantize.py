@@ -2,7 +2,8 @@
 
 Formats (see lqc.runtime.quant_formats): ``int8`` weight-only per channel; ``int4`` weight-only,
 group-wise asymmetric; ``w8a8`` int8 weights with int8 activations quantized per token at run
-time; ``fp8`` e4m3 weights with a per-channel scale. Methods choose the quantization parameters:
+time; ``fp8`` e4m3 weights with a per-channel scale; ``fp8_dyn`` those, with e4m3 activations
+quantized per token at run time. Methods choose the quantization parameters:
 ``rtn`` (round to nearest, min/max) and ``hqq`` (optimized zero points) need no data; ``gptq``
 and ``awq`` calibrate. ``smoothquant: true`` migrates activation outliers into the weights
 before w8a8 quantization (lqc.passes.smoothquant).
@@ -55,7 +56,7 @@ CALIBRATED_METHODS = ("gptq", "awq")
 @dataclass
 class QuantizeOptions(PassOptions):
     method: Literal["rtn", "hqq", "gptq", "awq"] = field(default="rtn", metadata={"help": "how quantization parameters are chosen (gptq and awq need calibration)"})
-    format: Literal["int8", "int4", "w8a8", "fp8"] = field(default="int8", metadata={"help": "weight (and activation) format"})
+    format: Literal["int8", "int4", "w8a8", "fp8", "fp8_dyn"] = field(default="int8", metadata={"help": "weight (and activation) format"})
     group_size: int = field(default=64, metadata={"help": "int4: inputs per scale and zero (32, 64, 128 or 256)"})
     pad: bool = field(default=True, metadata={"help": "pad widths the group size does not divide (else skip the layer, warned)"})
     include_lm_head: bool = field(default=False, metadata={"help": "quantize the lm_head too"})
@@ -98,7 +99,7 @@ class QuantizeOptions(PassOptions):
 @register_pass
 class Quantize(Pass):
     name = "quantize"
-    description = "linear layers -> lqc::qlinear with int8 / int4 / w8a8 / fp8 packed weights (rtn, hqq, gptq, awq)"
+    description = "linear layers -> lqc::qlinear with int8 / int4 / w8a8 / fp8 (/ fp8_dyn) packed weights (rtn, hqq, gptq, awq)"
     Options = QuantizeOptions
 
     def __init__(self, options=None, **values):
@@ -258,7 +259,7 @@ class Quantize(Pass):
         opts = self.options
         if opts.format == "int4":
             return quantize_int4(weight, opts.group_size).dequantize()
-        if opts.format == "fp8":
+        if opts.format in ("fp8", "fp8_dyn"):
             return quantize_fp8(weight).dequantize()
         return quantize_int8(weight, fmt=opts.format).dequantize()
 
@@ -350,8 +351,8 @@ class Quantize(Pass):
                 padded = pad_columns(weight.to(torch.float32), opts.group_size)
                 scales, zeros = hqq_int4_params(padded, opts.group_size, iters=opts.hqq_iters)
             canonical = quantize_int4(weight, opts.group_size, scales, zeros)
-        elif opts.format == "fp8":
-            canonical = quantize_fp8(weight)
+        elif opts.format in ("fp8", "fp8_dyn"):
+            canonical = quantize_fp8(weight, fmt=opts.format)
         else:
             canonical = quantize_int8(weight, fmt=opts.format)
         return {"canonical": canonical, "nbytes": canonical.nbytes(), **self._layout(canonical, weight.device)}

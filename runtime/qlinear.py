@@ -14,12 +14,12 @@ import torch.nn.functional as F
 
 import lqc.ir.lqc_ops  # noqa: F401  (the schema must exist before an implementation registers)
 
-from .quant_formats import QuantizedWeight, quantize_per_token_int8
+from .quant_formats import QuantizedWeight, quantize_per_token_fp8, quantize_per_token_int8
 
 
 def dequantize_qlinear_weight(qweight, scales, zeros, fmt: str, group_size: int, in_features: int) -> torch.Tensor:
     """The float32 weight [N, K_padded] a qlinear's constants stand for (reference layouts only)."""
-    base = {"int8": "int8", "int8_cpu": "int8", "w8a8": "w8a8", "fp8": "fp8", "int4": "int4"}.get(fmt)
+    base = {"int8": "int8", "int8_cpu": "int8", "w8a8": "w8a8", "fp8": "fp8", "fp8_dyn": "fp8_dyn", "int4": "int4"}.get(fmt)
     if base is None:
         raise ValueError(f"no reference dequantization for the kernel layout {fmt!r}")
     padded = qweight.shape[1] * (2 if base == "int4" else 1)
@@ -28,8 +28,8 @@ def dequantize_qlinear_weight(qweight, scales, zeros, fmt: str, group_size: int,
 
 def qlinear_reference(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_features):
     x2 = x.reshape(-1, in_features)
-    if fmt == "w8a8":
-        q, s = quantize_per_token_int8(x2)
+    if fmt in ("w8a8", "fp8_dyn"):
+        q, s = quantize_per_token_int8(x2) if fmt == "w8a8" else quantize_per_token_fp8(x2)
         y = (q.to(torch.float32) @ qweight.to(torch.float32).T) * s * scales.to(torch.float32)
     else:
         weight = dequantize_qlinear_weight(qweight, scales, zeros, fmt, group_size, in_features)
@@ -49,6 +49,9 @@ def qlinear(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_f
     elif fmt == "w8a8" and x.device.type == "cpu":
         q, s = quantize_per_token_int8(x2)
         y = _int8_matmul(q, qweight) * s * scales.to(torch.float32)
+    elif fmt == "fp8_dyn" and x.device.type == "cpu":
+        q, s = quantize_per_token_fp8(x2)
+        y = torch._scaled_mm(q, qweight.T, scale_a=s, scale_b=scales.to(torch.float32)[None, :], out_dtype=torch.float32)
     else:
         return qlinear_reference(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_features)
     return _finish(y, bias, x, out_features)
@@ -95,7 +98,7 @@ def int4_cpu_layout(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor
     return packed, scales_and_zeros.to(torch.bfloat16)
 
 
-KERNEL_LAYOUTS = ("int8", "int8_cpu", "int4", "int4_cpu", "w8a8", "fp8")
+KERNEL_LAYOUTS = ("int8", "int8_cpu", "int4", "int4_cpu", "w8a8", "fp8", "fp8_dyn")
 
 
 def kernel_layout(weight: QuantizedWeight, kernel: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -8,6 +8,7 @@ A quantized weight is stored in a canonical, kernel-independent layout (what ``l
 | ``int4`` | uint8 [N, K/2], two per byte, low nibble first | [N, K/g] | [N, K/g] | ``(q - 8) * s + z`` per group of g inputs |
 | ``w8a8`` | int8 [N, K] | [N] | - | as int8; activations quantized per token at run time |
 | ``fp8`` | float8_e4m3fn [N, K] | [N] | - | ``q * s`` |
+| ``fp8_dyn`` | float8_e4m3fn [N, K] | [N] | - | as fp8; activations quantized to fp8 per token at run time |
 
 int4 uses torch's CPU int4 convention (``_weight_int4pack_mm_for_cpu``): unsigned codes 0..15,
 offset 8, a float zero point per group. ``K`` may be padded up to a multiple of the group size
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-FORMATS = ("int8", "int4", "w8a8", "fp8")
+FORMATS = ("int8", "int4", "w8a8", "fp8", "fp8_dyn")
 INT4_OFFSET = 8
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -124,12 +125,19 @@ def quantize_int4(
     return QuantizedWeight("int4", pack_int4(codes), scales, zeros, group_size, in_features)
 
 
-def quantize_fp8(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> QuantizedWeight:
+def quantize_fp8(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32, fmt: str = "fp8") -> QuantizedWeight:
     """float8 e4m3 weights with a per-output-channel scale mapping each row's max to 448."""
     w = weight.to(torch.float32)
     scales = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12).to(scale_dtype)
     q = (w / scales.to(torch.float32)[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return QuantizedWeight("fp8", q, scales, None, 0, weight.shape[1])
+    return QuantizedWeight(fmt, q, scales, None, 0, weight.shape[1])
+
+
+def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic float8 e4m3 activations, one scale per token mapping its max to 448."""
+    scales = (x.abs().amax(dim=-1, keepdim=True).to(torch.float32) / FP8_MAX).clamp(min=1e-12)
+    q = (x.to(torch.float32) / scales).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scales
 
 
 def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -112,3 +112,18 @@ def test_fake_implementation_gives_shapes():
         x = torch.empty(2, 5, 64)
         out = qlinear(x, q.qweight, q.scales, q.zeros, None, "int4", 32, 64, 32)
     assert out.shape == (2, 5, 32)
+
+
+@pytest.mark.parametrize("m", [1, 17])
+def test_fp8_dynamic_scaled_mm_equals_reference(m):
+    from lqc.runtime.quant_formats import quantize_per_token_fp8
+
+    n, k = 32, 96
+    w, x = _weight(n, k, seed=4), torch.randn(m, k)
+    q = quantize_fp8(w, fmt="fp8_dyn")
+    out = qlinear(x, q.qweight, q.scales, None, None, "fp8_dyn", 0, k, n)
+    ref = qlinear_reference(x, q.qweight, q.scales, None, None, "fp8_dyn", 0, k, n)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    xq, xs = quantize_per_token_fp8(x)
+    assert xq.dtype == torch.float8_e4m3fn and _rel(xq.float() * xs, x) < 0.05
+    assert _rel(out, x @ w.T) < 0.08

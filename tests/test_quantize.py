@@ -28,6 +28,7 @@ def _run(model, ids, *entries):
         ({"format": "int4", "group_size": 64, "method": "hqq"}, 0.15, 0.20),
         ({"format": "w8a8"}, 0.03, 0.30),
         ({"format": "fp8"}, 0.06, 0.30),
+        ({"format": "fp8_dyn"}, 0.08, 0.30),
     ],
 )
 def test_formats_rewrite_every_block_linear(tiny_llama, token_ids, entry, max_error, max_bytes_ratio):

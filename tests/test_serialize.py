@@ -24,7 +24,7 @@ def _compress_and_save(model, recipe, directory, ids, **kwargs):
 
 @pytest.mark.parametrize(
     "quantize",
-    [{"format": "int4", "group_size": 32}, {"format": "int8", "kernels": False}, {"format": "w8a8"}, {"format": "fp8"}],
+    [{"format": "int4", "group_size": 32}, {"format": "int8", "kernels": False}, {"format": "w8a8"}, {"format": "fp8"}, {"format": "fp8_dyn"}],
 )
 def test_round_trip_gives_identical_logits(tiny_llama, token_ids, tmp_path, quantize):
     _, logits = _compress_and_save(tiny_llama, [{"pass": "cleanup"}, {"pass": "quantize", **quantize}], tmp_path, token_ids)
