@@ -1,4 +1,4 @@
-"""The ``lqc`` command: ``lqc passes``, ``lqc recipes``, ``lqc eval``, ``lqc compress``, ``lqc bench``."""
+"""The ``lqc`` command: ``lqc passes``, ``lqc recipes``, ``lqc eval``, ``lqc compress``, ``lqc sensitivity``, ``lqc bench``."""
 
 from __future__ import annotations
 
@@ -131,6 +131,36 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def cmd_sensitivity(args) -> int:
+    import torch
+
+    import lqc
+    from lqc.data import calibration_from
+    from lqc.ir import trace
+    from lqc.passes import PassContext, PassManager
+    from lqc.passes.report import format_table
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer, name = lqc.models.load(args.model)
+    calibration = calibration_from(args.calibration, tokenizer)
+    window = calibration.windows(1, min(args.window_length, calibration.num_tokens), 1)[0]
+    with torch.no_grad():
+        graph = trace(model, window)
+        entry = {"pass": "quantize", "format": args.format, "group_size": args.group_size, "keep_sensitive": 1,
+                 "sensitivity_tokens": args.tokens, "include_lm_head": args.include_lm_head}
+        record = PassManager([entry]).run(graph, PassContext(calibration=calibration)).records[0]
+    ranking = record.details["sensitivity"]
+    print(f"\n{name}: relative error of the logits when one layer alone is quantized ({args.format}"
+          f"{f', g{args.group_size}' if args.format == 'int4' else ''}; {args.tokens} calibration tokens)")
+    rows = [[str(i + 1), row["layer"], f"{row['rel_error']:.5f}"] for i, row in enumerate(ranking[: args.top])]
+    print(format_table(("rank", "layer", "rel error"), rows), end="")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"model": name, "entry": entry, "ranking": ranking}, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lqc", description="lqc: a compression compiler for PyTorch transformers")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
@@ -166,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--out", required=True, help="directory to write")
     compress.add_argument("--threads", type=int, default=2)
     compress.set_defaults(func=cmd_compress)
+
+    sensitivity = sub.add_parser("sensitivity", help="rank linear layers by the output error of quantizing each alone")
+    sensitivity.add_argument("--model", default="smollm2-135m")
+    sensitivity.add_argument("--format", default="int4")
+    sensitivity.add_argument("--group-size", type=int, default=64)
+    sensitivity.add_argument("--include-lm-head", action="store_true")
+    sensitivity.add_argument("--calibration", default="calib", help="'calib' (shared calib.txt) or a text file")
+    sensitivity.add_argument("--tokens", type=int, default=1024, help="calibration tokens the errors are measured on")
+    sensitivity.add_argument("--window-length", type=int, default=512)
+    sensitivity.add_argument("--top", type=int, default=20)
+    sensitivity.add_argument("--threads", type=int, default=2)
+    sensitivity.add_argument("--json", default=None)
+    sensitivity.set_defaults(func=cmd_sensitivity)
 
     bench = sub.add_parser("bench", help="prefill/decode speed, sizes and compile times: eager, Inductor, lqc")
     bench.add_argument("--model", default="smollm2-135m")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from lqc.cli import main
 
 
@@ -60,3 +62,23 @@ def test_compress_saves_a_loadable_model(tmp_path, capsys):
         assert loaded.model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 256)
     assert main(["compress", "--model", "tiny-llama", "--recipe", "int4-awq", "--out", str(out)]) == 2
     assert "needs calibration data" in capsys.readouterr().err
+
+
+def test_sensitivity_needs_text_a_tokenizer_can_read(tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("some text")
+    assert main(["sensitivity", "--model", "tiny-llama", "--calibration", str(calib)]) == 2
+    assert "text needs a tokenizer" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_sensitivity_on_smollm2(smollm2, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "ranking.json"
+    assert main(["sensitivity", "--tokens", "128", "--window-length", "128", "--top", "5", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    ranking = json.loads(out.read_text())["ranking"]
+    assert len(ranking) == 30 * 7 and ranking[0]["rel_error"] >= ranking[-1]["rel_error"] > 0
+    assert ranking[0]["layer"] in printed and "rank" in printed
