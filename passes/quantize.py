@@ -211,14 +211,16 @@ class Quantize(Pass):
                         f"the int8 copy adds {canonical.nbytes():,} bytes. With include_lm_head and format int8 they share it.",
                         stacklevel=3,
                     )
-                bytes_after = canonical.nbytes()
-            else:
-                bytes_after = 0  # the lm_head's codes and scales, already counted there
+            stored = {t.untyped_storage().data_ptr() for _, t in graph.constants()}
+            table_scales = canonical.scales.to(torch.float32)[:, None]
+            # bytes this table adds: none for codes (and scales) a tied int8 lm_head already holds
+            bytes_after = sum(t.untyped_storage().nbytes() for t in (canonical.qweight, table_scales)
+                              if t.untyped_storage().data_ptr() not in stored)
             fqns = graph.fqns(table)
             g = graph.gm.graph
             with derived_from(graph, [node, table]):
                 codes = graph.add_constant(canonical.qweight, f"{name}.qweight", fqns, before=node)
-                scales = graph.add_constant(canonical.scales.to(torch.float32)[:, None], f"{name}.scales", fqns, before=node)
+                scales = graph.add_constant(table_scales, f"{name}.scales", fqns, before=node)
                 with g.inserting_before(node):
                     gathered = g.call_method("to", (g.call_function(F.embedding, (ids, codes)), torch.float32))
                     row_scales = g.call_function(F.embedding, (ids, scales))
