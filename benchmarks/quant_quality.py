@@ -93,6 +93,7 @@ def block_linears(model) -> list[tuple[str, torch.nn.Linear]]:
 
 def run_lqc(model, tokenizer, recipe, calibration, ids, windows):
     clear_reports()
+    torch._dynamo.reset()  # every config compiles the same forward: start from an empty dynamo cache
     start = time.perf_counter()
     compressed = lqc.compress(model, recipe, calibration=calibration, tokenizer=tokenizer, progress=False)
     seconds = time.perf_counter() - start
@@ -144,6 +145,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", default=None, help="config names (default: all)")
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--resume", action="store_true", help="keep OUT.json's rows (same windows) and measure the rest")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -156,12 +158,19 @@ def main(argv=None) -> int:
     unknown = set(args.only or []) - set(configs)
     if unknown:
         parser.error(f"unknown configs {sorted(unknown)}; valid: {', '.join(configs)}")
+    previous = json.loads(Path(args.out).with_suffix(".json").read_text()) if args.resume and args.out else None
+    if previous and previous["reference"]["windows"] != args.windows:
+        parser.error(f"--resume: {args.out}.json has {previous['reference']['windows']} windows, not {args.windows}")
     with torch.no_grad():
-        reference = perplexity(causal_lm_logits(model), ids, max_windows=args.windows, progress=False).to_json()
+        if previous:
+            reference, rows = previous["reference"], previous["rows"]
+        else:
+            reference = perplexity(causal_lm_logits(model), ids, max_windows=args.windows, progress=False).to_json()
+            rows = []
         print(f"float32: {reference['perplexity']:.4f} ({reference['scored_tokens']} tokens, {reference['seconds']:.0f}s)", flush=True)
-        rows = []
+        done = {row["config"] for row in rows}
         for name, (kind, config) in configs.items():
-            if args.only is not None and name not in args.only:
+            if (args.only is not None and name not in args.only) or name in done:
                 continue
             if kind == "lqc":
                 result, extra = run_lqc(model, tokenizer, config, calibration, ids, args.windows)

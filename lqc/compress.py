@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from lqc.ir.errors import LqcConfigError
+from lqc.ir.errors import LqcConfigError, LqcError
 
-from .backend import compiled_graph_count, compiled_graphs_since
+from .backend import compiled_graph_count, compiled_graphs_since, reports
 from .data import calibration_from
 from .options import CompileOptions
 
@@ -56,7 +56,7 @@ def compress(
             if vocab is None:
                 raise LqcConfigError("pass example_inputs= (token ids): the model has no config.vocab_size to draw them from")
             example_inputs = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
-    first = compiled_graph_count()
+    first, first_report = compiled_graph_count(), len(reports())
     with torch.no_grad():
         try:
             compressed(example_inputs)  # compile now: calibrate and transform weights ahead of time
@@ -64,6 +64,13 @@ def compress(
             if isinstance(exc.inner_exception, LqcConfigError):
                 raise exc.inner_exception from None  # a configuration error reads best without dynamo's wrapping
             raise
+    if len(reports()) == first_report:
+        # dynamo ran the forward without calling the backend: it gave up on compiling it
+        raise LqcError(
+            f"lqc.compress: dynamo compiled no graph for this model's forward, so nothing was compressed. It stops "
+            f"after torch._dynamo.config.recompile_limit ({torch._dynamo.config.recompile_limit}) compilations of one "
+            f"function: call torch._dynamo.reset() between compressions in one process, or raise the limit"
+        )
     # what lqc.save writes: the recipe, and the graph(s) this capture produced
     compressed._lqc_compression = Compression(recipe=options.recipe, target=target, graphs=[
         c.graph for c in compiled_graphs_since(first) if c.graph is not None

@@ -115,3 +115,12 @@ def test_smollm2_int4_loads_in_a_fresh_process(smollm2, eval_ids, tmp_path):
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "identical" in result.stdout, result.stderr[-2000:]
+
+
+def test_compress_says_when_dynamo_gave_up(tiny_llama):
+    """Past dynamo's recompile limit the forward runs uncompiled: compress must not return it as compressed."""
+    from lqc.ir import LqcError
+
+    with pytest.raises(LqcError, match=r"dynamo compiled no graph.*torch._dynamo.reset\(\)"):
+        for iters in range(torch._dynamo.config.recompile_limit + 1):
+            lqc.compress(tiny_llama, [{"pass": "quantize", "hqq_iters": iters + 1}], progress=False)
