@@ -28,6 +28,7 @@ import torch
 
 import lqc
 from lqc.backend import clear_reports, reports
+from lqc.bench import stored_nbytes
 from lqc.data import calibration_from, data_file, tokenize_file
 from lqc.evaluate import causal_lm_logits, perplexity
 
@@ -80,14 +81,6 @@ def torchao_configs() -> dict:
     }
 
 
-def stored_bytes(tensor: torch.Tensor) -> int:
-    """Bytes of a (possibly torchao subclass) tensor as stored: the sum of its inner tensors."""
-    if hasattr(tensor, "__tensor_flatten__") and type(tensor) is not torch.nn.Parameter and type(tensor) is not torch.Tensor:
-        names, _ = tensor.__tensor_flatten__()
-        return sum(stored_bytes(getattr(tensor, n)) for n in names if getattr(tensor, n) is not None)
-    return tensor.numel() * tensor.element_size()
-
-
 def block_linears(model) -> list[tuple[str, torch.nn.Linear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}"]
 
@@ -117,7 +110,7 @@ def run_torchao(model, config, ids, windows):
     start = time.perf_counter()
     quantize_(quantized, config, filter_fn=lambda module, fqn: isinstance(module, torch.nn.Linear) and fqn in names)
     seconds = time.perf_counter() - start
-    after = sum(stored_bytes(m.weight) for n, m in quantized.named_modules() if n in names)
+    after = sum(stored_nbytes(m.weight) for n, m in quantized.named_modules() if n in names)
     result = perplexity(causal_lm_logits(quantized), ids, max_windows=windows, progress=False)
     return result, {"linear_bytes_fp32": before, "linear_bytes_stored": after, "quantized_layers": len(names),
                     "compress_seconds": round(seconds, 1)}
@@ -132,6 +125,9 @@ def markdown(rows: list[dict], reference: dict) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['config']} | cannot run: {row['error'][:120]} | | | | |")
+            continue
         fp16 = row["linear_bytes_fp32"] / 2
         lines.append(
             f"| {row['config']} | {row['perplexity']:.4f} | {row['delta_pct']:+.2f}% | "
@@ -173,10 +169,15 @@ def main(argv=None) -> int:
         for name, (kind, config) in configs.items():
             if (args.only is not None and name not in args.only) or name in done:
                 continue
-            if kind == "lqc":
-                result, extra = run_lqc(model, tokenizer, config, calibration, ids, args.windows)
-            else:
-                result, extra = run_torchao(model, config, ids, args.windows)
+            try:
+                if kind == "lqc":
+                    result, extra = run_lqc(model, tokenizer, config, calibration, ids, args.windows)
+                else:
+                    result, extra = run_torchao(model, config, ids, args.windows)
+            except Exception as exc:  # noqa: BLE001 - a config that cannot run is a row saying why
+                rows.append({"config": name, "recipe": config if kind == "lqc" else repr(config), "error": f"{type(exc).__name__}: {exc}"})
+                print(f"{name}: failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                continue
             assert result.scored_tokens == reference["scored_tokens"]
             row = {"config": name, "recipe": config if kind == "lqc" else repr(config), "perplexity": result.perplexity,
                    "delta_pct": 100 * (result.perplexity / reference["perplexity"] - 1), **extra}

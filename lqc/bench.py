@@ -52,13 +52,23 @@ class BenchResult:
         return asdict(self)
 
 
+def stored_nbytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds, looking inside tensor subclasses (torchao's quantized weights)."""
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(stored_nbytes(getattr(tensor, n)) for n in names if getattr(tensor, n) is not None)
+    return tensor.untyped_storage().nbytes()
+
+
 def model_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer as stored; tensors sharing storage count once."""
     seen, total = set(), 0
     for tensor in list(model.parameters()) + list(model.buffers()):
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            total += tensor.untyped_storage().nbytes()
+        plain = type(tensor) in (torch.Tensor, torch.nn.Parameter) or not hasattr(tensor, "__tensor_flatten__")
+        key = tensor.untyped_storage().data_ptr() if plain else id(tensor)
+        if key not in seen:
+            seen.add(key)
+            total += stored_nbytes(tensor)
     return total
 
 
