@@ -48,6 +48,8 @@ LQC_CONFIGS = {
     "lqc-int4-g64-awq": lqc_quantize(format="int4", group_size=64, method="awq"),
     "lqc-int4-g64-awq-gptq": lqc_quantize(format="int4", group_size=64, method="awq", awq_gptq=True, act_order=True, gptq_params="clip"),
     "lqc-int4-g128-rtn": lqc_quantize(format="int4", group_size=128),
+    "lqc-int4-g64-gptq-clip-lm-head": lqc_quantize(format="int4", group_size=64, method="gptq", act_order=True, gptq_params="clip",
+                                                   include_lm_head=True),
     "lqc-int4-g128-gptq-clip": lqc_quantize(format="int4", group_size=128, method="gptq", act_order=True, gptq_params="clip"),
     "lqc-int4-g128-awq": lqc_quantize(format="int4", group_size=128, method="awq"),
     "lqc-w8a8": lqc_quantize(format="w8a8"),
@@ -63,7 +65,7 @@ ORDER = [
     "torchao-int4-g64-wo-asym",
     "lqc-w8a8", "lqc-w8a8-smooth", "torchao-w8a8-dyn", "lqc-fp8",
     "lqc-int4-g128-awq", "lqc-fp8-dyn", "lqc-int4-g128-rtn", "torchao-int4-g128-wo-asym",
-    "lqc-int4-g64-awq-gptq", "lqc-int4-g128-gptq-clip", "lqc-int4-g64-gptq", "lqc-int4-g32-rtn",
+    "lqc-int4-g64-awq-gptq", "lqc-int4-g128-gptq-clip", "lqc-int4-g64-gptq", "lqc-int4-g32-rtn", "lqc-int4-g64-gptq-clip-lm-head",
 ]
 
 

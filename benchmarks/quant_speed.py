@@ -10,7 +10,9 @@ median is reported. Variants:
   weight-only configs on the bf16 model (its CPU int8/int4 paths want bf16 activations; the int4
   config is IntxWeightOnlyConfig, torchao 0.18's only CPU int4 weight-only one);
 - ``lqc-int8``, ``lqc-int4-g64``: ``lqc::qlinear`` on torch's packed CPU kernels, through
-  backend="lqc" with target auto (the rest of the graph through Inductor).
+  backend="lqc" with target auto (the rest of the graph through Inductor), on the float32 model
+  (the kernels compute in bf16, the rest in float32); ``-bf16``: on the bf16 model, as torchao's
+  rows are; ``-lm-head``: the lm_head quantized too (int4), which decode reads every step.
 
     python benchmarks/quant_speed.py --out benchmarks/results/smollm2-quant-speed
 """
@@ -29,10 +31,16 @@ import torch
 import lqc
 from lqc.bench import Runner, model_weight_bytes
 
-LQC_RECIPES = {
-    "lqc-int8": [{"pass": "cleanup"}, {"pass": "quantize", "format": "int8"}],
-    "lqc-int4-g64": [{"pass": "cleanup"}, {"pass": "quantize", "format": "int4", "group_size": 64}],
+LQC_RECIPES = {  # name -> (model dtype, recipe)
+    "lqc-int8": (torch.float32, [{"pass": "cleanup"}, {"pass": "quantize", "format": "int8"}]),
+    "lqc-int4-g64": (torch.float32, [{"pass": "cleanup"}, {"pass": "quantize", "format": "int4", "group_size": 64}]),
+    "lqc-int8-bf16": (torch.bfloat16, [{"pass": "cleanup"}, {"pass": "quantize", "format": "int8"}]),
+    "lqc-int4-g64-bf16": (torch.bfloat16, [{"pass": "cleanup"}, {"pass": "quantize", "format": "int4", "group_size": 64}]),
+    "lqc-int4-g64-bf16-lm-head": (torch.bfloat16, [{"pass": "cleanup"}, {"pass": "quantize", "format": "int4", "group_size": 64,
+                                                                         "include_lm_head": True}]),
 }
+BF16_VARIANTS = ("bf16-inductor", "torchao-int8-wo-eager", "torchao-int8-wo-compiled", "torchao-int4-g64-wo-eager",
+                 "torchao-int4-g64-wo-compiled", *(name for name, (dtype, _) in LQC_RECIPES.items() if dtype == torch.bfloat16))
 
 
 def build_variants(model: torch.nn.Module, names: list[str] | None) -> dict[str, tuple[torch.nn.Module, object]]:
@@ -42,9 +50,7 @@ def build_variants(model: torch.nn.Module, names: list[str] | None) -> dict[str,
     def want(name):
         return names is None or name in names
 
-    bf16 = copy.deepcopy(model).to(torch.bfloat16) if any(want(n) for n in ("bf16-inductor", "torchao-int8-wo-eager",
-                                                                            "torchao-int8-wo-compiled", "torchao-int4-g64-wo-eager",
-                                                                            "torchao-int4-g64-wo-compiled")) else None
+    bf16 = copy.deepcopy(model).to(torch.bfloat16) if any(want(n) for n in BF16_VARIANTS) else None
     if want("fp32-inductor"):
         variants["fp32-inductor"] = (model, torch.compile(model.forward, dynamic=False))
     if want("bf16-inductor"):
@@ -59,10 +65,11 @@ def build_variants(model: torch.nn.Module, names: list[str] | None) -> dict[str,
                 variants[f"torchao-{tag}-eager"] = (quantized, quantized.forward)
             if want(f"torchao-{tag}-compiled"):
                 variants[f"torchao-{tag}-compiled"] = (quantized, torch.compile(quantized.forward, dynamic=False))
-    for name, recipe in LQC_RECIPES.items():
+    for name, (dtype, recipe) in LQC_RECIPES.items():
         if want(name):
+            base = model if dtype == torch.float32 else bf16
             options = {"recipe": recipe, "target": "auto", "progress": False}
-            variants[name] = (model, torch.compile(model.forward, backend="lqc", options=options, dynamic=False))
+            variants[name] = (base, torch.compile(base.forward, backend="lqc", options=options, dynamic=False))
     return variants
 
 
