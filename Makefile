@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.lqc-installed
 
-.PHONY: test test-fast demo install clean
+.PHONY: test test-fast demo bench-quant install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/lqc eval --model smollm2-135m --recipe default
 	$(VENV)/bin/lqc bench --model smollm2-135m --recipe default --json benchmarks/results/demo-bench.json
+
+# Quantization quality (full evaluation, ~1 h on 2 cores) and decode speed (~15 min) against
+# torchao, in the same runs. torchao goes in without its dependencies: it must not pull another torch.
+bench-quant: $(STAMP)
+	$(PIP) install -q --no-deps torchao==0.18.0
+	$(PY) benchmarks/quant_quality.py --windows 128 --out benchmarks/results/smollm2-quant-quality
+	$(PY) benchmarks/quant_speed.py --out benchmarks/results/smollm2-quant-speed
 
 clean:
 	rm -rf $(VENV) *.egg-info
