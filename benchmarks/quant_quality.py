@@ -1,8 +1,10 @@
 """Quantization quality on SmolLM2-135M: lqc's formats and methods against torchao's configs.
 
-Every row is measured in this one process on the same evaluation windows (DESIGN.md protocol:
-non-overlapping 512-token windows of eval.txt, float32 reference, full = 128 windows) with the
-same calibration text for the calibrated methods. lqc rows use the reference qlinear math
+Every row is measured on the same evaluation windows (DESIGN.md protocol: non-overlapping
+512-token windows of eval.txt, float32 reference, full = 128 windows) with the same calibration
+text for the calibrated methods; one run measures every config in one process. ``--resume``
+keeps the rows (and the float32 reference) already in OUT.json and measures the others, e.g.
+after adding a config. lqc rows use the reference qlinear math
 (``kernels: false``: dequantize, then a float32 matmul) and torchao rows its float32 path, so the
 table compares quantization error alone; the packed CPU kernels compute in bfloat16 and are
 measured for speed by benchmarks/quant_speed.py.
