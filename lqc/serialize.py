@@ -162,7 +162,10 @@ def read_manifest(directory: str | Path) -> dict:
             f"{path}: written by lqc {manifest.get('lqc_version')} in format version {manifest.get('format_version')}; "
             f"lqc {lqc.__version__} reads version {FORMAT_VERSION}. Load it with that lqc version, or compress and save again"
         )
-    for layer, info in manifest.get("layers", {}).items():
+    missing = [key for key in ("model", "layers", "aliases") if key not in manifest]
+    if missing or not {"architecture", "config"} <= set(manifest.get("model", {})):
+        raise LqcConfigError(f"{path}: the manifest lacks {missing or ['model.architecture/config']}; it is damaged: save the model again")
+    for layer, info in manifest["layers"].items():
         if info.get("format") not in QUANT_FORMATS or info.get("kernel") not in KERNEL_LAYOUTS:
             raise LqcConfigError(
                 f"{path}: layer {layer} has format {info.get('format')!r} / kernel {info.get('kernel')!r}; "

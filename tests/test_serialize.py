@@ -68,6 +68,9 @@ def test_errors(tiny_llama, token_ids, tmp_path):
     manifest_path.write_text(json.dumps(broken))
     with pytest.raises(LqcConfigError, match=r"has format 'int3'.*knows formats int8, int4, w8a8, fp8"):
         lqc.load(tmp_path)
+    manifest_path.write_text(json.dumps({k: v for k, v in manifest.items() if k != "aliases"}))
+    with pytest.raises(LqcConfigError, match=r"lacks \['aliases'\].*save the model again"):
+        lqc.load(tmp_path)
     manifest_path.write_text(json.dumps({**manifest, "format": "something-else"}))
     with pytest.raises(LqcConfigError, match="is not 'lqc-compressed-model'"):
         lqc.load(tmp_path)
