@@ -127,7 +127,7 @@ def cmd_compress(args) -> int:
     print(f"compressed {name} with {args.recipe} in {time.perf_counter() - started:.1f}s")
     out = lqc.save(compressed, args.out, tokenizer=tokenizer)
     stored = sum(f.stat().st_size for f in Path(out).iterdir())
-    print(f"saved to {out} ({stored / 1e6:.1f} MB); load it with lqc.load({str(out)!r}) or `lqc eval --model {out}`")
+    print(f"saved to {out} ({stored / 1e6:.1f} MB); load it with lqc.load({str(out)!r}) or lqc.models.load({str(out)!r})")
     return 0
 
 

@@ -7,7 +7,7 @@ The directory holds:
   linear its canonical ``{layer}.qweight``, ``.scales`` and ``.zeros`` (lqc.runtime.quant_formats);
 - ``lqc.json``: the manifest: lqc and format versions, the recipe, the model's architecture and
   configuration, and per quantized layer its format, group size, shape and kernel layout;
-- the tokenizer's own JSON files, when one was given.
+- the tokenizer's own files (JSON, chat template), when one was given.
 
 ``load`` builds the model from its configuration, puts a ``QLinear`` module (which calls
 ``lqc::qlinear`` with the same constants the compressed graph used) where each quantized linear
