@@ -39,6 +39,14 @@ def lqc_quantize(**options) -> list[dict]:
     return [{"pass": "cleanup"}, {"pass": "quantize", "kernels": False, **options}]
 
 
+def lqc_rotated(**options) -> list[dict]:
+    """QuaRot: the residual stream rotated (and an online Hadamard before each down projection) first."""
+    return [{"pass": "cleanup"}, {"pass": "rotate"}, {"pass": "quantize", "kernels": False, **options}]
+
+
+GPTQ_MSE = dict(format="int4", group_size=64, method="gptq", act_order=True, gptq_params="mse", calibration_tokens=65536)
+
+
 LQC_CONFIGS = {
     "lqc-int8": lqc_quantize(format="int8"),
     "lqc-int8-gptq": lqc_quantize(format="int8", method="gptq"),
@@ -58,6 +66,10 @@ LQC_CONFIGS = {
     "lqc-w8a8-smooth": lqc_quantize(format="w8a8", smoothquant=True),
     "lqc-fp8": lqc_quantize(format="fp8"),
     "lqc-fp8-dyn": lqc_quantize(format="fp8_dyn"),
+    "lqc-int4-g64-gptq-mse": lqc_quantize(**GPTQ_MSE),
+    "lqc-rot-int4-g64-rtn": lqc_rotated(format="int4", group_size=64),
+    "lqc-rot-int4-g64-gptq-mse": lqc_rotated(**GPTQ_MSE),
+    "lqc-rot-w8a8": lqc_rotated(format="w8a8"),
 }
 
 
@@ -68,6 +80,7 @@ ORDER = [
     "lqc-w8a8", "lqc-w8a8-smooth", "torchao-w8a8-dyn", "lqc-fp8",
     "lqc-int4-g128-awq", "lqc-fp8-dyn", "lqc-int4-g128-rtn", "torchao-int4-g128-wo-asym",
     "lqc-int4-g64-awq-gptq", "lqc-int4-g128-gptq-clip", "lqc-int4-g64-gptq", "lqc-int4-g32-rtn", "lqc-int4-g64-gptq-clip-lm-head",
+    "lqc-int4-g64-gptq-mse", "lqc-rot-int4-g64-rtn", "lqc-rot-int4-g64-gptq-mse", "lqc-rot-w8a8",
 ]
 
 

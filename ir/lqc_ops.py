@@ -66,3 +66,24 @@ def _check_qlinear(graph: Graph, node: fx.Node) -> None:
 
 
 register_op_verifier("lqc::qlinear", _check_qlinear)
+
+
+# ``lqc::hadamard(x, left, right)``: ``x @ kron(left, right)`` on the last dimension, the online
+# rotation QuaRot puts before a down projection (implementation: lqc.runtime.hadamard).
+_lib.define("hadamard(Tensor x, Tensor left, Tensor right) -> Tensor")
+
+
+@torch.library.register_fake("lqc::hadamard")
+def _hadamard_fake(x, left, right):
+    return x.new_empty(x.shape)
+
+
+def _check_hadamard(graph: Graph, node: fx.Node) -> None:
+    x, left, right = node.args
+    width = x.meta["val"].shape[-1] if isinstance(x, fx.Node) and "val" in x.meta else None
+    m, p = (graph.constant(c).shape[0] if graph.is_constant(c) else c.meta["val"].shape[0] for c in (left, right))
+    if width is not None and width != m * p:
+        raise VerificationError(f"lqc::hadamard %{node.name}: input width {width} is not {m} x {p}")
+
+
+register_op_verifier("lqc::hadamard", _check_hadamard)

@@ -44,6 +44,14 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "tiny-bert": ("BertConfig", "BertForMaskedLM", dict(
         vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=160, max_position_embeddings=256)),
+    # Image classifiers with BatchNorm (input: pixel_values [1, 3, 32, 32]), for the conv passes:
+    # a ResNet (conv+BN stages, a downsampling shortcut) and a MobileViT (depthwise conv+BN, then
+    # transformer blocks). Random init leaves BatchNorm at identity statistics (mean 0, var 1).
+    "tiny-resnet": ("ResNetConfig", "ResNetForImageClassification", dict(
+        num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=10)),
+    "tiny-mobilevit": ("MobileViTConfig", "MobileViTForImageClassification", dict(
+        num_channels=3, image_size=32, patch_size=2, hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16],
+        num_attention_heads=2, num_labels=10)),
 }
 
 

@@ -86,3 +86,45 @@ def search_clipping(
             best_scales[rows] = torch.where(better, scales, best_scales[rows])
             best_zeros[rows] = torch.where(better, zeros, best_zeros[rows])
     return best_scales, best_zeros
+
+
+@torch.no_grad()
+def search_clipping_hessian(
+    hessian: torch.Tensor, weight: torch.Tensor, group_size: int, steps: int = 8, min_ratio: float = 0.6, chunk: int = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4 (scales, zeros) [N, K/g] minimizing each (row, group)'s output error ``d H_G d^T``.
+
+    The error of a weight change d confined to group G is exactly d H_G d^T, with H_G the group's
+    diagonal block of the input Hessian: the statistics of every calibration token, where
+    ``search_clipping`` sees a sample of rows. The low and high ends of the range shrink
+    independently (``steps`` x ``steps`` candidates), which fits asymmetric groups better than
+    one symmetric clip."""
+    n, k = weight.shape
+    groups = k // group_size
+    h = hessian.to(torch.float32)
+    blocks = torch.stack([h[i * group_size : (i + 1) * group_size, i * group_size : (i + 1) * group_size] for i in range(groups)])
+    ratios = [1.0 - i * (1.0 - min_ratio) / (steps - 1) for i in range(steps)]
+    best_scales = torch.empty(n, groups)
+    best_zeros = torch.empty(n, groups)
+    for start in range(0, n, chunk):
+        w = weight[start : start + chunk].to(torch.float32).reshape(-1, groups, group_size)  # [r, G, g]
+        lo0, hi0 = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
+        lo_all, hi_all = w.amin(dim=-1), w.amax(dim=-1)
+        best_err = torch.full(lo0.shape, float("inf"))
+        rows = slice(start, start + w.shape[0])
+        for r_lo in ratios:
+            for r_hi in ratios:
+                # shrink towards zero for ranges that straddle it, towards the other end otherwise
+                lo = torch.where(lo_all < 0, lo0 * r_lo, lo_all + (hi_all - lo_all) * (1 - r_lo))
+                hi = torch.where(hi_all > 0, hi0 * r_hi, hi_all - (hi_all - lo_all) * (1 - r_hi))
+                hi = torch.maximum(hi, lo + 1e-8)
+                scales = ((hi - lo) / MAX_CODE).clamp(min=1e-8)
+                zeros = lo + INT4_OFFSET * scales
+                q = torch.clamp(torch.round((w - zeros[..., None]) / scales[..., None]) + INT4_OFFSET, 0, MAX_CODE)
+                d = (q - INT4_OFFSET) * scales[..., None] + zeros[..., None] - w
+                err = torch.einsum("rGg,Ggh,rGh->rG", d, blocks, d)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_scales[rows] = torch.where(better, scales, best_scales[rows])
+                best_zeros[rows] = torch.where(better, zeros, best_zeros[rows])
+    return best_scales, best_zeros

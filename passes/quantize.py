@@ -39,7 +39,7 @@ from lqc.runtime.quant_formats import (
 )
 
 from .activation_stats import collect_input_stats
-from .awq import search_clipping, search_scales
+from .awq import search_clipping, search_clipping_hessian, search_scales
 from .base import Pass, PassResult
 from .gptq import gptq
 from .hqq import hqq_int4_params
@@ -70,8 +70,8 @@ class QuantizeOptions(PassOptions):
     awq_grid: int = field(default=20, metadata={"help": "awq: points of the scale exponent grid in [0, 1)"})
     awq_samples: int = field(default=512, metadata={"help": "awq: calibration rows the scale and clipping searches use"})
     awq_gptq: bool = field(default=False, metadata={"help": "awq: quantize the scaled weights with GPTQ instead of the clipping search"})
-    gptq_params: Literal["minmax", "clip"] = field(
-        default="minmax", metadata={"help": "gptq int4: group parameters from min/max, or from the output-error clipping search (static groups)"}
+    gptq_params: Literal["minmax", "clip", "mse"] = field(
+        default="minmax", metadata={"help": "gptq int4: static group parameters from min/max, the clipping search on sampled rows (clip), or the range search on the full Hessian (mse)"}
     )
     keep_sensitive: int = field(default=0, metadata={"help": "keep the k layers whose lone quantization moves the output most in higher precision (needs calibration)"})
     keep_format: Literal["auto", "int8", "float"] = field(default="auto", metadata={"help": "keep_sensitive: their format (auto: int8 under int4, else float)"})
@@ -371,6 +371,8 @@ class Quantize(Pass):
         if group and opts.gptq_params == "clip":
             x = stats.sample if x is None else x
             group_params = search_clipping(pad_columns(x, group), padded, group) if clip else int4_minmax_params(padded, group)
+        elif group and opts.gptq_params == "mse":
+            group_params = search_clipping_hessian(full, padded, group) if clip else int4_minmax_params(padded, group)
         result = gptq(padded, full, fmt=opts.format, group_size=group, block_size=opts.block_size,
                       damp=opts.damp, act_order=opts.act_order, group_params=group_params)
         if opts.format == "int4":

@@ -46,8 +46,9 @@ def find_producer(graph: Graph, x: fx.Node, consumers: list[LinearSite]) -> Prod
     if any(user not in consumer_nodes for user in x.users):
         return None
     width = x.meta["val"].shape[-1] if isinstance(x.meta.get("val"), torch.Tensor) else None
-    # GPT-2's Conv1D flattens its input first: look through reshapes that keep the last dimension
-    while op_name(x) in ("view", "reshape", "contiguous") and len(x.args[0].users) == 1 and _keeps_last_dim(x):
+    # GPT-2's Conv1D flattens its input first, and a causal LM's head reads only the positions it
+    # scores (``h[:, -k:, :]``): look through reshapes and row selections that keep the last dimension
+    while op_name(x) in ("view", "reshape", "contiguous", "getitem") and len(x.args[0].users) == 1 and _keeps_last_dim(x):
         x = x.args[0]
     name = op_name(x)
     if name == "mul" and len(x.args) == 2:

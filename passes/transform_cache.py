@@ -38,7 +38,10 @@ class _Entry:
 class TransformCache:
     def __init__(self) -> None:
         self._entries: dict[Hashable, _Entry] = {}
-        self._lock = threading.Lock()
+        # Re-entrant: dropping an entry can free the last reference to a tensor that is the source
+        # of another entry (a folded weight that was then rotated), whose finalizer drops that
+        # entry from inside the first drop, on the same thread.
+        self._lock = threading.RLock()
         self.hits = 0
         self.misses = 0
         self.computed: Counter = Counter()  # key[0] (usually the pass name) -> computations

@@ -1,4 +1,4 @@
 """lqc.runtime: packed weight formats and the implementations of lqc's ops."""
 
-from . import qlinear  # noqa: F401  (registers the lqc::qlinear implementation)
+from . import hadamard, qlinear  # noqa: F401  (register the implementations of lqc::hadamard and lqc::qlinear)
 from .quant_formats import FORMATS, QuantizedWeight
