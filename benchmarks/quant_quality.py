@@ -70,6 +70,9 @@ LQC_CONFIGS = {
     "lqc-rot-int4-g64-rtn": lqc_rotated(format="int4", group_size=64),
     "lqc-rot-int4-g64-gptq-mse": lqc_rotated(**GPTQ_MSE),
     "lqc-rot-w8a8": lqc_rotated(format="w8a8"),
+    "lqc-rot-int4-g128-rtn": lqc_rotated(format="int4", group_size=128),
+    "lqc-int4-g256-rtn": lqc_quantize(format="int4", group_size=256),
+    "lqc-rot-int4-g256-rtn": lqc_rotated(format="int4", group_size=256),
 }
 
 
@@ -81,6 +84,7 @@ ORDER = [
     "lqc-int4-g128-awq", "lqc-fp8-dyn", "lqc-int4-g128-rtn", "torchao-int4-g128-wo-asym",
     "lqc-int4-g64-awq-gptq", "lqc-int4-g128-gptq-clip", "lqc-int4-g64-gptq", "lqc-int4-g32-rtn", "lqc-int4-g64-gptq-clip-lm-head",
     "lqc-int4-g64-gptq-mse", "lqc-rot-int4-g64-rtn", "lqc-rot-int4-g64-gptq-mse", "lqc-rot-w8a8",
+    "lqc-rot-int4-g128-rtn", "lqc-int4-g256-rtn", "lqc-rot-int4-g256-rtn",
 ]
 
 

@@ -12,7 +12,12 @@ median is reported. Variants:
 - ``lqc-int8``, ``lqc-int4-g64``: ``lqc::qlinear`` on torch's packed CPU kernels, through
   backend="lqc" with target auto (the rest of the graph through Inductor), on the float32 model
   (the kernels compute in bf16, the rest in float32); ``-bf16``: on the bf16 model, as torchao's
-  rows are; ``-lm-head``: the lm_head quantized too (int4), which decode reads every step.
+  rows are; ``-lm-head``: the lm_head quantized too (int4), which decode reads every step;
+  ``-concat``: q/k/v and gate/up stacked first (``concat_linears``), 4 matmuls per block, not 7;
+- ``torchao-int8-wo-all-*``: torchao's int8 with its default filter, the lm_head included (the
+  fair anchor for lqc's ``-lm-head`` row);
+- ``lqc-fp32-cleanup`` / ``lqc-fp32-concat``: the float model through lqc without and with
+  ``concat_linears`` (reparameterization must not slow decode down).
 
     python benchmarks/quant_speed.py --out benchmarks/results/smollm2-quant-speed
 """
@@ -38,9 +43,17 @@ LQC_RECIPES = {  # name -> (model dtype, recipe)
     "lqc-int4-g64-bf16": (torch.bfloat16, [{"pass": "cleanup"}, {"pass": "quantize", "format": "int4", "group_size": 64}]),
     "lqc-int4-g64-bf16-lm-head": (torch.bfloat16, [{"pass": "cleanup"}, {"pass": "quantize", "format": "int4", "group_size": 64,
                                                                          "include_lm_head": True}]),
+    # concat_linears first: q/k/v and gate/up stacked, 4 packed matmuls per block instead of 7
+    "lqc-int8-bf16-concat": (torch.bfloat16, [{"pass": "cleanup"}, {"pass": "concat_linears"}, {"pass": "quantize", "format": "int8"}]),
+    "lqc-int4-g64-bf16-concat": (torch.bfloat16, [{"pass": "cleanup"}, {"pass": "concat_linears"},
+                                                  {"pass": "quantize", "format": "int4", "group_size": 64}]),
+    # the float model through lqc, without and with concatenation (reparameterization's speed check)
+    "lqc-fp32-cleanup": (torch.float32, [{"pass": "cleanup"}]),
+    "lqc-fp32-concat": (torch.float32, [{"pass": "cleanup"}, {"pass": "concat_linears"}]),
 }
 BF16_VARIANTS = ("bf16-inductor", "torchao-int8-wo-eager", "torchao-int8-wo-compiled", "torchao-int4-g64-wo-eager",
-                 "torchao-int4-g64-wo-compiled", *(name for name, (dtype, _) in LQC_RECIPES.items() if dtype == torch.bfloat16))
+                 "torchao-int4-g64-wo-compiled", "torchao-int8-wo-all-eager", "torchao-int8-wo-all-compiled",
+                 *(name for name, (dtype, _) in LQC_RECIPES.items() if dtype == torch.bfloat16))
 
 
 def build_variants(model: torch.nn.Module, names: list[str] | None) -> dict[str, tuple[torch.nn.Module, object]]:
@@ -60,7 +73,9 @@ def build_variants(model: torch.nn.Module, names: list[str] | None) -> dict[str,
             from torchao.quantization import quantize_
 
             quantized = copy.deepcopy(bf16)
-            quantize_(quantized, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and ".layers." in f".{fqn}")
+            # block linears only, as lqc's default; the "-all" configs take the lm_head too (torchao's own default)
+            blocks_only = lambda m, fqn: isinstance(m, torch.nn.Linear) and ".layers." in f".{fqn}"  # noqa: E731
+            quantize_(quantized, config, filter_fn=None if tag.endswith("-all") else blocks_only)
             if want(f"torchao-{tag}-eager"):
                 variants[f"torchao-{tag}-eager"] = (quantized, quantized.forward)
             if want(f"torchao-{tag}-compiled"):
@@ -81,6 +96,7 @@ def torchao_configs() -> dict:
     return {
         "int8-wo": Int8WeightOnlyConfig(),
         "int4-g64-wo": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64), mapping_type=MappingType.ASYMMETRIC),
+        "int8-wo-all": Int8WeightOnlyConfig(),
     }
 
 

@@ -15,7 +15,7 @@ stacked layers (``model.layers.0.self_attn.q_proj+k_proj+v_proj``), so ``targets
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -32,7 +32,7 @@ from .registry import register_pass
 
 @dataclass
 class ConcatLinearsOptions(PassOptions):
-    min_group: int = 2
+    min_group: int = field(default=2, metadata={"help": "stack groups of at least this many linears"})
 
 
 def stacked_name(names: list[str]) -> str:

@@ -36,6 +36,7 @@ import torch
 import torch.fx as fx
 
 from lqc.ir import Graph, op_name
+from lqc.ir.errors import LqcConfigError
 from lqc.ir.linear import LinearSite, linear_site
 from lqc.ir.provenance import derived_from
 from lqc.runtime.hadamard import hadamard_matrix, hadamard_pair
@@ -203,6 +204,12 @@ class Rotate(Pass):
     name = "rotate"
     description = "QuaRot: fold norms, rotate the residual stream by a randomized Hadamard, online Hadamard before down projections"
     Options = RotateOptions
+
+    def __init__(self, options=None, **values):
+        super().__init__(options, **values)
+        if self.options.targets or self.options.ignore:
+            raise LqcConfigError("rotate turns the whole residual stream; it cannot rotate some layers and not others "
+                                 "(remove targets/ignore from the rotate entry)")
 
     def run(self, graph: Graph, ctx) -> PassResult:
         opts = self.options

@@ -143,6 +143,24 @@ def test_gptq_in_a_recipe_needs_calibration_and_uses_it(tiny_llama, token_ids):
     assert calibrated.rel_error < rtn.rel_error
 
 
+def test_hessian_range_search_never_loses_to_minmax_per_group():
+    from lqc.passes.awq import search_clipping_hessian
+    from lqc.runtime.quant_formats import int4_minmax_params, quantize_int4
+
+    x, w, hessian = _correlated_problem()
+    w[:, 7] += 0.4  # an outlier weight: clipping its group's range pays off
+
+    def group_errors(scales, zeros):
+        d = (quantize_int4(w, 64, scales, zeros).dequantize() - w).reshape(64, 4, 64)
+        blocks = torch.stack([hessian.float()[i * 64:(i + 1) * 64, i * 64:(i + 1) * 64] for i in range(4)])
+        return torch.einsum("rGg,Ggh,rGh->rG", d, blocks, d)
+
+    searched, minmax = group_errors(*search_clipping_hessian(hessian, w, 64)), group_errors(*int4_minmax_params(w, 64))
+    # min/max is a candidate; the search judges float32 parameters, the store rounds them to float16
+    assert (searched <= minmax * 1.02 + 1e-6).all()
+    assert searched.sum() < 0.9 * minmax.sum()
+
+
 def test_awq_scale_search_finds_salient_channels():
     from lqc.passes.awq import search_scales
     from lqc.runtime.quant_formats import quantize_int4
@@ -190,7 +208,7 @@ def test_awq_in_a_recipe(tiny_llama, token_ids, monkeypatch):
 @pytest.mark.parametrize(
     "extra",
     [{"method": "gptq", "gptq_params": "clip"}, {"method": "gptq", "act_order": True, "gptq_params": "clip"},
-     {"method": "awq", "awq_gptq": True}],
+     {"method": "gptq", "act_order": True, "gptq_params": "mse"}, {"method": "awq", "awq_gptq": True}],
 )
 def test_gptq_variants_beat_rtn(tiny_llama, token_ids, extra):
     from lqc.passes import Calibration, TransformCache

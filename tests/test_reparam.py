@@ -182,8 +182,20 @@ def test_reparam_recipe_through_the_backend(token_ids):
 def test_smollm2_rewrites_are_exact(smollm2, entries):
     ids = smollm2.tokenizer("Reparameterization keeps the function: the logits do not move.", return_tensors="pt").input_ids
     graph, record, rel = _rewrite(smollm2.model, ids, {"pass": "cleanup"}, *entries)
-    assert rel <= 1e-5 and record.matches > 0
+    assert rel <= 1e-5
+    # 30 blocks: two norms each and the final one; q/k/v and gate/up; 5 readers and 2 writers each, and the lm_head
+    assert record.matches == {"fold_norms": 61, "concat_linears": 60, "rotate": 211}[entries[0]["pass"]]
+    if entries[0]["pass"] == "concat_linears":
+        assert _count(graph, "linear") == 30 * 4 + 1
     if entries[0]["pass"] == "rotate":
         assert record.details["rotation"].startswith("randomized Hadamard: Paley II H_36 (q=17) (x) Sylvester H_16")
         assert record.details["online_hadamard_matrix"].startswith("Paley II H_12 (q=5) (x) Sylvester H_128")
         assert len(record.details["online_hadamard"]) == 30
+
+
+def test_rotation_refuses_layer_selection():
+    from lqc.ir import LqcConfigError
+    from lqc.passes import get_pass
+
+    with pytest.raises(LqcConfigError, match="whole residual stream"):
+        get_pass("rotate")(ignore=[r"layers\.0\."])
