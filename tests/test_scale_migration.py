@@ -36,8 +36,10 @@ def test_llama_norms_and_gated_product_are_exact(tiny_llama, token_ids):
     reference = run_graph(graph, (token_ids,))
     migrated = _migrate_everything(graph)
     kinds = [kind for kind, _ in migrated]
-    # per block: input norm -> q/k/v, post-attention norm -> gate/up, up rows -> down
-    assert kinds.count("norm") == 4 and kinds.count("linear_rows") == 2
+    # per block: input norm -> q/k/v, post-attention norm -> gate/up, up rows -> down; and the
+    # final norm -> lm_head, through the head's row selection h[:, -k:, :]
+    assert kinds.count("norm") == 5 and kinds.count("linear_rows") == 2
+    assert ("norm", ["lm_head"]) in migrated
     assert ("norm", ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]) in migrated
     assert ("linear_rows", ["model.layers.1.mlp.down_proj"]) in migrated
     rel, _ = compare_outputs(run_graph(graph, (token_ids,)), reference)
@@ -49,7 +51,8 @@ def test_gpt2_layernorm_into_conv1d_is_exact(tiny_models, token_ids):
     reference = run_graph(graph, (token_ids,))
     migrated = _migrate_everything(graph)
     assert [names for _, names in migrated] == [
-        ["transformer.h.0.attn.c_attn"], ["transformer.h.0.mlp.c_fc"], ["transformer.h.1.attn.c_attn"], ["transformer.h.1.mlp.c_fc"]
+        ["transformer.h.0.attn.c_attn"], ["transformer.h.0.mlp.c_fc"], ["transformer.h.1.attn.c_attn"], ["transformer.h.1.mlp.c_fc"],
+        ["lm_head"],
     ]
     rel, _ = compare_outputs(run_graph(graph, (token_ids,)), reference)
     assert rel <= 1e-5
