@@ -4,6 +4,7 @@ QuaRot rotation with Hadamard matrices. Each rewrite is exact: relative logit er
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -199,3 +200,37 @@ def test_rotation_refuses_layer_selection():
 
     with pytest.raises(LqcConfigError, match="whole residual stream"):
         get_pass("rotate")(ignore=[r"layers\.0\."])
+
+
+# -- every reparameterization pass on every model family: exact, whether it applies or not ---------
+REPARAM_PASSES = ["fold_norms", "concat_linears", "rotate", "fold_batchnorm", "merge_branches", "merge_adapters"]
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-resnet", "tiny-mobilevit"])
+def test_every_reparam_pass_is_exact_on_every_family(family, token_ids):
+    model = _randomize_norms(lqc.models.load(family).model)
+    if family in ("tiny-resnet", "tiny-mobilevit"):
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # BatchNorm statistics away from identity, so a wrong fold shows
+            for module in model.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
+                    module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+        inputs = torch.randn(1, 3, 32, 32, generator=generator)
+    else:
+        inputs = token_ids
+    graph = trace(model, inputs)
+    reference = run_graph(graph, (inputs,))
+    # rotate declines, with a warning, models whose stream has LayerNorms or no token embedding
+    declines = pytest.warns(UserWarning, match="rotate: not rotating") if family != "tiny-llama" else contextlib.nullcontext()
+    with declines:
+        report = PassManager([{"pass": "cleanup"}] + [{"pass": name} for name in REPARAM_PASSES]).run(graph, PassContext())
+    rel, _ = compare_outputs(run_graph(graph, (inputs,)), reference)
+    assert rel <= 1e-5
+    matches = {r.name: r.matches for r in report.records}
+    expected_to_apply = {
+        "tiny-llama": {"concat_linears", "rotate"}, "tiny-gpt2": {"fold_norms"}, "tiny-bert": {"fold_norms", "concat_linears"},
+        "tiny-resnet": {"fold_batchnorm"}, "tiny-mobilevit": {"fold_batchnorm"},
+    }[family]
+    assert {name for name, n in matches.items() if n and name != "cleanup"} >= expected_to_apply
+
