@@ -1,0 +1,242 @@
+"""Layer importance and the drop_layers pass on tiny-llama: scores, exactness of each drop against
+an eager model with that sublayer zeroed, parameters removed, generation with both KV caches,
+and configuration errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lqc
+from lqc.ir import LqcConfigError, op_name, trace
+from lqc.passes import Calibration, PassContext, PassManager
+from lqc.passes.layer_importance import find_boundaries, layer_importance
+from lqc.passes.numerics import run_graph
+
+
+@pytest.fixture
+def calibration():
+    return Calibration([torch.randint(0, 256, (600,), generator=torch.Generator().manual_seed(3))])
+
+
+def _zero_out(model, what: str, layer: int):
+    """A copy of ``model`` whose ``what`` of block ``layer`` contributes nothing, in eager PyTorch."""
+    ref = copy.deepcopy(model)
+    block = ref.model.layers[layer]
+    if what == "attention":
+        block.self_attn.forward = lambda hidden_states, *args, **kwargs: (torch.zeros_like(hidden_states), None)
+    elif what == "mlp":
+        block.mlp.forward = lambda x: torch.zeros_like(x)
+    else:
+        block.forward = lambda hidden_states, *args, **kwargs: hidden_states
+    return ref
+
+
+def _params(*modules) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def test_scores_are_in_range_and_deterministic(tiny_llama, token_ids, calibration):
+    graph = trace(tiny_llama, token_ids)
+    boundaries = find_boundaries(graph)
+    assert [b.block for b in boundaries] == [0, 1]
+    assert [op_name(b.attn_add) for b in boundaries] == ["add", "add"]
+    assert boundaries[1].h_in is boundaries[0].h_out  # the stream runs from block to block
+    inputs = calibration.inputs_for(graph, tokens=240)
+    first = layer_importance(graph, inputs)
+    second = layer_importance(graph, inputs)
+    assert first == second
+    assert first.tokens == 240
+    for i in range(2):
+        assert -1.0 <= first.attention[i] <= 1.0 and -1.0 <= first.mlp[i] <= 1.0
+        assert 0.0 < first.block[i] <= 2.0
+        assert 0.0 < first.spans[1][i] <= 1.0
+    assert len(first.spans[2]) == 1 and 0.0 < first.spans[2][0] <= 1.0
+    # 1 - cos and the angle measure the same thing: their order agrees
+    assert (first.block[0] < first.block[1]) == (first.spans[1][0] < first.spans[1][1])
+
+
+@pytest.mark.parametrize("what", ["attention", "mlp", "block"])
+def test_drop_equals_eager_model_with_the_sublayer_zeroed(tiny_llama, token_ids, what):
+    graph = trace(tiny_llama, token_ids)
+    report = PassManager([{"pass": "drop_layers", "what": what, "layers": [1]}]).run(graph, PassContext(progress=False))
+    record = report.records[-1]
+    with torch.no_grad():
+        expected = _zero_out(tiny_llama, what, 1)(token_ids).logits
+        original = tiny_llama(token_ids).logits
+    logits = run_graph(graph, (token_ids,))[-1]
+    error = (logits - expected).abs().max().item()
+    assert error <= 1e-5, error
+    assert (logits - original).abs().max().item() > 1e-3  # the drop changed the model
+    layer = tiny_llama.model.layers[1]
+    removed = {
+        "attention": _params(layer.self_attn, layer.input_layernorm),
+        "mlp": _params(layer.mlp, layer.post_attention_layernorm),
+        "block": _params(layer),
+    }[what]
+    assert record.details["params_removed"] == removed
+    assert record.details["bytes_removed"] == 4 * removed
+    assert record.bytes_before - record.bytes_after == 4 * removed
+    module = {"attention": layer.self_attn, "mlp": layer.mlp, "block": layer}[what]
+    linear_params = _params(*[m for m in module.modules() if isinstance(m, torch.nn.Linear)])
+    assert record.details["flops_per_token_removed"] == 2 * linear_params
+    assert record.details["dropped"] == [1] and record.details["cache_kept"] == []
+    prefix = {"attention": "model.layers.1.self_attn", "mlp": "model.layers.1.mlp", "block": "model.layers.1."}[what]
+    remaining = [n.name for n in graph.nodes if graph.module_path(n).startswith(prefix)]
+    # the dropped layer's nodes are gone, except its cache update (past states + zeros for the new tokens)
+    assert all(op_name(graph.find(name)) in ("tensor", "cat", "size", "new_zeros") for name in remaining), remaining
+
+
+def test_dropped_attention_keeps_cache_outputs_with_their_shapes(tiny_llama, token_ids):
+    graph = trace(tiny_llama, token_ids)
+    outputs_before = [n.meta["val"].shape for n in graph.output_node().args[0]]
+    PassManager([{"pass": "drop_layers", "what": "attention", "layers": [1]}]).run(graph, PassContext(progress=False))
+    outputs = run_graph(graph, (token_ids,))
+    assert [o.shape for o in outputs] == outputs_before
+    # layer 0's cache is untouched; layer 1's new states are zeros nobody reads
+    with torch.no_grad():
+        reference = run_graph(trace(tiny_llama, token_ids), (token_ids,))
+    torch.testing.assert_close(outputs[0], reference[0])
+    torch.testing.assert_close(outputs[1], reference[1])
+    assert not outputs[2].any() and not outputs[3].any()
+    assert not any(op_name(n) == "scaled_dot_product_attention" and "layers.1" in graph.module_path(n) for n in graph.nodes)
+
+
+@pytest.mark.parametrize("what", ["attention", "mlp", "block", "span"])
+def test_calibrated_choice_follows_the_scores(tiny_llama, token_ids, calibration, what):
+    graph = trace(tiny_llama, token_ids)
+    scores = layer_importance(graph, calibration.inputs_for(graph, tokens=240))
+    report = PassManager([{"pass": "drop_layers", "what": what, "count": 1, "tokens": 240}]).run(
+        graph, PassContext(calibration=calibration, progress=False)
+    )
+    details = report.records[-1].details
+    expected = {
+        "attention": max(range(2), key=lambda i: scores.attention[i]),
+        "mlp": max(range(2), key=lambda i: scores.mlp[i]),
+        "block": min(range(2), key=lambda i: scores.block[i]),
+        "span": min(range(2), key=lambda i: scores.spans[1][i]),
+    }[what]
+    assert details["dropped"] == [expected]
+    assert details["scores"][0]["blocks"] == scores.table()
+
+
+def test_iterative_rescores_after_each_drop(tiny_llama, token_ids, calibration):
+    graph = trace(tiny_llama, token_ids)
+    report = PassManager([{"pass": "drop_layers", "what": "attention", "count": 2, "iterative": True, "tokens": 240}]).run(
+        graph, PassContext(calibration=calibration, progress=False)
+    )
+    details = report.records[-1].details
+    assert details["dropped"] == [0, 1] and len(details["scores"]) == 2
+    dropped_first = next(row["block"] for row in details["scores"][1]["blocks"] if row["attention_cos"] is None)
+    survivor = 1 - dropped_first
+    # the second round scored the remaining attention on the graph without the first one
+    assert details["scores"][1]["blocks"][survivor]["attention_cos"] != details["scores"][0]["blocks"][survivor]["attention_cos"]
+    assert not any(op_name(n) == "scaled_dot_product_attention" for n in graph.nodes)
+
+
+def test_fraction_and_calibration_requirement(tiny_llama, token_ids, calibration):
+    graph = trace(tiny_llama, token_ids)
+    with pytest.raises(LqcConfigError, match="needs calibration data"):
+        PassManager([{"pass": "drop_layers", "what": "mlp", "fraction": 0.5}]).run(graph, PassContext(progress=False))
+    report = PassManager([{"pass": "drop_layers", "what": "mlp", "fraction": 0.5, "tokens": 240}]).run(
+        graph, PassContext(calibration=calibration, progress=False)
+    )
+    assert len(report.records[-1].details["dropped"]) == 1
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_generate_with_compiled_forward_matches_eager_with_attention_zeroed(tiny_llama, token_ids, cache):
+    model = tiny_llama
+    extra = {"cache_implementation": "static"} if cache == "static" else {}
+    reference = _zero_out(model, "attention", 1)
+    recipe = [{"pass": "drop_layers", "what": "attention", "layers": [1]}]
+    kwargs = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True, **extra)
+    lqc.clear_reports()  # earlier tests' graphs are in the process-wide report list too
+    with torch.no_grad():
+        expected = reference.generate(token_ids, **kwargs)
+        unchanged = model.generate(token_ids, **kwargs)
+        compiled = copy.copy(model)
+        compiled.forward = torch.compile(model.forward, backend="lqc", options={"recipe": recipe, "target": "eager"})
+        generated = compiled.generate(token_ids, **kwargs)
+    assert torch.equal(generated.sequences, expected.sequences)
+    assert len(generated.logits) == len(expected.logits) == 8
+    error = max((a - b).abs().max().item() for a, b in zip(generated.logits, expected.logits))
+    assert error <= 1e-5, error
+    # the dropped attention mattered: the unchanged model's logits differ at every step
+    assert min((a - b).abs().max().item() for a, b in zip(unchanged.logits, expected.logits)) > 1e-3
+    reports = [r for r in lqc.reports() if r.records]
+    assert reports and all(r.records[-1].details["dropped"] == [1] for r in reports)
+
+
+@pytest.mark.parametrize(
+    "entry,message",
+    [
+        ({"what": "heads", "layers": [1]}, r"what"),
+        ({"what": "attention", "layers": [2]}, r"layer 2 is out of range: this graph has 2 decoder blocks \(0\.\.1\)"),
+        ({"what": "block", "count": 3}, r"count 3 is more than the 2 decoder blocks of this graph; give count <= 2"),
+        ({"what": "block"}, r"exactly one of count, fraction or layers"),
+        ({"what": "block", "count": 1, "layers": [0]}, r"exactly one of count, fraction or layers"),
+        ({"what": "span", "layers": [0, 2]}, r"not consecutive"),
+    ],
+)
+def test_configuration_errors(tiny_llama, token_ids, calibration, entry, message):
+    graph = trace(tiny_llama, token_ids)
+    with pytest.raises(LqcConfigError, match=message):
+        PassManager([{"pass": "drop_layers", **entry}]).run(graph, PassContext(calibration=calibration, progress=False))
+
+
+def test_symbolic_sequence_length(tiny_llama, token_ids):
+    """With a symbolic sequence length, the zeros written to the cache take it from the stream,
+    so one graph serves every length."""
+    torch._dynamo.mark_dynamic(token_ids, 1)
+    graph = trace(tiny_llama, token_ids)
+    assert [i.role for i in graph.inputs] == ["size", "token_ids"]
+    report = PassManager([{"pass": "drop_layers", "what": "attention", "layers": [1]}]).run(graph, PassContext(progress=False))
+    assert report.records[-1].details["cache_kept"] == []
+    assert [op_name(n) for n in graph.nodes if op_name(n) in ("size", "new_zeros")] == ["size", "new_zeros"] * 2
+    reference = _zero_out(tiny_llama, "attention", 1)
+    for length in (12, 7):
+        ids = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(length))
+        outputs = run_graph(graph, (length, ids))
+        with torch.no_grad():
+            error = (outputs[-1] - reference(ids).logits).abs().max().item()
+        assert error <= 1e-5, error
+        assert outputs[2].shape == (1, 2, length, 16) and not outputs[2].any()
+
+
+def test_calibrated_choice_is_shared_by_prefill_and_decode_graphs(tiny_llama, token_ids):
+    calibration = torch.randint(0, 256, (600,), generator=torch.Generator().manual_seed(4))
+    recipe = [{"pass": "drop_layers", "what": "block", "count": 1, "tokens": 240}]
+    before = len(lqc.reports())
+    compiled = copy.copy(tiny_llama)
+    compiled.forward = torch.compile(
+        tiny_llama.forward, backend="lqc", options={"recipe": recipe, "target": "eager", "calibration": [calibration]}
+    )
+    with torch.no_grad():
+        generated = compiled.generate(token_ids, max_new_tokens=4, do_sample=False)
+    reports = [r for r in lqc.reports()[before:] if r.records]
+    assert len(reports) >= 2  # prefill and at least one decode graph
+    dropped = {tuple(r.records[-1].details["dropped"]) for r in reports}
+    assert len(dropped) == 1 and len(next(iter(dropped))) == 1
+    with torch.no_grad():
+        expected = _zero_out(tiny_llama, "block", next(iter(dropped))[0]).generate(token_ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(generated, expected)
+
+
+@pytest.mark.parametrize("family,blocks", [("tiny-qwen2", "model.layers"), ("tiny-gpt2", "transformer.h")])
+def test_other_pre_norm_families(token_ids, family, blocks):
+    model = lqc.models.load(family).model
+    graph = trace(model, token_ids)
+    report = PassManager([{"pass": "drop_layers", "what": "block", "layers": [1]}]).run(graph, PassContext(progress=False))
+    details = report.records[-1].details
+    block = model.get_submodule(blocks)[1]
+    assert details["params_removed"] == _params(block) and details["cache_kept"] == []
+    assert not any(graph.module_path(n).startswith(f"{blocks}.1.") and op_name(n) in ("linear", "addmm") for n in graph.nodes)
+
+
+def test_post_norm_blocks_are_refused(token_ids):
+    graph = trace(lqc.models.load("tiny-bert").model, token_ids)
+    with pytest.raises(LqcConfigError, match="only pre-norm residual blocks"):
+        PassManager([{"pass": "drop_layers", "what": "block", "layers": [1]}]).run(graph, PassContext(progress=False))
