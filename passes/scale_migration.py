@@ -48,7 +48,8 @@ def find_producer(graph: Graph, x: fx.Node, consumers: list[LinearSite]) -> Prod
     width = x.meta["val"].shape[-1] if isinstance(x.meta.get("val"), torch.Tensor) else None
     # GPT-2's Conv1D flattens its input first, and a causal LM's head reads only the positions it
     # scores (``h[:, -k:, :]``): look through reshapes and row selections that keep the last dimension
-    while op_name(x) in ("view", "reshape", "contiguous", "getitem") and len(x.args[0].users) == 1 and _keeps_last_dim(x):
+    while op_name(x) in ("view", "reshape", "contiguous", "getitem") and len(x.args[0].users) == 1 and _keeps_last_dim(x) \
+            and (op_name(x) != "getitem" or _leaves_channels(x)):
         x = x.args[0]
     name = op_name(x)
     if name == "mul" and len(x.args) == 2:
@@ -107,6 +108,14 @@ def _replace_constant(graph: Graph, constant: fx.Node, value: torch.Tensor, only
 def _keeps_last_dim(node: fx.Node) -> bool:
     source, out = node.args[0].meta.get("val"), node.meta.get("val")
     return isinstance(source, torch.Tensor) and isinstance(out, torch.Tensor) and source.shape[-1] == out.shape[-1]
+
+
+def _leaves_channels(node: fx.Node) -> bool:
+    """A ``getitem`` whose index does not touch the last dimension (no channel permutation or slice)."""
+    index, source = node.args[1], node.args[0].meta.get("val")
+    if not isinstance(index, tuple) or not isinstance(source, torch.Tensor) or any(i is Ellipsis for i in index):
+        return False
+    return len(index) < source.dim() or index[source.dim() - 1] == slice(None)
 
 
 def _is_vector_constant(graph: Graph, value, width) -> bool:
