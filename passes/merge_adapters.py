@@ -464,7 +464,7 @@ class MergeAdapters(Pass):
                             escaping = ", ".join(f"%{n.name}" for n in sorted(layer.escaping, key=order.get))
                             leave(name, f"{escaping} inside the adapted layer also feed other nodes")
                         continue
-                    info = self._merge(graph, folder, region, layer, order)
+                    info = self._merge(graph, ctx, folder, region, layer, order)
                     if isinstance(info, str):
                         leave(name, info)
                         continue
@@ -520,18 +520,24 @@ class MergeAdapters(Pass):
             stack.extend(n for n in escaping if n in region.terms)
         return layers
 
-    def _merge(self, graph: Graph, folder: _Folder, region: _Region, layer: _Layer, order) -> dict | str:
+    def _merge(self, graph: Graph, ctx, folder: _Folder, region: _Region, layer: _Layer, order) -> dict | str:
         """Replace the layer by one linear: its details, or why it stays."""
         root, nodes = layer.root, layer.nodes
         name = graph.module_path(root) or root.name
         if tuple(_tensor(root, graph).shape[:-1]) != tuple(_tensor(region.x, graph).shape[:-1]):
             return "its output is reshaped relative to its input"
-        try:
-            matrix, offset = region.compose(root)
-        except Exception as exc:  # noqa: BLE001 - a constant that does not evaluate: leave the layer as it is
-            return f"its constants do not evaluate ({type(exc).__name__}: {exc})"
         dtype = folder.value(region.terms[layer.base].params["weight"]).dtype
         constants = self._constant_inputs(folder, region, nodes)
+
+        def compose():
+            matrix, offset = region.compose(root)
+            return matrix.to(dtype).contiguous(), (offset.to(dtype) if offset is not None else None)
+
+        try:
+            # once per model: every graph dynamo captures (prefill, decode) shares the merged weights
+            matrix, offset = ctx.transform(graph, ("merged", name), [c for c in constants if c.op == "get_attr"], compose)
+        except Exception as exc:  # noqa: BLE001 - a constant that does not evaluate: leave the layer as it is
+            return f"its constants do not evaluate ({type(exc).__name__}: {exc})"
         info = {
             "kinds": self._kinds(folder, region, nodes),
             "absorbed": sorted({fqn for c in constants if c.op == "get_attr" for fqn in graph.fqns(c)[:1]}),
@@ -541,11 +547,11 @@ class MergeAdapters(Pass):
         with derived_from(graph, [root, layer.base]):
             # named as PEFT's merge_and_unload names them: the adapted module's own weight and bias
             weight = graph.add_constant(
-                matrix.to(dtype).contiguous(), f"{sanitize(name)}_merged_weight", (f"{name}.weight",), before=root
+                matrix, f"{sanitize(name)}_merged_weight", (f"{name}.weight",), before=root
             )
             args = (region.x, weight)
             if offset is not None:
-                bias = graph.add_constant(offset.to(dtype), f"{sanitize(name)}_merged_bias", (f"{name}.bias",), before=root)
+                bias = graph.add_constant(offset, f"{sanitize(name)}_merged_bias", (f"{name}.bias",), before=root)
                 args += (bias,)
             with fx_graph.inserting_before(root):
                 linear = fx_graph.call_function(F.linear, args)
