@@ -5,7 +5,8 @@ untouched) whose ``forward`` runs through the lqc backend. Compression happens h
 capture of the model: calibration runs now, on full calibration windows, and every weight
 transform lands in the transform cache. Later shapes (each prompt length, decode steps) are new
 dynamo graphs that reuse those cached transforms, so they cost a graph rewrite, not a
-recalibration. ``generate()`` works on the result as on the original.
+recalibration. ``generate()`` works on the result as on the original; when ``drop_layers``
+dropped attention layers, the caches it builds hold nothing for them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from lqc.ir.errors import LqcConfigError, LqcError
+from lqc.runtime.dropped_layers import keep_dropped_layers_out_of_caches
 
 from .backend import compiled_graph_count, compiled_graphs_since, reports
 from .data import calibration_from
@@ -71,10 +73,17 @@ def compress(
             f"after torch._dynamo.config.recompile_limit ({torch._dynamo.config.recompile_limit}) compilations of one "
             f"function: call torch._dynamo.reset() between compressions in one process, or raise the limit"
         )
-    # what lqc.save writes: the recipe, and the graph(s) this capture produced
+    # what lqc.save writes: the recipe, the graph(s) this capture produced, and the dropped modules
+    dropped: dict[str, dict] = {}
+    for report in reports()[first_report:]:
+        for record in report.records:
+            if record.name == "drop_layers":
+                dropped.update(record.details.get("dropped_modules", {}))
     compressed._lqc_compression = Compression(recipe=options.recipe, target=target, graphs=[
         c.graph for c in compiled_graphs_since(first) if c.graph is not None
-    ])
+    ], dropped_modules=dropped)
+    # a dropped attention layer needs no KV cache: generate() builds its caches without those slots
+    keep_dropped_layers_out_of_caches(compressed, compressed._lqc_compression.dropped_attention_layers)
     return compressed
 
 
@@ -85,3 +94,8 @@ class Compression:
     recipe: Any
     target: str
     graphs: list = field(default_factory=list)
+    dropped_modules: dict = field(default_factory=dict)  # module path -> {kind, block} (drop_layers)
+
+    @property
+    def dropped_attention_layers(self) -> list[int]:
+        return sorted({m["block"] for m in self.dropped_modules.values() if m["kind"] == "attention"})

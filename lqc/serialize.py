@@ -12,8 +12,11 @@ The directory holds:
 ``load`` builds the model from its configuration, puts a ``QLinear`` module (which calls
 ``lqc::qlinear`` with the same constants the compressed graph used) where each quantized linear
 was, and loads the tensors: no calibration, no quantization, and the same logits. Only recipes
-made of ``cleanup`` and ``quantize`` passes can be saved (other passes change the graph in ways
-a state dict does not hold), and only models returned by ``lqc.compress``.
+made of ``cleanup``, ``drop_layers`` and ``quantize`` passes can be saved (other passes change
+the graph in ways a state dict does not hold), and only models returned by ``lqc.compress``.
+A dropped sublayer's weights are not written; the manifest lists its modules (``dropped``), and
+``load`` puts stand-ins there (lqc.runtime.dropped_layers): zeros for an attention or FFN, the
+identity for the norm that fed it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from lqc.ir import op_name
 from lqc.ir.errors import LqcConfigError, LqcError
 from lqc.passes import load_recipe
 from lqc.recipes import resolve_recipe
+from lqc.runtime.dropped_layers import DroppedAttention, DroppedMLP, keep_dropped_layers_out_of_caches
 from lqc.runtime.qlinear import KERNEL_LAYOUTS, QLinear
 from lqc.runtime.quant_formats import QuantizedWeight
 
@@ -36,8 +40,9 @@ FORMAT = "lqc-compressed-model"
 FORMAT_VERSION = 1
 MANIFEST = "lqc.json"
 TENSORS = "model.safetensors"
-SAVABLE_PASSES = ("cleanup", "quantize")
+SAVABLE_PASSES = ("cleanup", "drop_layers", "quantize")
 QUANT_FORMATS = ("int8", "int4", "w8a8", "fp8", "fp8_dyn")
+DROPPED_KINDS = ("attention", "mlp", "norm")
 
 
 def save(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
@@ -53,13 +58,19 @@ def save(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None) -
     unsupported = sorted({entry["pass"] for entry in recipe} - set(SAVABLE_PASSES))
     if unsupported:
         raise LqcConfigError(
-            f"lqc.save stores recipes of {' and '.join(SAVABLE_PASSES)} passes; this one also has {', '.join(unsupported)}"
+            f"lqc.save stores recipes of {', '.join(SAVABLE_PASSES)} passes; this one also has {', '.join(unsupported)}"
         )
     if any(entry.get("include_embedding") for entry in recipe):
         raise LqcConfigError("lqc.save does not store int8 embedding tables yet: compress without include_embedding to save")
 
     floats, layers = _compressed_state(compression.graphs[0])
     state = {name: t for name, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
+    dropped = dict(compression.dropped_modules)
+    for path in dropped:  # a dropped sublayer's weights are not stored; load puts stand-ins there
+        still_used = [name for name in floats if name.startswith(path + ".")]
+        if still_used:
+            raise LqcError(f"lqc.save: {path} was dropped but the compressed graph still uses {still_used[0]}")
+        state = {name: t for name, t in state.items() if not name.startswith(path + ".")}
     for name, tensor in floats.items():
         if name not in state:
             if _unchanged_attribute(model, name, tensor):
@@ -100,7 +111,7 @@ def save(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None) -
         "format": FORMAT, "format_version": FORMAT_VERSION, "lqc_version": lqc.__version__, "torch_version": torch.__version__,
         "recipe": recipe, "target": compression.target,
         "model": {"architecture": type(model).__name__, "config": config.to_dict()},
-        "aliases": aliases, "layers": manifest_layers,
+        "aliases": aliases, "layers": manifest_layers, "dropped": dropped,
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -138,13 +149,31 @@ def load(directory: str | Path) -> torch.nn.Module:
         parent_name, _, child = layer.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, QLinear(q, info["kernel"], bias))
+    dropped = manifest.get("dropped", {})  # absent from files written before layer dropping could be saved
+    for path, info in dropped.items():
+        parent_name, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, _stand_in(info, config))
     for alias, name in manifest["aliases"].items():
         tensors[alias] = tensors[name]
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     missing = [k for k in missing if k.rpartition(".")[0] not in manifest["layers"]]  # QLinear buffers: set above
     if missing or unexpected:
         raise LqcError(f"{directory}: the saved tensors do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    keep_dropped_layers_out_of_caches(model, [info["block"] for info in dropped.values() if info["kind"] == "attention"])
     return model
+
+
+def _stand_in(info: dict, config) -> torch.nn.Module:
+    """The module that replaces a dropped attention, FFN or norm: zeros, zeros, and the identity
+    (a norm that only fed a dropped sublayer; its output is not used)."""
+    if info["kind"] == "attention":
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return DroppedAttention(info["block"], kv_heads, head_dim)
+    if info["kind"] == "mlp":
+        return DroppedMLP()
+    return torch.nn.Identity()
 
 
 def read_manifest(directory: str | Path) -> dict:
@@ -165,6 +194,12 @@ def read_manifest(directory: str | Path) -> dict:
     missing = [key for key in ("model", "layers", "aliases") if key not in manifest]
     if missing or not {"architecture", "config"} <= set(manifest.get("model", {})):
         raise LqcConfigError(f"{path}: the manifest lacks {missing or ['model.architecture/config']}; it is damaged: save the model again")
+    for module, info in manifest.get("dropped", {}).items():
+        if not isinstance(info, dict) or info.get("kind") not in DROPPED_KINDS or not isinstance(info.get("block"), int):
+            raise LqcConfigError(
+                f"{path}: dropped module {module} is {info!r}; this lqc knows dropped kinds {', '.join(DROPPED_KINDS)} "
+                f"with a block index. The manifest is damaged: save the model again"
+            )
     for layer, info in manifest["layers"].items():
         if info.get("format") not in QUANT_FORMATS or info.get("kernel") not in KERNEL_LAYOUTS:
             raise LqcConfigError(

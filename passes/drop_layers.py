@@ -107,8 +107,15 @@ class DropLayers(Pass):
             chosen = sorted(set(self.options.layers))
         else:
             key = ("selection", self.options.what, how_many, self.options.iterative, tuple(b.block for b in boundaries))
+            # keyed on the blocks' norm and FFN weights: every capture of the model keeps those, while
+            # the k/v projections of a dropped attention are dead code in captures whose cache
+            # ignores that layer (lqc.runtime.dropped_layers), and cleanup removes them
             constants = sorted(
-                {n.target for n in graph.gm.graph.find_nodes(op="get_attr") if graph.fqns(n) and _in_blocks(graph, n, boundaries)}
+                {
+                    n.target
+                    for n in graph.gm.graph.find_nodes(op="get_attr")
+                    if graph.fqns(n) and _in_blocks(graph, n, boundaries) and _in_norm_or_ffn(n)
+                }
             )
 
             def choose():
@@ -119,6 +126,7 @@ class DropLayers(Pass):
             chosen, scores = ctx.transform(graph, key, constants, choose)
             chosen = list(chosen)
 
+        dropped_modules = _sublayer_modules(graph, [boundaries[index_of[b]] for b in chosen], self.options.what)
         removed, cache_kept = self._drop(graph, boundaries, [index_of[b] for b in chosen], self.options.what)
         dropped_paths = [boundaries[index_of[b]].path for b in chosen]
         details = {
@@ -130,6 +138,8 @@ class DropLayers(Pass):
             "bytes_removed": removed.bytes,
             "flops_per_token_removed": removed.flops_per_token,
             "cache_kept": cache_kept,
+            "dropped_modules": dropped_modules,
+            "dropped_attention_layers": sorted({m["block"] for m in dropped_modules.values() if m["kind"] == "attention"}),
         }
         message = f"dropped {self.options.what} of blocks {chosen}: {removed.params} parameters, {removed.flops_per_token} FLOPs/token"
         return PassResult(changed=bool(chosen), matches=len(chosen), details=details, message=message)
@@ -220,6 +230,34 @@ def _span_table(importance: LayerImportance, length: int) -> list[dict]:
         {"start": importance.blocks[i], "length": length, "angular_distance": round(d, 6)}
         for i, d in enumerate(importance.spans[length])
     ]
+
+
+def _sublayer_modules(graph: Graph, blocks: list[BlockBoundary], what: str) -> dict[str, dict]:
+    """Module path -> {kind, block} of the modules that go with the dropped sublayers: the
+    attention or FFN module(s) and the norm in front of each (what ``lqc.load`` rebuilds a saved
+    model without)."""
+    modules: dict[str, dict] = {}
+    for b in blocks:
+        for part in ("attention", "mlp") if what in ("block", "span") else (what,):
+            add = b.attn_add if part == "attention" else b.ffn_add
+            region = b.attn_region if part == "attention" else b.ffn_region
+            if add is None or region is None:
+                continue
+            kind = "attention" if part == "attention" else "mlp"
+            for path in region.modules:
+                modules[path] = {"kind": kind, "block": b.block}
+            stream = b.h_in if part == "attention" else b.h_mid
+            for node in _sublayer_nodes(stream, add, region):
+                where = node.meta.get("lqc_region")
+                if where is not None and where.kind == "norm":
+                    modules[where.path] = {"kind": "norm", "block": b.block}
+    return modules
+
+
+def _in_norm_or_ffn(constant: fx.Node) -> bool:
+    return any(
+        (region := user.meta.get("lqc_region")) is not None and region.kind in ("norm", "ffn") for user in constant.users
+    )
 
 
 def _in_blocks(graph: Graph, node: fx.Node, boundaries: list[BlockBoundary]) -> bool:

@@ -33,3 +33,21 @@ def test_pass_development_guide_runs(capsys):
     out = capsys.readouterr().out
     assert "ffn:model.layers.0.mlp" in out
     assert "pattern expects 'mul', the graph has 'linear'" in out
+
+
+def test_layer_dropping_guide_runs(capsys):
+    """docs/layer-dropping.md: its code blocks run in order and print what the text says."""
+    doc = DOC.parent / "layer-dropping.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert len(blocks) == 3
+    namespace: dict = {}
+    for i, block in enumerate(blocks):
+        try:
+            exec(compile(block, f"{doc.name}[block {i}]", "exec"), namespace)
+        except Exception as exc:  # name the failing block
+            pytest.fail(f"block {i} of {doc.name} failed: {type(exc).__name__}: {exc}\n{block}")
+    out = capsys.readouterr().out
+    assert "dropped attention of blocks [0]: 12352 parameters, 24576 FLOPs/token" in out
+    assert "['DroppedDynamicLayer', 'DynamicLayer'] 5120 bytes" in out
+    assert "['DroppedStaticLayer', 'StaticLayer'] 5120 bytes" in out
+    assert "DroppedAttention(layer_idx=1)\nTrue" in out

@@ -240,3 +240,85 @@ def test_post_norm_blocks_are_refused(token_ids):
     graph = trace(lqc.models.load("tiny-bert").model, token_ids)
     with pytest.raises(LqcConfigError, match="only pre-norm residual blocks"):
         PassManager([{"pass": "drop_layers", "what": "block", "layers": [1]}]).run(graph, PassContext(progress=False))
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_compressed_generate_frees_the_dropped_layers_cache(tiny_llama, token_ids, cache):
+    """lqc.compress makes generate() build caches whose dropped-attention slots hold one position:
+    the same tokens as the eager model with that attention zeroed, and that layer's bytes gone."""
+    from lqc.runtime.dropped_layers import DroppedDynamicLayer, DroppedStaticLayer, kv_cache_nbytes
+
+    extra = {"cache_implementation": "static"} if cache == "static" else {}
+    kwargs = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, **extra)
+    compressed = lqc.compress(tiny_llama, [{"pass": "drop_layers", "what": "attention", "layers": [0]}], progress=False)
+    with torch.no_grad():
+        generated = compressed.generate(token_ids, **kwargs)
+        expected = _zero_out(tiny_llama, "attention", 0).generate(token_ids, **kwargs)
+        full = tiny_llama.generate(token_ids, **kwargs)
+    assert torch.equal(generated.sequences, expected.sequences)
+    layers = generated.past_key_values.layers
+    assert isinstance(layers[0], DroppedDynamicLayer if cache == "dynamic" else DroppedStaticLayer)
+    assert type(layers[1]).__name__ == ("DynamicLayer" if cache == "dynamic" else "StaticLayer")
+    # the layer's length still counts (layer 0 is the one HF would ask), its memory is one position
+    assert layers[0].keys.shape == layers[1].keys.shape and layers[0].keys.stride(2) == 0
+    assert generated.past_key_values.get_seq_length() == full.past_key_values.get_seq_length() == 12 + 8 - 1
+    one_position = 2 * 2 * 16 * 4  # keys and values, 2 KV heads of 16 floats
+    assert kv_cache_nbytes(generated.past_key_values) == kv_cache_nbytes(full.past_key_values) // 2 + one_position
+    # the original model is untouched: its caches keep every layer
+    assert not hasattr(tiny_llama, "_lqc_dropped_attention")
+
+
+def test_free_dropped_layers_errors(tiny_llama, token_ids):
+    from transformers import DynamicCache, StaticCache
+
+    from lqc.runtime.dropped_layers import free_dropped_layers
+
+    config = tiny_llama.config
+    with pytest.raises(ValueError, match="leaves no attention layer to tell the cache's length"):
+        free_dropped_layers(DynamicCache(config=config), [0, 1])
+    with pytest.raises(ValueError, match=r"does not know the model's layer count; build it with the model's config"):
+        free_dropped_layers(DynamicCache(), [1])
+    with pytest.raises(ValueError, match="layer 5 is out of range: this cache has 2 layers"):
+        free_dropped_layers(StaticCache(config=config, max_cache_len=16), [5])
+    used = DynamicCache(config=config)
+    with torch.no_grad():
+        tiny_llama(token_ids, past_key_values=used, use_cache=True)
+    with pytest.raises(ValueError, match="layer 1 already holds keys and values; free layers before the cache is used"):
+        free_dropped_layers(used, [1])
+
+
+@pytest.mark.parametrize("what,layers", [("attention", [1]), ("block", [0])])
+def test_dropped_model_saves_and_loads(tiny_llama, token_ids, tmp_path, what, layers):
+    """A dropped (and quantized) model saves without the dropped weights and loads with stand-ins
+    that give the same logits and the same generations, caches freed as after compress."""
+    import json
+
+    recipe = [{"pass": "drop_layers", "what": what, "layers": layers}, {"pass": "quantize", "format": "int8"}]
+    compressed = lqc.compress(tiny_llama, recipe, progress=False)
+    lqc.save(compressed, tmp_path)
+    manifest = json.loads((tmp_path / "lqc.json").read_text())
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as stored:
+        names = list(stored.keys())
+    for path in manifest["dropped"]:
+        assert not [n for n in names if n.startswith(path + ".")]
+    kinds = sorted(info["kind"] for info in manifest["dropped"].values())
+    assert kinds == (["attention", "norm"] if what == "attention" else ["attention", "mlp", "norm", "norm"])
+    loaded = lqc.load(tmp_path)
+    assert type(loaded.model.layers[layers[0]].self_attn).__name__ == "DroppedAttention"
+    kwargs = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    with torch.no_grad():
+        assert torch.equal(loaded(token_ids).logits, compressed(token_ids).logits)
+        for extra in ({}, {"cache_implementation": "static"}):
+            a = compressed.generate(token_ids, **kwargs, **extra)
+            b = loaded.generate(token_ids, **kwargs, **extra)
+            assert torch.equal(a.sequences, b.sequences)
+            assert [type(x) for x in a.past_key_values.layers] == [type(x) for x in b.past_key_values.layers]
+        # a cache the caller built keeps every slot; the stand-in writes zeros into the dropped one
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=loaded.config)
+        out = loaded(token_ids, past_key_values=cache, use_cache=True)
+        assert torch.equal(out.logits, compressed(token_ids).logits)
+        assert not cache.layers[layers[0]].keys.any() and cache.layers[layers[0]].keys.shape[-2] == token_ids.shape[1]
