@@ -89,50 +89,55 @@ def _check_hadamard(graph: Graph, node: fx.Node) -> None:
 register_op_verifier("lqc::hadamard", _check_hadamard)
 
 
-# ``lqc::moe_ffn(x, router_weight, router_bias, w_in, w_gate, b_in, w_out, top_k, activation)``:
-# the routed part of an FFN carved into E experts of m neurons (lqc.passes, FFN factorization).
-# Per token, the router scores ``x @ router_weight.T + router_bias`` pick the top_k experts; each
-# picked expert e adds ``h_e @ w_out[e].T`` with weight 1, where h_e is
+# ``lqc::moe_ffn(x, router_weight, router_bias, w_in, w_gate, b_in, w_out, shared, top_k, activation)``:
+# an FFN carved into E experts of m neurons (lqc.passes.ffn_to_moe). Experts 0..shared-1 are
+# always active; of the others, the router scores ``x @ router_weight.T + router_bias`` pick the
+# top_k per token. Each active expert e adds ``h_e @ w_out[e].T`` with weight 1, where h_e is
 # ``act(x @ w_gate[e].T) * (x @ w_in[e].T)`` (gated, SwiGLU) or ``act(x @ w_in[e].T + b_in[e])``.
-# Shapes: router_weight [E, d], router_bias [E], w_in / w_gate [E, m, d], b_in [E, m],
-# w_out [E, d_out, m]. With top_k = E it is the dense FFN of those neurons (output bias excluded:
-# the graph adds it). Implementations: lqc.runtime.moe.
+# Shapes: router_weight [E - shared, d], router_bias [E - shared], w_in / w_gate [E, m, d],
+# b_in [E, m], w_out [E, d_out, m]. With top_k = E - shared it is the dense FFN of all E x m
+# neurons (output bias excluded: the graph adds it). Implementations: lqc.runtime.moe.
 MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 _lib.define(
     "moe_ffn(Tensor x, Tensor router_weight, Tensor? router_bias, Tensor w_in, Tensor? w_gate, Tensor? b_in, "
-    "Tensor w_out, int top_k, str activation) -> Tensor"
+    "Tensor w_out, int shared, int top_k, str activation) -> Tensor"
 )
 
 
 @torch.library.register_fake("lqc::moe_ffn")
-def _moe_ffn_fake(x, router_weight, router_bias, w_in, w_gate, b_in, w_out, top_k, activation):
+def _moe_ffn_fake(x, router_weight, router_bias, w_in, w_gate, b_in, w_out, shared, top_k, activation):
     return x.new_empty((*x.shape[:-1], w_out.shape[1]))
 
 
+MOE_FFN_ARGS = ("x", "router_weight", "router_bias", "w_in", "w_gate", "b_in", "w_out", "shared", "top_k", "activation")
+
+
 def moe_ffn_args(node: fx.Node) -> dict:
-    names = ("x", "router_weight", "router_bias", "w_in", "w_gate", "b_in", "w_out", "top_k", "activation")
-    return dict(zip(names, node.args))
+    return dict(zip(MOE_FFN_ARGS, node.args))
 
 
-def check_moe_ffn_shapes(x_width, router_weight, router_bias, w_in, w_gate, b_in, w_out, top_k, activation) -> None:
-    """Raise ValueError naming the first inconsistency between the operands' shapes."""
-    experts, neurons, width = w_in.shape if w_in.dim() == 3 else (None, None, None)
-    if experts is None:
+def check_moe_ffn_shapes(x_width, router_weight, router_bias, w_in, w_gate, b_in, w_out, shared, top_k, activation) -> None:
+    """Raise ValueError naming the first inconsistency between the operands."""
+    if w_in.dim() != 3:
         raise ValueError(f"w_in must be [experts, neurons, width], got {tuple(w_in.shape)}")
+    experts, neurons, width = w_in.shape
+    routed = experts - shared
     if x_width is not None and x_width != width:
         raise ValueError(f"the input has {x_width} features, the experts expect {width}")
-    if tuple(router_weight.shape) != (experts, width):
-        raise ValueError(f"router_weight is {tuple(router_weight.shape)}, expected [{experts}, {width}]")
-    if router_bias is not None and tuple(router_bias.shape) != (experts,):
-        raise ValueError(f"router_bias is {tuple(router_bias.shape)}, expected [{experts}]")
+    if not 0 <= shared < experts:
+        raise ValueError(f"shared is {shared}; it must be between 0 and {experts - 1} (at least one routed expert)")
+    if tuple(router_weight.shape) != (routed, width):
+        raise ValueError(f"router_weight is {tuple(router_weight.shape)}, expected [{routed}, {width}] (one row per routed expert)")
+    if router_bias is not None and tuple(router_bias.shape) != (routed,):
+        raise ValueError(f"router_bias is {tuple(router_bias.shape)}, expected [{routed}]")
     if w_gate is not None and w_gate.shape != w_in.shape:
         raise ValueError(f"w_gate is {tuple(w_gate.shape)}, expected {tuple(w_in.shape)} like w_in")
     if b_in is not None and tuple(b_in.shape) != (experts, neurons):
         raise ValueError(f"b_in is {tuple(b_in.shape)}, expected [{experts}, {neurons}]")
     if w_out.dim() != 3 or w_out.shape[0] != experts or w_out.shape[2] != neurons:
         raise ValueError(f"w_out is {tuple(w_out.shape)}, expected [{experts}, out_features, {neurons}]")
-    if not 1 <= top_k <= experts:
-        raise ValueError(f"top_k is {top_k}; it must be between 1 and the {experts} experts")
+    if not 1 <= top_k <= routed:
+        raise ValueError(f"top_k is {top_k}; it must be between 1 and the {routed} routed experts")
     if activation not in MOE_ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not one of {', '.join(MOE_ACTIVATIONS)}")
 
@@ -146,11 +151,9 @@ def _check_moe_ffn(graph: Graph, node: fx.Node) -> None:
         return graph.constant(arg) if graph.is_constant(arg) else arg.meta.get("val")
 
     x = value(a["x"])
+    tensors = [value(a[k]) for k in MOE_FFN_ARGS[1:7]]
     try:
-        check_moe_ffn_shapes(
-            None if x is None else x.shape[-1], *(value(a[k]) for k in ("router_weight", "router_bias", "w_in", "w_gate", "b_in", "w_out")),
-            a["top_k"], a["activation"],
-        )
+        check_moe_ffn_shapes(None if x is None else x.shape[-1], *tensors, a["shared"], a["top_k"], a["activation"])
     except ValueError as exc:
         raise VerificationError(f"lqc::moe_ffn %{node.name}: {exc}") from None
 

@@ -51,3 +51,12 @@ def test_layer_dropping_guide_runs(capsys):
     assert "['DroppedDynamicLayer', 'DynamicLayer'] 5120 bytes" in out
     assert "['DroppedStaticLayer', 'StaticLayer'] 5120 bytes" in out
     assert "DroppedAttention(layer_idx=1)\nTrue" in out
+
+
+def test_moe_guide_runs(capsys):
+    doc = DOC.parent / "moe.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert len(blocks) == 1
+    exec(compile(blocks[0], f"{doc.name}[block 0]", "exec"), {})
+    out = capsys.readouterr().out
+    assert "carved 2 FFNs into 4 experts (1 shared, top 1): 50% of neurons active, FFN FLOPs/token 122,880 -> 62,208" in out

@@ -12,12 +12,12 @@ import lqc  # noqa: F401  (registers lqc::moe_ffn)
 from lqc.runtime.moe import moe_ffn, moe_ffn_reference
 
 
-def _experts(experts=4, neurons=6, width=10, out=None, gated=True, bias=False, seed=0):
+def _experts(experts=4, neurons=6, width=10, out=None, gated=True, bias=False, shared=0, seed=0):
     g = torch.Generator().manual_seed(seed)
     out = out or width
     return dict(
-        router_weight=torch.randn(experts, width, generator=g),
-        router_bias=torch.randn(experts, generator=g) if bias else None,
+        router_weight=torch.randn(experts - shared, width, generator=g),
+        router_bias=torch.randn(experts - shared, generator=g) if bias else None,
         w_in=torch.randn(experts, neurons, width, generator=g) / width**0.5,
         w_gate=torch.randn(experts, neurons, width, generator=g) / width**0.5 if gated else None,
         b_in=torch.randn(experts, neurons, generator=g) if bias else None,
@@ -30,21 +30,22 @@ def _relative(a, b):
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 7, 33])
-@pytest.mark.parametrize("top_k", [1, 2, 4])
+@pytest.mark.parametrize("shared,top_k", [(0, 1), (0, 2), (0, 5), (1, 1), (2, 3)])
 @pytest.mark.parametrize("gated,activation,bias", [(True, "silu", False), (False, "gelu", True), (False, "gelu_tanh", True), (True, "relu", False)])
-def test_fast_path_equals_reference(tokens, top_k, gated, activation, bias):
-    w = _experts(gated=gated, bias=bias, out=9)
+def test_fast_path_equals_reference(tokens, shared, top_k, gated, activation, bias):
+    w = _experts(experts=5, gated=gated, bias=bias, out=9, shared=shared)
     x = torch.randn(1, tokens, 10, generator=torch.Generator().manual_seed(tokens))
-    expected = moe_ffn_reference(x, **w, top_k=top_k, activation=activation)
-    got = torch.ops.lqc.moe_ffn(x, *w.values(), top_k, activation)
+    expected = moe_ffn_reference(x, **w, shared=shared, top_k=top_k, activation=activation)
+    got = torch.ops.lqc.moe_ffn(x, *w.values(), shared, top_k, activation)
     assert got.shape == (1, tokens, 9)
     assert _relative(got, expected) <= 1e-6
 
 
 @pytest.mark.parametrize("gated", [True, False])
-def test_every_expert_active_is_the_dense_ffn(gated):
+@pytest.mark.parametrize("shared", [0, 1])
+def test_every_expert_active_is_the_dense_ffn(gated, shared):
     """Concatenating the experts' neurons gives back the dense FFN they were carved from."""
-    w = _experts(experts=3, neurons=5, width=8, gated=gated, bias=not gated)
+    w = _experts(experts=3, neurons=5, width=8, gated=gated, bias=not gated, shared=shared)
     x = torch.randn(2, 7, 8, generator=torch.Generator().manual_seed(1))
     w_in, w_out = w["w_in"].reshape(15, 8), w["w_out"].permute(1, 0, 2).reshape(8, 15)
     if gated:
@@ -54,19 +55,22 @@ def test_every_expert_active_is_the_dense_ffn(gated):
         dense = F.linear(F.gelu(F.linear(x, w_in, w["b_in"].reshape(15))), w_out)
         activation = "gelu"
     for impl in (moe_ffn, moe_ffn_reference):
-        got = impl(x, **w, top_k=3, activation=activation)
+        got = impl(x, **w, shared=shared, top_k=3 - shared, activation=activation)
         assert _relative(got, dense) <= 1e-6
 
 
-def test_routing_follows_the_router():
-    """A router that always prefers expert 2 sends every token there and nowhere else."""
-    w = _experts(experts=4)
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_routing_follows_the_router(tokens):
+    """A router that always prefers routed expert 1 sends every token there, besides the shared expert 0."""
+    w = _experts(experts=4, shared=1)
     w["router_weight"] = torch.zeros_like(w["router_weight"])
-    w["router_bias"] = torch.tensor([0.0, 0.0, 5.0, 0.0])
-    x = torch.randn(5, 10, generator=torch.Generator().manual_seed(2))
-    only_two = {k: (v[2:3] if k in ("w_in", "w_gate", "w_out") else v) for k, v in w.items()}
-    expected = F.linear(F.silu(F.linear(x, only_two["w_gate"][0])) * F.linear(x, only_two["w_in"][0]), only_two["w_out"][0])
-    assert _relative(moe_ffn(x, **w, top_k=1, activation="silu"), expected) <= 1e-6
+    w["router_bias"] = torch.tensor([0.0, 5.0, 0.0])
+    x = torch.randn(tokens, 10, generator=torch.Generator().manual_seed(2))
+
+    def expert(e):
+        return F.linear(F.silu(F.linear(x, w["w_gate"][e])) * F.linear(x, w["w_in"][e]), w["w_out"][e])
+
+    assert _relative(moe_ffn(x, **w, shared=1, top_k=1, activation="silu"), expert(0) + expert(2)) <= 1e-6
 
 
 def test_compiles_with_its_fake_implementation():
@@ -74,7 +78,7 @@ def test_compiles_with_its_fake_implementation():
     x = torch.randn(1, 3, 10, generator=torch.Generator().manual_seed(3))
 
     def f(x):
-        return torch.ops.lqc.moe_ffn(x, *w.values(), 2, "silu") + 1
+        return torch.ops.lqc.moe_ffn(x, *w.values(), 0, 2, "silu") + 1
 
     compiled = torch.compile(f, backend="eager", fullgraph=True)
     assert torch.equal(compiled(x), f(x))
@@ -84,15 +88,16 @@ def test_compiles_with_its_fake_implementation():
     "change,message",
     [
         ({"w_gate": torch.zeros(4, 5, 10)}, r"w_gate is \(4, 5, 10\), expected \(4, 6, 10\) like w_in"),
-        ({"router_weight": torch.zeros(3, 10)}, r"router_weight is \(3, 10\), expected \[4, 10\]"),
+        ({"router_weight": torch.zeros(3, 10)}, r"router_weight is \(3, 10\), expected \[4, 10\] \(one row per routed expert\)"),
+        ({"shared": 4}, r"shared is 4; it must be between 0 and 3"),
         ({"w_out": torch.zeros(4, 10, 5)}, r"w_out is \(4, 10, 5\), expected \[4, out_features, 6\]"),
-        ({"top_k": 5}, r"top_k is 5; it must be between 1 and the 4 experts"),
+        ({"top_k": 5}, r"top_k is 5; it must be between 1 and the 4 routed experts"),
         ({"activation": "tanh"}, r"activation 'tanh' is not one of silu, gelu, gelu_tanh, relu"),
     ],
 )
 def test_reference_errors_name_the_operand(change, message):
-    args = {**_experts(), "top_k": 2, "activation": "silu", **change}
+    args = {**_experts(), "shared": 0, "top_k": 2, "activation": "silu", **change}
     with pytest.raises(ValueError, match=message):
         moe_ffn_reference(torch.zeros(2, 10), **args)
     with pytest.raises(ValueError, match=r"the input has 9 features, the experts expect 10"):
-        moe_ffn_reference(torch.zeros(2, 9), **{**_experts(), "top_k": 2, "activation": "silu"})
+        moe_ffn_reference(torch.zeros(2, 9), **{**_experts(), "shared": 0, "top_k": 2, "activation": "silu"})
