@@ -1,0 +1,100 @@
+"""FFN-to-MoE on SmolLM2-135M: perplexity and FFN FLOPs per token at several active fractions,
+the clustered partition against a random one with the same (least-squares) router.
+
+Every row carves every FFN into ``--experts`` experts with ``--shared`` shared ones; ``top_k``
+sets the active fraction (shared + top_k) / experts. Perplexity follows DESIGN.md's protocol
+(non-overlapping 512-token windows of eval.txt, float32; full = 128 windows); calibration is
+calib.txt. Rows are written after each measurement.
+
+    python benchmarks/moe_quality.py --windows 128 --out benchmarks/results/smollm2-moe-quality
+    python benchmarks/moe_quality.py --windows 16 --top-k 3        # a quick look at 50% active
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import lqc
+from lqc.backend import clear_reports, reports
+from lqc.data import calibration_from, data_file, tokenize_file
+from lqc.evaluate import causal_lm_logits, perplexity
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--windows", type=int, default=128)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--shared", type=int, default=1)
+    parser.add_argument("--top-k", type=int, nargs="*", default=[5, 3, 1], help="routed experts per token (default: 75/50/25%% active)")
+    parser.add_argument("--partitions", nargs="*", default=["cluster", "random"], choices=["cluster", "random"])
+    parser.add_argument("--tokens", type=int, default=4096, help="calibration tokens")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    loaded = lqc.models.load(args.model)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    ids = tokenize_file(data_file("eval.txt"), tokenizer)
+    calibration = calibration_from("calib", tokenizer)
+    rows = []
+    with torch.no_grad():
+        reference = perplexity(causal_lm_logits(model), ids, max_windows=args.windows, progress=False).to_json()
+        print(f"dense float32: {reference['perplexity']:.4f} ({reference['scored_tokens']} tokens)", flush=True)
+        for top_k in args.top_k:
+            for partition in args.partitions:
+                recipe = [{"pass": "cleanup"}, {"pass": "ffn_to_moe", "experts": args.experts, "shared": args.shared,
+                                                "top_k": top_k, "partition": partition, "tokens": args.tokens}]
+                clear_reports()
+                torch._dynamo.reset()
+                start = time.perf_counter()
+                compressed = lqc.compress(model, recipe, calibration=calibration, tokenizer=tokenizer, progress=False)
+                seconds = time.perf_counter() - start
+                record = next(r for r in reports()[-1].records if r.name == "ffn_to_moe")
+                result = perplexity(causal_lm_logits(compressed), ids, max_windows=args.windows, progress=False)
+                layers = record.details["layers"]
+                row = {
+                    "top_k": top_k, "partition": partition, "active_fraction": record.details["active_fraction"],
+                    "perplexity": result.perplexity, "delta_pct": 100 * (result.perplexity / reference["perplexity"] - 1),
+                    "ffn_flops_per_token_dense": record.details["ffn_flops_per_token_dense"],
+                    "ffn_flops_per_token_moe": record.details["ffn_flops_per_token_moe"],
+                    "router_recall_mean": sum(layer["router_recall"] for layer in layers) / len(layers),
+                    "router_recall_initial_mean": sum(layer["router_recall_initial"] for layer in layers) / len(layers),
+                    "compress_seconds": round(seconds, 1), "eval_seconds": round(result.seconds, 1), "recipe": recipe,
+                }
+                rows.append(row)
+                print(f"{row['active_fraction']:.0%} active, {partition}: {row['perplexity']:.4f} ({row['delta_pct']:+.2f}%), "
+                      f"FFN FLOPs/token {row['ffn_flops_per_token_moe']:,} of {row['ffn_flops_per_token_dense']:,}, "
+                      f"router recall {row['router_recall_mean']:.3f} (initial {row['router_recall_initial_mean']:.3f})", flush=True)
+                if args.out:
+                    out = Path(args.out)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    meta = {"model": loaded.name, "torch": torch.__version__, "threads": args.threads, "experts": args.experts,
+                            "shared": args.shared}
+                    out.with_suffix(".json").write_text(json.dumps({**meta, "reference": reference, "rows": rows}, indent=1) + "\n")
+                    out.with_suffix(".md").write_text(markdown(rows, reference, args))
+    print(markdown(rows, reference, args))
+    return 0
+
+
+def markdown(rows, reference, args) -> str:
+    lines = [f"Perplexity on eval.txt, {reference['windows']} windows of {reference['window_length']} tokens; dense float32 "
+             f"{reference['perplexity']:.4f}. {args.experts} experts per FFN, {args.shared} shared; least-squares router.", "",
+             "| active | partition | perplexity | vs dense | FFN FLOPs/token | of dense | router recall (initial) |",
+             "|---:|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['active_fraction']:.0%} | {r['partition']} | {r['perplexity']:.4f} | {r['delta_pct']:+.2f}% | "
+                     f"{r['ffn_flops_per_token_moe']:,} | {r['ffn_flops_per_token_moe'] / r['ffn_flops_per_token_dense']:.3f} | "
+                     f"{r['router_recall_mean']:.3f} ({r['router_recall_initial_mean']:.3f}) |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
