@@ -90,3 +90,53 @@ def test_quantization_quality_bounds(smollm2, eval_ids):
         results[name] = ppl(compressed)
     assert results["int8"] < 1.015 * reference, (reference, results)
     assert reference < results["hqq"] < results["rtn"], (reference, results)
+
+
+def test_dropped_attention_generates_frees_its_cache_and_saves(smollm2, prompt, tmp_path):
+    """2 attention sublayers dropped (explicit, no calibration): generate() with both caches
+    gives the eager model-with-those-attentions-zeroed tokens, the freed cache holds 28 layers'
+    bytes per token, and a save/load round trip keeps the logits."""
+    import copy
+
+    from lqc.runtime.dropped_layers import kv_cache_nbytes
+
+    model = smollm2.model
+    torch._dynamo.reset()
+    compressed = lqc.compress(model, [{"pass": "drop_layers", "what": "attention", "layers": [25, 26]}], progress=False)
+    reference = copy.deepcopy(model)
+    for i in (25, 26):
+        reference.model.layers[i].self_attn.forward = lambda hidden_states, *a, **k: (torch.zeros_like(hidden_states), None)
+    kwargs = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+    with torch.no_grad():
+        for extra in ({}, {"cache_implementation": "static"}):
+            expected = reference.generate(prompt, **kwargs, **extra).sequences
+            out = compressed.generate(prompt, **kwargs, **extra)
+            assert torch.equal(out.sequences, expected)
+        length = out.past_key_values.get_seq_length()
+        dynamic = compressed.generate(prompt, **kwargs).past_key_values
+        per_token = 28 * 2 * 3 * 64 * 4  # kept layers x keys and values x KV heads x head dim x float32
+        assert kv_cache_nbytes(dynamic) == per_token * dynamic.get_seq_length() + 2 * (2 * 3 * 64 * 4)
+        assert length > 0
+        logits = compressed(prompt).logits
+    lqc.save(compressed, tmp_path)
+    loaded = lqc.load(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(prompt).logits, logits)
+
+
+def test_moe_with_every_expert_active_equals_the_dense_model(smollm2, prompt):
+    from lqc.data import calibration_from
+    from lqc.ir import op_name, trace
+    from lqc.passes import PassContext, PassManager
+
+    model = smollm2.model
+    graph = trace(model, prompt)
+    with torch.no_grad():
+        dense = graph(prompt)[-1]
+    calibration = calibration_from("calib", smollm2.tokenizer)
+    recipe = [{"pass": "ffn_to_moe", "experts": 8, "shared": 1, "top_k": 7, "tokens": 512}]
+    PassManager(recipe).run(graph, PassContext(calibration=calibration, progress=False))
+    assert sum(op_name(n) == "lqc::moe_ffn" for n in graph.nodes) == 30
+    with torch.no_grad():
+        carved = graph(prompt)[-1]
+    assert ((carved - dense).norm() / dense.norm()).item() <= 1e-5
