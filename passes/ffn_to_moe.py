@@ -226,14 +226,15 @@ def ffn_site(graph: Graph, region) -> tuple[FfnSite | None, str]:
     sites = [s for n in graph.nodes if n.name in members and (s := linear_site(n)) is not None]
     if len(sites) not in (2, 3):
         return None, f"{len(sites)} linears (an FFN has 2 or 3)"
-    inputs = {}
-    for s in sites:
-        inputs.setdefault(s.x, []).append(s)
-    x = max(inputs, key=lambda node: len(inputs[node]))
-    first = inputs[x]
-    downs = [s for s in sites if s.x is not x]
-    if len(downs) != 1 or len(first) != len(sites) - 1:
-        return None, "its linears are not input linear(s) then one output linear"
+    # the output linear is the one whose input is computed from another linear's output
+    def reads_another(s: LinearSite) -> bool:
+        return any(t is not s and (s.x is t.node or _between(t.node, s.x) is not None) for t in sites)
+
+    downs = [s for s in sites if reads_another(s)]
+    first = [s for s in sites if not reads_another(s)]
+    if len(downs) != 1 or not first or any(s.x is not first[0].x for s in first):
+        return None, "its linears are not input linear(s) on one input, then one output linear"
+    x = first[0].x
     down, hidden = downs[0], downs[0].x
     name = region.path
     if len(first) == 1:
@@ -313,10 +314,9 @@ def _between(start: fx.Node, end: fx.Node, limit: int = 32) -> list[fx.Node] | N
 
 # -- statistics ------------------------------------------------------------------------------------
 class _Recorder(fx.Interpreter):
-    def __init__(self, graph: Graph, watched: dict[fx.Node, list], limit: int):
+    def __init__(self, graph: Graph, watched: dict[fx.Node, list]):
         super().__init__(graph.gm, garbage_collect_values=True)
         self.watched = watched
-        self.limit = limit
 
     def run_node(self, node: fx.Node):
         result = super().run_node(node)
@@ -333,7 +333,7 @@ def record_ffns(graph: Graph, sites: list[FfnSite], inputs, tokens: int, *, prog
     for site in sites:
         watched.setdefault(site.x, [])
         watched.setdefault(site.down.x, [])
-    recorder = _Recorder(graph, watched, tokens)
+    recorder = _Recorder(graph, watched)
     for args in tqdm(inputs, desc="ffn statistics", disable=not progress, leave=False):
         recorder.run(*clone_inputs(args))
     joined = {node: torch.cat(rows)[:tokens] for node, rows in watched.items()}
