@@ -25,6 +25,7 @@ import torch
 
 import lqc
 from lqc.backend import clear_reports, reports
+from lqc.bench import write_results
 from lqc.data import calibration_from, data_file, tokenize_file
 from lqc.evaluate import causal_lm_logits, perplexity
 
@@ -157,14 +158,13 @@ def main(argv=None) -> int:
             print(f"{what} x{count} {choice} {row['dropped']}: {row['perplexity']:.4f} ({row['delta_pct']:+.2f}%), "
                   f"{row['eval_seconds']:.0f}s eval", flush=True)
             if args.out:  # written after every row: a long run keeps what it measured
-                out = Path(args.out)
-                out.parent.mkdir(parents=True, exist_ok=True)
                 meta = {"model": loaded.name, "torch": torch.__version__, "threads": args.threads}
                 payload = {**meta, "reference": reference, "summary": summary(rows, reference), "rows": rows}
-                out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
-                out.with_suffix(".md").write_text(markdown(rows, reference))
+                write_results(args.out, payload, markdown(rows, reference))
     if args.out:  # also after a --resume that measured nothing new: the tables follow the code
-        Path(args.out).with_suffix(".md").write_text(markdown(rows, reference))
+        meta = {"model": loaded.name, "torch": torch.__version__, "threads": args.threads}
+        write_results(args.out, {**meta, "reference": reference, "summary": summary(rows, reference), "rows": rows},
+                      markdown(rows, reference))
     print(markdown(rows, reference))
     return 0
 

@@ -7,7 +7,7 @@ benchmarks/quant_speed.py):
 - ``full``: ``cleanup`` only, every layer kept;
 - ``drop-attn-N``: ``cleanup`` + ``drop_layers`` (what: attention, count: N, scored on
   calibration text), the cache built with the dropped layers' slots freed
-  (lqc.runtime.dropped_layers, what ``generate()`` does after ``lqc.compress``);
+  (``Runner(dropped_attention=...)``, what ``generate()`` does after ``lqc.compress``);
 - ``drop-attn-N-full-cache``: the same graph with an ordinary cache (the dropped layers' slots
   are written with zeros and still read by nobody): the cache's share of the gain.
 
@@ -28,28 +28,15 @@ Expected figures:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
 import lqc
-from lqc.bench import Runner
+from lqc.bench import Runner, write_results
 from lqc.data import calibration_from
-from lqc.runtime.dropped_layers import free_dropped_layers, kv_cache_nbytes
-
-
-class FreedCacheRunner(Runner):
-    """A runner whose static caches hold nothing for the dropped attention layers."""
-
-    def __init__(self, model, forward, dropped: list[int]):
-        super().__init__(model, forward)
-        self.dropped = dropped
-
-    def new_cache(self, length: int):
-        return free_dropped_layers(super().new_cache(length), self.dropped)
+from lqc.runtime.dropped_layers import kv_cache_nbytes
 
 
 def expected_kv_bytes_per_token(config, kept_layers: int) -> int:
@@ -93,15 +80,15 @@ def main(argv=None) -> int:
                 print(f"[{prompt_length}] compiling and warming up {name} ...", flush=True)
                 lqc.clear_reports()
                 forward = forwards[drop_name if name.startswith("drop") else "full"]
-                runner = FreedCacheRunner(model, forward, dropped) if name == drop_name else Runner(model, forward)
                 if name == drop_name and not dropped:
                     # a graph without a cache calibrates (the choice is then cached for every graph of the
                     # model); its record says which layers the cache can leave out
                     forward(input_ids=prompt, use_cache=False)
                     record = next(r for rep in lqc.reports() for r in rep.records if r.name == "drop_layers")
-                    dropped[:] = record.details["dropped"]
+                    dropped[:] = record.details["dropped_attention_layers"]
                     lqc.clear_reports()
-                _, _, cache = runner.decode(prompt, 3, cache_length)
+                runner = Runner(model, forward, dropped_attention=dropped if name == drop_name else None)
+                _, _, cache = runner.decode(prompt, min(3, args.decode), cache_length)
                 done = [r for r in lqc.reports() if not r.fallback]
                 weight_bytes[name] = done[-1].bytes_after if done else weight_bytes.get(drop_name)
                 runners[name] = (runner, kv_cache_nbytes(cache))
@@ -158,11 +145,8 @@ def main(argv=None) -> int:
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"model": loaded.name, "torch": torch.__version__, "threads": args.threads, "decode": args.decode, "runs": args.runs}
-        out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows, "dynamic_cache": dynamic}, indent=1) + "\n")
-        out.with_suffix(".md").write_text(table)
+        write_results(args.out, {**meta, "rows": rows, "dynamic_cache": dynamic}, table)
     return 0
 
 

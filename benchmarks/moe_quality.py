@@ -13,15 +13,14 @@ calib.txt. Rows are written after each measurement.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 import lqc
 from lqc.backend import clear_reports, reports
+from lqc.bench import write_results
 from lqc.data import calibration_from, data_file, tokenize_file
 from lqc.evaluate import causal_lm_logits, perplexity
 
@@ -74,12 +73,9 @@ def main(argv=None) -> int:
                       f"FFN FLOPs/token {row['ffn_flops_per_token_moe']:,} of {row['ffn_flops_per_token_dense']:,}, "
                       f"router recall {row['router_recall_mean']:.3f} (initial {row['router_recall_initial_mean']:.3f})", flush=True)
                 if args.out:
-                    out = Path(args.out)
-                    out.parent.mkdir(parents=True, exist_ok=True)
                     meta = {"model": loaded.name, "torch": torch.__version__, "threads": args.threads, "experts": args.experts,
                             "shared": args.shared}
-                    out.with_suffix(".json").write_text(json.dumps({**meta, "reference": reference, "rows": rows}, indent=1) + "\n")
-                    out.with_suffix(".md").write_text(markdown(rows, reference, args))
+                    write_results(args.out, {**meta, "reference": reference, "rows": rows}, markdown(rows, reference, args))
     print(markdown(rows, reference, args))
     return 0
 

@@ -30,7 +30,7 @@ import torch
 
 import lqc
 from lqc.backend import clear_reports, reports
-from lqc.bench import stored_nbytes
+from lqc.bench import stored_nbytes, write_results
 from lqc.data import calibration_from, data_file, tokenize_file
 from lqc.evaluate import causal_lm_logits, perplexity
 
@@ -206,11 +206,8 @@ def main(argv=None) -> int:
             print(f"{name}: {row['perplexity']:.4f} ({row['delta_pct']:+.2f}%), stored/fp16 "
                   f"{row['linear_bytes_stored'] / (row['linear_bytes_fp32'] / 2):.3f}, {result.seconds:.0f}s eval", flush=True)
             if args.out:  # written after every row: a long run keeps what it measured
-                out = Path(args.out)
-                out.parent.mkdir(parents=True, exist_ok=True)
                 meta = {"model": loaded.name, "torch": torch.__version__, "threads": args.threads}
-                out.with_suffix(".json").write_text(json.dumps({**meta, "reference": reference, "rows": rows}, indent=1) + "\n")
-                out.with_suffix(".md").write_text(markdown(rows, reference))
+                write_results(args.out, {**meta, "reference": reference, "rows": rows}, markdown(rows, reference))
     print(markdown(rows, reference))
     return 0
 

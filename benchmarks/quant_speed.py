@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
 import lqc
-from lqc.bench import Runner, model_weight_bytes
+from lqc.bench import Runner, model_weight_bytes, write_results
 
 LQC_RECIPES = {  # name -> (model dtype, recipe)
     "lqc-int8": (torch.float32, [{"pass": "cleanup"}, {"pass": "quantize", "format": "int8"}]),
@@ -121,7 +119,7 @@ def main(argv=None) -> int:
             print(f"compiling and warming up {name} ...", flush=True)
             lqc.clear_reports()
             runners[name] = Runner(module, forward)
-            runners[name].decode(prompt, 3, cache_length)
+            runners[name].decode(prompt, min(3, args.decode), cache_length)
             done = [r for r in lqc.reports() if not r.fallback]
             runners[name].weight_bytes = done[-1].bytes_after if name.startswith("lqc") and done else model_weight_bytes(module)
         times = {name: [] for name in runners}
@@ -145,12 +143,9 @@ def main(argv=None) -> int:
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"model": "smollm2-135m", "torch": torch.__version__, "threads": args.threads, "prompt": args.prompt,
                 "decode": args.decode, "runs": args.runs, "fastest_baseline": fastest["variant"] if fastest else None}
-        out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
-        out.with_suffix(".md").write_text(table)
+        write_results(args.out, {**meta, "rows": rows}, table)
     return 0
 
 

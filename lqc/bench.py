@@ -8,8 +8,10 @@ reset, Inductor's and lqc's caches kept). Ratios are against Inductor, measured 
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -17,6 +19,7 @@ import torch
 
 from lqc.passes import DEFAULT_CACHE
 from lqc.passes.report import format_table
+from lqc.runtime.dropped_layers import kv_cache_nbytes
 
 VARIANTS = ("eager", "inductor", "lqc")
 
@@ -75,14 +78,18 @@ def model_weight_bytes(model: torch.nn.Module) -> int:
 class Runner:
     """One variant's forward, driven through a prefill and a static-cache decode loop."""
 
-    def __init__(self, model: torch.nn.Module, forward: Callable):
+    def __init__(self, model: torch.nn.Module, forward: Callable, dropped_attention: list[int] | None = None):
         self.model = model
         self.forward = forward
+        # attention layers a drop_layers pass removed: their cache slots hold nothing
+        self.dropped_attention = list(dropped_attention or [])
 
     def new_cache(self, length: int):
         from transformers import StaticCache
 
-        return StaticCache(config=self.model.config, max_cache_len=length)
+        from lqc.runtime.dropped_layers import free_dropped_layers
+
+        return free_dropped_layers(StaticCache(config=self.model.config, max_cache_len=length), self.dropped_attention)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> float:
@@ -120,6 +127,21 @@ def _make_forward(model: torch.nn.Module, variant: str, recipe: Any, target: str
         options = {"recipe": recipe, "target": target, "progress": False}
         return torch.compile(model.forward, backend="lqc", options=options, dynamic=False)
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+
+
+def _dropped_attention() -> list[int]:
+    from .backend import reports
+
+    return sorted({i for r in reports() for rec in r.records if rec.name == "drop_layers"
+                   for i in rec.details.get("dropped_attention_layers", [])})
+
+
+def write_results(out: str | Path, payload: dict, table: str) -> None:
+    """OUT.json (the figures) and OUT.md (the table) for a benchmark script; folders made."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+    out.with_suffix(".md").write_text(table)
 
 
 def _lqc_weight_bytes() -> int | None:
@@ -180,8 +202,13 @@ def run_bench(
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=64):
         runners = {v: Runner(model, _make_forward(model, v, recipe, target)) for v in variants}
-        for runner in runners.values():
+        for v, runner in runners.items():
             _first_calls(runner, prefill_ids, prompt_ids, cache_length)  # compile (warm caches) and warm up
+            if v == "lqc" and (dropped := _dropped_attention()):
+                # the graphs say which attention layers are gone: time with their cache slots freed
+                # (another cache structure is another graph: compile it now, not in a timed run)
+                runner.dropped_attention = dropped
+                _first_calls(runner, prefill_ids, prompt_ids, cache_length)
         graphs_before = _graphs_compiled()
         prefill_times: dict[str, list[float]] = {v: [] for v in variants}
         decode_runs: dict[str, list] = {v: [] for v in variants}
@@ -201,7 +228,7 @@ def run_bench(
         prefill_s = statistics.median(prefill_times[v])
         steady_first = prefill_s + prompt_s + 2 * decode_s / decode_tokens
         cache = decode_runs[v][-1][2]
-        kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+        kv_bytes = kv_cache_nbytes(cache)  # as stored: a freed slot's zero view counts one position
         compiled = v != "eager"
         item = VariantResult(
             variant=v,

@@ -27,3 +27,18 @@ def test_bench_tiny_model_eager_and_lqc(tmp_path):
     table = format_bench(result)
     assert "decode tok/s" in table and "lqc" in table
     (tmp_path / "r.json").write_text(json.dumps(result.to_json()))
+
+
+def test_bench_times_dropped_attention_with_its_cache_freed():
+    """With a drop_layers recipe the lqc variant's static cache leaves the dropped layer out:
+    one layer's bytes per token plus one stored position of the dropped one."""
+    model = lqc.models.load("tiny-llama").model
+    recipe = [{"pass": "drop_layers", "what": "attention", "layers": [1]}]
+    result = run_bench(
+        model, model_name="tiny-llama", recipe=recipe, target="eager", variants=("eager", "lqc"),
+        prefill_tokens=32, prompt_tokens=8, decode_tokens=4, runs=1, log=lambda _: None,
+    )
+    eager, compressed = result.variants
+    assert result.graphs_compiled_while_timing == 0
+    assert eager.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4
+    assert compressed.kv_bytes_per_token == 2 * 2 * 16 * 4 + 2 * 2 * 16 * 4 / 12  # 12 = cache length
