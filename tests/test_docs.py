@@ -1,4 +1,4 @@
-"""The pass-development guide's code blocks run, in order, as written."""
+"""The guides' code blocks (pass development, layer dropping, MoE) run, in order, as written."""
 
 from __future__ import annotations
 
@@ -12,21 +12,25 @@ import pytest
 DOC = Path(__file__).resolve().parents[1] / "docs" / "pass-development.md"
 
 
+def run_doc_blocks(doc: Path, namespace: dict) -> int:
+    """Run a doc's ```python blocks in order in ``namespace``; a failure names its block."""
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    for i, block in enumerate(blocks):
+        try:
+            exec(compile(block, f"{doc.name}[block {i}]", "exec"), namespace)
+        except Exception as exc:  # name the failing block
+            pytest.fail(f"block {i} of {doc.name} failed: {type(exc).__name__}: {exc}\n{block}")
+    return len(blocks)
+
+
 def test_pass_development_guide_runs(capsys):
     from lqc.passes import unregister_pass
 
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
-    assert len(blocks) >= 8
     # A real module: dataclasses look their defining module up in sys.modules.
     module = types.ModuleType("pass_development_guide")
     sys.modules[module.__name__] = module
-    namespace = module.__dict__
     try:
-        for i, block in enumerate(blocks):
-            try:
-                exec(compile(block, f"{DOC.name}[block {i}]", "exec"), namespace)
-            except Exception as exc:  # name the failing block
-                pytest.fail(f"block {i} of {DOC.name} failed: {type(exc).__name__}: {exc}\n{block}")
+        assert run_doc_blocks(DOC, module.__dict__) >= 8
     finally:
         unregister_pass("fuse_swiglu")
         sys.modules.pop(module.__name__, None)
@@ -37,15 +41,7 @@ def test_pass_development_guide_runs(capsys):
 
 def test_layer_dropping_guide_runs(capsys):
     """docs/layer-dropping.md: its code blocks run in order and print what the text says."""
-    doc = DOC.parent / "layer-dropping.md"
-    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
-    assert len(blocks) == 3
-    namespace: dict = {}
-    for i, block in enumerate(blocks):
-        try:
-            exec(compile(block, f"{doc.name}[block {i}]", "exec"), namespace)
-        except Exception as exc:  # name the failing block
-            pytest.fail(f"block {i} of {doc.name} failed: {type(exc).__name__}: {exc}\n{block}")
+    assert run_doc_blocks(DOC.parent / "layer-dropping.md", {}) == 3
     out = capsys.readouterr().out
     assert "dropped attention of blocks [0]: 12352 parameters, 24576 FLOPs/token" in out
     assert "['DroppedDynamicLayer', 'DynamicLayer'] 5120 bytes" in out
@@ -54,9 +50,6 @@ def test_layer_dropping_guide_runs(capsys):
 
 
 def test_moe_guide_runs(capsys):
-    doc = DOC.parent / "moe.md"
-    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
-    assert len(blocks) == 1
-    exec(compile(blocks[0], f"{doc.name}[block 0]", "exec"), {})
+    assert run_doc_blocks(DOC.parent / "moe.md", {}) == 1
     out = capsys.readouterr().out
     assert "carved 2 FFNs into 4 experts (1 shared, top 1): 50% of neurons active, FFN FLOPs/token 122,880 -> 62,208" in out
