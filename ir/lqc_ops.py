@@ -106,6 +106,8 @@ _lib.define(
 
 @torch.library.register_fake("lqc::moe_ffn")
 def _moe_ffn_fake(x, router_weight, router_bias, w_in, w_gate, b_in, w_out, shared, top_k, activation):
+    # checked when a graph is traced, not on every eager call (decode calls it per layer per token)
+    check_moe_ffn_shapes(x.shape[-1], router_weight, router_bias, w_in, w_gate, b_in, w_out, shared, top_k, activation)
     return x.new_empty((*x.shape[:-1], w_out.shape[1]))
 
 

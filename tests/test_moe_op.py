@@ -101,3 +101,15 @@ def test_reference_errors_name_the_operand(change, message):
         moe_ffn_reference(torch.zeros(2, 10), **args)
     with pytest.raises(ValueError, match=r"the input has 9 features, the experts expect 10"):
         moe_ffn_reference(torch.zeros(2, 9), **{**_experts(), "shared": 0, "top_k": 2, "activation": "silu"})
+
+
+def test_tracing_checks_the_operands():
+    """Under torch.compile the fake implementation checks shapes: a clear error at compile time."""
+    w = _experts()
+    w["w_out"] = torch.zeros(4, 10, 5)
+
+    def f(x):
+        return torch.ops.lqc.moe_ffn(x, *w.values(), 0, 2, "silu")
+
+    with pytest.raises(Exception, match=r"w_out is \(4, 10, 5\), expected \[4, out_features, 6\]"):
+        torch.compile(f, backend="eager", fullgraph=True)(torch.zeros(1, 3, 10))
