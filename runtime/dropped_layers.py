@@ -22,6 +22,7 @@ call it for models whose attention layers were dropped.
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
@@ -187,16 +188,20 @@ def keep_dropped_layers_out_of_caches(model: torch.nn.Module, layers: Iterable[i
     cache the caller passes (``past_key_values=``) is left as it is: it still works, holding
     zeros for those layers (see ``free_dropped_layers`` to free it)."""
     layers = sorted(set(layers))
-    if not layers:
-        return
-    prepare = model._prepare_cache_for_generation  # bound to this instance's class
+    prepare = getattr(model, "_prepare_cache_for_generation", None)  # bound to this instance's class
+    if not layers or prepare is None:
+        return  # nothing dropped, or not a model with HF generate(): its caches are the caller's
 
     def prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs):
         given = model_kwargs.get("past_key_values")
         result = prepare(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("past_key_values")
         if cache is not None and cache is not given:
-            free_dropped_layers(getattr(cache, "self_attention_cache", cache), layers)
+            try:
+                free_dropped_layers(getattr(cache, "self_attention_cache", cache), layers)
+            except (TypeError, ValueError) as exc:
+                # e.g. sliding-window slots: the cache still works, holding zeros for those layers
+                warnings.warn(f"generate(): the dropped attention layers keep their cache slots: {exc}", stacklevel=2)
         return result
 
     model._prepare_cache_for_generation = prepare_cache_for_generation  # this instance only

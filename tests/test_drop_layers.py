@@ -322,3 +322,18 @@ def test_dropped_model_saves_and_loads(tiny_llama, token_ids, tmp_path, what, la
         out = loaded(token_ids, past_key_values=cache, use_cache=True)
         assert torch.equal(out.logits, compressed(token_ids).logits)
         assert not cache.layers[layers[0]].keys.any() and cache.layers[layers[0]].keys.shape[-2] == token_ids.shape[1]
+
+
+@pytest.mark.parametrize("family", ["tiny-gpt2", "tiny-qwen2"])
+def test_dropped_block_saves_and_loads_in_other_families(family, token_ids, tmp_path):
+    model = lqc.models.load(family).model
+    torch._dynamo.reset()
+    compressed = lqc.compress(model, [{"pass": "drop_layers", "what": "block", "layers": [1]}], progress=False)
+    lqc.save(compressed, tmp_path)
+    loaded = lqc.load(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(token_ids).logits, compressed(token_ids).logits)
+        assert torch.equal(
+            loaded.generate(token_ids, max_new_tokens=5, do_sample=False),
+            compressed.generate(token_ids, max_new_tokens=5, do_sample=False),
+        )
