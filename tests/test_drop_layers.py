@@ -337,3 +337,11 @@ def test_dropped_block_saves_and_loads_in_other_families(family, token_ids, tmp_
             loaded.generate(token_ids, max_new_tokens=5, do_sample=False),
             compressed.generate(token_ids, max_new_tokens=5, do_sample=False),
         )
+
+
+def test_beam_search_with_freed_cache_slots(tiny_llama, token_ids):
+    """Beam search reorders and regroups the cache every step: the freed slots follow."""
+    compressed = lqc.compress(tiny_llama, [{"pass": "drop_layers", "what": "attention", "layers": [0]}], progress=False)
+    with torch.no_grad():
+        expected = _zero_out(tiny_llama, "attention", 0).generate(token_ids, max_new_tokens=6, num_beams=3, do_sample=False)
+        assert torch.equal(compressed.generate(token_ids, max_new_tokens=6, num_beams=3, do_sample=False), expected)
