@@ -2,7 +2,8 @@
 the clustered partition against a random one with the same (least-squares) router.
 
 Every row carves every FFN into ``--experts`` experts with ``--shared`` shared ones; ``top_k``
-sets the active fraction (shared + top_k) / experts. Perplexity follows DESIGN.md's protocol
+sets the active fraction (shared + top_k) / experts. With ``--int8`` each clustered carve is also
+measured followed by ``quantize`` int8 (experts and every other linear: one recipe). Perplexity follows DESIGN.md's protocol
 (non-overlapping 512-token windows of eval.txt, float32; full = 128 windows); calibration is
 calib.txt. Rows are written after each measurement.
 
@@ -33,6 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shared", type=int, default=1)
     parser.add_argument("--top-k", type=int, nargs="*", default=[5, 3, 1], help="routed experts per token (default: 75/50/25%% active)")
     parser.add_argument("--partitions", nargs="*", default=["cluster", "random"], choices=["cluster", "random"])
+    parser.add_argument("--int8", action="store_true", help="also measure each clustered carve with int8 weights")
     parser.add_argument("--tokens", type=int, default=4096, help="calibration tokens")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
@@ -47,35 +49,38 @@ def main(argv=None) -> int:
     with torch.no_grad():
         reference = perplexity(causal_lm_logits(model), ids, max_windows=args.windows, progress=False).to_json()
         print(f"dense float32: {reference['perplexity']:.4f} ({reference['scored_tokens']} tokens)", flush=True)
-        for top_k in args.top_k:
-            for partition in args.partitions:
-                recipe = [{"pass": "cleanup"}, {"pass": "ffn_to_moe", "experts": args.experts, "shared": args.shared,
-                                                "top_k": top_k, "partition": partition, "tokens": args.tokens}]
-                clear_reports()
-                torch._dynamo.reset()
-                start = time.perf_counter()
-                compressed = lqc.compress(model, recipe, calibration=calibration, tokenizer=tokenizer, progress=False)
-                seconds = time.perf_counter() - start
-                record = next(r for r in reports()[-1].records if r.name == "ffn_to_moe")
-                result = perplexity(causal_lm_logits(compressed), ids, max_windows=args.windows, progress=False)
-                layers = record.details["layers"]
-                row = {
-                    "top_k": top_k, "partition": partition, "active_fraction": record.details["active_fraction"],
-                    "perplexity": result.perplexity, "delta_pct": 100 * (result.perplexity / reference["perplexity"] - 1),
-                    "ffn_flops_per_token_dense": record.details["ffn_flops_per_token_dense"],
-                    "ffn_flops_per_token_moe": record.details["ffn_flops_per_token_moe"],
-                    "router_recall_mean": sum(layer["router_recall"] for layer in layers) / len(layers),
-                    "router_recall_initial_mean": sum(layer["router_recall_initial"] for layer in layers) / len(layers),
-                    "compress_seconds": round(seconds, 1), "eval_seconds": round(result.seconds, 1), "recipe": recipe,
-                }
-                rows.append(row)
-                print(f"{row['active_fraction']:.0%} active, {partition}: {row['perplexity']:.4f} ({row['delta_pct']:+.2f}%), "
-                      f"FFN FLOPs/token {row['ffn_flops_per_token_moe']:,} of {row['ffn_flops_per_token_dense']:,}, "
-                      f"router recall {row['router_recall_mean']:.3f} (initial {row['router_recall_initial_mean']:.3f})", flush=True)
-                if args.out:
-                    meta = {"model": loaded.name, "torch": torch.__version__, "threads": args.threads, "experts": args.experts,
-                            "shared": args.shared}
-                    write_results(args.out, {**meta, "reference": reference, "rows": rows}, markdown(rows, reference, args))
+        runs = [(k, p, False) for k in args.top_k for p in args.partitions]
+        runs += [(k, "cluster", True) for k in args.top_k if args.int8]
+        for top_k, partition, int8 in runs:
+            recipe = [{"pass": "cleanup"}, {"pass": "ffn_to_moe", "experts": args.experts, "shared": args.shared,
+                                            "top_k": top_k, "partition": partition, "tokens": args.tokens}]
+            recipe += [{"pass": "quantize", "format": "int8"}] if int8 else []
+            clear_reports()
+            torch._dynamo.reset()
+            start = time.perf_counter()
+            compressed = lqc.compress(model, recipe, calibration=calibration, tokenizer=tokenizer, progress=False)
+            seconds = time.perf_counter() - start
+            record = next(r for r in reports()[-1].records if r.name == "ffn_to_moe")
+            result = perplexity(causal_lm_logits(compressed), ids, max_windows=args.windows, progress=False)
+            layers = record.details["layers"]
+            row = {
+                "top_k": top_k, "partition": partition, "int8": int8, "weight_bytes": reports()[-1].bytes_after,
+                "active_fraction": record.details["active_fraction"],
+                "perplexity": result.perplexity, "delta_pct": 100 * (result.perplexity / reference["perplexity"] - 1),
+                "ffn_flops_per_token_dense": record.details["ffn_flops_per_token_dense"],
+                "ffn_flops_per_token_moe": record.details["ffn_flops_per_token_moe"],
+                "router_recall_mean": sum(layer["router_recall"] for layer in layers) / len(layers),
+                "router_recall_initial_mean": sum(layer["router_recall_initial"] for layer in layers) / len(layers),
+                "compress_seconds": round(seconds, 1), "eval_seconds": round(result.seconds, 1), "recipe": recipe,
+            }
+            rows.append(row)
+            print(f"{row['active_fraction']:.0%} active, {partition}{' + int8' if int8 else ''}: {row['perplexity']:.4f} ({row['delta_pct']:+.2f}%), "
+                  f"FFN FLOPs/token {row['ffn_flops_per_token_moe']:,} of {row['ffn_flops_per_token_dense']:,}, "
+                  f"router recall {row['router_recall_mean']:.3f} (initial {row['router_recall_initial_mean']:.3f})", flush=True)
+            if args.out:
+                meta = {"model": loaded.name, "torch": torch.__version__, "threads": args.threads, "experts": args.experts,
+                        "shared": args.shared}
+                write_results(args.out, {**meta, "reference": reference, "rows": rows}, markdown(rows, reference, args))
     print(markdown(rows, reference, args))
     return 0
 
@@ -83,11 +88,12 @@ def main(argv=None) -> int:
 def markdown(rows, reference, args) -> str:
     lines = [f"Perplexity on eval.txt, {reference['windows']} windows of {reference['window_length']} tokens; dense float32 "
              f"{reference['perplexity']:.4f}. {args.experts} experts per FFN, {args.shared} shared; least-squares router.", "",
-             "| active | partition | perplexity | vs dense | FFN FLOPs/token | of dense | router recall (initial) |",
-             "|---:|---|---:|---:|---:|---:|---|"]
+             "| active | partition | weights | perplexity | vs dense | FFN FLOPs/token | of dense | weight MB | router recall (initial) |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['active_fraction']:.0%} | {r['partition']} | {r['perplexity']:.4f} | {r['delta_pct']:+.2f}% | "
-                     f"{r['ffn_flops_per_token_moe']:,} | {r['ffn_flops_per_token_moe'] / r['ffn_flops_per_token_dense']:.3f} | "
+        lines.append(f"| {r['active_fraction']:.0%} | {r['partition']} | {'int8' if r['int8'] else 'float32'} | {r['perplexity']:.4f} | "
+                     f"{r['delta_pct']:+.2f}% | {r['ffn_flops_per_token_moe']:,} | "
+                     f"{r['ffn_flops_per_token_moe'] / r['ffn_flops_per_token_dense']:.3f} | {r['weight_bytes'] / 1e6:.1f} | "
                      f"{r['router_recall_mean']:.3f} ({r['router_recall_initial_mean']:.3f}) |")
     return "\n".join(lines) + "\n"
 

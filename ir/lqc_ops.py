@@ -97,28 +97,38 @@ register_op_verifier("lqc::hadamard", _check_hadamard)
 # Shapes: router_weight [E - shared, d], router_bias [E - shared], w_in / w_gate [E, m, d],
 # b_in [E, m], w_out [E, d_out, m]. With top_k = E - shared it is the dense FFN of all E x m
 # neurons (output bias excluded: the graph adds it). Implementations: lqc.runtime.moe.
+# int8 experts (the quantize pass): w_in, w_gate and w_out hold int8 codes and the optional
+# trailing operands w_in_scale / w_gate_scale [E, m] and w_out_scale [E, d_out] their symmetric
+# per-output-channel scales, the weight being ``codes * scale[..., None]``.
 MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 _lib.define(
     "moe_ffn(Tensor x, Tensor router_weight, Tensor? router_bias, Tensor w_in, Tensor? w_gate, Tensor? b_in, "
-    "Tensor w_out, int shared, int top_k, str activation) -> Tensor"
+    "Tensor w_out, int shared, int top_k, str activation, Tensor? w_in_scale=None, Tensor? w_gate_scale=None, "
+    "Tensor? w_out_scale=None) -> Tensor"
 )
 
 
 @torch.library.register_fake("lqc::moe_ffn")
-def _moe_ffn_fake(x, router_weight, router_bias, w_in, w_gate, b_in, w_out, shared, top_k, activation):
+def _moe_ffn_fake(x, router_weight, router_bias, w_in, w_gate, b_in, w_out, shared, top_k, activation,
+                  w_in_scale=None, w_gate_scale=None, w_out_scale=None):
     # checked when a graph is traced, not on every eager call (decode calls it per layer per token)
-    check_moe_ffn_shapes(x.shape[-1], router_weight, router_bias, w_in, w_gate, b_in, w_out, shared, top_k, activation)
+    check_moe_ffn_shapes(x.shape[-1], router_weight, router_bias, w_in, w_gate, b_in, w_out, shared, top_k, activation,
+                         w_in_scale, w_gate_scale, w_out_scale)
     return x.new_empty((*x.shape[:-1], w_out.shape[1]))
 
 
-MOE_FFN_ARGS = ("x", "router_weight", "router_bias", "w_in", "w_gate", "b_in", "w_out", "shared", "top_k", "activation")
+MOE_FFN_ARGS = ("x", "router_weight", "router_bias", "w_in", "w_gate", "b_in", "w_out", "shared", "top_k", "activation",
+                "w_in_scale", "w_gate_scale", "w_out_scale")
+MOE_FFN_SCALES = {"w_in": "w_in_scale", "w_gate": "w_gate_scale", "w_out": "w_out_scale"}
 
 
 def moe_ffn_args(node: fx.Node) -> dict:
-    return dict(zip(MOE_FFN_ARGS, node.args))
+    """The node's operands by name, the omitted trailing scales as None."""
+    return {**dict.fromkeys(MOE_FFN_SCALES.values()), **dict(zip(MOE_FFN_ARGS, node.args)), **node.kwargs}
 
 
-def check_moe_ffn_shapes(x_width, router_weight, router_bias, w_in, w_gate, b_in, w_out, shared, top_k, activation) -> None:
+def check_moe_ffn_shapes(x_width, router_weight, router_bias, w_in, w_gate, b_in, w_out, shared, top_k, activation,
+                         w_in_scale=None, w_gate_scale=None, w_out_scale=None) -> None:
     """Raise ValueError naming the first inconsistency between the operands."""
     if w_in.dim() != 3:
         raise ValueError(f"w_in must be [experts, neurons, width], got {tuple(w_in.shape)}")
@@ -142,6 +152,15 @@ def check_moe_ffn_shapes(x_width, router_weight, router_bias, w_in, w_gate, b_in
         raise ValueError(f"top_k is {top_k}; it must be between 1 and the {routed} routed experts")
     if activation not in MOE_ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not one of {', '.join(MOE_ACTIVATIONS)}")
+    for name, weight, scale in (("w_in", w_in, w_in_scale), ("w_gate", w_gate, w_gate_scale), ("w_out", w_out, w_out_scale)):
+        if weight is None:
+            if scale is not None:
+                raise ValueError(f"{name}_scale is given without {name}")
+            continue
+        if (weight.dtype == torch.int8) != (scale is not None):
+            raise ValueError(f"{name} is {weight.dtype}: int8 codes need {name}_scale, and {name}_scale needs int8 codes")
+        if scale is not None and tuple(scale.shape) != tuple(weight.shape[:2]):
+            raise ValueError(f"{name}_scale is {tuple(scale.shape)}, expected {list(weight.shape[:2])} (one per expert row of {name})")
 
 
 def _check_moe_ffn(graph: Graph, node: fx.Node) -> None:
@@ -154,8 +173,9 @@ def _check_moe_ffn(graph: Graph, node: fx.Node) -> None:
 
     x = value(a["x"])
     tensors = [value(a[k]) for k in MOE_FFN_ARGS[1:7]]
+    scales = [value(a[k]) for k in MOE_FFN_SCALES.values()]
     try:
-        check_moe_ffn_shapes(None if x is None else x.shape[-1], *tensors, a["shared"], a["top_k"], a["activation"])
+        check_moe_ffn_shapes(None if x is None else x.shape[-1], *tensors, a["shared"], a["top_k"], a["activation"], *scales)
     except ValueError as exc:
         raise VerificationError(f"lqc::moe_ffn %{node.name}: {exc}") from None
 

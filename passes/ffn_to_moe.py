@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lqc.ir import Graph, op_name
+from lqc.ir.graph import clean_module_path
 from lqc.ir.errors import LqcConfigError
 from lqc.ir.linear import LinearSite, linear_site
 from lqc.ir.provenance import derived_from
@@ -355,7 +356,7 @@ def _rewrite(graph: Graph, site: FfnSite, carve: Carve, shared: int, top_k: int)
                 (site.x, nodes["router_weight"], nodes["router_bias"], nodes["w_in"], nodes["w_gate"], nodes["b_in"],
                  nodes["w_out"], shared, top_k, site.activation),
             )
-        _like(moe, site.down.node)
+        _like(moe, site.down.node, module=site.name)
         if site.down.bias is not None:
             with g.inserting_after(moe):
                 out = g.call_function(operator.add, (moe, site.down.bias))
@@ -367,8 +368,14 @@ def _rewrite(graph: Graph, site: FfnSite, carve: Carve, shared: int, top_k: int)
     graph.prune_constants()
 
 
-def _like(node: fx.Node, model: fx.Node) -> None:
-    """Give a new node the module stack and value metadata of the node it stands beside."""
-    node.meta["nn_module_stack"] = dict(model.meta.get("nn_module_stack", {}))
+def _like(node: fx.Node, model: fx.Node, module: str | None = None) -> None:
+    """Give a new node the module stack and value metadata of the node it stands beside; with
+    ``module``, the stack ends at that module (the FFN, not its down projection)."""
+    stack = dict(model.meta.get("nn_module_stack", {}))
+    if module is not None:
+        paths = [clean_module_path(path) for path, _cls in stack.values()]
+        if module in paths:
+            stack = dict(list(stack.items())[: paths.index(module) + 1])
+    node.meta["nn_module_stack"] = stack
     if "val" in model.meta:
         node.meta["val"] = model.meta["val"]

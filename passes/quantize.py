@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from lqc.ir import Graph, op_name
 from lqc.ir.errors import LqcConfigError
+from lqc.ir.lqc_ops import MOE_FFN_ARGS, MOE_FFN_SCALES, moe_ffn_args
 from lqc.ir.linear import LinearSite, feeds_attention_scores, linear_sites
 from lqc.ir.provenance import derived_from
 from lqc.runtime.qlinear import kernel_layout
@@ -94,6 +95,14 @@ class QuantizeOptions(PassOptions):
             )
         if self.smooth_alpha is not None and not 0.0 < self.smooth_alpha < 1.0:
             raise LqcConfigError(f"quantize.smooth_alpha must lie in (0, 1), or be null to search; got {self.smooth_alpha}")
+
+
+def int8_expert_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes, scales [E, rows]) of a stacked expert weight [E, rows, cols]: each row
+    quantized on its own, as a linear's output channel is."""
+    experts, rows, cols = weight.shape
+    q = quantize_int8(weight.reshape(experts * rows, cols))
+    return q.qweight.reshape(experts, rows, cols), q.scales.reshape(experts, rows)
 
 
 @register_pass
@@ -164,6 +173,7 @@ class Quantize(Pass):
                 self._rewrite(graph, site, keep, name)
             layers.append({"layer": name, "shape": shape, "bytes_before": bytes_before,
                            "bytes_after": keep["nbytes"] if keep else bytes_before, "kept": self._kept_format()})
+        layers += self._quantize_experts(graph, ctx)
         if opts.include_embedding:
             layers += self._quantize_embeddings(graph, ctx, quantized_linears={
                 n.meta["lqc_quantized"]["layer"]: n for n in graph.nodes if op_name(n) == "lqc::qlinear"
@@ -174,6 +184,46 @@ class Quantize(Pass):
         if migration_groups:
             details["awq" if opts.method == "awq" else "smoothquant"] = migration_groups
         return PassResult(matches=sum(layer.get("kept") != "float" for layer in layers), details=details)
+
+    # -- experts: lqc::moe_ffn's weights as int8 codes, one scale per expert row --------------------
+    def _quantize_experts(self, graph: Graph, ctx) -> list[dict]:
+        """The expert weights of every selected ``lqc::moe_ffn`` (from ffn_to_moe) -> symmetric int8
+        per output channel of each expert (round to nearest, whatever the method: the calibrated
+        methods are written for linears). With ``kernels`` the scales are stored in bfloat16, which
+        runs the experts on torch's int8 CPU kernel, in bfloat16 like the int8_cpu linears. Other
+        formats leave the experts float, with a warning."""
+        nodes = [n for n in graph.nodes if op_name(n) == "lqc::moe_ffn" and self.selects(n)]
+        if not nodes:
+            return []
+        if self.options.format != "int8":
+            warnings.warn(
+                f"quantize: the experts of {len(nodes)} lqc::moe_ffn nodes stay float: expert weights are quantized "
+                f"with format 'int8' only (got {self.options.format!r}); add a quantize step with format 'int8' "
+                f"and targets matching the FFNs for them",
+                stacklevel=3,
+            )
+            return []
+        layers = []
+        for node in nodes:
+            args = moe_ffn_args(node)
+            path = Graph.module_path(node)
+            for weight_name, scale_name in MOE_FFN_SCALES.items():
+                constant = args[weight_name]
+                if constant is None or args[scale_name] is not None:  # no such weight, or already int8
+                    continue
+                weight = graph.constant(constant)
+                name = f"{path}.experts.{weight_name}"
+                codes, scales = ctx.transform(graph, ("experts", name), [constant], lambda weight=weight: int8_expert_weight(weight))
+                if self.options.kernels and weight.device.type == "cpu":
+                    scales = scales.to(torch.bfloat16)  # lqc::moe_ffn then runs torch's int8 CPU kernel
+                with derived_from(graph, [node, constant]):
+                    args[weight_name] = graph.add_constant(codes, name, graph.fqns(constant), before=node)
+                    args[scale_name] = graph.add_constant(scales, f"{name}_scale", graph.fqns(constant), before=node)
+                layers.append({"layer": name, "shape": list(weight.shape), "bytes_before": weight.nbytes,
+                               "bytes_after": codes.nbytes + scales.nbytes, "experts": True})
+            node.args, node.kwargs = tuple(args[k] for k in MOE_FFN_ARGS), {}
+        graph.prune_constants()
+        return layers
 
     # -- embeddings: int8 rows, gathered, then scaled ----------------------------------------------
     def _quantize_embeddings(self, graph: Graph, ctx, quantized_linears: dict[str, fx.Node]) -> list[dict]:

@@ -12,6 +12,10 @@ Two implementations of the same math:
   group of tokens.
 
 Experts are summed with weight 1 (a carve of a dense FFN: all experts active is the dense FFN).
+int8 experts (codes plus per-row scales) are computed expert by expert, only the active ones.
+With bfloat16 scales on the CPU, torch's int8 kernel (``torch._weight_int8pack_mm``) runs the
+expert in bfloat16. Otherwise the codes are widened to x's dtype and the scales multiply the
+matmul's output, which is ``x @ (codes * scale).T`` without building the scaled weight.
 Ties in the router scores go to the lower expert index (``torch.topk`` on CPU).
 """
 
@@ -21,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from lqc.ir.lqc_ops import check_moe_ffn_shapes
+
+from .qlinear import INT8_CPU_K_MULTIPLE
 
 _ACTIVATIONS = {
     "silu": F.silu,
@@ -36,16 +42,39 @@ def route(x2: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tens
     return scores.topk(top_k, dim=-1).indices
 
 
-def expert_ffn(x: torch.Tensor, e: int, w_in, w_gate, b_in, w_out, act) -> torch.Tensor:
-    """Expert ``e`` on tokens x [n, d]: [n, d_out]."""
-    up = F.linear(x, w_in[e], None if b_in is None else b_in[e])
-    h = act(F.linear(x, w_gate[e])) * up if w_gate is not None else act(up)
-    return F.linear(h, w_out[e])
+def _linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` for a float weight, or int8 codes with per-row scales."""
+    if scale is None:
+        out = F.linear(x, weight.to(x.dtype))
+    elif (scale.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+          and weight.shape[1] % INT8_CPU_K_MULTIPLE == 0):  # other widths crash the kernel (a segfault)
+        out = torch._weight_int8pack_mm(x, weight, scale)  # torch's int8 CPU kernel (bfloat16)
+    else:
+        out = F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
+    return out if bias is None else out + bias.to(out.dtype)
 
 
-def moe_ffn_reference(x, router_weight, router_bias, w_in, w_gate, b_in, w_out, shared: int, top_k: int, activation: str):
-    check_moe_ffn_shapes(x.shape[-1], router_weight, router_bias, w_in, w_gate, b_in, w_out, shared, top_k, activation)
+def expert_ffn(x: torch.Tensor, e: int, w_in, w_gate, b_in, w_out, act, scales=(None, None, None)) -> torch.Tensor:
+    """Expert ``e`` on tokens x [n, d]: [n, d_out]. ``scales``: w_in's, w_gate's and w_out's
+    per-row scales [E, rows] when they hold int8 codes; bfloat16 scales run the expert in
+    bfloat16 on torch's int8 CPU kernel (as lqc::qlinear's int8_cpu format does)."""
+    s_in, s_gate, s_out = (None if s is None else s[e] for s in scales)
+    dtype = x.dtype
+    if s_in is not None and s_in.dtype == torch.bfloat16 and x.device.type == "cpu":
+        x = x.to(torch.bfloat16)
+    up = _linear(x, w_in[e], s_in, None if b_in is None else b_in[e])
+    h = act(_linear(x, w_gate[e], s_gate)) * up if w_gate is not None else act(up)
+    return _linear(h, w_out[e], s_out).to(dtype)
+
+
+def moe_ffn_reference(x, router_weight, router_bias, w_in, w_gate, b_in, w_out, shared: int, top_k: int, activation: str,
+                      w_in_scale=None, w_gate_scale=None, w_out_scale=None):
+    check_moe_ffn_shapes(x.shape[-1], router_weight, router_bias, w_in, w_gate, b_in, w_out, shared, top_k, activation,
+                         w_in_scale, w_gate_scale, w_out_scale)
     act = _ACTIVATIONS[activation]
+    # int8 experts: the reference widens every weight up front, then computes in float
+    w_in, w_gate, w_out = (w if s is None else w.to(x.dtype) * s.to(x.dtype)[..., None]
+                           for w, s in ((w_in, w_in_scale), (w_gate, w_gate_scale), (w_out, w_out_scale)))
     x2 = x.reshape(-1, x.shape[-1])
     active = torch.zeros(x2.shape[0], w_in.shape[0], dtype=torch.bool)
     active[:, :shared] = True
@@ -58,20 +87,22 @@ def moe_ffn_reference(x, router_weight, router_bias, w_in, w_gate, b_in, w_out, 
     return out.reshape(*x.shape[:-1], w_out.shape[1])
 
 
-def moe_ffn(x, router_weight, router_bias, w_in, w_gate, b_in, w_out, shared: int, top_k: int, activation: str):
+def moe_ffn(x, router_weight, router_bias, w_in, w_gate, b_in, w_out, shared: int, top_k: int, activation: str,
+            w_in_scale=None, w_gate_scale=None, w_out_scale=None):
     act = _ACTIVATIONS[activation]
+    scales = (w_in_scale, w_gate_scale, w_out_scale)
     x2 = x.reshape(-1, x.shape[-1])
     tokens = x2.shape[0]
     routed = w_in.shape[0] - shared
     out = x2.new_zeros(tokens, w_out.shape[1])
     for e in range(shared):
-        out += expert_ffn(x2, e, w_in, w_gate, b_in, w_out, act)
+        out += expert_ffn(x2, e, w_in, w_gate, b_in, w_out, act, scales)
     picked = route(x2, router_weight, router_bias, top_k)  # [T, k]
     if tokens * top_k <= routed:
         # few pairs: one expert FFN per pair, on views of its weights
         for t, experts in enumerate(picked.tolist()):
             for e in experts:
-                out[t] += expert_ffn(x2[t : t + 1], shared + e, w_in, w_gate, b_in, w_out, act)[0]
+                out[t] += expert_ffn(x2[t : t + 1], shared + e, w_in, w_gate, b_in, w_out, act, scales)[0]
     else:
         # many pairs: sorted by expert, one matmul per expert on its tokens
         pairs = picked.reshape(-1)
@@ -81,7 +112,7 @@ def moe_ffn(x, router_weight, router_bias, w_in, w_gate, b_in, w_out, shared: in
         for e, count in enumerate(torch.bincount(pairs, minlength=routed).tolist()):
             if count:
                 rows = token_of[start : start + count]
-                out.index_add_(0, rows, expert_ffn(x2[rows], shared + e, w_in, w_gate, b_in, w_out, act))
+                out.index_add_(0, rows, expert_ffn(x2[rows], shared + e, w_in, w_gate, b_in, w_out, act, scales))
                 start += count
     return out.reshape(*x.shape[:-1], w_out.shape[1])
 

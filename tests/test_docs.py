@@ -50,6 +50,7 @@ def test_layer_dropping_guide_runs(capsys):
 
 
 def test_moe_guide_runs(capsys):
-    assert run_doc_blocks(DOC.parent / "moe.md", {}) == 1
+    assert run_doc_blocks(DOC.parent / "moe.md", {}) == 2
     out = capsys.readouterr().out
     assert "carved 2 FFNs into 4 experts (1 shared, top 1): 50% of neurons active, FFN FLOPs/token 122,880 -> 62,208" in out
+    assert "['model.layers.0.mlp.experts.w_in', 'model.layers.0.mlp.experts.w_gate', 'model.layers.0.mlp.experts.w_out']" in out

@@ -13,6 +13,7 @@ import torch
 
 import lqc
 from lqc.ir import LqcConfigError, op_name, trace
+from lqc.ir.lqc_ops import moe_ffn_args
 from lqc.passes import Calibration, PassContext, PassManager
 from lqc.passes.expert_partition import balanced_assignment, balanced_kmeans, partition_neurons
 
@@ -79,6 +80,40 @@ def test_targets_and_random_partition(tiny_llama, token_ids, calibration):
     _, clustered = _carve(tiny_llama, token_ids, calibration, top_k=1)
     _, random = _carve(tiny_llama, token_ids, calibration, top_k=1, partition="random")
     assert clustered.details["layers"][0] != random.details["layers"][0]
+
+
+def test_experts_quantize_to_int8_in_the_same_recipe(tiny_llama, token_ids, calibration):
+    """ffn_to_moe then quantize int8: every expert weight becomes int8 codes plus per-row scales
+    (a quarter of the bytes), and the logits stay within int8 rounding of the float carve."""
+    carve = {"pass": "ffn_to_moe", "experts": 4, "shared": 1, "top_k": 2, "tokens": 1000}
+    float_graph, _ = _carve(tiny_llama, token_ids, calibration, top_k=2)
+    graph = trace(tiny_llama, token_ids)
+    # only the FFNs (their experts): the error measured is the experts' rounding alone
+    quantize = {"pass": "quantize", "format": "int8", "targets": [r"\.mlp$"]}
+    report = PassManager([carve, quantize]).run(graph, PassContext(calibration=calibration, progress=False))
+    moes = [n for n in graph.nodes if op_name(n) == "lqc::moe_ffn"]
+    assert len(moes) == 2
+    for node in moes:
+        for name in ("w_in", "w_gate", "w_out"):
+            assert graph.constant(moe_ffn_args(node)[name]).dtype == torch.int8
+            assert graph.constant(moe_ffn_args(node)[f"{name}_scale"]).dtype == torch.bfloat16  # kernels: true
+    experts = [row for row in report.records[-1].details["layers"] if row.get("experts")]
+    assert [row["layer"] for row in experts[:3]] == [f"model.layers.0.mlp.experts.{w}" for w in ("w_in", "w_gate", "w_out")]
+    assert all(row["bytes_after"] < 0.3 * row["bytes_before"] for row in experts)
+    assert report.records[-1].matches == len(experts) == 6
+    reference, out = _logits(float_graph(token_ids)), _logits(graph(token_ids))
+    assert ((out - reference).norm() / reference.norm()).item() <= 1e-2
+
+
+def test_experts_stay_float_under_other_formats_with_a_warning(tiny_llama, token_ids, calibration):
+    graph = trace(tiny_llama, token_ids)
+    recipe = [{"pass": "ffn_to_moe", "experts": 4, "shared": 1, "top_k": 2, "tokens": 1000},
+              {"pass": "quantize", "format": "int4", "group_size": 32}]
+    with pytest.warns(UserWarning, match=r"the experts of 2 lqc::moe_ffn nodes stay float: expert weights are quantized with format 'int8' only"):
+        PassManager(recipe).run(graph, PassContext(calibration=calibration, progress=False))
+    for node in graph.nodes:
+        if op_name(node) == "lqc::moe_ffn":
+            assert graph.constant(moe_ffn_args(node)["w_in"]).dtype == torch.float32
 
 
 def test_unknown_activation_is_left_dense_with_a_warning(tiny_llama, token_ids, calibration):

@@ -73,6 +73,40 @@ def test_routing_follows_the_router(tokens):
     assert _relative(moe_ffn(x, **w, shared=1, top_k=1, activation="silu"), expert(0) + expert(2)) <= 1e-6
 
 
+def _int8_experts(w):
+    """The experts' weights as symmetric per-row int8 codes plus scales (what the quantize pass stores)."""
+    out = dict(w)
+    for name in ("w_in", "w_gate", "w_out"):
+        if w[name] is None:
+            continue
+        scale = w[name].abs().amax(dim=-1) / 127
+        out[name] = torch.round(w[name] / scale[..., None]).clamp(-127, 127).to(torch.int8)
+        out[f"{name}_scale"] = scale
+    return out
+
+
+@pytest.mark.parametrize("tokens", [1, 9])
+@pytest.mark.parametrize("gated,activation,bias", [(True, "silu", False), (False, "gelu", True)])
+@pytest.mark.parametrize("scale_dtype,width,neurons,tolerance", [
+    (torch.float32, 10, 6, 1e-6),      # codes widened to float32: the reference's math
+    (torch.bfloat16, 64, 32, 3e-2),    # torch's int8 CPU kernel, in bfloat16
+    (torch.bfloat16, 10, 6, 3e-2),     # bfloat16, widths the kernel cannot take: widened
+])
+def test_int8_experts_match_the_reference_and_stay_near_float(tokens, gated, activation, bias, scale_dtype, width, neurons, tolerance):
+    w = _experts(experts=5, gated=gated, bias=bias, width=width, neurons=neurons, out=width, shared=1)
+    q = _int8_experts(w)
+    for name in ("w_in_scale", "w_gate_scale", "w_out_scale"):
+        if name in q:
+            q[name] = q[name].to(scale_dtype)
+    x = torch.randn(tokens, width, generator=torch.Generator().manual_seed(4))
+    expected = moe_ffn_reference(x, **q, shared=1, top_k=2, activation=activation)
+    got = torch.ops.lqc.moe_ffn(x, *(q[k] for k in w), 1, 2, activation, q["w_in_scale"], q.get("w_gate_scale"), q["w_out_scale"])
+    assert got.dtype == torch.float32
+    assert _relative(got, expected) <= tolerance
+    # the same routing (the router is not quantized): only the weights' rounding (and bfloat16) differs
+    assert _relative(got, moe_ffn(x, **w, shared=1, top_k=2, activation=activation)) <= 2e-2 + tolerance
+
+
 def test_compiles_with_its_fake_implementation():
     w = _experts()
     x = torch.randn(1, 3, 10, generator=torch.Generator().manual_seed(3))
@@ -93,6 +127,10 @@ def test_compiles_with_its_fake_implementation():
         ({"w_out": torch.zeros(4, 10, 5)}, r"w_out is \(4, 10, 5\), expected \[4, out_features, 6\]"),
         ({"top_k": 5}, r"top_k is 5; it must be between 1 and the 4 routed experts"),
         ({"activation": "tanh"}, r"activation 'tanh' is not one of silu, gelu, gelu_tanh, relu"),
+        ({"w_in": torch.zeros(4, 6, 10, dtype=torch.int8)}, r"w_in is torch.int8: int8 codes need w_in_scale"),
+        ({"w_out_scale": torch.ones(4, 10)}, r"w_out is torch.float32: int8 codes need w_out_scale, and w_out_scale needs int8 codes"),
+        ({"w_gate": torch.zeros(4, 6, 10, dtype=torch.int8), "w_gate_scale": torch.ones(4, 10)},
+         r"w_gate_scale is \(4, 10\), expected \[4, 6\] \(one per expert row of w_gate\)"),
     ],
 )
 def test_reference_errors_name_the_operand(change, message):
