@@ -53,6 +53,20 @@ def causal_lm_logits(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.T
     return lambda ids: model(input_ids=ids, use_cache=False).logits
 
 
+def cached_logits(model: torch.nn.Module, new_cache: Callable[[], object], chunk: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ids [1, L] -> logits [1, L, V], the window fed ``chunk`` tokens at a time through one cache
+    (``new_cache()`` per window): every token attends to the earlier chunks as the cache holds
+    them (compressed, for a compressed cache) and to its own chunk as computed."""
+
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        cache = new_cache()
+        parts = [model(input_ids=ids[:, start : start + chunk], past_key_values=cache, use_cache=True).logits
+                 for start in range(0, ids.shape[1], chunk)]
+        return torch.cat(parts, dim=1)
+
+    return logits
+
+
 @torch.no_grad()
 def perplexity(
     logits_fn: Callable[[torch.Tensor], torch.Tensor],

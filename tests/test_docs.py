@@ -1,4 +1,4 @@
-"""The guides' code blocks (pass development, layer dropping, MoE) run, in order, as written."""
+"""The guides' code blocks (pass development, layer dropping, MoE, KV cache) run, in order, as written."""
 
 from __future__ import annotations
 
@@ -47,6 +47,11 @@ def test_layer_dropping_guide_runs(capsys):
     assert "['DroppedDynamicLayer', 'DynamicLayer'] 5120 bytes" in out
     assert "['DroppedStaticLayer', 'StaticLayer'] 5120 bytes" in out
     assert "DroppedAttention(layer_idx=1)\nTrue" in out
+
+
+def test_kv_cache_guide_runs(capsys):
+    assert run_doc_blocks(DOC.parent / "kv-cache.md", {}) == 1
+    assert "True 23 [4, 4]" in capsys.readouterr().out
 
 
 def test_moe_guide_runs(capsys):

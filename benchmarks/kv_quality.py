@@ -1,0 +1,99 @@
+"""Long-context perplexity of SmolLM2-135M with a KIVI-style quantized KV cache, and its size.
+
+Protocol: non-overlapping windows of ``--window`` (2048) tokens of eval.txt, from the start. Each
+window is fed to the model ``--chunk`` (128) tokens at a time through one cache, so every token
+attends to all earlier tokens of its window as the cache holds them (quantized, for the
+quantized caches) and to its own chunk in full precision; every token but the window's first is
+scored. The float row runs the same chunks through transformers' DynamicCache. float32 model,
+2 threads.
+
+KV bytes per token: the cache's stored bytes after a full window (codes, float16 scales and zeros,
+and the full-precision sinks and recent tokens, float32 here) divided by the window length,
+against a float16 cache of the same model (2 tensors x layers x KV heads x head_dim x 2 bytes).
+"per quantized token" counts only the closed blocks: the steady-state rate of a long context.
+
+    python benchmarks/kv_quality.py --out benchmarks/results/smollm2-kv-quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from transformers import DynamicCache
+
+import lqc
+from lqc.bench import write_results
+from lqc.data import data_file, tokenize_file
+from lqc.evaluate import cached_logits, perplexity
+from lqc.runtime.kv_cache import QuantizedKVCache
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--window", type=int, default=2048)
+    parser.add_argument("--chunk", type=int, default=128)
+    parser.add_argument("--windows", type=int, default=None, help="at most this many windows (default: all)")
+    parser.add_argument("--bits", type=int, nargs="*", default=[8, 4, 2])
+    parser.add_argument("--group", type=int, default=64)
+    parser.add_argument("--residual", type=int, default=128)
+    parser.add_argument("--sinks", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    loaded = lqc.models.load(args.model)
+    model, config = loaded.model, loaded.model.config
+    ids = tokenize_file(data_file("eval.txt"), loaded.tokenizer)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    float16_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2
+    caches = {"float": lambda: DynamicCache(config=config)}
+    for bits in args.bits:
+        caches[f"int{bits}"] = lambda bits=bits: QuantizedKVCache(config, bits, args.group, args.residual, args.sinks)
+    rows = []
+    with torch.no_grad():
+        for name, new_cache in caches.items():
+            result = perplexity(cached_logits(model, new_cache, args.chunk), ids, window_length=args.window,
+                                max_windows=args.windows, progress=False)
+            cache = new_cache()  # one full window through a fresh cache, for its size
+            cached_logits(model, lambda: cache, args.chunk)(ids[None, : args.window])
+            stored = sum(layer.nbytes() for layer in cache.layers) if name != "float" else None
+            blocks = [(k, v) for layer in cache.layers for k, v in getattr(layer, "blocks", [])]
+            quantized_tokens = sum(k.tokens for k, _ in blocks) // config.num_hidden_layers if blocks else 0
+            row = {"cache": name, "perplexity": result.perplexity, "scored_tokens": result.scored_tokens,
+                   "windows": result.windows, "seconds": round(result.seconds, 1),
+                   "kv_bytes_per_token": stored / args.window if stored else float16_per_token * 2,
+                   "per_quantized_token": sum(k.nbytes() + v.nbytes() for k, v in blocks) / quantized_tokens if blocks else None}
+            row["vs_float16_cache"] = row["kv_bytes_per_token"] / float16_per_token
+            if row["per_quantized_token"]:
+                row["per_quantized_token_vs_float16"] = row["per_quantized_token"] / float16_per_token
+            rows.append(row)
+            base = rows[0]["perplexity"]
+            print(f"{name}: {result.perplexity:.4f} ({100 * (result.perplexity / base - 1):+.2f}%), "
+                  f"{row['kv_bytes_per_token']:,.0f} KV bytes/token ({row['vs_float16_cache']:.3f}x float16)", flush=True)
+    base = rows[0]["perplexity"]
+    lines = [f"{loaded.name} float32, {rows[0]['windows']} windows of {args.window} tokens of eval.txt "
+             f"({rows[0]['scored_tokens']:,} scored), fed {args.chunk} tokens at a time through the cache. "
+             f"Quantized: group {args.group}, {args.residual} recent tokens and {args.sinks} sinks in full precision. "
+             f"A float16 cache holds {float16_per_token:,} bytes per token.", "",
+             "| cache | perplexity | vs float cache | KV bytes/token at {0} | vs float16 | per quantized token | vs float16 |".format(args.window),
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        quantized = (f"{r['per_quantized_token']:,.0f} | {r['per_quantized_token_vs_float16']:.3f}x"
+                     if r["per_quantized_token"] else "- | -")
+        lines.append(f"| {r['cache']} | {r['perplexity']:.4f} | {100 * (r['perplexity'] / base - 1):+.2f}% | "
+                     f"{r['kv_bytes_per_token']:,.0f} | {r['vs_float16_cache']:.3f}x | {quantized} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        meta = {"model": loaded.name, "torch": torch.__version__, "threads": args.threads, "window": args.window,
+                "chunk": args.chunk, "group": args.group, "residual": args.residual, "sinks": args.sinks}
+        write_results(args.out, {**meta, "rows": rows}, table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
