@@ -12,6 +12,11 @@ and the full-precision sinks and recent tokens, float32 here) divided by the win
 against a float16 cache of the same model (2 tensors x layers x KV heads x head_dim x 2 bytes).
 "per quantized token" counts only the closed blocks: the steady-state rate of a long context.
 
+Generation agreement (``--agreement N``): greedy decoding of ``--new-tokens`` (256) tokens after
+each of N prompts of ``--prompt-length`` (512) tokens, taken 2048 tokens apart from the start of
+eval.txt, through a fresh cache per prompt; the share of generated tokens equal to the float
+cache's at the same position, for each quantized cache.
+
     python benchmarks/kv_quality.py --out benchmarks/results/smollm2-kv-quality
 """
 
@@ -26,7 +31,7 @@ from transformers import DynamicCache
 import lqc
 from lqc.bench import write_results
 from lqc.data import data_file, tokenize_file
-from lqc.evaluate import cached_logits, perplexity
+from lqc.evaluate import agreement, cached_logits, eval_prompts, perplexity
 from lqc.runtime.kv_cache import QuantizedKVCache
 
 
@@ -40,6 +45,10 @@ def main(argv=None) -> int:
     parser.add_argument("--group", type=int, default=64)
     parser.add_argument("--residual", type=int, default=128)
     parser.add_argument("--sinks", type=int, default=4)
+    parser.add_argument("--perplexity", action=argparse.BooleanOptionalAction, default=True, help="measure perplexity and size")
+    parser.add_argument("--agreement", type=int, default=0, help="prompts for the generation agreement (0: skip)")
+    parser.add_argument("--prompt-length", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args(argv)
@@ -55,7 +64,7 @@ def main(argv=None) -> int:
         caches[f"int{bits}"] = lambda bits=bits: QuantizedKVCache(config, bits, args.group, args.residual, args.sinks)
     rows = []
     with torch.no_grad():
-        for name, new_cache in caches.items():
+        for name, new_cache in caches.items() if args.perplexity else ():
             result = perplexity(cached_logits(model, new_cache, args.chunk), ids, window_length=args.window,
                                 max_windows=args.windows, progress=False)
             cache = new_cache()  # one full window through a fresh cache, for its size
@@ -74,25 +83,49 @@ def main(argv=None) -> int:
             base = rows[0]["perplexity"]
             print(f"{name}: {result.perplexity:.4f} ({100 * (result.perplexity / base - 1):+.2f}%), "
                   f"{row['kv_bytes_per_token']:,.0f} KV bytes/token ({row['vs_float16_cache']:.3f}x float16)", flush=True)
-    base = rows[0]["perplexity"]
+    agreements = {}
+    if args.agreement:
+        prompts = eval_prompts(ids, args.agreement, length=args.prompt_length, spacing=args.window)
+        generated = {name: generate_each(model, prompts, new_cache, args.new_tokens) for name, new_cache in caches.items()}
+        for name in caches:
+            if name != "float":
+                agreements[name] = agreement(generated["float"], generated[name]).to_json()
+                print(f"{name}: {agreements[name]['agreement']:.4f} of generated tokens equal the float cache's", flush=True)
     lines = [f"{loaded.name} float32, {rows[0]['windows']} windows of {args.window} tokens of eval.txt "
              f"({rows[0]['scored_tokens']:,} scored), fed {args.chunk} tokens at a time through the cache. "
              f"Quantized: group {args.group}, {args.residual} recent tokens and {args.sinks} sinks in full precision. "
              f"A float16 cache holds {float16_per_token:,} bytes per token.", "",
              "| cache | perplexity | vs float cache | KV bytes/token at {0} | vs float16 | per quantized token | vs float16 |".format(args.window),
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|"] if rows else []
+    base = rows[0]["perplexity"] if rows else None
     for r in rows:
         quantized = (f"{r['per_quantized_token']:,.0f} | {r['per_quantized_token_vs_float16']:.3f}x"
                      if r["per_quantized_token"] else "- | -")
         lines.append(f"| {r['cache']} | {r['perplexity']:.4f} | {100 * (r['perplexity'] / base - 1):+.2f}% | "
                      f"{r['kv_bytes_per_token']:,.0f} | {r['vs_float16_cache']:.3f}x | {quantized} |")
+    if agreements:
+        lines += ["", f"Greedy generation of {args.new_tokens} tokens after {args.agreement} prompts of {args.prompt_length} tokens "
+                  f"of eval.txt, against the float cache:", "", "| cache | tokens equal | first divergence per prompt |", "|---|---:|---|"]
+        for name, a in agreements.items():
+            lines.append(f"| {name} | {a['agreement']:.4f} ({a['matched_tokens']}/{a['generated_tokens']}) | {a['first_divergence']} |")
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
         meta = {"model": loaded.name, "torch": torch.__version__, "threads": args.threads, "window": args.window,
                 "chunk": args.chunk, "group": args.group, "residual": args.residual, "sinks": args.sinks}
-        write_results(args.out, {**meta, "rows": rows}, table)
+        write_results(args.out, {**meta, "rows": rows, "agreement": agreements}, table)
     return 0
+
+
+@torch.no_grad()
+def generate_each(model, prompts, new_cache, new_tokens: int) -> list[torch.Tensor]:
+    """Greedy tokens after each prompt, each through a fresh cache."""
+    out = []
+    for prompt in prompts:
+        tokens = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                past_key_values=new_cache())
+        out.append(tokens[0, prompt.shape[1] :])
+    return out
 
 
 if __name__ == "__main__":
