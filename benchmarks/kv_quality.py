@@ -12,6 +12,10 @@ and the full-precision sinks and recent tokens, float32 here) divided by the win
 against a float16 cache of the same model (2 tensors x layers x KV heads x head_dim x 2 bytes).
 "per quantized token" counts only the closed blocks: the steady-state rate of a long context.
 
+Decode speed (``--speed``): eager forward calls, batch 1; the first ``--context`` (2048) tokens
+of eval.txt prefilled through a fresh cache, then ``--decode`` (32) greedy steps timed; median of
+``--runs`` (3) runs per cache, the caches interleaved.
+
 Generation agreement (``--agreement N``): greedy decoding of ``--new-tokens`` (256) tokens after
 each of N prompts of ``--prompt-length`` (512) tokens, taken 2048 tokens apart from the start of
 eval.txt, through a fresh cache per prompt; the share of generated tokens equal to the float
@@ -23,7 +27,9 @@ cache's at the same position, for each quantized cache.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 
 import torch
 from transformers import DynamicCache
@@ -49,6 +55,10 @@ def main(argv=None) -> int:
     parser.add_argument("--agreement", type=int, default=0, help="prompts for the generation agreement (0: skip)")
     parser.add_argument("--prompt-length", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--speed", action="store_true", help="time decode after --context tokens")
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args(argv)
@@ -91,6 +101,18 @@ def main(argv=None) -> int:
             if name != "float":
                 agreements[name] = agreement(generated["float"], generated[name]).to_json()
                 print(f"{name}: {agreements[name]['agreement']:.4f} of generated tokens equal the float cache's", flush=True)
+    speeds = {}
+    if args.speed:
+        times = {name: [] for name in caches}
+        for run in range(args.runs):
+            for name, new_cache in caches.items():
+                times[name].append(decode_seconds(model, ids[None, : args.context], new_cache(), args.decode))
+        for name in caches:
+            speeds[name] = {"decode_tokens_per_s": args.decode / statistics.median(times[name]),
+                            "runs_s": times[name]}
+            speeds[name]["vs_float"] = speeds[name]["decode_tokens_per_s"] / speeds["float"]["decode_tokens_per_s"]
+            print(f"{name}: {speeds[name]['decode_tokens_per_s']:.2f} tok/s at {args.context} context "
+                  f"({speeds[name]['vs_float']:.3f}x float)", flush=True)
     lines = [f"{loaded.name} float32, {rows[0]['windows']} windows of {args.window} tokens of eval.txt "
              f"({rows[0]['scored_tokens']:,} scored), fed {args.chunk} tokens at a time through the cache. "
              f"Quantized: group {args.group}, {args.residual} recent tokens and {args.sinks} sinks in full precision. "
@@ -108,13 +130,28 @@ def main(argv=None) -> int:
                   f"of eval.txt, against the float cache:", "", "| cache | tokens equal | first divergence per prompt |", "|---|---:|---|"]
         for name, a in agreements.items():
             lines.append(f"| {name} | {a['agreement']:.4f} ({a['matched_tokens']}/{a['generated_tokens']}) | {a['first_divergence']} |")
+    if speeds:
+        lines += ["", f"Decode after {args.context} tokens of context, {args.decode} steps, eager, median of {args.runs} runs:", "",
+                  "| cache | decode tok/s | vs float |", "|---|---:|---:|"]
+        lines += [f"| {name} | {v['decode_tokens_per_s']:.2f} | {v['vs_float']:.3f}x |" for name, v in speeds.items()]
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
         meta = {"model": loaded.name, "torch": torch.__version__, "threads": args.threads, "window": args.window,
                 "chunk": args.chunk, "group": args.group, "residual": args.residual, "sinks": args.sinks}
-        write_results(args.out, {**meta, "rows": rows, "agreement": agreements}, table)
+        write_results(args.out, {**meta, "rows": rows, "agreement": agreements, "speed": speeds}, table)
     return 0
+
+
+@torch.no_grad()
+def decode_seconds(model, prompt: torch.Tensor, cache, steps: int) -> float:
+    """Seconds for ``steps`` greedy decode steps after ``prompt`` is prefilled into ``cache``."""
+    out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(steps):
+        token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    return time.perf_counter() - start
 
 
 @torch.no_grad()
