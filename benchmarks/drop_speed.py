@@ -34,8 +34,7 @@ import sys
 import torch
 
 import lqc
-from lqc.bench import Runner, write_results
-from lqc.data import calibration_from
+from lqc.bench import Runner, benchmark_calibration, write_results
 from lqc.runtime.dropped_layers import kv_cache_nbytes
 
 
@@ -58,10 +57,7 @@ def main(argv=None) -> int:
 
     loaded = lqc.models.load(args.model)
     model, config = loaded.model, loaded.model.config
-    if loaded.tokenizer is not None:
-        calibration = calibration_from("calib", loaded.tokenizer)
-    else:  # a tiny random model: random ids score as well as any text
-        calibration = calibration_from([torch.randint(0, config.vocab_size, (4096,), generator=torch.Generator().manual_seed(2))])
+    calibration = benchmark_calibration(loaded)
     drop = [{"pass": "cleanup"}, {"pass": "drop_layers", "what": "attention", "count": args.count}]
 
     def compiled(recipe):

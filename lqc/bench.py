@@ -136,6 +136,17 @@ def _dropped_attention() -> list[int]:
                    for i in rec.details.get("dropped_attention_layers", [])})
 
 
+def benchmark_calibration(loaded):
+    """Calibration for a benchmark script's model: the shared calib.txt, or, for a tiny random
+    model without a tokenizer, random ids (they calibrate it as well as any text)."""
+    from .data import calibration_from
+
+    if loaded.tokenizer is not None:
+        return calibration_from("calib", loaded.tokenizer)
+    ids = torch.randint(0, loaded.model.config.vocab_size, (4096,), generator=torch.Generator().manual_seed(2))
+    return calibration_from([ids])
+
+
 def write_results(out: str | Path, payload: dict, table: str) -> None:
     """OUT.json (the figures) and OUT.md (the table) for a benchmark script; folders made."""
     out = Path(out)
