@@ -67,6 +67,11 @@ def check_kv_options(bits: int, group: int, head_dim: int) -> None:
         raise ValueError(f"the KV group size must be positive; got {group}")
     if head_dim % (8 // bits if bits < 8 else 1):
         raise ValueError(f"head_dim {head_dim} does not pack into bytes at {bits} bits")
+    if head_dim % min(group, head_dim):
+        raise ValueError(
+            f"values are quantized in groups of {group} channels, which do not divide head_dim {head_dim}; "
+            f"use a group that divides {head_dim}, or one of at least {head_dim} (one group per head)"
+        )
 
 
 def _minmax(x: torch.Tensor, dim: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -82,6 +82,18 @@ def test_generate_through_the_cache(tiny_llama, token_ids):
         assert any(layer.blocks for layer in cache.layers)
 
 
+def test_generate_of_a_compressed_model_through_the_cache(tiny_llama, token_ids):
+    """The cache works with a model lqc.compress compiled: the same tokens as the eager model with it."""
+    import lqc
+
+    compressed = lqc.compress(tiny_llama, "default", progress=False)
+    with torch.no_grad():
+        runs = [model.generate(token_ids, max_new_tokens=12, do_sample=False,
+                               past_key_values=QuantizedKVCache(tiny_llama.config, bits=4, group=4, residual=4, sinks=1))
+                for model in (tiny_llama, compressed)]
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_dropped_layers_hold_no_cache(tiny_llama, token_ids):
     from lqc.runtime.dropped_layers import DroppedDynamicLayer
 
@@ -94,6 +106,7 @@ def test_dropped_layers_hold_no_cache(tiny_llama, token_ids):
     [
         ({"bits": 3}, r"KV bits must be one of 8, 4, 2; got 3"),
         ({"group": 0}, r"the KV group size must be positive; got 0"),
+        ({"group": 12}, r"groups of 12 channels, which do not divide head_dim 16; use a group that divides 16, or one of at least 16"),
     ],
 )
 def test_option_errors(tiny_llama, options, message):
