@@ -36,11 +36,7 @@ import torch
 import lqc
 from lqc.bench import Runner, benchmark_calibration, write_results
 from lqc.runtime.dropped_layers import kv_cache_nbytes
-
-
-def expected_kv_bytes_per_token(config, kept_layers: int) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return kept_layers * 2 * config.num_key_value_heads * head_dim * 4
+from lqc.runtime.kv_cache import float_kv_bytes_per_token
 
 
 def main(argv=None) -> int:
@@ -106,8 +102,8 @@ def main(argv=None) -> int:
                     "speedup_expected": full_read / (weight_bytes[name] + cache_bytes),
                     "weight_bytes": weight_bytes[name], "kv_cache_bytes": cache_bytes,
                     "kv_bytes_per_token_measured": cache_bytes / cache_length,
-                    "kv_bytes_per_token_expected": expected_kv_bytes_per_token(config, kept) if name != f"{drop_name}-full-cache"
-                    else expected_kv_bytes_per_token(config, config.num_hidden_layers),
+                    "kv_bytes_per_token_expected": float_kv_bytes_per_token(config, 4, kept) if name != f"{drop_name}-full-cache"
+                    else float_kv_bytes_per_token(config, 4),
                 })
                 print(f"[{prompt_length}] {name}: {tps:.2f} tok/s ({rows[-1]['speedup_measured']:.3f}x measured, "
                       f"{rows[-1]['speedup_expected']:.3f}x expected), KV {rows[-1]['kv_bytes_per_token_measured']:.0f} B/token", flush=True)
@@ -137,7 +133,7 @@ def main(argv=None) -> int:
               "| variant | tokens | KV bytes | KV bytes/token measured | expected |", "|---|---:|---:|---:|---:|"]
     for name, d in dynamic.items():
         kept = config.num_hidden_layers - len(d["dropped"])
-        lines.append(f"| {name} | {d['tokens']} | {d['bytes']:,} | {d['bytes_per_token']:,.0f} | {expected_kv_bytes_per_token(config, kept):,} |")
+        lines.append(f"| {name} | {d['tokens']} | {d['bytes']:,} | {d['bytes_per_token']:,.0f} | {float_kv_bytes_per_token(config, 4, kept):,} |")
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:

@@ -38,7 +38,7 @@ import lqc
 from lqc.bench import write_results
 from lqc.data import data_file, tokenize_file
 from lqc.evaluate import agreement, cached_logits, eval_prompts, perplexity
-from lqc.runtime.kv_cache import QuantizedKVCache
+from lqc.runtime.kv_cache import QuantizedKVCache, float_kv_bytes_per_token
 
 
 def main(argv=None) -> int:
@@ -67,8 +67,7 @@ def main(argv=None) -> int:
     loaded = lqc.models.load(args.model)
     model, config = loaded.model, loaded.model.config
     ids = tokenize_file(data_file("eval.txt"), loaded.tokenizer)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    float16_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2
+    float16_per_token = float_kv_bytes_per_token(config, 2)
     caches = {"float": lambda: DynamicCache(config=config)}
     for bits in args.bits:
         caches[f"int{bits}"] = lambda bits=bits: QuantizedKVCache(config, bits, args.group, args.residual, args.sinks)

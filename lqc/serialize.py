@@ -33,6 +33,7 @@ from lqc.ir.errors import LqcConfigError, LqcError
 from lqc.passes import load_recipe
 from lqc.recipes import resolve_recipe
 from lqc.runtime.dropped_layers import DroppedAttention, DroppedMLP, keep_dropped_layers_out_of_caches
+from lqc.runtime.kv_cache import attention_head_dim
 from lqc.runtime.qlinear import KERNEL_LAYOUTS, QLinear
 from lqc.runtime.quant_formats import QuantizedWeight
 
@@ -167,10 +168,8 @@ def _stand_in(info: dict, config) -> torch.nn.Module:
     """The module that replaces a dropped attention, FFN or norm: zeros, zeros, and the identity
     (a norm that only fed a dropped sublayer; its output is not used)."""
     if info["kind"] == "attention":
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return DroppedAttention(info["block"], kv_heads, head_dim)
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return DroppedAttention(info["block"], kv_heads, attention_head_dim(config))
     if info["kind"] == "mlp":
         return DroppedMLP()
     return torch.nn.Identity()

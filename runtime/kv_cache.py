@@ -30,6 +30,17 @@ from .dropped_layers import DroppedDynamicLayer
 from .kv_quant import QuantizedKV, check_kv_options, dequantize, quantize_keys, quantize_values
 
 
+def attention_head_dim(config) -> int:
+    """Channels per attention head of a Hugging Face config (``head_dim``, or hidden / heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def float_kv_bytes_per_token(config, element_bytes: int, layers: int | None = None) -> int:
+    """Bytes per token of an uncompressed cache: keys and values x layers x KV heads x head_dim."""
+    layers = config.num_hidden_layers if layers is None else layers
+    return layers * 2 * config.num_key_value_heads * attention_head_dim(config) * element_bytes
+
+
 class QuantizedKVLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
@@ -62,12 +73,14 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.values = torch.cat([self.values, value_states[..., take:, :]], dim=-2)
         keys = torch.cat([self.sink_keys, *(dequantize(k, self.dtype) for k, _ in self.blocks), self.keys], dim=-2)
         values = torch.cat([self.sink_values, *(dequantize(v, self.dtype) for _, v in self.blocks), self.values], dim=-2)
-        while self.keys.shape[-2] - self.group >= self.residual:
-            oldest_k, oldest_v = self.keys[..., : self.group, :], self.values[..., : self.group, :]
-            self.blocks.append((quantize_keys(oldest_k, self.bits), quantize_values(oldest_v, self.bits, self.group)))
-            self.keys, self.values = self.keys[..., self.group :, :], self.values[..., self.group :, :]
-        # own the remaining full-precision tokens (slices keep the whole concatenation alive)
-        self.keys, self.values = self.keys.clone(), self.values.clone()
+        closed = 0
+        while self.keys.shape[-2] - closed - self.group >= self.residual:
+            oldest = slice(closed, closed + self.group)
+            self.blocks.append((quantize_keys(self.keys[..., oldest, :], self.bits),
+                                quantize_values(self.values[..., oldest, :], self.bits, self.group)))
+            closed += self.group
+        if closed:  # keep a copy of the recent tokens only: a slice would keep the closed ones alive
+            self.keys, self.values = self.keys[..., closed:, :].clone(), self.values[..., closed:, :].clone()
         return keys, values
 
     def get_seq_length(self) -> int:
@@ -115,7 +128,7 @@ class QuantizedKVCache(Cache):
         kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
         if kinds != {"full_attention"}:
             raise ValueError(f"QuantizedKVCache supports full-attention layers only; this model has {sorted(kinds)}")
-        check_kv_options(bits, group, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        check_kv_options(bits, group, attention_head_dim(config))
         dropped = set(dropped)
         layers = [DroppedDynamicLayer() if i in dropped else QuantizedKVLayer(bits, group, residual, sinks)
                   for i in range(config.num_hidden_layers)]
