@@ -220,7 +220,7 @@ class Quantize(Pass):
                     args[weight_name] = graph.add_constant(codes, name, graph.fqns(constant), before=node)
                     args[scale_name] = graph.add_constant(scales, f"{name}_scale", graph.fqns(constant), before=node)
                 layers.append({"layer": name, "shape": list(weight.shape), "bytes_before": weight.nbytes,
-                               "bytes_after": codes.nbytes + scales.nbytes, "experts": True})
+                               "bytes_after": codes.nbytes + scales.nbytes, "experts": True, "method": "rtn"})
             node.args, node.kwargs = tuple(args[k] for k in MOE_FFN_ARGS), {}
         graph.prune_constants()
         return layers
