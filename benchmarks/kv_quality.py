@@ -1,11 +1,18 @@
-"""Long-context perplexity of SmolLM2-135M with a KIVI-style quantized KV cache, and its size.
+"""Long-context perplexity of SmolLM2-135M with a compressed KV cache (KIVI-style quantization,
+StreamingLLM and SnapKV eviction), its size, generation agreement and decode speed.
 
 Protocol: non-overlapping windows of ``--window`` (2048) tokens of eval.txt, from the start. Each
 window is fed to the model ``--chunk`` (128) tokens at a time through one cache, so every token
 attends to all earlier tokens of its window as the cache holds them (quantized, for the
 quantized caches) and to its own chunk in full precision; every token but the window's first is
-scored. The float row runs the same chunks through transformers' DynamicCache. float32 model,
-2 threads.
+scored. The compressed caches run lqc's KV attention, which reads the quantized codes directly
+(lqc.runtime.kv_attention); the float row runs the same chunks through transformers'
+DynamicCache and SDPA. float32 model, 2 threads.
+
+Eviction rows (opt-in): ``--window-evict W`` keeps the sinks and the last W tokens (float, and
+int4 with the quantization options); ``--snapkv K`` (float) applies SnapKV to every step of more
+than K + ``--observation`` tokens, i.e. to each 128-token chunk here: of the tokens not yet
+closed, all but the last ``--observation`` are cut to the K most attended per KV head.
 
 KV bytes per token: the cache's stored bytes after a full window (codes, float16 scales and zeros,
 and the full-precision sinks and recent tokens, float32 here) divided by the window length,
@@ -38,7 +45,7 @@ import lqc
 from lqc.bench import write_results
 from lqc.data import data_file, tokenize_file
 from lqc.evaluate import agreement, cached_logits, eval_prompts, perplexity
-from lqc.runtime.kv_cache import QuantizedKVCache, float_kv_bytes_per_token
+from lqc.runtime.kv_cache import CompressedKVCache, CompressedKVLayer, float_kv_bytes_per_token
 
 
 def main(argv=None) -> int:
@@ -51,6 +58,11 @@ def main(argv=None) -> int:
     parser.add_argument("--group", type=int, default=64)
     parser.add_argument("--residual", type=int, default=128)
     parser.add_argument("--sinks", type=int, default=4)
+    parser.add_argument("--window-evict", type=int, default=None, metavar="W",
+                        help="add StreamingLLM rows: the sinks and the last W tokens, float and int4")
+    parser.add_argument("--snapkv", type=int, default=None, metavar="K",
+                        help="add a SnapKV row (float): each step of more than K + --observation tokens keeps its top K")
+    parser.add_argument("--observation", type=int, default=32)
     parser.add_argument("--perplexity", action=argparse.BooleanOptionalAction, default=True, help="measure perplexity and size")
     parser.add_argument("--agreement", type=int, default=0, help="prompts for the generation agreement (0: skip)")
     parser.add_argument("--prompt-length", type=int, default=512)
@@ -70,7 +82,14 @@ def main(argv=None) -> int:
     float16_per_token = float_kv_bytes_per_token(config, 2)
     caches = {"float": lambda: DynamicCache(config=config)}
     for bits in args.bits:
-        caches[f"int{bits}"] = lambda bits=bits: QuantizedKVCache(config, bits, args.group, args.residual, args.sinks)
+        caches[f"int{bits}"] = lambda bits=bits: CompressedKVCache(config, bits, args.group, args.residual, args.sinks)
+    if args.window_evict:
+        caches[f"window{args.window_evict}"] = lambda: CompressedKVCache(config, None, sinks=args.sinks, window=args.window_evict)
+        caches[f"int4-window{args.window_evict}"] = lambda: CompressedKVCache(
+            config, 4, args.group, args.residual, args.sinks, window=args.window_evict)
+    if args.snapkv:
+        caches[f"snapkv{args.snapkv}"] = lambda: CompressedKVCache(config, None, sinks=args.sinks, snapkv=args.snapkv,
+                                                                   observation=args.observation)
     rows = []
     with torch.no_grad():
         for name, new_cache in caches.items() if args.perplexity else ():
@@ -78,13 +97,13 @@ def main(argv=None) -> int:
                                 max_windows=args.windows, progress=False)
             cache = new_cache()  # one full window through a fresh cache, for its size
             cached_logits(model, lambda: cache, args.chunk)(ids[None, : args.window])
-            stored = sum(layer.nbytes() for layer in cache.layers) if name != "float" else None
-            blocks = [(k, v) for layer in cache.layers for k, v in getattr(layer, "blocks", [])]
-            quantized_tokens = sum(k.tokens for k, _ in blocks) // config.num_hidden_layers if blocks else 0
+            layers = [layer for layer in cache.layers if isinstance(layer, CompressedKVLayer)]
+            stored = sum(layer.nbytes() for layer in layers) if layers else None
+            quantized = [layer.quantized_nbytes_per_token() for layer in layers]
             row = {"cache": name, "perplexity": result.perplexity, "scored_tokens": result.scored_tokens,
                    "windows": result.windows, "seconds": round(result.seconds, 1),
                    "kv_bytes_per_token": stored / args.window if stored else float16_per_token * 2,
-                   "per_quantized_token": sum(k.nbytes() + v.nbytes() for k, v in blocks) / quantized_tokens if blocks else None}
+                   "per_quantized_token": sum(quantized) if quantized and None not in quantized else None}
             row["vs_float16_cache"] = row["kv_bytes_per_token"] / float16_per_token
             if row["per_quantized_token"]:
                 row["per_quantized_token_vs_float16"] = row["per_quantized_token"] / float16_per_token

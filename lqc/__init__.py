@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 from lqc import models  # noqa: E402
 from lqc.backend import clear_reports, lqc_backend, reports  # noqa: E402
 from lqc.compress import compress  # noqa: E402
+from lqc.generate import generate  # noqa: E402
 from lqc.ir import Graph, LqcConfigError, LqcError, LqcGraphError  # noqa: E402
 from lqc.options import CompileOptions  # noqa: E402
 from lqc.passes import Pass, PassContext, PassManager, PassResult, register_pass  # noqa: E402
@@ -27,6 +28,7 @@ __all__ = [
     "PassResult",
     "clear_reports",
     "compress",
+    "generate",
     "load",
     "lqc_backend",
     "models",

@@ -161,6 +161,26 @@ def cmd_sensitivity(args) -> int:
     return 0
 
 
+def cmd_kv(args) -> int:
+    from lqc.runtime.kv_cache import kv_cache_report
+
+    import lqc
+
+    model, _tokenizer, name = lqc.models.load(args.model)
+    options = dict(bits=args.bits or None, group=args.group, residual=args.residual, sinks=args.sinks, window=args.window)
+    rows = [kv_cache_report(model.config, context, **options) for context in args.context]
+    print(f"{name}: KV cache with {options}; float16 cache for comparison")
+    print("| context | total MB | bytes/token | vs float16 | per quantized token | vs float16 |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        quantized = (f"{r['bytes_per_quantized_token']:,.0f} | {r['per_quantized_token_vs_float']:.3f}x"
+                     if r["bytes_per_quantized_token"] else "- | -")
+        print(f"| {r['context']} | {r['total_bytes'] / 1e6:.2f} | {r['bytes_per_token']:,.0f} | {r['vs_float']:.3f}x | {quantized} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": name, "options": options, "rows": rows}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lqc", description="lqc: a compression compiler for PyTorch transformers")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
@@ -209,6 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
     sensitivity.add_argument("--threads", type=int, default=2)
     sensitivity.add_argument("--json", default=None)
     sensitivity.set_defaults(func=cmd_sensitivity)
+
+    kv = sub.add_parser("kv", help="KV-cache bytes per token and in total at a context length, compressed vs float16")
+    kv.add_argument("--model", default="smollm2-135m")
+    kv.add_argument("--context", type=int, nargs="+", default=[2048])
+    kv.add_argument("--bits", type=int, default=4, help="8, 4 or 2; 0: keep the tokens in float (eviction only)")
+    kv.add_argument("--group", type=int, default=64)
+    kv.add_argument("--residual", type=int, default=128)
+    kv.add_argument("--sinks", type=int, default=4)
+    kv.add_argument("--window", type=int, default=None, help="StreamingLLM: keep the sinks and the last WINDOW tokens")
+    kv.add_argument("--json", default=None)
+    kv.set_defaults(func=cmd_kv)
 
     bench = sub.add_parser("bench", help="prefill/decode speed, sizes and compile times: eager, Inductor, lqc")
     bench.add_argument("--model", default="smollm2-135m")

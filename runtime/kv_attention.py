@@ -1,0 +1,159 @@
+"""Attention that reads a compressed KV cache directly, and its registration with transformers.
+
+A ``CompressedKVLayer`` (lqc.runtime.kv_cache) hands attention a ``CompressedKVView``: the
+full-precision sinks, the quantized blocks as codes with their scales and zeros, and the
+full-precision recent tokens (this step's among them). ``compressed_attention`` computes
+
+    softmax(q K^T * scaling + mask) V
+
+over those parts without dequantizing the blocks: per block, the key scales fold into the
+query and the value scales into the attention weights (``key_scores``, ``mix_values`` in
+lqc.runtime.kv_quant), so the codes enter two matmuls as small integers. Query heads that
+share a KV head (GQA) are computed as rows of one matmul against it, never repeated. The
+quantized part is read in chunks of ``CHUNK_TOKENS``, so no step materializes a float copy of
+the whole cache.
+
+Masks: transformers builds a boolean mask over token *positions* (``sdpa_mask``, registered
+under the same name). The view carries each stored token's position once tokens were evicted
+(StreamingLLM window, SnapKV), and the mask's columns are gathered at them; before any
+eviction the stored tokens are positions 0..T-1 in order and the mask is used as it is.
+
+``use_compressed_attention(config)`` registers ``compressed_attention`` as the attention
+implementation ``"lqc_kv"`` and switches ``config`` to it; any cache other than lqc's (or no
+cache) then runs the attention the config had before, unchanged. ``CompressedKVCache`` calls it
+when it is built, so ``model.generate(..., past_key_values=CompressedKVCache(model.config))``
+needs nothing more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .kv_quant import QuantizedKV, dequantize, key_scores, mix_values
+
+ATTENTION = "lqc_kv"
+CHUNK_TOKENS = 4096  # quantized tokens read at a time: bounds the step's temporary floats (3 MB at 3 heads x 64)
+
+
+@dataclass
+class CompressedKVView:
+    """One layer's stored keys and values for one step, in token order: sinks, quantized, recent."""
+
+    owner: Any  # the CompressedKVLayer: ``settle(importance)`` after attention; ``importance_window(q)``
+    sink_keys: torch.Tensor
+    sink_values: torch.Tensor
+    quantized: tuple[QuantizedKV, QuantizedKV] | None
+    keys: torch.Tensor  # the full-precision recent tokens, this step's last
+    values: torch.Tensor
+    positions: torch.Tensor | None  # [B, H, T] position of each stored token; None: 0..T-1
+
+    @property
+    def tokens(self) -> int:
+        quantized = self.quantized[0].tokens if self.quantized else 0
+        return self.sink_keys.shape[-2] + quantized + self.keys.shape[-2]
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full keys and values (the quantized part dequantized), for attentions that need tensors."""
+        middle = [dequantize(q, self.keys.dtype) for q in self.quantized] if self.quantized else None
+        keys = torch.cat([self.sink_keys, *middle[:1], self.keys], dim=-2) if middle else torch.cat([self.sink_keys, self.keys], dim=-2)
+        values = torch.cat([self.sink_values, *middle[1:], self.values], dim=-2) if middle else torch.cat([self.sink_values, self.values], dim=-2)
+        return keys, values
+
+
+def _quantized_chunks(q: QuantizedKV):
+    step = max(q.group, CHUNK_TOKENS // q.group * q.group) if q.axis == "channel" else CHUNK_TOKENS
+    for start in range(0, q.tokens, step):
+        yield start, min(start + step, q.tokens)
+
+
+def _mask_columns(attention_mask: torch.Tensor, view: CompressedKVView, query_length: int) -> torch.Tensor:
+    """The mask over positions -> over the stored tokens: [B, 1 or H, q, T]."""
+    tokens = view.tokens
+    if view.positions is None:
+        if attention_mask.shape[-1] != tokens:
+            raise ValueError(f"lqc KV attention: the mask covers {attention_mask.shape[-1]} positions but the cache "
+                             f"holds {tokens} tokens; build the mask with this cache's get_mask_sizes")
+        return attention_mask
+    b, heads, _ = view.positions.shape
+    index = view.positions[:, :, None, :].expand(b, heads, query_length, tokens)
+    return attention_mask.expand(b, heads, query_length, attention_mask.shape[-1]).gather(-1, index)
+
+
+def compressed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The attention interface transformers calls: query [B, Hq, q, D]; key and value a
+    ``CompressedKVView`` (the same object twice) or, for other caches, tensors."""
+    if not isinstance(key, CompressedKVView):
+        return _fallback(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    view = key
+    b, query_heads, q_len, d = query.shape
+    kv_heads = view.keys.shape[1]
+    rep = query_heads // kv_heads
+    scaling = d**-0.5 if scaling is None else scaling
+    q = query.to(torch.float32).reshape(b, kv_heads, rep * q_len, d) * scaling
+
+    sinks, recent = view.sink_keys.shape[-2], view.keys.shape[-2]
+    parts = [q @ view.sink_keys.to(torch.float32).transpose(-1, -2)]
+    if view.quantized:
+        parts += [key_scores(q, view.quantized[0].tokens_slice(start, stop)) for start, stop in _quantized_chunks(view.quantized[0])]
+    parts.append(q @ view.keys.to(torch.float32).transpose(-1, -2))
+    scores = torch.cat(parts, dim=-1).reshape(b, kv_heads, rep, q_len, -1)
+    tokens = scores.shape[-1]
+
+    if attention_mask is not None:
+        allowed = _mask_columns(attention_mask, view, q_len)[:, :, None]
+        if allowed.dtype == torch.bool:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        else:
+            scores = scores + allowed.to(torch.float32)
+    elif q_len > 1:  # no mask given: causal among this step's tokens, which are the last q_len stored
+        future = torch.ones(q_len, q_len, dtype=torch.bool, device=q.device).triu(1)
+        scores[..., tokens - q_len :] = scores[..., tokens - q_len :].masked_fill(future, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if attention_mask is not None:  # a query that may attend to nothing (padding) outputs zeros, as SDPA's does
+        probs = probs.nan_to_num(0.0)
+
+    importance = None
+    window = view.owner.importance_window(q_len)
+    if window:  # SnapKV: how much the last queries of a prompt attend to each recent token, per KV head
+        importance = probs[..., -window:, tokens - recent :].sum(dim=(2, 3))
+
+    probs = probs.reshape(b, kv_heads, rep * q_len, tokens)
+    out = probs[..., :sinks] @ view.sink_values.to(torch.float32)
+    if view.quantized:
+        values = view.quantized[1]
+        for start, stop in _quantized_chunks(values):
+            out = out + mix_values(probs[..., sinks + start : sinks + stop], values.tokens_slice(start, stop))
+    out = out + probs[..., tokens - recent :] @ view.values.to(torch.float32)
+    view.owner.settle(importance)
+    out = out.reshape(b, query_heads, q_len, d).transpose(1, 2).contiguous()
+    return out.to(query.dtype), None
+
+
+def _fallback(module):
+    name = getattr(module.config, "_lqc_attention_fallback", None) or "sdpa"
+    if name == "eager":
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+
+        return eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[name] if name in ALL_ATTENTION_FUNCTIONS else sdpa_attention_forward
+
+
+def use_compressed_attention(config) -> None:
+    """Register ``compressed_attention`` as ``"lqc_kv"`` and switch ``config`` (a model's config,
+    shared with its attention modules) to it, remembering the attention it had for other caches."""
+    AttentionInterface.register(ATTENTION, compressed_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    if config._attn_implementation != ATTENTION:
+        config._lqc_attention_fallback = config._attn_implementation
+        config._attn_implementation = ATTENTION
+
+
+def reads_codes(config) -> bool:
+    return config is not None and getattr(config, "_attn_implementation", None) == ATTENTION
