@@ -13,6 +13,8 @@ Eviction rows (opt-in): ``--window-evict W`` keeps the sinks and the last W toke
 int4 with the quantization options); ``--snapkv K`` (float) applies SnapKV to every step of more
 than K + ``--observation`` tokens, i.e. to each 128-token chunk here: of the tokens not yet
 closed, all but the last ``--observation`` are cut to the K most attended per KV head.
+Low-rank rows (``--lowrank R``): the model with Palu keys and values (lqc.runtime.kv_lowrank),
+its latents in a DynamicCache (float32).
 
 KV bytes per token: the cache's stored bytes after a full window (codes, float16 scales and zeros,
 and the full-precision sinks and recent tokens, float32 here) divided by the window length,
@@ -34,6 +36,7 @@ cache's at the same position, for each quantized cache.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -42,9 +45,10 @@ import torch
 from transformers import DynamicCache
 
 import lqc
-from lqc.bench import write_results
+from lqc.bench import benchmark_calibration, write_results
 from lqc.data import data_file, tokenize_file
 from lqc.evaluate import agreement, cached_logits, eval_prompts, perplexity
+from lqc.runtime.kv_lowrank import lowrank_kv
 from lqc.runtime.kv_cache import CompressedKVCache, CompressedKVLayer, float_kv_bytes_per_token
 
 
@@ -63,6 +67,9 @@ def main(argv=None) -> int:
     parser.add_argument("--snapkv", type=int, default=None, metavar="K",
                         help="add a SnapKV row (float): each step of more than K + --observation tokens keeps its top K")
     parser.add_argument("--observation", type=int, default=32)
+    parser.add_argument("--lowrank", type=float, nargs="*", default=[], metavar="R",
+                        help="add Palu rows: keys and values kept at rank R x KV heads x head_dim (float latents, "
+                             "whitened on 4,096 tokens of calib.txt)")
     parser.add_argument("--perplexity", action=argparse.BooleanOptionalAction, default=True, help="measure perplexity and size")
     parser.add_argument("--agreement", type=int, default=0, help="prompts for the generation agreement (0: skip)")
     parser.add_argument("--prompt-length", type=int, default=512)
@@ -90,19 +97,24 @@ def main(argv=None) -> int:
     if args.snapkv:
         caches[f"snapkv{args.snapkv}"] = lambda: CompressedKVCache(config, None, sinks=args.sinks, snapkv=args.snapkv,
                                                                    observation=args.observation)
+    row_model = {}  # rows that run another model than the loaded one (low-rank keys and values)
+    for rank in args.lowrank:
+        calibration = torch.cat(benchmark_calibration(loaded).windows(1, 512, 8))
+        row_model[f"lowrank{rank:g}"] = lowrank_kv(copy.deepcopy(model), rank, calibration)
+        caches[f"lowrank{rank:g}"] = lambda: DynamicCache(config=config)
     rows = []
     with torch.no_grad():
         for name, new_cache in caches.items() if args.perplexity else ():
-            result = perplexity(cached_logits(model, new_cache, args.chunk), ids, window_length=args.window,
+            result = perplexity(cached_logits(row_model.get(name, model), new_cache, args.chunk), ids, window_length=args.window,
                                 max_windows=args.windows, progress=False)
             cache = new_cache()  # one full window through a fresh cache, for its size
-            cached_logits(model, lambda: cache, args.chunk)(ids[None, : args.window])
+            cached_logits(row_model.get(name, model), lambda: cache, args.chunk)(ids[None, : args.window])
             layers = [layer for layer in cache.layers if isinstance(layer, CompressedKVLayer)]
-            stored = sum(layer.nbytes() for layer in layers) if layers else None
+            stored = sum(stored_kv_bytes(layer) for layer in cache.layers)
             quantized = [layer.quantized_nbytes_per_token() for layer in layers]
             row = {"cache": name, "perplexity": result.perplexity, "scored_tokens": result.scored_tokens,
                    "windows": result.windows, "seconds": round(result.seconds, 1),
-                   "kv_bytes_per_token": stored / args.window if stored else float16_per_token * 2,
+                   "kv_bytes_per_token": stored / args.window,
                    "per_quantized_token": sum(quantized) if quantized and None not in quantized else None}
             row["vs_float16_cache"] = row["kv_bytes_per_token"] / float16_per_token
             if row["per_quantized_token"]:
@@ -114,7 +126,7 @@ def main(argv=None) -> int:
     agreements = {}
     if args.agreement:
         prompts = eval_prompts(ids, args.agreement, length=args.prompt_length, spacing=args.window)
-        generated = {name: generate_each(model, prompts, new_cache, args.new_tokens) for name, new_cache in caches.items()}
+        generated = {name: generate_each(row_model.get(name, model), prompts, new_cache, args.new_tokens) for name, new_cache in caches.items()}
         for name in caches:
             if name != "float":
                 agreements[name] = agreement(generated["float"], generated[name]).to_json()
@@ -124,7 +136,7 @@ def main(argv=None) -> int:
         times = {name: [] for name in caches}
         for run in range(args.runs):
             for name, new_cache in caches.items():
-                times[name].append(decode_seconds(model, ids[None, : args.context], new_cache(), args.decode))
+                times[name].append(decode_seconds(row_model.get(name, model), ids[None, : args.context], new_cache(), args.decode))
         for name in caches:
             speeds[name] = {"decode_tokens_per_s": args.decode / statistics.median(times[name]),
                             "runs_s": times[name]}
@@ -159,6 +171,13 @@ def main(argv=None) -> int:
                 "chunk": args.chunk, "group": args.group, "residual": args.residual, "sinks": args.sinks}
         write_results(args.out, {**meta, "rows": rows, "agreement": agreements, "speed": speeds}, table)
     return 0
+
+
+def stored_kv_bytes(layer) -> int:
+    """What one layer of a cache stores: a compressed layer counts itself; a DynamicLayer its tensors."""
+    if isinstance(layer, CompressedKVLayer):
+        return layer.nbytes()
+    return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
 
 
 @torch.no_grad()

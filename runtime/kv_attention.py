@@ -61,9 +61,11 @@ class CompressedKVView:
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Full keys and values (the quantized part dequantized), for attentions that need tensors."""
-        middle = [dequantize(q, self.keys.dtype) for q in self.quantized] if self.quantized else None
-        keys = torch.cat([self.sink_keys, *middle[:1], self.keys], dim=-2) if middle else torch.cat([self.sink_keys, self.keys], dim=-2)
-        values = torch.cat([self.sink_values, *middle[1:], self.values], dim=-2) if middle else torch.cat([self.sink_values, self.values], dim=-2)
+        keys, values = [self.sink_keys], [self.sink_values]
+        if self.quantized:
+            keys.append(dequantize(self.quantized[0], self.keys.dtype))
+            values.append(dequantize(self.quantized[1], self.values.dtype))
+        keys, values = torch.cat([*keys, self.keys], dim=-2), torch.cat([*values, self.values], dim=-2)
         return keys, values
 
 

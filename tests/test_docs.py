@@ -50,8 +50,11 @@ def test_layer_dropping_guide_runs(capsys):
 
 
 def test_kv_cache_guide_runs(capsys):
-    assert run_doc_blocks(DOC.parent / "kv-cache.md", {}) == 1
-    assert "True 23 [4, 4]" in capsys.readouterr().out
+    assert run_doc_blocks(DOC.parent / "kv-cache.md", {}) == 3
+    out = capsys.readouterr().out
+    assert "True 23 [16, 16]\nlqc_kv" in out
+    assert "{'window': 16} 50 49 18" in out and "{'snapkv': 8, 'observation': 4} 50 49 23" in out
+    assert "torch.Size([1, 50]) 16" in out
 
 
 def test_moe_guide_runs(capsys):
