@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch._library.opaque_object import get_opaque_type_name, register_opaque_type
+from torch._opaque_base import OpaqueBase
 
 from .errors import VerificationError
 from .graph import Graph
@@ -181,3 +183,52 @@ def _check_moe_ffn(graph: Graph, node: fx.Node) -> None:
 
 
 register_op_verifier("lqc::moe_ffn", _check_moe_ffn)
+
+
+# ``lqc::kv_attention(store, query, keys, values, attention_mask, scaling)``: one attention layer's
+# cache update and attention over a compressed KV cache, as one op. ``store`` is the layer's
+# ``KVStore``: a handle torch.compile passes into the graph as an opaque input, so the cache's
+# state (quantized blocks closing, eviction) lives outside the graph and never becomes a guard;
+# a graph of decode steps compiles once, not once per block. ``keys`` and ``values`` [B, Hkv, q, D]
+# are this step's new tokens, appended by the op; ``query`` [B, Hq, q, D]; ``attention_mask`` over
+# token positions as transformers builds it (boolean or additive), or None. Returns
+# [B, q, Hq, D], as transformers' attention functions do. Implementation: lqc.runtime.kv_attention.
+class KVStore(OpaqueBase):
+    """One attention layer's compressed cache, as lqc's KV ops receive it (``layer``: the
+    lqc.runtime cache layer that holds the tensors)."""
+
+    def __init__(self, layer) -> None:
+        self.layer = layer
+
+    def __repr__(self) -> str:
+        return f"KVStore({type(self.layer).__name__})"
+
+
+register_opaque_type(KVStore, typ="reference")
+_lib.define(
+    f"kv_attention({get_opaque_type_name(KVStore)} store, Tensor query, Tensor keys, Tensor values, "
+    "Tensor? attention_mask, float scaling) -> Tensor"
+)
+# Ops that change state outside the graph: a pass must neither drop nor merge two calls, and a
+# graph holding one cannot be run a second time to check it (its tokens would be appended twice).
+# (dynamo's graphs call the packet, torch.ops.lqc.kv_attention; traced ones the overload)
+STATEFUL_OPS = (torch.ops.lqc.kv_attention, torch.ops.lqc.kv_attention.default)
+for _op in STATEFUL_OPS:
+    torch.fx.node.has_side_effect(_op)
+
+
+@torch.library.register_fake("lqc::kv_attention")
+def _kv_attention_fake(store, query, keys, values, attention_mask, scaling):
+    check_kv_attention_shapes(query, keys, values)
+    b, query_heads, length, head_dim = query.shape
+    return query.new_empty((b, length, query_heads, head_dim))
+
+
+def check_kv_attention_shapes(query, keys, values) -> None:
+    """Raise ValueError naming the first inconsistency between the query and the new keys and values."""
+    if query.dim() != 4 or keys.dim() != 4 or keys.shape != values.shape:
+        raise ValueError(f"lqc::kv_attention takes query [B, Hq, q, D] and keys = values [B, Hkv, q, D]; "
+                         f"got {tuple(query.shape)}, {tuple(keys.shape)}, {tuple(values.shape)}")
+    if query.shape[-1] != keys.shape[-1] or query.shape[-2] != keys.shape[-2] or query.shape[1] % keys.shape[1]:
+        raise ValueError(f"lqc::kv_attention: query {tuple(query.shape)} and keys {tuple(keys.shape)} differ in tokens or "
+                         f"head size, or the query heads are not a multiple of the KV heads")

@@ -31,6 +31,7 @@ from lqc.data import calibration_from
 from lqc.ir import capture
 from lqc.ir.errors import LqcConfigError
 from lqc.ir.inputs import CalibrationUnavailable
+from lqc.ir.lqc_ops import STATEFUL_OPS
 from lqc.passes import GraphReport, PassContext, PassManager, load_recipe
 from lqc.recipes import resolve_recipe
 from lqc.runtime.compiled import CompiledGraph
@@ -86,7 +87,10 @@ def lqc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: A
         graph = capture(gm, args, name=name)
         capture_seconds = time.perf_counter() - start
         ctx = PassContext(calibration=calibration, progress=opts.progress)
-        if opts.verify:
+        if opts.verify and any(n.target in STATEFUL_OPS for n in graph.gm.graph.nodes):
+            warnings.warn(f"lqc: {name} is not verified: it updates a compressed KV cache (lqc::kv_attention), so "
+                          f"running it again to check a pass would store its tokens twice", stacklevel=2)
+        elif opts.verify:
             ctx.check_inputs = [tuple(args[i.index] for i in graph.inputs)]
             if calibration is not None:
                 try:

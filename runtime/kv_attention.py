@@ -1,17 +1,25 @@
 """Attention that reads a compressed KV cache directly, and its registration with transformers.
 
-A ``CompressedKVLayer`` (lqc.runtime.kv_cache) hands attention a ``CompressedKVView``: the
-full-precision sinks, the quantized blocks as codes with their scales and zeros, and the
-full-precision recent tokens (this step's among them). ``compressed_attention`` computes
+A ``CompressedKVLayer`` (lqc.runtime.kv_cache) hands attention a ``PendingKV``: its ``KVStore``
+handle and this step's new keys and values. ``compressed_attention`` passes them with the query
+to ``lqc::kv_attention`` (schema in lqc.ir.lqc_ops), one op for the cache update and the
+attention, implemented here: the layer appends the new tokens and returns a
+``CompressedKVView`` (the full-precision sinks, the quantized blocks as codes with their scales
+and zeros, the full-precision recent tokens, this step's among them), ``attend`` computes
 
     softmax(q K^T * scaling + mask) V
 
-over those parts without dequantizing the blocks: per block, the key scales fold into the
-query and the value scales into the attention weights (``key_scores``, ``mix_values`` in
-lqc.runtime.kv_quant), so the codes enter two matmuls as small integers. Query heads that
-share a KV head (GQA) are computed as rows of one matmul against it, never repeated. The
-quantized part is read in chunks of ``CHUNK_TOKENS``, so no step materializes a float copy of
-the whole cache.
+over those parts, and the layer settles (closes blocks, evicts). The blocks are never
+dequantized: per block, the key scales fold into the query and the value scales into the
+attention weights (``key_scores``, ``mix_values`` in lqc.runtime.kv_quant), so the codes enter
+two matmuls as small integers. Query heads that share a KV head (GQA) are computed as rows of
+one matmul against it, never repeated. The quantized part is read in chunks of
+``CHUNK_TOKENS``, so no step materializes a float copy of the whole cache.
+
+Why one opaque op: under torch.compile, dynamo would otherwise trace the cache's Python, and
+every branch on its state (does a block close this step? were tokens evicted?) would become a
+guard: a new graph per block, until dynamo's recompile limit, after which it runs the forward
+uncompiled. Behind the op, a model's decode steps are one graph.
 
 Masks: transformers builds a boolean mask over token *positions* (``sdpa_mask``, registered
 under the same name). The view carries each stored token's position once tokens were evicted
@@ -28,13 +36,14 @@ needs nothing more.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from lqc.ir.lqc_ops import KVStore, check_kv_attention_shapes
 
 from .kv_quant import QuantizedKV, dequantize, key_scores, mix_values
 
@@ -46,7 +55,6 @@ CHUNK_TOKENS = 4096  # quantized tokens read at a time: bounds the step's tempor
 class CompressedKVView:
     """One layer's stored keys and values for one step, in token order: sinks, quantized, recent."""
 
-    owner: Any  # the CompressedKVLayer: ``settle(importance)`` after attention; ``importance_window(q)``
     sink_keys: torch.Tensor
     sink_values: torch.Tensor
     quantized: tuple[QuantizedKV, QuantizedKV] | None
@@ -67,6 +75,16 @@ class CompressedKVView:
             values.append(dequantize(self.quantized[1], self.values.dtype))
         keys, values = torch.cat([*keys, self.keys], dim=-2), torch.cat([*values, self.values], dim=-2)
         return keys, values
+
+
+@dataclass
+class PendingKV:
+    """What a compressed layer's ``update`` returns (as keys and as values): the new tokens, for
+    ``lqc::kv_attention`` to append to ``store``."""
+
+    store: KVStore
+    keys: torch.Tensor
+    values: torch.Tensor
 
 
 def _quantized_chunks(q: QuantizedKV):
@@ -90,14 +108,31 @@ def _mask_columns(attention_mask: torch.Tensor, view: CompressedKVView, query_le
 
 def compressed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The attention interface transformers calls: query [B, Hq, q, D]; key and value a
-    ``CompressedKVView`` (the same object twice) or, for other caches, tensors."""
-    if not isinstance(key, CompressedKVView):
+    ``PendingKV`` (the same object twice) or, for other caches, tensors."""
+    if not isinstance(key, PendingKV):
         return _fallback(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    view = key
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    return torch.ops.lqc.kv_attention(key.store, query, key.keys, key.values, attention_mask, scaling), None
+
+
+@torch.library.impl("lqc::kv_attention", "CompositeExplicitAutograd")
+def kv_attention(store: KVStore, query, keys, values, attention_mask, scaling):
+    check_kv_attention_shapes(query, keys, values)
+    layer = store.layer
+    view = layer.append(keys, values)
+    out, importance = attend(view, query, attention_mask, scaling, layer.importance_window(query.shape[-2]))
+    layer.settle(importance)
+    return out
+
+
+def attend(view: CompressedKVView, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+           importance_window: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of ``query`` [B, Hq, q, D] over ``view`` -> ([B, q, Hq, D], importance). With
+    ``importance_window`` w > 0 (SnapKV), importance [B, Hkv, recent tokens] sums the attention
+    the last w queries of every query head of a KV head give each recent token."""
     b, query_heads, q_len, d = query.shape
     kv_heads = view.keys.shape[1]
     rep = query_heads // kv_heads
-    scaling = d**-0.5 if scaling is None else scaling
     q = query.to(torch.float32).reshape(b, kv_heads, rep * q_len, d) * scaling
 
     sinks, recent = view.sink_keys.shape[-2], view.keys.shape[-2]
@@ -122,9 +157,8 @@ def compressed_attention(module, query, key, value, attention_mask, scaling=None
         probs = probs.nan_to_num(0.0)
 
     importance = None
-    window = view.owner.importance_window(q_len)
-    if window:  # SnapKV: how much the last queries of a prompt attend to each recent token, per KV head
-        importance = probs[..., -window:, tokens - recent :].sum(dim=(2, 3))
+    if importance_window:
+        importance = probs[..., -importance_window:, tokens - recent :].sum(dim=(2, 3))
 
     probs = probs.reshape(b, kv_heads, rep * q_len, tokens)
     out = probs[..., :sinks] @ view.sink_values.to(torch.float32)
@@ -133,9 +167,8 @@ def compressed_attention(module, query, key, value, attention_mask, scaling=None
         for start, stop in _quantized_chunks(values):
             out = out + mix_values(probs[..., sinks + start : sinks + stop], values.tokens_slice(start, stop))
     out = out + probs[..., tokens - recent :] @ view.values.to(torch.float32)
-    view.owner.settle(importance)
     out = out.reshape(b, query_heads, q_len, d).transpose(1, 2).contiguous()
-    return out.to(query.dtype), None
+    return out.to(query.dtype), importance
 
 
 def _fallback(module):

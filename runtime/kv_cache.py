@@ -23,11 +23,12 @@ Eviction (opt-in), applied after each step's attention:
 Kept tokens keep the rotary positions they were computed at; the cache records each one's
 position, and ``get_seq_length`` counts every token seen, so new tokens get their true positions.
 
-``update`` appends the new tokens and returns a ``CompressedKVView`` for lqc's attention
-(lqc.runtime.kv_attention), which reads the codes directly and then calls ``settle`` to close
-blocks and evict. ``CompressedKVCache`` switches the model's config to that attention when it is
-built; if something switches it back, ``update`` returns dequantized tensors instead (eviction
-needs lqc's attention and says so).
+``update`` counts the new tokens and returns them as a ``PendingKV`` for lqc's attention
+(lqc.runtime.kv_attention): its op ``lqc::kv_attention`` calls ``append``, reads the codes
+directly, then calls ``settle`` to close blocks and evict. The tensors are only touched inside
+that op, which torch.compile treats as opaque. ``CompressedKVCache`` switches the model's config
+to that attention when it is built; if something switches it back, ``update`` appends at once and
+returns dequantized tensors instead (eviction needs lqc's attention and says so).
 
 ``CompressedKVCache(config, bits=4, group=64, residual=128, sinks=4, dropped=...)`` is a
 transformers ``Cache``: pass it as ``past_key_values`` to ``generate()`` or a forward call. Layers
@@ -42,8 +43,10 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from lqc.ir.lqc_ops import KVStore
+
 from .dropped_layers import DroppedDynamicLayer
-from .kv_attention import CompressedKVView, reads_codes, use_compressed_attention
+from .kv_attention import CompressedKVView, PendingKV, reads_codes, use_compressed_attention
 from .kv_quant import check_kv_options, quantize_keys, quantize_values
 
 SNAPKV_POOL = 7  # SnapKV max-pools token scores so kept tokens come with their neighbours
@@ -85,8 +88,9 @@ class CompressedKVLayer(CacheLayerMixin):
         self.bits, self.group, self.residual, self.sinks = bits, group, residual, sinks
         self.window, self.snapkv, self.observation = window, snapkv, observation
         self.config = config  # whose attention implementation says whether attention reads codes
-        self.quantized = None
-        self.seen = 0
+        self.store = KVStore(self)  # what lqc::kv_attention receives
+        self.keys = self.quantized = None
+        self.seen = 0  # tokens given to update (lqc::kv_attention appends them after update returns)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if self.bits is not None:
@@ -96,18 +100,40 @@ class CompressedKVLayer(CacheLayerMixin):
         self.keys, self.values = self.sink_keys, self.sink_values  # the full-precision recent tokens
         self.quantized = None  # (keys, values) QuantizedKV, or None before the first block closes
         self.positions = None  # [B, H, T] int64 once tokens were evicted; before, stored = 0..T-1
-        self.seen, self.new_tokens, self.unsettled = 0, 0, False
-        self.is_initialized = True
+        self.appended, self.unsettled = 0, False
 
     @property
     def stored_tokens(self) -> int:
+        if self.keys is None:
+            return 0
         quantized = self.quantized[0].tokens if self.quantized else 0
         return self.sink_keys.shape[-2] + quantized + self.keys.shape[-2]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
+        # traced by torch.compile: only the count is Python state here; the tensors change inside lqc::kv_attention
+        self.is_initialized = True
+        self.seen += key_states.shape[-2]
+        if reads_codes(self.config):
+            pending = PendingKV(self.store, key_states, value_states)
+            return pending, pending
+        if self.window is not None or self.snapkv is not None:
+            raise ValueError(
+                "StreamingLLM and SnapKV eviction need lqc's KV attention, and this model's config was switched away "
+                "from it; call lqc.runtime.kv_attention.use_compressed_attention(model.config)"
+            )
+        return self.dequantized_update(key_states, value_states)
+
+    def dequantized_update(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append and return every stored token as tensors, for attentions that do not read codes."""
+        keys, values = self.append(key_states, value_states).dequantized()
+        self.settle()
+        return keys, values
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> CompressedKVView:
+        """Store the new tokens (full precision until ``settle``) and return what attention reads."""
+        if self.keys is None:
             self.lazy_initialization(key_states, value_states)
-        self.settle()  # a step whose attention never settled (nothing else calls it twice)
+        self.settle()  # a step whose attention never settled
         new = key_states.shape[-2]
         take = max(0, min(self.sinks - self.sink_keys.shape[-2], new))
         if take:
@@ -117,21 +143,11 @@ class CompressedKVLayer(CacheLayerMixin):
         self.values = torch.cat([self.values, value_states[..., take:, :]], dim=-2)
         if self.positions is not None:
             b, h = key_states.shape[:2]
-            fresh = torch.arange(self.seen, self.seen + new, device=self.device).expand(b, h, new)
+            fresh = torch.arange(self.appended, self.appended + new, device=self.device).expand(b, h, new)
             self.positions = torch.cat([self.positions, fresh], dim=-1)
-        self.seen += new
-        self.new_tokens, self.unsettled = new, True
-        view = CompressedKVView(self, self.sink_keys, self.sink_values, self.quantized, self.keys, self.values, self.positions)
-        if reads_codes(self.config):
-            return view, view
-        if self.window is not None or self.snapkv is not None:
-            raise ValueError(
-                "StreamingLLM and SnapKV eviction need lqc's KV attention, and this model's config was switched away "
-                "from it; call lqc.runtime.kv_attention.use_compressed_attention(model.config)"
-            )
-        keys, values = view.dequantized()
-        self.settle()
-        return keys, values
+        self.appended += new
+        self.unsettled = True
+        return CompressedKVView(self.sink_keys, self.sink_values, self.quantized, self.keys, self.values, self.positions)
 
     def importance_window(self, query_length: int) -> int:
         """Queries whose attention scores the prompt for SnapKV this step (0: no SnapKV now)."""
@@ -218,7 +234,7 @@ class CompressedKVLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         """Bytes stored: full-precision sinks and recent tokens, the quantized codes, scales and
         zeros, and the kept tokens' positions once tokens were evicted."""
-        if not self.is_initialized:
+        if self.keys is None:
             return 0
         tensors = [self.sink_keys, self.sink_values, self.keys, self.values]
         tensors += [self.positions] if self.positions is not None else []
@@ -227,16 +243,17 @@ class CompressedKVLayer(CacheLayerMixin):
 
     def quantized_nbytes_per_token(self) -> float | None:
         """Bytes per quantized token (codes, scales, zeros of keys and values), None before any."""
-        if not self.is_initialized or not self.quantized:
+        if not self.quantized:
             return None
         return sum(q.nbytes() for q in self.quantized) / self.quantized[0].tokens
 
     def reset(self) -> None:
-        self.quantized = None
+        self.keys = self.quantized = None
+        self.seen = 0
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if not self.is_initialized:
+        if self.keys is None:
             return
         index = beam_idx.to(self.device)
         for name in ("sink_keys", "sink_values", "keys", "values", "positions"):
@@ -285,10 +302,9 @@ def kv_cache_report(config, context: int, *, element_bytes: int = 2, dropped: It
     text_config = config.get_text_config(decoder=True)
     dtype = {2: torch.float16, 4: torch.float32}[element_bytes]
     heads, head_dim = text_config.num_key_value_heads, attention_head_dim(text_config)
-    reads = type("Config", (), {"_attn_implementation": "lqc_kv"})()  # settle as lqc's attention would
-    layer = CompressedKVLayer(**options, config=reads)
+    layer = CompressedKVLayer(**options)
     zeros = torch.zeros(1, heads, context, head_dim, dtype=dtype)
-    layer.update(zeros, zeros)
+    layer.append(zeros, zeros)
     layer.settle()
     layers = text_config.num_hidden_layers - len(set(dropped))
     total = layer.nbytes() * layers

@@ -83,10 +83,9 @@ class LowRankKVAttention(nn.Module):
         value_latent = self.value_down(hidden_states)[:, None]
         if past_key_values is not None:
             key_latent, value_latent = past_key_values.update(key_latent, value_latent, self.layer_idx)
-            if not isinstance(key_latent, torch.Tensor):  # a CompressedKVCache view: this attention reads tensors
-                view = key_latent
-                key_latent, value_latent = view.dequantized()
-                view.owner.settle()
+            if not isinstance(key_latent, torch.Tensor):  # a CompressedKVCache's pending tokens: this attention reads tensors
+                pending = key_latent
+                key_latent, value_latent = pending.store.layer.dequantized_update(pending.keys, pending.values)
         tokens = key_latent.shape[-2]
         keys = key_latent[:, 0] @ self.key_up.T
         if self.key_bias is not None:

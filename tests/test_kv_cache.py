@@ -11,7 +11,7 @@ from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from lqc.runtime import kv_attention
-from lqc.runtime.kv_attention import CompressedKVView, compressed_attention
+from lqc.runtime.kv_attention import compressed_attention
 from lqc.runtime.kv_cache import CompressedKVCache, CompressedKVLayer
 from lqc.runtime.kv_quant import dequantize, key_scores, mix_values, pack, quantize_keys, quantize_values, unpack
 
@@ -68,20 +68,24 @@ def test_attention_over_codes_equals_attention_over_the_dequantized_cache(monkey
     step's tokens, and a given boolean mask: within 1e-4 of SDPA on the dequantized tensors."""
     monkeypatch.setattr(kv_attention, "CHUNK_TOKENS", 16)  # several chunks
     module = _Attention(groups=3)
-    layer = CompressedKVLayer(bits=bits, group=8, residual=8, sinks=2, config=module.config)
     g = torch.Generator().manual_seed(bits)
-    layer.update(torch.randn(1, 2, 50, 16, generator=g), torch.randn(1, 2, 50, 16, generator=g))
-    layer.settle()
-    view, _ = layer.update(torch.randn(1, 2, query_length, 16, generator=g), torch.randn(1, 2, query_length, 16, generator=g))
+    past = torch.randn(1, 2, 50, 16, generator=g), torch.randn(1, 2, 50, 16, generator=g)
+    new = torch.randn(1, 2, query_length, 16, generator=g), torch.randn(1, 2, query_length, 16, generator=g)
+    layer, twin = (CompressedKVLayer(bits=bits, group=8, residual=8, sinks=2, config=module.config) for _ in range(2))
+    for cache in (layer, twin):
+        cache.append(*past)
+        cache.settle()
+    view = twin.append(*new)  # the reference: the same tokens, dequantized
     assert view.quantized[0].tokens >= 32
     keys, values = view.dequantized()
+    pending, _ = layer.update(*new)
     query = torch.randn(1, 6, query_length, 16, generator=g)
     total = keys.shape[-2]
     mask = torch.ones(query_length, total, dtype=torch.bool).tril(total - query_length)[None, None]
     if masked:
         mask[..., 3:9] = False  # e.g. padding
     expected, _ = sdpa_attention_forward(module, query, keys, values, mask, scaling=0.25)
-    got, _ = compressed_attention(module, query, view, view, mask if masked else None, scaling=0.25)
+    got, _ = compressed_attention(module, query, pending, pending, mask if masked else None, scaling=0.25)
     assert got.shape == expected.shape == (1, query_length, 6, 16)
     assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-4
 
@@ -129,11 +133,11 @@ def test_streaming_window_keeps_sinks_and_the_last_tokens_and_their_positions():
         layer = CompressedKVLayer(bits=bits, group=4, residual=4, sinks=2, window=10, config=config)
         k, v = _states(60, 3)
         for start in range(0, 60, 5):
-            view, _ = layer.update(k[..., start : start + 5, :], v[..., start : start + 5, :])
+            layer.append(k[..., start : start + 5, :], v[..., start : start + 5, :])
             layer.settle()
         kept = layer.positions[0, 0].tolist()
         assert kept[:2] == [0, 1] and kept[2:] == list(range(60 - len(kept) + 2, 60))
-        assert 10 <= len(kept) - 2 < 10 + 4 and layer.get_seq_length() == 60
+        assert 10 <= len(kept) - 2 < 10 + 4 and layer.appended == 60
         assert torch.equal(layer.keys, k[..., 60 - layer.keys.shape[-2] :, :])
 
 
@@ -141,7 +145,7 @@ def test_snapkv_keeps_the_most_attended_prompt_tokens_per_kv_head():
     config = type("Config", (), {"_attn_implementation": kv_attention.ATTENTION})()
     layer = CompressedKVLayer(bits=None, sinks=1, snapkv=4, observation=3, config=config)
     k, v = _states(30, 4)
-    view, _ = layer.update(k, v)
+    layer.append(k, v)
     assert layer.importance_window(30) == 3 and layer.importance_window(7) == 0
     importance = torch.zeros(1, 2, 29)  # over the 29 recent tokens (token 0 is the sink)
     importance[0, 0, [2, 10, 20]] = 1.0  # head 0 attends around these; head 1 elsewhere
@@ -198,16 +202,35 @@ def test_generate_with_eviction_stores_a_bounded_cache(tiny_llama, eviction):
     assert stored < 33 and (stored <= 2 + 8 + 3 if "window" in eviction else stored == 2 + 4 + 2 + 9)
 
 
-def test_generate_of_a_compressed_model_through_the_cache(tiny_llama, token_ids):
-    """The cache works with a model lqc.compress compiled: the same tokens as the eager model with it."""
+@pytest.mark.parametrize("eviction", [{}, {"window": 8}])
+def test_generate_of_a_compressed_model_through_the_cache(tiny_llama, token_ids, eviction):
+    """The cache works with a model lqc.compress compiled: the same tokens as the eager model with
+    it, and 40 steps in which 10 blocks close (and tokens are evicted) run on two graphs, prefill
+    and decode: the cache's state is behind lqc::kv_attention, never a dynamo guard (which would
+    recompile per block until the recompile limit, then run the uncompressed forward)."""
     import lqc
+    from lqc.backend import compiled_graph_count, compiled_graphs_since
 
+    torch._dynamo.reset()
     compressed = lqc.compress(tiny_llama, "default", progress=False)
+    first = compiled_graph_count()
     with torch.no_grad():
-        runs = [model.generate(token_ids, max_new_tokens=12, do_sample=False,
-                               past_key_values=CompressedKVCache(tiny_llama.config, bits=4, group=4, residual=4, sinks=1))
+        runs = [model.generate(token_ids, max_new_tokens=40, do_sample=False,
+                               past_key_values=CompressedKVCache(tiny_llama.config, bits=4, group=4, residual=4, sinks=1, **eviction))
                 for model in (tiny_llama, compressed)]
     assert torch.equal(runs[0], runs[1])
+    graphs = compiled_graphs_since(first)
+    assert len(graphs) == 2
+    assert all(sum(str(n.target) == "lqc.kv_attention" for n in g.graph.gm.graph.nodes) == 2 for g in graphs)
+
+
+def test_kv_attention_op_names_mismatched_shapes():
+    from lqc.ir.lqc_ops import KVStore
+
+    layer = CompressedKVLayer(bits=4, group=4, residual=4, sinks=1)
+    query, keys = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 2, 8)
+    with pytest.raises(ValueError, match="differ in tokens or head size"):
+        torch.ops.lqc.kv_attention(KVStore(layer), query, keys, keys, None, 0.5)
 
 
 def test_dropped_layers_hold_no_cache(tiny_llama, token_ids):
