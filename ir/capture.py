@@ -136,6 +136,7 @@ def _input_role(node: fx.Node, source: str, value: Any) -> str:
         ("attention_mask", "attention_mask"),
         ("input_ids", "token_ids"),
         ("past_key_values", "kv_cache"),
+        ("['cache']", "kv_cache"),  # transformers >= 5.24 renamed past_key_values to cache
     ):
         if key in source:
             return role

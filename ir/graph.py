@@ -209,18 +209,23 @@ class Graph:
 
 
 _SOURCE_PREFIX = re.compile(r"^(?:L|G)\['([^']+)'\]")
+# The root module: ``L['self']`` when dynamo's frame is the forward itself, ``L['args'][0]`` when it is
+# a ``(*args, **kwargs)`` wrapper around it (transformers >= 5.24 decorates forwards with
+# ``deprecate_kwarg("past_key_values", new_name="cache")``, whose wrapper is the frame dynamo traces).
+_SELF_ROOT = re.compile(r"^(?:L|G)\['self'\]|^L\['args'\]\[0\](?=\.|$)")
 _SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.(\w+)|\[(\d+)\]|\['([^']+)'\]")
 
 
 def fqn_from_source(source: str) -> str:
     """``L['self']._modules['model']._modules['layers']._modules['3']._parameters['weight']``
-    -> ``model.layers.3.weight``. The root (``self``) is dropped; other roots are kept as the first part."""
-    match = _SOURCE_PREFIX.match(source)
+    -> ``model.layers.3.weight``. The root (``self``, or ``args[0]`` of a method's wrapper) is dropped;
+    other roots are kept as the first part."""
     parts: list[str] = []
     rest = source
-    if match:
-        if match.group(1) != "self":
-            parts.append(match.group(1))
+    if root := _SELF_ROOT.match(source):
+        rest = source[root.end() :]
+    elif match := _SOURCE_PREFIX.match(source):
+        parts.append(match.group(1))
         rest = source[match.end() :]
     for m in _SOURCE_PART.finditer(rest):
         parts.append(next(g for g in m.groups() if g is not None))
@@ -228,7 +233,7 @@ def fqn_from_source(source: str) -> str:
 
 
 def clean_module_path(path: str) -> str:
-    """dynamo's ``L['self'].model.layers.0`` -> ``model.layers.0``."""
+    """dynamo's ``L['self'].model.layers.0`` (or ``L['args'][0].model.layers.0``) -> ``model.layers.0``."""
     return fqn_from_source(path) if path.startswith(("L[", "G[")) else path
 
 

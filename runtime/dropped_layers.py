@@ -193,9 +193,9 @@ def keep_dropped_layers_out_of_caches(model: torch.nn.Module, layers: Iterable[i
         return  # nothing dropped, or not a model with HF generate(): its caches are the caller's
 
     def prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs):
-        given = model_kwargs.get("past_key_values")
+        given = _generate_cache(model_kwargs)
         result = prepare(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
+        cache = _generate_cache(model_kwargs)
         if cache is not None and cache is not given:
             try:
                 free_dropped_layers(getattr(cache, "self_attention_cache", cache), layers)
@@ -206,6 +206,12 @@ def keep_dropped_layers_out_of_caches(model: torch.nn.Module, layers: Iterable[i
 
     model._prepare_cache_for_generation = prepare_cache_for_generation  # this instance only
     model._lqc_dropped_attention = layers
+
+
+def _generate_cache(model_kwargs: dict):
+    """The cache generate() keeps in its model kwargs: under ``cache`` from transformers 5.24 on,
+    ``past_key_values`` before."""
+    return model_kwargs.get("cache", model_kwargs.get("past_key_values"))
 
 
 class DroppedAttention(torch.nn.Module):
@@ -219,7 +225,9 @@ class DroppedAttention(torch.nn.Module):
         self.num_key_value_heads = num_key_value_heads
         self.head_dim = head_dim
 
-    def forward(self, hidden_states: torch.Tensor, *args, past_key_values: Cache | None = None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, *args, past_key_values: Cache | None = None,
+                cache: Cache | None = None, **kwargs):
+        past_key_values = cache if cache is not None else past_key_values  # transformers >= 5.24 passes `cache`
         if past_key_values is not None:
             batch, length = hidden_states.shape[:2]
             zeros = hidden_states.new_zeros(batch, self.num_key_value_heads, length, self.head_dim)

@@ -76,7 +76,9 @@ class LowRankKVAttention(nn.Module):
             out.bias.data = torch.as_tensor(bias).to(o_proj.weight.dtype)
         return out
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None,
+                **kwargs):
+        past_key_values = cache if cache is not None else past_key_values  # transformers >= 5.24 passes `cache`
         b, length = hidden_states.shape[:2]
         query = self.q_proj(hidden_states).view(b, length, -1, self.head_dim).transpose(1, 2)
         key_latent = self.key_down(hidden_states)[:, None]  # [B, 1, L, r_k]
