@@ -91,7 +91,8 @@ def lqc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: A
             warnings.warn(f"lqc: {name} is not verified: it updates a compressed KV cache (lqc::kv_attention), so "
                           f"running it again to check a pass would store its tokens twice", stacklevel=2)
         elif opts.verify:
-            ctx.check_inputs = [tuple(args[i.index] for i in graph.inputs)]
+            # a size input of a dynamic graph is a SymInt here: the check runs on the value it stands for
+            ctx.check_inputs = [tuple(_concrete(args[i.index]) for i in graph.inputs)]
             if calibration is not None:
                 try:
                     ctx.check_inputs += calibration.inputs_for(graph, max_windows=2)
@@ -124,6 +125,10 @@ def lqc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: A
     except Exception as exc:  # noqa: BLE001 - any failure on a graph becomes a warned fallback
         log.debug("lqc failed on %s", name, exc_info=True)
         return _fallback(gm, example_inputs, name, f"{type(exc).__name__}: {exc}")
+
+
+def _concrete(value: Any) -> Any:
+    return value.node.hint if isinstance(value, torch.SymInt) and value.node.hint is not None else value
 
 
 def _fallback(gm: fx.GraphModule, example_inputs: Sequence[Any], name: str, reason: str):

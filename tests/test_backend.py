@@ -171,6 +171,21 @@ def test_debug_dir_per_graph(tiny_llama, token_ids, tmp_path):
     assert "0.00e+00" in (graph_dir / "summary.txt").read_text()  # cleanup is exact
 
 
+def test_verify_checks_a_graph_with_a_symbolic_length(tiny_llama, token_ids):
+    """A dynamic graph's size inputs reach the backend as SymInts; the check runs the graph on the
+    values they stand for (it used to fail on them and fall back, uncompressed)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(tiny_llama, backend="lqc", options={"target": "eager", "recipe": "int8", "verify": True, "progress": False})
+    token_ids = token_ids.clone()
+    torch._dynamo.mark_dynamic(token_ids, 1)
+    first = len(lqc.reports())
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a fallback warns
+        compiled(token_ids)
+    (report,) = lqc.reports()[first:]
+    assert not report.fallback and report.records[-1].rel_error is not None
+
+
 def test_compress_returns_a_module_and_leaves_the_original(tiny_llama, token_ids):
     original_forward = tiny_llama.forward
     compressed = lqc.compress(tiny_llama, "default")
