@@ -115,14 +115,18 @@ def compressed_attention(module, query, key, value, attention_mask, scaling=None
     return torch.ops.lqc.kv_attention(key.store, query, key.keys, key.values, attention_mask, scaling), None
 
 
-@torch.library.impl("lqc::kv_attention", "CompositeExplicitAutograd")
 def kv_attention(store: KVStore, query, keys, values, attention_mask, scaling):
+    """``lqc::kv_attention``: append this step's tokens to the store's layer, attend, settle."""
     check_kv_attention_shapes(query, keys, values)
     layer = store.layer
     view = layer.append(keys, values)
     out, importance = attend(view, query, attention_mask, scaling, layer.importance_window(query.shape[-2]))
     layer.settle(importance)
     return out
+
+
+# registered after the definition: the decorator form returns None
+torch.library.impl("lqc::kv_attention", "CompositeExplicitAutograd")(kv_attention)
 
 
 def attend(view: CompressedKVView, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
