@@ -209,12 +209,66 @@ _lib.define(
     f"kv_attention({get_opaque_type_name(KVStore)} store, Tensor query, Tensor keys, Tensor values, "
     "Tensor? attention_mask, float scaling) -> Tensor"
 )
+
+# The same, for transformers' own caches, put in by the ``compress_kv`` pass in place of the
+# cache update and SDPA of a compiled graph (implementation: lqc.runtime.kv_graph_cache). The
+# compressed layer is found from the tensors transformers' cache holds; the options say how a
+# new one compresses (bits 0: no quantization; window and snapkv 0: no eviction).
+#
+# ``kv_dynamic_attention``: ``DynamicCache``. ``past_keys`` and ``past_values`` are what the
+# cache holds for the layer ([B, Hkv, T, D], or the empty 1-d tensor before the first token).
+# Returns the attention [B, Hq, q, D] (SDPA's layout) and, in place of the concatenated keys and
+# values, two handles [B, Hkv, T + q, D] of stride 0 (one NaN each) for the cache to hold.
+#
+# ``kv_static_attention``: ``StaticCache``. ``key_buffer`` and ``value_buffer`` are its buffers
+# (never written: the tokens go to the compressed layer); ``cache_position`` [q] the positions
+# of the new tokens. Returns the attention [B, Hq, q, D].
+KV_CACHE_OPTIONS = "int bits, int group, int residual, int sinks, int window, int snapkv, int observation"
+_lib.define(
+    "kv_dynamic_attention(Tensor past_keys, Tensor past_values, Tensor query, Tensor keys, Tensor values, "
+    f"Tensor? attention_mask, float scaling, bool causal, {KV_CACHE_OPTIONS}) -> (Tensor, Tensor, Tensor)"
+)
+_lib.define(
+    "kv_static_attention(Tensor key_buffer, Tensor value_buffer, Tensor cache_position, Tensor query, Tensor keys, "
+    f"Tensor values, Tensor? attention_mask, float scaling, bool causal, {KV_CACHE_OPTIONS}) -> Tensor"
+)
+
 # Ops that change state outside the graph: a pass must neither drop nor merge two calls, and a
 # graph holding one cannot be run a second time to check it (its tokens would be appended twice).
 # (dynamo's graphs call the packet, torch.ops.lqc.kv_attention; traced ones the overload)
-STATEFUL_OPS = (torch.ops.lqc.kv_attention, torch.ops.lqc.kv_attention.default)
+STATEFUL_OPS = tuple(
+    op for packet in (torch.ops.lqc.kv_attention, torch.ops.lqc.kv_dynamic_attention, torch.ops.lqc.kv_static_attention)
+    for op in (packet, packet.default)
+)
 for _op in STATEFUL_OPS:
     torch.fx.node.has_side_effect(_op)
+
+
+def _attention_like(query: torch.Tensor) -> torch.Tensor:
+    """An output of SDPA's shape and strides: [B, Hq, q, D], computed as [B, q, Hq, D]."""
+    b, query_heads, length, head_dim = query.shape
+    return query.new_empty((b, length, query_heads, head_dim)).transpose(1, 2)
+
+
+def kv_handle_shape(past_keys: torch.Tensor, keys: torch.Tensor) -> tuple:
+    """[B, Hkv, T + q, D]: the concatenated shape the dynamic cache's handles stand for."""
+    past = past_keys.shape[-2] if past_keys.dim() == 4 else 0
+    b, heads, new, head_dim = keys.shape
+    return (b, heads, past + new, head_dim)
+
+
+@torch.library.register_fake("lqc::kv_dynamic_attention")
+def _kv_dynamic_attention_fake(past_keys, past_values, query, keys, values, attention_mask, scaling, causal, *options):
+    check_kv_attention_shapes(query, keys, values)
+    return (_attention_like(query), keys.new_empty(()).expand(kv_handle_shape(past_keys, keys)),
+            values.new_empty(()).expand(kv_handle_shape(past_values, values)))
+
+
+@torch.library.register_fake("lqc::kv_static_attention")
+def _kv_static_attention_fake(key_buffer, value_buffer, cache_position, query, keys, values, attention_mask, scaling,
+                              causal, *options):
+    check_kv_attention_shapes(query, keys, values)
+    return _attention_like(query)
 
 
 @torch.library.register_fake("lqc::kv_attention")

@@ -35,6 +35,7 @@ from lqc.ir.lqc_ops import STATEFUL_OPS
 from lqc.passes import GraphReport, PassContext, PassManager, load_recipe
 from lqc.recipes import resolve_recipe
 from lqc.runtime.compiled import CompiledGraph
+from lqc.runtime.kv_graph_cache import is_handle
 
 from .options import CompileOptions
 
@@ -138,7 +139,27 @@ def _fallback(gm: fx.GraphModule, example_inputs: Sequence[Any], name: str, reas
     try:
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, list(example_inputs))
+        fn = compile_fx(gm, list(example_inputs))
     except Exception as exc:  # noqa: BLE001
         warnings.warn(f"lqc: Inductor also failed on {name} ({type(exc).__name__}: {exc}); running it eagerly")
-        return gm.forward
+        fn = gm.forward
+    return _refusing_compressed_cache(fn, name, reason)
+
+
+def _refusing_compressed_cache(fn, name: str, reason: str):
+    """``fn``, unless it is handed a dynamic cache that an earlier graph compressed (compress_kv):
+    the cache then holds lqc's handles, not keys, and an unrewritten attention would read them."""
+
+    def run(*args):
+        inputs = args[0] if len(args) == 1 and isinstance(args[0], list) else args  # boxed or not
+        if any(is_handle(a) for a in inputs):
+            raise RuntimeError(
+                f"lqc: {name} could not be compressed ({reason}), but the KV cache it was given was compressed by an "
+                f"earlier graph (compress_kv), so it cannot attend over it. Fix what the warning for {name} names, "
+                f"or drop compress_kv from the recipe"
+            )
+        return fn(*args)
+
+    if getattr(fn, "_boxed_call", False):
+        run._boxed_call = True
+    return run

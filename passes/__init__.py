@@ -10,7 +10,7 @@ from .report import GraphReport, PassRecord, format_summary
 from .transform_cache import DEFAULT_CACHE, TransformCache
 
 # Built-in passes register themselves on import.
-from . import cleanup, concat_linears, drop_layers, ffn_to_moe, fold_batchnorm, fold_norms, merge_adapters, merge_branches, quantize, rotate  # noqa: E402,F401
+from . import cleanup, compress_kv, concat_linears, drop_layers, ffn_to_moe, fold_batchnorm, fold_norms, merge_adapters, merge_branches, quantize, rotate  # noqa: E402,F401
 
 __all__ = [
     "Calibration",

@@ -97,10 +97,11 @@ def _mask_columns(attention_mask: torch.Tensor, view: CompressedKVView, query_le
     """The mask over positions -> over the stored tokens: [B, 1 or H, q, T]."""
     tokens = view.tokens
     if view.positions is None:
-        if attention_mask.shape[-1] != tokens:
+        # the stored tokens are positions 0..T-1; a static cache's mask also covers its empty slots
+        if attention_mask.shape[-1] < tokens:
             raise ValueError(f"lqc KV attention: the mask covers {attention_mask.shape[-1]} positions but the cache "
                              f"holds {tokens} tokens; build the mask with this cache's get_mask_sizes")
-        return attention_mask
+        return attention_mask[..., :tokens]
     b, heads, _ = view.positions.shape
     index = view.positions[:, :, None, :].expand(b, heads, query_length, tokens)
     return attention_mask.expand(b, heads, query_length, attention_mask.shape[-1]).gather(-1, index)
@@ -130,10 +131,11 @@ torch.library.impl("lqc::kv_attention", "CompositeExplicitAutograd")(kv_attentio
 
 
 def attend(view: CompressedKVView, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
-           importance_window: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+           importance_window: int = 0, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of ``query`` [B, Hq, q, D] over ``view`` -> ([B, q, Hq, D], importance). With
     ``importance_window`` w > 0 (SnapKV), importance [B, Hkv, recent tokens] sums the attention
-    the last w queries of every query head of a KV head give each recent token."""
+    the last w queries of every query head of a KV head give each recent token. Without a mask,
+    ``causal`` keeps each of this step's tokens (the last q stored) from the later ones."""
     b, query_heads, q_len, d = query.shape
     kv_heads = view.keys.shape[1]
     rep = query_heads // kv_heads
@@ -153,7 +155,7 @@ def attend(view: CompressedKVView, query: torch.Tensor, attention_mask: torch.Te
             scores = scores.masked_fill(~allowed, float("-inf"))
         else:
             scores = scores + allowed.to(torch.float32)
-    elif q_len > 1:  # no mask given: causal among this step's tokens, which are the last q_len stored
+    elif causal and q_len > 1:  # no mask given: causal among this step's tokens, which are the last q_len stored
         future = torch.ones(q_len, q_len, dtype=torch.bool, device=q.device).triu(1)
         scores[..., tokens - q_len :] = scores[..., tokens - q_len :].masked_fill(future, float("-inf"))
     probs = torch.softmax(scores, dim=-1)

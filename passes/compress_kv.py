@@ -1,0 +1,275 @@
+"""``compress_kv``: compress the KV cache of a compiled model, with transformers' own caches.
+
+Each attention layer of a captured graph updates the cache, then calls SDPA over all its keys
+and values:
+
+- ``DynamicCache`` (``generate()``'s default): ``keys = cat([past_keys, new_keys], -2)`` (the
+  past is a graph input, or an empty ``torch.tensor([])`` in the prefill graph), the same for
+  values; SDPA reads them (with ``enable_gqa``, or through ``repeat_kv``'s expand and reshape);
+  the graph returns them for the cache to keep.
+- ``StaticCache`` (``cache_implementation="static"``): ``key_buffer.index_copy_(2, positions,
+  new_keys)``, the same for values; SDPA reads the buffers (a ``[:, :, :n]`` slice of them in
+  the prefill graph, through ``repeat_kv`` or not).
+
+The pass replaces the update and the SDPA by one lqc op, ``lqc::kv_dynamic_attention`` or
+``lqc::kv_static_attention`` (lqc.ir.lqc_ops), whose implementation (lqc.runtime.kv_graph_cache)
+keeps the layer's tokens in a compressed cache, KIVI-style (``bits``, ``group``, ``residual``,
+``sinks``), with StreamingLLM (``window``) or SnapKV (``snapkv``) eviction if asked, and attends
+over the codes directly. The dynamic cache then holds 4-byte placeholders instead of the keys
+and values. Nothing else in the graph changes.
+
+An SDPA the pass does not recognize (no cache: ``use_cache=False``; a sliding-window cache,
+whose ``cat`` feeds a slice; dropout) is left as it is, with a warning when a cache was there.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from lqc.ir import Graph, op_name
+from lqc.ir.errors import LqcConfigError
+from lqc.runtime import kv_graph_cache  # noqa: F401 - registers the ops' implementations
+from lqc.runtime.kv_cache import check_cache_options
+from lqc.runtime.kv_quant import check_kv_options
+
+from .base import Pass, PassResult
+from .options import PassOptions
+from .registry import register_pass
+
+SDPA = "scaled_dot_product_attention"
+SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+# between a cache tensor and SDPA's key or value: repeat_kv (x[:, :, None].expand(...).reshape(...))
+# and the static prefill's x[:, :, :n]; they choose which stored tokens and heads SDPA reads
+VIEW_OPS = frozenset({"getitem", "expand", "reshape", "view"})
+
+
+@dataclass
+class CompressKVOptions(PassOptions):
+    bits: int = field(default=4, metadata={"help": "8, 4 or 2: quantized KV (keys per channel, values per token); 0: no quantization (eviction alone)"})
+    group: int = field(default=64, metadata={"help": "tokens per key block and channels per value group"})
+    residual: int = field(default=128, metadata={"help": "most recent tokens kept in full precision"})
+    sinks: int = field(default=4, metadata={"help": "first tokens kept in full precision"})
+    window: int | None = field(default=None, metadata={"help": "StreamingLLM: keep the sinks and the last WINDOW tokens"})
+    snapkv: int | None = field(default=None, metadata={"help": "SnapKV: keep the top SNAPKV prompt tokens per KV head"})
+    observation: int = field(default=32, metadata={"help": "SnapKV: the last queries of the prompt that score it"})
+
+    def __post_init__(self):
+        try:
+            check_cache_options(self.bits or None, self.group, self.residual, self.sinks, self.window, self.snapkv,
+                                self.observation)
+        except ValueError as exc:
+            raise LqcConfigError(f"pass 'compress_kv': {exc}") from None
+
+    def op_options(self) -> tuple[int, ...]:
+        return (self.bits, self.group, self.residual, self.sinks, self.window or 0, self.snapkv or 0, self.observation)
+
+
+@dataclass
+class _CacheUpdate:
+    """Where one layer's new keys and values meet its cache."""
+
+    kind: str  # "dynamic" | "static"
+    past_keys: fx.Node  # dynamic: the cat's past operand; static: the key buffer
+    past_values: fx.Node
+    new_keys: fx.Node
+    new_values: fx.Node
+    updates: tuple[fx.Node, fx.Node]  # the two cats, or the two index_copy_ nodes
+    positions: fx.Node | None = None  # static: index_copy_'s positions
+
+
+def _sdpa_args(node: fx.Node) -> dict:
+    args = dict(zip(SDPA_ARGS, node.args))
+    args.update(node.kwargs)
+    return {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False, **args}
+
+
+_ALL = slice(None)
+
+
+def _is_prefix(index) -> bool:
+    return isinstance(index, slice) and index.start in (None, 0) and index.step in (None, 1)
+
+
+def _view_kind(node: fx.Node) -> str | None:
+    """"repeat" (x[:, :, None, :, :]), "prefix" (x[:, :, :n]), "expand", "reshape", or None: a
+    view that could change which token or head SDPA reads where."""
+    name = op_name(node)
+    if name in ("expand", "reshape", "view"):
+        return "reshape" if name == "view" else name
+    if name != "getitem" or not isinstance(node.args[1], tuple):
+        return None
+    index = node.args[1]
+    if index == (_ALL, _ALL, None, _ALL, _ALL):
+        return "repeat"
+    if len(index) in (3, 4) and index[:2] == (_ALL, _ALL) and _is_prefix(index[2]) and all(i == _ALL for i in index[3:]):
+        return "prefix"
+    return None
+
+
+# what a view may read: repeat_kv is getitem(None) -> expand -> reshape, in that order
+_READS = {"reshape": ("expand",), "expand": ("repeat",), "repeat": (None, "prefix"), "prefix": (None,)}
+
+
+def _through_views(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """Walk from SDPA's key or value operand back over repeat_kv and a prefix slice, each view
+    used only on that path; None if another kind of view is on the way."""
+    chain, kind = [], None
+    while isinstance(node, fx.Node) and op_name(node) in VIEW_OPS:
+        below = _view_kind(node)
+        if below is None or len(node.users) != 1 or (chain and below not in _READS[kind]):
+            return None
+        chain.append(node)
+        node, kind = node.args[0], below
+    if chain and None not in _READS[kind]:
+        return None  # an expand or reshape that is not repeat_kv's
+    return node, chain
+
+
+def _is_dim(value, dim: int, rank: int = 4) -> bool:
+    return value in (dim, dim - rank)
+
+
+def _empty_tensor(node: fx.Node) -> bool:
+    """The dynamic cache's empty past in a prefill graph: ``torch.tensor([])``."""
+    return node.op == "call_function" and node.target is torch.tensor and node.args and node.args[0] == []
+
+
+def _dynamic_update(keys: fx.Node, values: fx.Node) -> _CacheUpdate | None:
+    cats = []
+    for node in (keys, values):
+        if op_name(node) != "cat" or not isinstance(node.args[0], (list, tuple)) or len(node.args[0]) != 2:
+            return None
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        past, new = node.args[0]
+        if not _is_dim(dim, 2) or not (past.op == "placeholder" or _empty_tensor(past)):
+            return None
+        cats.append((past, new))
+    return _CacheUpdate("dynamic", cats[0][0], cats[1][0], cats[0][1], cats[1][1], (keys, values))
+
+
+def _static_update(keys: fx.Node, values: fx.Node) -> _CacheUpdate | None:
+    writes = []
+    for buffer in (keys, values):
+        copies = [u for u in buffer.users if op_name(u) == "index_copy_" and u.args[0] is buffer]
+        if len(copies) != 1 or not _is_dim(copies[0].args[1], 2):
+            return None
+        writes.append(copies[0])
+    if writes[0].args[2] is not writes[1].args[2]:
+        return None
+    return _CacheUpdate("static", keys, values, writes[0].args[3], writes[1].args[3], tuple(writes), writes[0].args[2])
+
+
+def _find_update(sdpa: fx.Node, args: dict) -> tuple[_CacheUpdate | None, list[fx.Node]]:
+    keys, values = _through_views(args["key"]), _through_views(args["value"])
+    if keys is None or values is None:
+        return None, []
+    (keys, key_chain), (values, value_chain) = keys, values
+    if any(_view_kind(n) == "prefix" for n in key_chain + value_chain):  # only the static prefill slices
+        update = _static_update(keys, values)
+    else:
+        update = _dynamic_update(keys, values) or _static_update(keys, values)
+    return update, key_chain + value_chain
+
+
+def _why_not(args: dict, update: _CacheUpdate | None, graph_users_ok: bool) -> str | None:
+    if update is None:
+        return "its keys and values do not come from a cat with a past (DynamicCache) or an index_copy_ into a buffer (StaticCache)"
+    if args["dropout_p"] not in (0, 0.0):
+        return f"it has dropout {args['dropout_p']}"
+    if not graph_users_ok:
+        return "the cache update is also read by something other than this attention and the graph's output (a sliding window?)"
+    return None
+
+
+def _users_ok(update: _CacheUpdate, sdpa: fx.Node, chain: list[fx.Node]) -> bool:
+    allowed = set(chain) | {sdpa}
+    if update.kind == "dynamic":  # the cat: read by the attention and returned to the cache
+        return all(u in allowed or u.op == "output" for cat in update.updates for u in cat.users)
+    # the buffer: written once, read by the attention, returned (prefill) to the cache
+    return all(u in allowed or u.op == "output" or u in update.updates
+               for buffer in (update.past_keys, update.past_values) for u in buffer.users)
+
+
+def _head_dim(node: fx.Node) -> int | None:
+    val = node.meta.get("val")
+    return int(val.shape[-1]) if isinstance(val, torch.Tensor) and val.dim() == 4 else None
+
+
+@register_pass
+class CompressKV(Pass):
+    name = "compress_kv"
+    description = ("KV cache of transformers' DynamicCache or StaticCache: quantized (KIVI), StreamingLLM or SnapKV "
+                   "eviction, attention over the codes (lqc::kv_dynamic_attention, lqc::kv_static_attention)")
+    Options = CompressKVOptions
+
+    def run(self, graph: Graph, ctx) -> PassResult:
+        o = self.options
+        rewritten, skipped = [], {}
+        for sdpa in list(graph.nodes):
+            if op_name(sdpa) != SDPA or not self.selects(sdpa):
+                continue
+            args = _sdpa_args(sdpa)
+            update, chain = _find_update(sdpa, args)
+            if update is None and not any(i.role == "kv_cache" for i in graph.inputs) and not _has_cache_write(graph):
+                continue  # a model run without a cache: nothing to compress
+            reason = _why_not(args, update, update is not None and _users_ok(update, sdpa, chain))
+            if reason is None:
+                head_dim = _head_dim(update.new_keys)
+                if o.bits and head_dim is not None:
+                    try:
+                        check_kv_options(o.bits, o.group, head_dim)
+                    except ValueError as exc:
+                        raise LqcConfigError(f"pass 'compress_kv' on {Graph.module_path(sdpa)}: {exc}") from None
+                self._rewrite(graph, sdpa, args, update, chain)
+                rewritten.append(Graph.module_path(sdpa) or sdpa.name)
+            else:
+                skipped[Graph.module_path(sdpa) or sdpa.name] = reason
+        for where, reason in skipped.items():
+            warnings.warn(f"lqc compress_kv: the attention in {where} keeps its float cache: {reason}", stacklevel=2)
+        kinds = sorted({op_name(n) for n in graph.nodes if op_name(n).startswith("lqc::kv_")})
+        return PassResult(changed=bool(rewritten), matches=len(rewritten),
+                          details={"rewritten": rewritten, "skipped": skipped, "ops": kinds},
+                          message=f"{len(rewritten)} attention layers read a compressed cache" if rewritten else "")
+
+    def _rewrite(self, graph: Graph, sdpa: fx.Node, args: dict, update: _CacheUpdate, chain: list[fx.Node]) -> None:
+        g = graph.gm.graph
+        scale = args["scale"]
+        if scale is None:
+            scale = _head_dim(args["query"]) ** -0.5
+        attention = (args["query"], update.new_keys, update.new_values, args["attn_mask"], float(scale), bool(args["is_causal"]))
+        with g.inserting_before(sdpa):
+            if update.kind == "dynamic":
+                op = g.call_function(torch.ops.lqc.kv_dynamic_attention.default,
+                                     (update.past_keys, update.past_values, *attention, *self.options.op_options()))
+                out = g.call_function(operator.getitem, (op, 0))
+                handles = [g.call_function(operator.getitem, (op, i)) for i in (1, 2)]
+            else:
+                op = g.call_function(torch.ops.lqc.kv_static_attention.default,
+                                     (update.past_keys, update.past_values, update.positions, *attention,
+                                      *self.options.op_options()))
+                out, handles = op, []
+        op.meta.update({k: v for k, v in sdpa.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
+        sdpa.replace_all_uses_with(out)
+        g.erase_node(sdpa)
+        for node in reversed(chain):  # the views fed only the attention
+            if not node.users:
+                g.erase_node(node)
+        if update.kind == "dynamic":
+            for cat, handle in zip(update.updates, handles):  # the cache keeps the handles
+                cat.replace_all_uses_with(handle)
+                g.erase_node(cat)
+            for past in (update.past_keys, update.past_values):
+                if _empty_tensor(past) and not past.users:
+                    g.erase_node(past)
+        else:
+            for write in update.updates:  # the float buffers are no longer written
+                g.erase_node(write)
+
+
+def _has_cache_write(graph: Graph) -> bool:
+    return any(op_name(n) == "index_copy_" for n in graph.nodes)

@@ -1,0 +1,195 @@
+"""The ``compress_kv`` pass: transformers' own DynamicCache and StaticCache, in a compiled graph,
+become lqc KV ops over a compressed cache. Checked on tiny Llama against the same compression run
+eagerly through ``CompressedKVCache`` (logits within 1e-5 at every step), plus the graphs' shape,
+what the dynamic cache holds, the compressed layers' lifetime, eviction, and the errors."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import warnings
+
+import pytest
+import torch
+from transformers import DynamicCache, StaticCache
+
+import lqc
+from lqc.backend import compiled_graph_count, compiled_graphs_since
+from lqc.ir.errors import LqcConfigError
+from lqc.passes import Pass, PassResult, load_recipe, register_pass, unregister_pass
+from lqc.runtime import kv_graph_cache
+from lqc.runtime.kv_cache import CompressedKVCache
+
+OPTIONS = dict(bits=2, group=4, residual=4, sinks=1)  # 2 bits: far enough from float to tell them apart
+
+
+def _model():
+    return lqc.models.load("tiny-llama").model.eval()
+
+
+def _compiled(model, target="eager", **options):
+    compiled = copy.copy(model)
+    compiled.forward = torch.compile(model.forward, backend="lqc", options={
+        "recipe": [{"pass": "compress_kv", **(options or OPTIONS)}], "target": target, "progress": False})
+    return compiled
+
+
+def _prompt(length=12, seed=0):
+    return torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _step_logits(model, cache, ids, steps=24):
+    """Prefill ``ids``, then ``steps`` greedy decode steps: the logits of every step."""
+    out, logits = ids, []
+    with torch.no_grad():
+        position = 0
+        for _ in range(steps + 1):
+            new = out[:, position:]
+            positions = torch.arange(position, out.shape[1])
+            result = model(new, past_key_values=cache, cache_position=positions, position_ids=positions[None])
+            logits.append(result.logits[:, -1])
+            position = out.shape[1]
+            out = torch.cat([out, result.logits[:, -1:].argmax(-1)], dim=1)
+    return torch.cat(logits)
+
+
+def _reference_logits(model, ids, steps=24, **options):
+    """The same compression through CompressedKVCache, eagerly, on a copy of ``model`` (the cache
+    switches its model's config to lqc's attention)."""
+    model = copy.deepcopy(model)
+    return _step_logits(model, CompressedKVCache(model.config, **(options or OPTIONS)), ids, steps)
+
+
+def _lqc_nodes(graph):
+    return [str(n.target) for n in graph.graph.gm.graph.nodes if str(n.target).startswith("lqc.")]
+
+
+@pytest.mark.parametrize("target", ["eager", "inductor"])
+def test_dynamic_cache_compresses_like_the_compressed_cache(target):
+    model = _model()
+    reference = _reference_logits(model, _prompt())
+    float_logits = _step_logits(model, DynamicCache(config=model.config), _prompt())
+    first = compiled_graph_count()
+    cache = DynamicCache(config=model.config)
+    logits = _step_logits(_compiled(model, target), cache, _prompt())
+
+    assert (logits - reference).abs().max().item() < 1e-5
+    assert (logits - float_logits).abs().max().item() > 1e-3  # the cache really is 2-bit
+    graphs = compiled_graphs_since(first)
+    assert len(graphs) == 3  # prefill, first decode, dynamic decode: as without lqc
+    for graph in graphs:
+        names = {str(n.target) for n in graph.graph.gm.graph.nodes}
+        assert _lqc_nodes(graph) == ["lqc.kv_dynamic_attention.default"] * 2
+        assert not any("scaled_dot_product_attention" in name for name in names)
+    # the cache holds a 4-byte placeholder per layer, of the length it reports
+    keys = cache.layers[0].keys
+    assert keys.shape == (1, 2, 12 + 24, 16) and keys.stride() == (0, 0, 0, 0) and keys.isnan().all()
+    assert cache.get_seq_length() == 36 and keys.untyped_storage().nbytes() == 4
+
+
+@pytest.mark.parametrize("target", ["eager", "inductor"])
+def test_static_cache_compresses_like_the_compressed_cache(target):
+    model = _model()
+    reference = _reference_logits(model, _prompt())
+    first = compiled_graph_count()
+    cache = StaticCache(config=model.config, max_cache_len=48)
+    logits = _step_logits(_compiled(model, target), cache, _prompt())
+
+    assert (logits - reference).abs().max().item() < 1e-5
+    graphs = compiled_graphs_since(first)
+    assert len(graphs) == 2  # prefill and decode
+    for graph in graphs:
+        assert _lqc_nodes(graph) == ["lqc.kv_static_attention.default"] * 2
+        assert not any(str(n.target) == "index_copy_" for n in graph.graph.gm.graph.nodes)
+    assert not cache.layers[0].keys.any()  # transformers' buffers are no longer written
+
+
+def test_generate_with_either_cache_gives_the_compressed_cache_tokens():
+    model = _model()
+    reference_model = copy.deepcopy(model)
+    with torch.no_grad():
+        reference = reference_model.generate(_prompt(), max_new_tokens=30, do_sample=False,
+                                             past_key_values=CompressedKVCache(reference_model.config, **OPTIONS))
+        compiled = _compiled(model)
+        dynamic = compiled.generate(_prompt(), max_new_tokens=30, do_sample=False)
+        static = compiled.generate(_prompt(), max_new_tokens=30, do_sample=False, cache_implementation="static")
+    assert torch.equal(dynamic, reference) and torch.equal(static, reference)
+
+
+def test_eviction_through_the_pass():
+    model = _model()  # StreamingLLM without quantization: in the pass bits=0, in the cache bits=None
+    reference = _reference_logits(model, _prompt(20, seed=3), 16, bits=None, sinks=2, window=8)
+    compiled = _compiled(model, bits=0, sinks=2, window=8)
+    logits = _step_logits(compiled, DynamicCache(config=model.config), _prompt(20, seed=3), 16)
+    assert (logits - reference).abs().max().item() < 1e-5
+
+
+def test_compressed_layers_die_with_the_cache():
+    model = _model()
+    compiled = _compiled(model)
+    gc.collect()
+    before = kv_graph_cache.live_layers()
+    cache = DynamicCache(config=model.config)
+    _step_logits(compiled, cache, _prompt(), steps=3)
+    assert kv_graph_cache.live_layers() > before
+    del cache
+    gc.collect()
+    assert kv_graph_cache.live_layers() == before
+
+
+def test_a_model_run_without_a_cache_is_left_alone():
+    model = _model()
+    first = compiled_graph_count()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        with torch.no_grad():
+            out = _compiled(model)(_prompt(), use_cache=False).logits
+            expected = model(_prompt(), use_cache=False).logits
+    assert torch.allclose(out, expected, atol=1e-6)
+    (graph,) = compiled_graphs_since(first)
+    assert _lqc_nodes(graph) == []
+
+
+def test_a_graph_that_cannot_be_compressed_refuses_a_compressed_cache():
+    """Prefill compressed, decode falls back: the fallback must not attend over the placeholders."""
+
+    @register_pass(replace=True)
+    class FailOnDecode(Pass):
+        name = "test_fail_on_decode"
+
+        def run(self, graph, ctx):
+            if any(i.role == "kv_cache" for i in graph.inputs):
+                raise RuntimeError("decode graphs are not supported by this test pass")
+            return PassResult(changed=False)
+
+    try:
+        model = _model()
+        compiled = copy.copy(model)
+        compiled.forward = torch.compile(model.forward, backend="lqc", options={
+            "recipe": [{"pass": "compress_kv", **OPTIONS}, {"pass": "test_fail_on_decode"}], "target": "eager"})
+        with pytest.warns(UserWarning, match="falls back"), pytest.raises(RuntimeError, match="drop compress_kv"):
+            _step_logits(compiled, DynamicCache(config=model.config), _prompt(), steps=2)
+    finally:
+        unregister_pass("test_fail_on_decode")
+
+
+def test_a_cache_reordered_outside_the_graph_is_refused():
+    model = _model()
+    compiled = _compiled(model)
+    cache = DynamicCache(config=model.config)
+    _step_logits(compiled, cache, _prompt(), steps=1)
+    cache.reorder_cache(torch.tensor([0]))  # what beam search does: copies the placeholders
+    with pytest.raises(RuntimeError, match="beam search"):
+        with torch.no_grad():
+            compiled(_prompt(1), past_key_values=cache)
+
+
+def test_bad_options_name_the_valid_values():
+    with pytest.raises(LqcConfigError, match="KV bits must be one of 8, 4, 2; got 3"):
+        load_recipe([{"pass": "compress_kv", "bits": 3}])
+    with pytest.raises(LqcConfigError, match="window"):
+        load_recipe([{"pass": "compress_kv", "window": 0}])
+    # a group that does not fit this model's heads (16 channels) is found on the graph; dynamo wraps the error
+    with pytest.raises(Exception, match="compress_kv.*model.layers.0.self_attn.*group"):
+        with torch.no_grad():
+            _compiled(_model(), bits=4, group=6)(_prompt())
