@@ -25,6 +25,12 @@ Decode speed (``--speed``): eager forward calls, batch 1; the first ``--context`
 of eval.txt prefilled through a fresh cache, then ``--decode`` (32) greedy steps timed; median of
 ``--runs`` (3) runs per cache, the caches interleaved.
 
+Compiled rows (``--compiled``): the same model under ``lqc.compress`` (torch.compile, backend
+lqc, target eager) with transformers' own DynamicCache: "compiled-float" with the default
+recipe, "compiled-int{bits}" with the ``compress_kv`` pass, which rewrites the graphs' cache
+update and attention into ``lqc::kv_dynamic_attention`` (the same quantization options). They
+should match the eager rows of the same bits: the graph path computes what CompressedKVCache does.
+
 Generation agreement (``--agreement N``): greedy decoding of ``--new-tokens`` (256) tokens after
 each of N prompts of ``--prompt-length`` (512) tokens, taken 2048 tokens apart from the start of
 eval.txt, through a fresh cache per prompt; the share of generated tokens equal to the float
@@ -48,6 +54,7 @@ import lqc
 from lqc.bench import benchmark_calibration, write_results
 from lqc.data import data_file, tokenize_file
 from lqc.evaluate import agreement, cached_logits, eval_prompts, perplexity
+from lqc.runtime import kv_graph_cache
 from lqc.runtime.kv_lowrank import lowrank_kv
 from lqc.runtime.kv_cache import CompressedKVCache, CompressedKVLayer, float_kv_bytes_per_token
 
@@ -70,6 +77,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lowrank", type=float, nargs="*", default=[], metavar="R",
                         help="add Palu rows: keys and values kept at rank R x KV heads x head_dim (float latents, "
                              "whitened on 4,096 tokens of calib.txt)")
+    parser.add_argument("--compiled", action="store_true", help="add rows through torch.compile and the compress_kv pass")
     parser.add_argument("--perplexity", action=argparse.BooleanOptionalAction, default=True, help="measure perplexity and size")
     parser.add_argument("--agreement", type=int, default=0, help="prompts for the generation agreement (0: skip)")
     parser.add_argument("--prompt-length", type=int, default=512)
@@ -102,6 +110,18 @@ def main(argv=None) -> int:
         calibration = torch.cat(benchmark_calibration(loaded).windows(1, 512, 8))
         row_model[f"lowrank{rank:g}"] = lowrank_kv(copy.deepcopy(model), rank, calibration)
         caches[f"lowrank{rank:g}"] = lambda: DynamicCache(config=config)
+    if args.compiled:
+        # each compiled variant makes its own graphs of the same forward, and dynamo's limit of 8 per
+        # function counts them all: past it a variant would run uncompiled (over NaN placeholders)
+        torch._dynamo.config.recompile_limit = 64
+        compiled = {"compiled-float": lqc.compress(model, "default", progress=False)}
+        for bits in args.bits:
+            recipe = [{"pass": "cleanup"}, {"pass": "compress_kv", "bits": bits, "group": args.group,
+                                            "residual": args.residual, "sinks": args.sinks}]
+            compiled[f"compiled-int{bits}"] = lqc.compress(model, recipe, progress=False)
+        for name, compiled_model in compiled.items():
+            row_model[name] = compiled_model
+            caches[name] = lambda: DynamicCache(config=config)
     rows = []
     with torch.no_grad():
         for name, new_cache in caches.items() if args.perplexity else ():
@@ -109,7 +129,9 @@ def main(argv=None) -> int:
                                 max_windows=args.windows, progress=False)
             cache = new_cache()  # one full window through a fresh cache, for its size
             cached_logits(row_model.get(name, model), lambda: cache, args.chunk)(ids[None, : args.window])
-            layers = [layer for layer in cache.layers if isinstance(layer, CompressedKVLayer)]
+            layers = [layer if isinstance(layer, CompressedKVLayer) else kv_graph_cache.layer_for(layer.keys)
+                      for layer in cache.layers]
+            layers = [layer for layer in layers if layer is not None]
             stored = sum(stored_kv_bytes(layer) for layer in cache.layers)
             quantized = [layer.quantized_nbytes_per_token() for layer in layers]
             row = {"cache": name, "perplexity": result.perplexity, "scored_tokens": result.scored_tokens,
@@ -177,6 +199,8 @@ def stored_kv_bytes(layer) -> int:
     """What one layer of a cache stores: a compressed layer counts itself; a DynamicLayer its tensors."""
     if isinstance(layer, CompressedKVLayer):
         return layer.nbytes()
+    if (compressed := kv_graph_cache.layer_for(layer.keys)) is not None:  # the compress_kv pass's handles
+        return compressed.nbytes()
     return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
 
 

@@ -233,6 +233,11 @@ _lib.define(
     f"Tensor values, Tensor? attention_mask, float scaling, bool causal, {KV_CACHE_OPTIONS}) -> Tensor"
 )
 
+# ``kv_placeholder(past, new)``: what a dynamic cache keeps for an attention layer no attention
+# reads (drop_layers removed it): a handle-like tensor of the concatenated shape, one NaN, no layer
+# behind it. Pure.
+_lib.define("kv_placeholder(Tensor past, Tensor new) -> Tensor")
+
 # Ops that change state outside the graph: a pass must neither drop nor merge two calls, and a
 # graph holding one cannot be run a second time to check it (its tokens would be appended twice).
 # (dynamo's graphs call the packet, torch.ops.lqc.kv_attention; traced ones the overload)
@@ -262,6 +267,11 @@ def _kv_dynamic_attention_fake(past_keys, past_values, query, keys, values, atte
     check_kv_attention_shapes(query, keys, values)
     return (_attention_like(query), keys.new_empty(()).expand(kv_handle_shape(past_keys, keys)),
             values.new_empty(()).expand(kv_handle_shape(past_values, values)))
+
+
+@torch.library.register_fake("lqc::kv_placeholder")
+def _kv_placeholder_fake(past, new):
+    return new.new_empty(()).expand(kv_handle_shape(past, new))
 
 
 @torch.library.register_fake("lqc::kv_static_attention")

@@ -229,12 +229,32 @@ class CompressKV(Pass):
                 rewritten.append(Graph.module_path(sdpa) or sdpa.name)
             else:
                 skipped[Graph.module_path(sdpa) or sdpa.name] = reason
+        placeholders = self._drop_unread_caches(graph)
         for where, reason in skipped.items():
             warnings.warn(f"lqc compress_kv: the attention in {where} keeps its float cache: {reason}", stacklevel=2)
         kinds = sorted({op_name(n) for n in graph.nodes if op_name(n).startswith("lqc::kv_")})
         return PassResult(changed=bool(rewritten), matches=len(rewritten),
-                          details={"rewritten": rewritten, "skipped": skipped, "ops": kinds},
+                          details={"rewritten": rewritten, "skipped": skipped, "unread_caches": placeholders, "ops": kinds},
                           message=f"{len(rewritten)} attention layers read a compressed cache" if rewritten else "")
+
+    def _drop_unread_caches(self, graph: Graph) -> list[str]:
+        """Layers whose attention drop_layers removed still grow the dynamic cache with zeros: keep
+        a 4-byte placeholder there instead (``lqc::kv_placeholder``)."""
+        g, cache_inputs = graph.gm.graph, {i.name for i in graph.inputs if i.role == "kv_cache"}
+        replaced = []
+        for cat in list(graph.nodes):
+            if not _unread_cache_cat(cat, cache_inputs) or not self.selects(cat):
+                continue
+            with g.inserting_before(cat):
+                placeholder = g.call_function(torch.ops.lqc.kv_placeholder.default, tuple(cat.args[0]))
+            placeholder.meta.update({k: v for k, v in cat.meta.items() if k in ("nn_module_stack", "stack_trace")})
+            cat.replace_all_uses_with(placeholder)
+            g.erase_node(cat)
+            replaced.append(Graph.module_path(placeholder) or placeholder.name)
+            for past in placeholder.args:
+                if _empty_tensor(past) and not past.users:
+                    g.erase_node(past)
+        return replaced
 
     def _rewrite(self, graph: Graph, sdpa: fx.Node, args: dict, update: _CacheUpdate, chain: list[fx.Node]) -> None:
         g = graph.gm.graph
@@ -256,7 +276,7 @@ class CompressKV(Pass):
         op.meta.update({k: v for k, v in sdpa.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
         sdpa.replace_all_uses_with(out)
         g.erase_node(sdpa)
-        for node in reversed(chain):  # the views fed only the attention
+        for node in chain:  # the views fed only the attention; each path listed from SDPA back
             if not node.users:
                 g.erase_node(node)
         if update.kind == "dynamic":
@@ -269,6 +289,16 @@ class CompressKV(Pass):
         else:
             for write in update.updates:  # the float buffers are no longer written
                 g.erase_node(write)
+
+
+def _unread_cache_cat(node: fx.Node, cache_inputs: set[str]) -> bool:
+    """A dynamic cache's ``cat([past, new], -2)`` that only goes back to the cache: no attention reads it."""
+    if op_name(node) != "cat" or not isinstance(node.args[0], (list, tuple)) or len(node.args[0]) != 2:
+        return False
+    past = node.args[0][0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    is_past = isinstance(past, fx.Node) and (_empty_tensor(past) or past.name in cache_inputs)
+    return is_past and _is_dim(dim, 2) and all(u.op == "output" for u in node.users)
 
 
 def _has_cache_write(graph: Graph) -> bool:

@@ -66,6 +66,11 @@ def is_handle(value) -> bool:
             and value.stride() == (0, 0, 0, 0) and _lookup(value) is not None)
 
 
+def layer_for(tensor: torch.Tensor) -> CompressedKVLayer | None:
+    """The compressed layer behind a handle or a static key buffer (None: not lqc's)."""
+    return _lookup(tensor)
+
+
 def _lookup(tensor: torch.Tensor) -> CompressedKVLayer | None:
     return _layers.get(tensor.untyped_storage().data_ptr()) if tensor.numel() else None
 
@@ -143,6 +148,12 @@ def kv_static_attention(key_buffer, value_buffer, cache_position, query, keys, v
     return _attend_and_store(layer, query, keys, values, attention_mask, scaling, causal)
 
 
+def kv_placeholder(past, new):
+    """``lqc::kv_placeholder``: see lqc.ir.lqc_ops."""
+    return torch.full((1,), float("nan"), dtype=new.dtype, device=new.device).expand(kv_handle_shape(past, new))
+
+
 # registered after the definitions: the decorator form returns None
+torch.library.impl("lqc::kv_placeholder", "CompositeExplicitAutograd")(kv_placeholder)
 torch.library.impl("lqc::kv_dynamic_attention", "CompositeExplicitAutograd")(kv_dynamic_attention)
 torch.library.impl("lqc::kv_static_attention", "CompositeExplicitAutograd")(kv_static_attention)

@@ -193,3 +193,35 @@ def test_bad_options_name_the_valid_values():
     with pytest.raises(Exception, match="compress_kv.*model.layers.0.self_attn.*group"):
         with torch.no_grad():
             _compiled(_model(), bits=4, group=6)(_prompt())
+
+
+def test_dropped_attention_layers_keep_a_placeholder_not_a_cache():
+    """With drop_layers before it, the dropped layer's cache holds 4 bytes (lqc::kv_placeholder),
+    the kept layer's a compressed layer, and the tokens equal lqc.generate's compressed cache
+    without a slot for the dropped layer."""
+    model = _model()
+    drop = {"pass": "drop_layers", "what": "attention", "layers": [1]}
+    reference = lqc.generate(lqc.compress(copy.deepcopy(model), [drop], progress=False), _prompt(), 16, kv=OPTIONS)
+    both = lqc.compress(model, [drop, {"pass": "compress_kv", **OPTIONS}], progress=False)
+    cache = DynamicCache(config=model.config)
+    tokens = lqc.generate(both, _prompt(), 16, cache=cache)
+    assert torch.equal(tokens, reference)
+    kept, dropped = cache.layers[0].keys, cache.layers[1].keys
+    assert kv_graph_cache.layer_for(kept) is not None and kv_graph_cache.layer_for(dropped) is None
+    assert dropped.shape == kept.shape and dropped.untyped_storage().nbytes() == 4
+
+
+def test_chunked_prefill_through_repeat_kv():
+    """Chunks after the first come with a mask, and transformers then repeats the KV heads
+    (repeat_kv: index, expand, reshape) instead of SDPA's enable_gqa: the pass reads through it."""
+    from lqc.evaluate import cached_logits
+
+    model = _model()
+    ids = _prompt(40, seed=5)
+    reference_model = copy.deepcopy(model)
+    with torch.no_grad():
+        reference = cached_logits(reference_model, lambda: CompressedKVCache(reference_model.config, **OPTIONS), 8)(ids)
+        first = compiled_graph_count()
+        logits = cached_logits(_compiled(model), lambda: DynamicCache(config=model.config), 8)(ids)
+    assert (logits - reference).abs().max().item() < 1e-5
+    assert all(_lqc_nodes(g) == ["lqc.kv_dynamic_attention.default"] * 2 for g in compiled_graphs_since(first))
