@@ -16,7 +16,9 @@ The pass replaces the update and the SDPA by one lqc op, ``lqc::kv_dynamic_atten
 keeps the layer's tokens in a compressed cache, KIVI-style (``bits``, ``group``, ``residual``,
 ``sinks``), with StreamingLLM (``window``) or SnapKV (``snapkv``) eviction if asked, and attends
 over the codes directly. The dynamic cache then holds 4-byte placeholders instead of the keys
-and values. Nothing else in the graph changes.
+and values. A dynamic cache's ``cat`` that no attention reads (``drop_layers`` removed that
+attention) becomes ``lqc::kv_placeholder``: the dropped layer's cache holds 4 bytes, not zeros.
+Nothing else in the graph changes.
 
 An SDPA the pass does not recognize (no cache: ``use_cache=False``; a sliding-window cache,
 whose ``cat`` feeds a slice; dropout) is left as it is, with a warning when a cache was there.
