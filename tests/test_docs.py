@@ -54,7 +54,7 @@ def test_kv_cache_guide_runs(capsys):
     out = capsys.readouterr().out
     assert "True 23 [16, 16]\nlqc_kv" in out
     assert "2 212 204\n['lqc.kv_attention', 'lqc.qlinear.default']" in out  # one decode graph for 200 steps
-    assert "True True\n(1, 2, 12, 16) (0, 0, 0, 0) 4 12" in out  # the compress_kv pass
+    assert "True True\n(1, 2, 31, 16) (0, 0, 0, 0) 4 31" in out  # the compress_kv pass
     assert "{'window': 16} 50 49 18" in out and "{'snapkv': 8, 'observation': 4} 50 49 23" in out
     assert "torch.Size([1, 50]) 16" in out
 
