@@ -1,4 +1,4 @@
-"""The guides' code blocks (pass development, layer dropping, MoE, KV cache) run, in order, as written."""
+"""The guides' code blocks (pass development, layer dropping, MoE, KV cache, codegen) run, in order, as written."""
 
 from __future__ import annotations
 
@@ -64,3 +64,8 @@ def test_moe_guide_runs(capsys):
     out = capsys.readouterr().out
     assert "carved 2 FFNs into 4 experts (1 shared, top 1): 50% of neurons active, FFN FLOPs/token 122,880 -> 62,208" in out
     assert "['model.layers.0.mlp.experts.w_in', 'model.layers.0.mlp.experts.w_gate', 'model.layers.0.mlp.experts.w_out']" in out
+
+
+def test_codegen_guide_runs(capsys):
+    assert run_doc_blocks(DOC.parent / "codegen.md", {}) == 1
+    assert "14 105\n  qlinear      %qlinear_default_3   model.layers.0.self_attn.o_proj  epilogue: residual(add)" in capsys.readouterr().out
