@@ -141,17 +141,23 @@ def _empty_tensor(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is torch.tensor and node.args and node.args[0] == []
 
 
+def _cache_cat(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(past, new) of a dynamic cache's ``cat([past, new], -2)``, past a graph input or the prefill's
+    ``torch.tensor([])``; None for any other node."""
+    if op_name(node) != "cat" or not isinstance(node.args[0], (list, tuple)) or len(node.args[0]) != 2:
+        return None
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    past, new = node.args[0]
+    if not _is_dim(dim, 2) or not isinstance(past, fx.Node) or not (past.op == "placeholder" or _empty_tensor(past)):
+        return None
+    return past, new
+
+
 def _dynamic_update(keys: fx.Node, values: fx.Node) -> _CacheUpdate | None:
-    cats = []
-    for node in (keys, values):
-        if op_name(node) != "cat" or not isinstance(node.args[0], (list, tuple)) or len(node.args[0]) != 2:
-            return None
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        past, new = node.args[0]
-        if not _is_dim(dim, 2) or not (past.op == "placeholder" or _empty_tensor(past)):
-            return None
-        cats.append((past, new))
-    return _CacheUpdate("dynamic", cats[0][0], cats[1][0], cats[0][1], cats[1][1], (keys, values))
+    key_cat, value_cat = _cache_cat(keys), _cache_cat(values)
+    if key_cat is None or value_cat is None:
+        return None
+    return _CacheUpdate("dynamic", key_cat[0], value_cat[0], key_cat[1], value_cat[1], (keys, values))
 
 
 def _static_update(keys: fx.Node, values: fx.Node) -> _CacheUpdate | None:
@@ -212,13 +218,15 @@ class CompressKV(Pass):
     def run(self, graph: Graph, ctx) -> PassResult:
         o = self.options
         rewritten, skipped = [], {}
+        # a model run without a cache has nothing to compress: its attentions are left alone, silently
+        has_cache = any(i.role == "kv_cache" for i in graph.inputs) or any(op_name(n) == "index_copy_" for n in graph.nodes)
         for sdpa in list(graph.nodes):
             if op_name(sdpa) != SDPA or not self.selects(sdpa):
                 continue
             args = _sdpa_args(sdpa)
             update, chain = _find_update(sdpa, args)
-            if update is None and not any(i.role == "kv_cache" for i in graph.inputs) and not _has_cache_write(graph):
-                continue  # a model run without a cache: nothing to compress
+            if update is None and not has_cache:
+                continue
             reason = _why_not(args, update, update is not None and _users_ok(update, sdpa, chain))
             if reason is None:
                 head_dim = _head_dim(update.new_keys)
@@ -242,8 +250,8 @@ class CompressKV(Pass):
     def _drop_unread_caches(self, graph: Graph) -> list[str]:
         """Layers whose attention drop_layers removed still grow the dynamic cache with zeros: keep
         a 4-byte placeholder there instead (``lqc::kv_placeholder``)."""
-        g, cache_inputs = graph.gm.graph, {i.name for i in graph.inputs if i.role == "kv_cache"}
-        replaced = []
+        g, replaced = graph.gm.graph, []
+        cache_inputs = {i.name for i in graph.inputs if i.role == "kv_cache"}
         for cat in list(graph.nodes):
             if not _unread_cache_cat(cat, cache_inputs) or not self.selects(cat):
                 continue
@@ -294,14 +302,9 @@ class CompressKV(Pass):
 
 
 def _unread_cache_cat(node: fx.Node, cache_inputs: set[str]) -> bool:
-    """A dynamic cache's ``cat([past, new], -2)`` that only goes back to the cache: no attention reads it."""
-    if op_name(node) != "cat" or not isinstance(node.args[0], (list, tuple)) or len(node.args[0]) != 2:
-        return False
-    past = node.args[0][0]
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    is_past = isinstance(past, fx.Node) and (_empty_tensor(past) or past.name in cache_inputs)
-    return is_past and _is_dim(dim, 2) and all(u.op == "output" for u in node.users)
-
-
-def _has_cache_write(graph: Graph) -> bool:
-    return any(op_name(n) == "index_copy_" for n in graph.nodes)
+    """A dynamic cache's ``cat([past, new], -2)`` that only goes back to the cache: no attention
+    reads it. The past must be a cache input (or the prefill's empty tensor): a graph that returns
+    the concatenation of some other input is the model's business."""
+    parts = _cache_cat(node)
+    return (parts is not None and (_empty_tensor(parts[0]) or parts[0].name in cache_inputs)
+            and all(u.op == "output" for u in node.users))
