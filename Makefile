@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.lqc-installed
 
-.PHONY: test test-fast demo bench-quant install clean
+.PHONY: test test-fast demo bench-quant install system-deps clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,21 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# The whole suite, real-model end-to-end tests included (they fail, not skip, if the model is missing).
-test: $(STAMP)
-	LQC_REQUIRE_REAL_MODEL=1 $(PY) -m pytest -q
+# Debian packages the tests need: Graphviz (the viz report's layout) and Chromium with its
+# chromedriver (the report's browser test). Installed only where missing; needs root (or sudo).
+SYSTEM_TOOLS := /usr/bin/dot /usr/bin/chromium /usr/bin/chromedriver
+system-deps:
+	@missing=""; for tool in $(SYSTEM_TOOLS); do [ -x $$tool ] || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing graphviz chromium chromium-driver (missing:$$missing)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends graphviz chromium chromium-driver; \
+	fi
+
+# The whole suite, real-model end-to-end tests and the browser test included (they fail, not skip,
+# if the model or Chromium is missing).
+test: $(STAMP) system-deps
+	LQC_REQUIRE_REAL_MODEL=1 LQC_REQUIRE_BROWSER=1 $(PY) -m pytest -q
 
 # Skip the slow tests (real model, Inductor compiles): a quick loop while developing.
 test-fast: $(STAMP)

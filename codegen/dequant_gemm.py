@@ -34,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-FORMATS = ("int8", "int4")
+from .templates import DEQUANT_GEMM_FORMATS as FORMATS
+
 # lqc.runtime.quant_formats.INT4_OFFSET: codes 0..15 stand for -8..7 (a constexpr: jit code may
 # only read globals that are)
 INT4_OFFSET = tl.constexpr(8)

@@ -100,8 +100,11 @@ def lqc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: A
                 except CalibrationUnavailable:
                     pass  # decode graphs: the example inputs are the check
         debug_dir = Path(opts.debug_dir) / name if opts.debug_dir else None
-        report = PassManager(recipe, verify=opts.verify, debug_dir=debug_dir).run(graph, ctx)
+        viz = opts.viz or debug_dir is not None
+        report = PassManager(recipe, verify=opts.verify, debug_dir=debug_dir, snapshots=viz).run(graph, ctx)
         report.capture_seconds = capture_seconds
+        if viz:
+            _annotate_for_viz(report, graph, ctx.reference, args, debug_dir)
         target = opts.target
         if rebuilding and any(i.role == "size" for i in graph.inputs):
             # Outside dynamo's tracing context Inductor would specialize a dynamic graph to these shapes.
@@ -126,6 +129,18 @@ def lqc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: A
     except Exception as exc:  # noqa: BLE001 - any failure on a graph becomes a warned fallback
         log.debug("lqc failed on %s", name, exc_info=True)
         return _fallback(gm, example_inputs, name, f"{type(exc).__name__}: {exc}")
+
+
+def _annotate_for_viz(report: GraphReport, graph, reference, args: Sequence[Any], debug_dir: Path | None) -> None:
+    """Fusion groups and per-node error for lqc.viz; with a debug_dir, the report page itself."""
+    from lqc.viz import annotate, write_html
+
+    annotate.annotate_kernels(report, graph)
+    inputs = tuple(_concrete(args[i.index]) for i in graph.inputs)
+    shapes = ", ".join(f"{i.name} {list(x.shape)}" for i, x in zip(graph.inputs, inputs) if isinstance(x, torch.Tensor) and i.role != "size")
+    annotate.annotate_errors(report, graph, reference, inputs, f"measured on the inputs this graph was compiled with ({shapes})")
+    if debug_dir is not None:
+        write_html([report], debug_dir / "report.html", title=f"lqc: {graph.name}")
 
 
 def _concrete(value: Any) -> Any:

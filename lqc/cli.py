@@ -1,4 +1,5 @@
-"""The ``lqc`` command: ``lqc passes``, ``lqc recipes``, ``lqc eval``, ``lqc compress``, ``lqc sensitivity``, ``lqc bench``."""
+"""The ``lqc`` command: ``lqc passes``, ``lqc recipes``, ``lqc eval``, ``lqc compress``, ``lqc sensitivity``,
+``lqc kv``, ``lqc bench``, ``lqc viz``."""
 
 from __future__ import annotations
 
@@ -181,6 +182,37 @@ def cmd_kv(args) -> int:
     return 0
 
 
+def cmd_viz(args) -> int:
+    import torch
+
+    import lqc
+    import lqc.viz
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    model, tokenizer, name = lqc.models.load(args.model)
+    print(f"loaded {name} in {time.perf_counter() - started:.1f}s")
+    started = time.perf_counter()
+    first = len(lqc.reports())
+    calibration = args.calibration
+    if tokenizer is None and calibration == "calib":
+        print(f"{name} has no tokenizer: capturing on {args.tokens} random token ids")
+        calibration = None
+    out = lqc.viz.report(model, _load_recipe_arg(args.recipe), args.out, calibration=calibration, tokenizer=tokenizer,
+                         tokens=args.tokens, title=f"lqc: {name}, recipe {args.recipe}")
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f}s")
+    made = [r for r in lqc.reports()[first:] if r.snapshots]
+    if args.dot:
+        dot = lqc.viz.export_dot(made[0], args.dot)
+        print(f"wrote {dot}")
+        if args.svg:
+            print(f"wrote {lqc.viz.export_svg(dot, args.svg)}")
+    elif args.svg:
+        print("--svg renders the --dot file: pass --dot too", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lqc", description="lqc: a compression compiler for PyTorch transformers")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
@@ -253,6 +285,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=2)
     bench.add_argument("--json", default=None, help="also write the results here")
     bench.set_defaults(func=cmd_bench)
+
+    viz = sub.add_parser("viz", help="one static HTML page: every pass's graph before/after, diff, provenance, per-node error")
+    viz.add_argument("--model", default="smollm2-135m")
+    viz.add_argument("--recipe", default="default", help="named recipe, YAML file, or inline YAML")
+    viz.add_argument("--out", default="lqc-report.html")
+    viz.add_argument("--calibration", default="calib", help="'calib' (shared calib.txt) or a text file: the capture's tokens")
+    viz.add_argument("--tokens", type=int, default=64, help="calibration tokens the graph is captured and its errors measured on")
+    viz.add_argument("--dot", default=None, help="also write the final graph as Graphviz DOT here")
+    viz.add_argument("--svg", default=None, help="and render that DOT to SVG here (needs Graphviz's dot)")
+    viz.add_argument("--threads", type=int, default=2)
+    viz.set_defaults(func=cmd_viz)
     return parser
 
 

@@ -20,6 +20,7 @@ class CompileOptions:
     verify: bool = False  # measure each pass's numeric error against the uncompressed graph
     debug_dir: str | None = None  # per-graph folders with one readable file per pass and a summary
     progress: bool = True  # progress bars in long passes
+    viz: bool = False  # keep per-pass snapshots, fusion groups and per-node errors for lqc.viz
 
     HELP = {
         "recipe": "named recipe (see `lqc recipes`), YAML file, dict, or list of {'pass': NAME, ...options}",
@@ -29,6 +30,7 @@ class CompileOptions:
         "verify": "measure relative error and cosine of the outputs after every pass",
         "debug_dir": "folder for per-pass dumps and summary tables",
         "progress": "show progress bars",
+        "viz": "keep what lqc.viz draws (graph snapshots per pass, fusion groups, per-node error); a debug_dir turns it on",
     }
 
     @classmethod
@@ -47,6 +49,7 @@ class CompileOptions:
                 raise LqcConfigError(f"unknown lqc option {key!r}.{hint} Valid options: {', '.join(names)}")
         parsed = cls(**options)
         resolve_target(parsed.target)
-        if not isinstance(parsed.verify, bool):
-            raise LqcConfigError(f"verify must be true or false; got {parsed.verify!r}")
+        for flag in ("verify", "viz"):
+            if not isinstance(getattr(parsed, flag), bool):
+                raise LqcConfigError(f"{flag} must be true or false; got {getattr(parsed, flag)!r}")
         return parsed

@@ -18,6 +18,7 @@ import torch.fx as fx
 from lqc.ir import Graph, annotate_regions
 from lqc.ir.errors import LqcConfigError, VerificationError
 from lqc.ir.lint import output_signature, verify_graph
+from lqc.ir.snapshot import snapshot
 
 from .base import Pass, PassResult
 from .context import PassContext
@@ -31,13 +32,17 @@ class PassManager:
 
     ``verify``: also measure the numeric error after every pass, on ``ctx.check_inputs``
     (lint, shapes and output checks always run). ``debug_dir``: write one readable file per pass
-    plus ``summary.txt`` there.
+    plus ``summary.txt`` there. ``snapshots``: keep a plain-data snapshot of the graph after capture
+    and after every pass in ``GraphReport.snapshots`` (what ``lqc.viz`` draws).
     """
 
-    def __init__(self, recipe: Any = None, *, verify: bool = False, debug_dir: str | Path | None = None):
+    def __init__(
+        self, recipe: Any = None, *, verify: bool = False, debug_dir: str | Path | None = None, snapshots: bool = False
+    ):
         self.passes: list[Pass] = load_recipe(recipe)
         self.verify = verify
         self.debug_dir = Path(debug_dir) if debug_dir is not None else None
+        self.snapshots = snapshots
 
     def run(self, graph: Graph, ctx: PassContext | None = None) -> GraphReport:
         ctx = ctx or PassContext()
@@ -50,6 +55,8 @@ class PassManager:
             reference_outputs = [run_graph(ctx.reference, inputs) for inputs in ctx.check_inputs]
         if self.debug_dir is not None:
             write_pass_dump(self.debug_dir, None, graph)
+        if self.snapshots:
+            report.snapshots.append(snapshot(graph))
 
         for index, p in enumerate(self.passes, start=1):
             self._check_requirements(p, ctx)
@@ -57,6 +64,8 @@ class PassManager:
             if reference_outputs:
                 record.rel_error, record.cosine = graph_error(graph, ctx.check_inputs, reference_outputs)
             report.records.append(record)
+            if self.snapshots:
+                report.snapshots.append(snapshot(graph))
             if self.debug_dir is not None:
                 write_pass_dump(self.debug_dir, record, graph)
                 write_summary(self.debug_dir, report)

@@ -50,3 +50,93 @@ def graph_error(graph: Graph, inputs_list: Sequence[Sequence[Any]], reference_ou
             return rel, cos
         worst_rel, worst_cos = max(worst_rel, rel), min(worst_cos, cos)
     return worst_rel, worst_cos
+
+
+class _NodeValues(torch.fx.Interpreter):
+    """Runs a GraphModule node by node and hands each node's output to ``on_value``."""
+
+    def __init__(self, gm: torch.fx.GraphModule, on_value):
+        super().__init__(gm)
+        self.on_value = on_value
+
+    def run_node(self, node: torch.fx.Node) -> Any:
+        value = super().run_node(node)
+        self.on_value(node, value)
+        return value
+
+
+def reference_names(name: str, sources: dict[str, list[str]], in_reference: set[str]) -> list[str]:
+    """The reference nodes a node stands for: itself if the reference has it (a kept node), else
+    what the passes created it from (``sources``: created node -> its sources), followed back
+    through every pass until names of the reference graph are reached. Nearest first."""
+    found, frontier, seen = [], [name], {name}
+    while frontier:
+        current = frontier.pop(0)
+        if current in in_reference:
+            found.append(current)
+            continue
+        for source in sources.get(current, ()):
+            if source not in seen:
+                seen.add(source)
+                frontier.append(source)
+    return found
+
+
+@torch.no_grad()
+def node_errors(
+    graph: Graph, reference: Graph, inputs: Sequence[Any], sources: dict[str, list[str]]
+) -> dict[str, dict[str, Any]]:
+    """Each floating-point node's output against the reference node it stands for, on ``inputs``.
+
+    The counterpart is the nearest of :func:`reference_names` whose output has the same shape (a
+    quantized linear stands for the linear it replaced; a kept node for itself, its inputs now
+    compressed). Returns ``{name: {"reference": ref name, "sqnr_db": float | None, "cosine": float,
+    "rel_error": float}}``; ``sqnr_db`` is None where the output is exact. Nodes without a
+    same-shaped counterpart (new reshapes of packed weights, say) are left out.
+    """
+    in_reference = {n.name for n in reference.nodes}
+    candidates = {
+        node.name: names
+        for node in graph.nodes
+        if node.op not in ("placeholder", "get_attr", "output")
+        and (names := reference_names(node.name, sources, in_reference))
+    }
+    wanted = {name for names in candidates.values() for name in names}
+    stored: dict[str, torch.Tensor] = {}
+
+    def keep(node, value):
+        if node.name in wanted and isinstance(value, torch.Tensor) and value.is_floating_point():
+            stored[node.name] = value.detach()
+
+    _NodeValues(reference.gm, keep).run(*clone_inputs(inputs))
+
+    errors: dict[str, dict[str, Any]] = {}
+
+    def compare(node, value):
+        if node.name not in candidates or not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            return
+        for name in candidates[node.name]:
+            ref = stored.get(name)
+            if ref is not None and ref.shape == value.shape:
+                errors[node.name] = {"reference": name, **tensor_error(value, ref)}
+                return
+
+    _NodeValues(graph.gm, compare).run(*clone_inputs(inputs))
+    return errors
+
+
+def tensor_error(value: torch.Tensor, ref: torch.Tensor) -> dict[str, float | None]:
+    """SQNR in dB (None when exact), cosine and relative error of ``value`` against ``ref``, in float64."""
+    y, r = value.double().flatten(), ref.double().flatten()
+    noise = float((y - r).pow(2).sum())
+    signal = float(r.pow(2).sum())
+    norms = math.sqrt(signal * float(y.pow(2).sum()))
+    cosine = float((y * r).sum()) / norms if norms > 0 else (1.0 if noise == 0 else 0.0)
+    if noise == 0:
+        sqnr = None
+    elif signal == 0:
+        sqnr = -math.inf
+    else:
+        sqnr = 10 * math.log10(signal / noise)
+    rel = math.sqrt(noise / signal) if signal > 0 else math.sqrt(noise)
+    return {"sqnr_db": sqnr if sqnr is None or math.isfinite(sqnr) else -999.0, "cosine": cosine, "rel_error": rel}

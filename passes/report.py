@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +46,21 @@ class GraphReport:
     fallback: str = ""  # why this graph fell back to Inductor, if it did
     capture_seconds: float = 0.0  # freezing, shape propagation, regions
     codegen_seconds: float = 0.0  # compiling the result for the target (Inductor's time, say)
+    # For lqc.viz (filled when the backend runs with viz=True or a debug_dir):
+    snapshots: list[dict[str, Any]] = field(default_factory=list)  # ir.snapshot after capture, then each pass
+    kernels: dict[str, dict[str, Any]] = field(default_factory=dict)  # final node -> its fusion group
+    node_errors: dict[str, dict[str, Any]] = field(default_factory=dict)  # final node -> error vs the reference
+    error_inputs: str = ""  # what node_errors were measured on, or why they were not
 
     @property
     def bytes_after(self) -> int:
         return self.records[-1].bytes_after if self.records else self.capture_bytes
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """Everything but the snapshots (the viz report holds those)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "snapshots"}
+        data["records"] = [asdict(r) for r in self.records]
+        return data
 
 
 SUMMARY_COLUMNS = ("#", "pass", "time ms", "nodes +", "nodes -", "nodes", "bytes before", "bytes after", "rel err", "cosine", "matches")

@@ -167,7 +167,7 @@ def test_debug_dir_per_graph(tiny_llama, token_ids, tmp_path):
         compiled(token_ids)
     (graph_dir,) = list(tmp_path.iterdir())
     files = sorted(p.name for p in graph_dir.iterdir())
-    assert files == ["00_capture.txt", "01_cleanup.txt", "summary.json", "summary.txt"]
+    assert files == ["00_capture.txt", "01_cleanup.txt", "report.html", "summary.json", "summary.txt"]
     assert "0.00e+00" in (graph_dir / "summary.txt").read_text()  # cleanup is exact
 
 

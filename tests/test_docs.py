@@ -1,4 +1,4 @@
-"""The guides' code blocks (pass development, layer dropping, MoE, KV cache, codegen) run, in order, as written."""
+"""The guides' code blocks (pass development, layer dropping, MoE, KV cache, codegen, viz) run, in order, as written."""
 
 from __future__ import annotations
 
@@ -69,3 +69,9 @@ def test_moe_guide_runs(capsys):
 def test_codegen_guide_runs(capsys):
     assert run_doc_blocks(DOC.parent / "codegen.md", {}) == 1
     assert "14 105\n  qlinear      %qlinear_default_3   model.layers.0.self_attn.o_proj  epilogue: residual(add)" in capsys.readouterr().out
+
+
+def test_visualization_guide_runs(capsys):
+    assert run_doc_blocks(DOC.parent / "visualization.md", {}) == 1
+    out = capsys.readouterr().out
+    assert "['cleanup', 'quantize'] 3 True\nqlinear_default ['linear', 'model_layers_0_self_attn_q_proj_weight'] linear" in out
