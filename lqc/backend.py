@@ -140,7 +140,10 @@ def _annotate_for_viz(report: GraphReport, graph, reference, args: Sequence[Any]
     shapes = ", ".join(f"{i.name} {list(x.shape)}" for i, x in zip(graph.inputs, inputs) if isinstance(x, torch.Tensor) and i.role != "size")
     annotate.annotate_errors(report, graph, reference, inputs, f"measured on the inputs this graph was compiled with ({shapes})")
     if debug_dir is not None:
-        write_html([report], debug_dir / "report.html", title=f"lqc: {graph.name}")
+        try:
+            write_html([report], debug_dir / "report.html", title=f"lqc: {graph.name}")
+        except Exception as exc:  # noqa: BLE001 - a debugging aid must not fail the compile
+            warnings.warn(f"lqc: could not write {debug_dir / 'report.html'}: {type(exc).__name__}: {exc}", stacklevel=2)
 
 
 def _concrete(value: Any) -> Any:

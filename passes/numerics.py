@@ -1,4 +1,4 @@
-"""Running a graph on check inputs and comparing its outputs with the reference graph's."""
+"""Running a graph on check inputs and comparing its outputs (or every node's) with the reference graph's."""
 
 from __future__ import annotations
 
@@ -82,9 +82,18 @@ def reference_names(name: str, sources: dict[str, list[str]], in_reference: set[
     return found
 
 
+# The reference's activations are held until the compressed graph has run: past this, stop.
+NODE_ERRORS_MAX_BYTES = 2 << 30
+
+
+class ActivationBudgetExceeded(RuntimeError):
+    pass
+
+
 @torch.no_grad()
 def node_errors(
-    graph: Graph, reference: Graph, inputs: Sequence[Any], sources: dict[str, list[str]]
+    graph: Graph, reference: Graph, inputs: Sequence[Any], sources: dict[str, list[str]],
+    *, max_bytes: int = NODE_ERRORS_MAX_BYTES,
 ) -> dict[str, dict[str, Any]]:
     """Each floating-point node's output against the reference node it stands for, on ``inputs``.
 
@@ -93,6 +102,9 @@ def node_errors(
     compressed). Returns ``{name: {"reference": ref name, "sqnr_db": float | None, "cosine": float,
     "rel_error": float}}``; ``sqnr_db`` is None where the output is exact. Nodes without a
     same-shaped counterpart (new reshapes of packed weights, say) are left out.
+
+    Every reference activation is kept until the graph has run; ``ActivationBudgetExceeded`` is
+    raised once they pass ``max_bytes`` (long inputs: measure on fewer tokens).
     """
     in_reference = {n.name for n in reference.nodes}
     candidates = {
@@ -103,10 +115,18 @@ def node_errors(
     }
     wanted = {name for names in candidates.values() for name in names}
     stored: dict[str, torch.Tensor] = {}
+    held = 0
 
     def keep(node, value):
+        nonlocal held
         if node.name in wanted and isinstance(value, torch.Tensor) and value.is_floating_point():
             stored[node.name] = value.detach()
+            held += value.numel() * value.element_size()
+            if held > max_bytes:
+                raise ActivationBudgetExceeded(
+                    f"the reference graph's activations on these inputs pass {max_bytes / 2**30:.1f} GiB; "
+                    f"measure on fewer tokens (lqc viz --tokens, or shorter example_inputs)"
+                )
 
     _NodeValues(reference.gm, keep).run(*clone_inputs(inputs))
 

@@ -86,6 +86,25 @@ def test_per_node_error_equals_the_output_comparison(tiny_llama, token_ids):
     assert report.node_errors[logits]["cosine"] == pytest.approx(cos, abs=1e-6)
 
 
+def test_node_errors_stop_at_the_activation_budget(tiny_llama, token_ids, monkeypatch):
+    import functools
+
+    import lqc.viz.annotate
+    from lqc.passes.numerics import ActivationBudgetExceeded, node_errors
+
+    compressed = lqc.compress(tiny_llama, "int8", example_inputs=token_ids, progress=False)
+    (graph,) = compressed._lqc_compression.graphs
+    reference = graph.copy()
+    assert all(e["sqnr_db"] is None for e in node_errors(graph, reference, [token_ids], {}).values())  # itself: exact
+    with pytest.raises(ActivationBudgetExceeded, match="fewer tokens"):
+        node_errors(graph, reference, [token_ids], {}, max_bytes=10_000)
+    # the report says why instead of failing the compile
+    monkeypatch.setattr(lqc.viz.annotate, "node_errors", functools.partial(node_errors, max_bytes=10_000))
+    report = lqc.passes.GraphReport(graph="g")
+    lqc.viz.annotate.annotate_errors(report, graph, reference, [token_ids], "unused")
+    assert not report.node_errors and report.error_inputs.startswith("not measured: ActivationBudgetExceeded")
+
+
 def test_reference_names_walk_back_through_passes():
     sources = {"qlinear_1": ["fused_3"], "fused_3": ["linear_2", "linear_5"], "new_const": []}
     in_reference = {"linear_2", "linear_5", "add"}
