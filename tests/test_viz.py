@@ -14,9 +14,9 @@ import lqc
 import lqc.viz
 from lqc.cli import main
 from lqc.passes.numerics import compare_outputs, reference_names, tensor_error
-from lqc.viz.html import module_rollup, render_html, report_data
+from lqc.viz.html import module_rollup, read_page_data, render_html, report_data
 from lqc.viz.layout import dot_layout, networkx_layout
-from lqc.viz.views import build_view, groups, to_dot
+from lqc.viz.views import build_view, child_combinations, collapsible_children, groups, to_dot
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz dot is not installed (apt-get install graphviz)")
 
@@ -180,12 +180,15 @@ def test_report_page_is_one_self_contained_file(int8_report):
     assert page.startswith("<!doctype html>")
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # nothing fetched from anywhere
     assert "<link" not in page and "@import" not in page
-    data = json.loads(re.search(r'<script id="lqc-data" type="application/json">(.*?)</script>', page, re.S).group(1))
+    data = read_page_data(path)
     (graph,) = data["graphs"]
     assert [p["name"] for p in graph["passes"]] == ["cleanup", "quantize"]
     assert len(graph["snapshots"]) == 3
     final = graph["snapshots"][-1]
-    assert set(final["views"]) == {""} | set(final["groups"])
+    blocks = {"model.layers.0", "model.layers.1"}
+    folded = {f"{b}|{c}" for b in blocks for c in (f"{b}.mlp", f"{b}.self_attn", f"{b}.mlp,{b}.self_attn")}
+    assert set(final["views"]) == {""} | set(final["groups"]) | folded
+    assert final["groups"]["model.layers.1"]["children"]["model.layers.1.mlp"]  # the MLP's nodes, for its folded box
     assert all(0 <= i < len(data["layouts"]) for s in graph["snapshots"] for i in s["views"].values())
     assert graph["kernels"] and graph["errors"]
 
@@ -193,7 +196,13 @@ def test_report_page_is_one_self_contained_file(int8_report):
 def test_views_are_laid_out_once_per_distinct_drawing(int8_report):
     _path, report, _ = int8_report
     data = report_data([report], title="t", use_dot=False)
-    distinct = {to_dot(build_view(s, [g] if g else [])) for s in report.snapshots for g in [""] + list(groups(s))}
+    captured = report.snapshots[0]
+    distinct = {to_dot(build_view(s)) for s in report.snapshots} | {
+        to_dot(build_view(s, [g], folded))
+        for s in report.snapshots
+        for g in groups(s)
+        for folded in child_combinations(collapsible_children(captured, g))
+    }
     assert len(data["layouts"]) == len(distinct)
     # quantize changed only the blocks' insides: the collapsed top view is the same drawing before and after
     after_cleanup, after_quantize = data["graphs"][0]["snapshots"][1:]
@@ -219,7 +228,7 @@ def test_debug_dir_writes_the_report_by_itself(tiny_llama, token_ids, tmp_path):
         compiled(token_ids)
     (page,) = tmp_path.glob("graph*/report.html")
     assert (page.parent / "summary.txt").exists()
-    data = json.loads(re.search(r'<script id="lqc-data" type="application/json">(.*?)</script>', page.read_text(), re.S).group(1))
+    data = read_page_data(page)
     assert [p["name"] for p in data["graphs"][0]["passes"]] == ["cleanup", "quantize"]
 
 
@@ -269,18 +278,27 @@ def test_cli_writes_report_and_exports(tmp_path, capsys):
         assert (tmp_path / "r.svg").exists()
 
 
-def test_render_escapes_script_end_in_data(int8_report):
+def test_render_escapes_the_title_and_round_trips_the_data(int8_report):
     _path, report, _ = int8_report
     data = report_data([report], title="</script><b>x", use_dot=False)
     page = render_html(data)
     assert page.count("</script>") == 2  # the data's and the code's own closing tags only
     assert "&lt;/script&gt;&lt;b&gt;x" in page
+    assert json.loads(json.dumps(data)) == read_page_data_from_text(page)
+
+
+def read_page_data_from_text(page: str) -> dict:
+    import base64
+    import gzip
+
+    payload = re.search(r'<script id="lqc-data" type="application/octet-stream" data-encoding="gzip\+base64">(.*?)</script>', page, re.S)
+    return json.loads(gzip.decompress(base64.b64decode(payload.group(1))))
 
 
 def test_wide_fan_out_and_fan_in_leave_the_ranking():
     from lqc.viz.views import View
 
-    view = View(boxes={k: k for k in ("n:mask", "n:a", "n:b", "n:c", "n:d", "n:out")}, placement={})
+    view = View(boxes={k: k for k in ("n:mask", "n:a", "n:b", "n:c", "n:d", "n:out")})
     view.placement = {k: None for k in view.boxes}
     view.edges = [("n:mask", h) for h in ("n:a", "n:b", "n:c", "n:d")] + [(t, "n:out") for t in ("n:a", "n:b", "n:c", "n:d")]
     lines = [line.strip() for line in to_dot(view).splitlines() if "->" in line]
@@ -289,3 +307,18 @@ def test_wide_fan_out_and_fan_in_leave_the_ranking():
     assert all(line.endswith("[constraint=false];") for line in lines[1:7])
     if shutil.which("dot"):
         assert [faint for *_rest, faint in dot_layout(to_dot(view))["edges"]] == [0, 1, 1, 1, 1, 1, 1, 0]
+
+
+def test_attention_and_mlp_fold_inside_an_expanded_block(int8_report):
+    _path, report, _ = int8_report
+    captured, final = report.snapshots[0], report.snapshots[-1]
+    assert collapsible_children(captured, "model.layers.1") == ["model.layers.1.mlp", "model.layers.1.self_attn"]
+    view = build_view(final, expanded=["model.layers.1"], folded=["model.layers.1.mlp"])
+    assert view.boxes["g:model.layers.1.mlp"] == "mlp" and view.placement["g:model.layers.1.mlp"] == "c:model.layers.1"
+    nodes = _snapshot_nodes(final)
+    drawn = {k[2:] for k in view.boxes if k.startswith("n:")}
+    assert not any(nodes[n]["block"] == 1 and nodes[n]["child"] == "mlp" for n in drawn)
+    assert any(nodes[n]["block"] == 1 and nodes[n]["child"] == "self_attn" for n in drawn)
+    assert "c:model.layers.1.mlp" not in view.clusters and "c:model.layers.1.self_attn" in view.clusters
+    # the folded MLP reads the post-attention norm and feeds the residual add, like its nodes did
+    assert any(h == "g:model.layers.1.mlp" for _t, h in view.edges) and any(t == "g:model.layers.1.mlp" for t, _h in view.edges)

@@ -69,6 +69,14 @@ def test_report_in_chromium(tiny_llama, token_ids, tmp_path):
             assert driver.find_elements(By.CSS_SELECTOR, f'#pane-after [data-cluster="model.layers.1.{child}"]')
         assert driver.find_elements(By.CSS_SELECTOR, '#pane-before [data-cluster="model.layers.1"]')
 
+        # inside it, the MLP folds into one box and unfolds again
+        driver.find_element(By.CSS_SELECTOR, '#pane-after .cluster.foldable[data-cluster="model.layers.1.mlp"] text').click()
+        folded = _wait_for(driver, '#pane-after [data-child="model.layers.1.mlp"]')
+        assert not driver.find_elements(By.CSS_SELECTOR, '#pane-after [data-cluster="model.layers.1.mlp"]')
+        assert driver.find_elements(By.CSS_SELECTOR, '#pane-after [data-cluster="model.layers.1.self_attn"]')
+        folded[0].click()
+        _wait_for(driver, '#pane-after [data-cluster="model.layers.1.mlp"]')
+
         # the nodes quantize added are highlighted after it, the ones it removed before it
         added = driver.find_elements(By.CSS_SELECTOR, "#pane-after .box.added")
         added_names = {e.get_attribute("data-node") for e in added}
@@ -112,7 +120,7 @@ def test_report_in_chromium(tiny_llama, token_ids, tmp_path):
 @pytest.mark.real_model
 def test_smollm2_report_is_small_and_usable(smollm2, tmp_path):
     """The 30-layer model (about 2,000 nodes): the page stays under 20 MB, opens collapsed (one box
-    per decoder block), a block expands, search reaches a node in the last block."""
+    per decoder block), a block expands, search reaches a node in another block."""
     torch._dynamo.reset()
     first = len(lqc.reports())
     page = lqc.viz.report(smollm2.model, "int8", tmp_path / "smollm2.html", calibration="calib", tokenizer=smollm2.tokenizer)

@@ -21,13 +21,13 @@ import torch
 from lqc.ir.errors import LqcConfigError
 from lqc.passes.report import GraphReport
 
-from .html import render_html, report_data, write_html
+from .html import read_page_data, render_html, report_data, write_html
 from .layout import dot_binary
 from .views import build_view, groups, to_dot
 
 DEFAULT_TOKENS = 64  # calibration tokens the per-node errors are measured on
 
-__all__ = ["report", "write_html", "render_html", "report_data", "export_dot", "export_svg"]
+__all__ = ["report", "write_html", "render_html", "report_data", "read_page_data", "export_dot", "export_svg"]
 
 
 def report(

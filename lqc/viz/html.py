@@ -1,11 +1,14 @@
 """The report file: every graph's pass records, snapshots and laid-out views, in one HTML page.
 
 The page is ``static/report.html`` with its CSS, script and data written inline, so it opens from
-disk with no server and no network. The data is JSON; the script draws it (see report.js).
+disk with no server and no network. The data is JSON, gzip-compressed and base64-encoded (the
+browser inflates it with its DecompressionStream); the script draws it (see report.js).
 """
 
 from __future__ import annotations
 
+import base64
+import gzip
 import html
 import json
 import re
@@ -16,7 +19,7 @@ from typing import Any, Sequence
 from lqc.passes.report import GraphReport
 
 from .layout import Layouts, engine_name
-from .views import build_view, group_of, groups
+from .views import build_view, child_combinations, collapsible_children, group_of, groups, view_key
 
 
 def report_data(reports: Sequence[GraphReport], *, title: str, use_dot: bool | None = None) -> dict[str, Any]:
@@ -34,7 +37,11 @@ def report_data(reports: Sequence[GraphReport], *, title: str, use_dot: bool | N
 
 
 def _graph_data(report: GraphReport, layouts: Layouts) -> dict[str, Any]:
-    snapshots = [_snapshot_data(s, layouts) for s in report.snapshots]
+    # Which children fold is read off the captured graph, where regions are plain to see (a
+    # quantized FFN holds qlinears, which region detection does not count as its linears).
+    captured = report.snapshots[0]
+    foldable = {group: collapsible_children(captured, group) for group in groups(captured)}
+    snapshots = [_snapshot_data(s, layouts, foldable) for s in report.snapshots]
     passes = [
         {
             "index": r.index, "name": r.name, "ms": r.seconds * 1e3, "added": r.nodes_added, "removed": r.nodes_removed,
@@ -58,7 +65,7 @@ def _graph_data(report: GraphReport, layouts: Layouts) -> dict[str, Any]:
     }
 
 
-def _snapshot_data(snapshot: dict[str, Any], layouts: Layouts) -> dict[str, Any]:
+def _snapshot_data(snapshot: dict[str, Any], layouts: Layouts, foldable: dict[str, list[str]]) -> dict[str, Any]:
     collapsible = groups(snapshot)
     block_paths = {index: path for path, index in snapshot["blocks"].items()}
     nodes, group_constants = [], {}
@@ -69,13 +76,22 @@ def _snapshot_data(snapshot: dict[str, Any], layouts: Layouts) -> dict[str, Any]
                 group_constants.setdefault(group, []).append(node["name"])
             group = None
         nodes.append({**node, "group": group if group in collapsible else None})
-    views = {"": layouts.add(build_view(snapshot))}
-    for path in collapsible:
-        views[path] = layouts.add(build_view(snapshot, expanded=[path]))
+    by_name = {n["name"]: n for n in snapshot["nodes"]}
+    views = {view_key(None): layouts.add(build_view(snapshot))}
+    group_data = {}
+    for path, names in collapsible.items():
+        children = foldable.get(path, [])
+        for folded in child_combinations(children):
+            views[view_key(path, folded)] = layouts.add(build_view(snapshot, expanded=[path], folded=folded))
+        group_data[path] = {
+            "members": names,
+            "class": snapshot["modules"].get(path, ""),
+            "children": {child: [n for n in names if f"{path}.{by_name[n]['child']}" == child] for child in children},
+        }
     return {
         "name": snapshot["name"],
         "nodes": nodes,
-        "groups": {path: {"members": names, "class": snapshot["modules"].get(path, "")} for path, names in collapsible.items()},
+        "groups": group_data,
         "group_constants": group_constants,
         "views": views,
     }
@@ -118,8 +134,8 @@ def _finite(value):
 def render_html(data: dict[str, Any]) -> str:
     static = resources.files("lqc.viz") / "static"
     page = (static / "report.html").read_text()
-    # "</" inside the JSON would end the script element early.
-    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    # gzip + base64: a tenth of the JSON's size, and no "</" that could end the script element early
+    payload = base64.b64encode(gzip.compress(json.dumps(data, separators=(",", ":"), allow_nan=False).encode(), 6)).decode()
     for marker, content in (
         ("__TITLE__", html.escape(data["title"])),
         ("__CSS__", (static / "report.css").read_text()),
@@ -128,6 +144,14 @@ def render_html(data: dict[str, Any]) -> str:
     ):
         page = page.replace(marker, content, 1)
     return page
+
+
+def read_page_data(path: str | Path) -> dict[str, Any]:
+    """The data a report page carries (what ``report_data`` returned), read back from the file."""
+    match = re.search(r'<script id="lqc-data"[^>]*>(.*?)</script>', Path(path).read_text(), re.S)
+    if match is None:
+        raise ValueError(f"{path} is not an lqc viz report (no lqc-data element)")
+    return json.loads(gzip.decompress(base64.b64decode(match.group(1).strip())))
 
 
 def write_html(reports: Sequence[GraphReport], out: str | Path, *, title: str, use_dot: bool | None = None) -> Path:

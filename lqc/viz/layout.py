@@ -135,12 +135,13 @@ def networkx_layout(view: View) -> dict[str, Any]:
     widest = max((sum(1 for v in layers.values() if v == layer) for layer in set(layers.values())), default=1)
     positions = nx.multipartite_layout(graph, subset_key="layer", align="horizontal", scale=1.0) if graph else {}
     # multipartite_layout centres the drawing on 0 and scales it into [-1, 1]; turn that into points.
-    xs = [p[0] for p in positions.values()] or [0.0]
+    xs = [float(p[0]) for p in positions.values()] or [0.0]
     span_x = (max(xs) - min(xs)) or 1.0
     width = max(widest * spacing_x, spacing_x) + 40
     height = (max(layers.values(), default=0) + 1) * (_BOX_HEIGHT + 30) + 40
     boxes = {}
     for key, (x, _y) in positions.items():
+        x = float(x)  # numpy's
         cx = 20 + (x - min(xs)) / span_x * (width - 40) if len(xs) > 1 else width / 2
         cy = 20 + layers[key] * (_BOX_HEIGHT + 30) + _BOX_HEIGHT / 2
         boxes[key] = [round(cx, 1), round(cy, 1), round(widths[key], 1), round(_BOX_HEIGHT, 1)]

@@ -3,7 +3,7 @@
 A 30-layer model has about 2,000 nodes; drawn flat, nobody can read it. So a view draws every
 decoder block (and any other module with several nodes, the rotary embedding, say) as one box,
 except the group the user expanded, whose nodes are drawn inside a cluster with one sub-cluster per
-child module (attention, MLP, the norms). Constants (get_attr nodes) are never boxes of their own:
+child module (attention, MLP, the norms); attention and MLP can in turn be folded into one box. Constants (get_attr nodes) are never boxes of their own:
 the node panel lists them with the op that reads them.
 
 Views are written as Graphviz DOT (``to_dot``); lqc.viz.layout asks ``dot`` where to put them.
@@ -11,11 +11,15 @@ Views are written as Graphviz DOT (``to_dot``); lqc.viz.layout asks ``dot`` wher
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 # A module with fewer nodes than this is drawn as its nodes, not as a box of its own.
 MIN_GROUP_SIZE = 3
+# Inside an expanded block, the children holding these regions can be folded into one box.
+FOLDABLE_REGIONS = ("attention", "ffn")
+MAX_COLLAPSIBLE_CHILDREN = 3
 # A box with this many readers (or inputs) has all but one of those edges left out of the layout's
 # ranking (see _constraining).
 WIDE = 4
@@ -62,9 +66,38 @@ def groups(snapshot: dict[str, Any]) -> dict[str, list[str]]:
     return {path: names for path, names in members.items() if len(names) >= MIN_GROUP_SIZE}
 
 
-def build_view(snapshot: dict[str, Any], expanded: Iterable[str] = ()) -> View:
-    """The view of ``snapshot`` with the groups in ``expanded`` drawn node by node."""
-    expanded = set(expanded)
+def collapsible_children(snapshot: dict[str, Any], group: str) -> list[str]:
+    """Children of a block that can be folded into one box inside it: those holding its attention
+    or its FFN (``model.layers.3.self_attn``, ``model.layers.3.mlp``), by region, not by name.
+    Every combination is one more layout in the page, so the norms stay open, and at most
+    ``MAX_COLLAPSIBLE_CHILDREN`` (the largest) fold."""
+    index = snapshot["blocks"].get(group)
+    sizes: dict[str, int] = {}
+    for node in snapshot["nodes"]:
+        if index is not None and node["block"] == index and node["child"] and node["op"] != "get_attr":
+            if node["region"].split(":", 1)[0] in FOLDABLE_REGIONS:
+                sizes[node["child"]] = sizes.get(node["child"], 0) + 1
+    largest = sorted(sizes, key=lambda c: -sizes[c])[:MAX_COLLAPSIBLE_CHILDREN]
+    return [f"{group}.{child}" for child in sorted(largest)]
+
+
+def child_combinations(children: list[str]) -> list[tuple[str, ...]]:
+    """Every set of children that may be folded at once: (), each one, both..."""
+    return [combo for r in range(len(children) + 1) for combo in itertools.combinations(children, r)]
+
+
+def view_key(expanded: str | None, folded: Iterable[str] = ()) -> str:
+    """How the report names a view: "" (all collapsed), a group, or ``group|child,child`` with folded children."""
+    if not expanded:
+        return ""
+    folded = sorted(folded)
+    return expanded + ("|" + ",".join(folded) if folded else "")
+
+
+def build_view(snapshot: dict[str, Any], expanded: Iterable[str] = (), folded: Iterable[str] = ()) -> View:
+    """The view of ``snapshot`` with the groups in ``expanded`` drawn node by node, except the
+    children in ``folded`` (``model.layers.3.mlp``), each drawn as one box inside its block."""
+    expanded, folded = set(expanded), set(folded)
     block_paths = {index: path for path, index in snapshot["blocks"].items()}
     collapsible = groups(snapshot)
     view = View()
@@ -76,11 +109,12 @@ def build_view(snapshot: dict[str, Any], expanded: Iterable[str] = ()) -> View:
             continue
         group = group_of(node, block_paths)
         if group in collapsible and group not in expanded:
-            key = f"g:{group}"
-            if key not in view.boxes:
-                view.boxes[key] = group
-                view.placement[key] = None
-            key_of[name] = key
+            key_of[name] = _group_box(view, group, group, None)
+            continue
+        child = f"{group}.{node['child']}" if node["child"] else None
+        if child in folded:
+            key_of[name] = _group_box(view, child, node["child"], f"c:{group}")
+            view.clusters.setdefault(f"c:{group}", (group, None))
             continue
         key = f"n:{name}"
         key_of[name] = key
@@ -97,6 +131,14 @@ def build_view(snapshot: dict[str, Any], expanded: Iterable[str] = ()) -> View:
                 seen.add((tail, head))
                 view.edges.append((tail, head))
     return view
+
+
+def _group_box(view: View, path: str, label: str, cluster: str | None) -> str:
+    key = f"g:{path}"
+    if key not in view.boxes:
+        view.boxes[key] = label
+        view.placement[key] = cluster
+    return key
 
 
 def _cluster_for(view: View, node: NodeDict, group: str | None) -> str | None:

@@ -1,9 +1,19 @@
 // lqc viz report. Draws the layouts lqc.viz computed (Graphviz dot's positions) as SVG; computes no layout.
 "use strict";
-(function () {
-  const DATA = JSON.parse(document.getElementById("lqc-data").textContent);
+// The data is gzip-compressed JSON in base64 (a tenth of the size); the browser's own
+// DecompressionStream inflates it.
+async function loadReportData() {
+  const text = document.getElementById("lqc-data").textContent.trim();
+  const bytes = Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
+  const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"));
+  return JSON.parse(await new Response(stream).text());
+}
+
+(async function () {
+  const DATA = await loadReportData();
   const SVG_NS = "http://www.w3.org/2000/svg";
-  const state = { graph: 0, step: -1, expanded: null, selected: null, overlay: false, zoom: 1 };
+  // expanded: the group drawn node by node (one at a time); folded: its children drawn as one box each
+  const state = { graph: 0, step: -1, expanded: null, folded: [], selected: null, overlay: false, zoom: 1 };
 
   const $ = (id) => document.getElementById(id);
   const el = (tag, attrs, text) => {
@@ -54,11 +64,11 @@
     const select = $("graph-select");
     DATA.graphs.forEach((g, i) => select.appendChild(el("option", { value: i }, `${g.name} (${g.snapshots[0].nodes.length} nodes)`)));
     select.style.display = DATA.graphs.length > 1 ? "" : "none";
-    select.addEventListener("change", () => { state.graph = +select.value; state.step = -1; state.expanded = null; state.selected = null; renderAll(); });
+    select.addEventListener("change", () => { state.graph = +select.value; state.step = -1; expand(null); state.selected = null; renderAll(); });
     $("overlay").addEventListener("change", (e) => { state.overlay = e.target.checked; renderPanes(); });
     $("zoom-in").addEventListener("click", () => { state.zoom *= 1.25; renderPanes(); });
     $("zoom-out").addEventListener("click", () => { state.zoom /= 1.25; renderPanes(); });
-    $("collapse").addEventListener("click", () => { state.expanded = null; renderPanes(); });
+    $("collapse").addEventListener("click", () => { expand(null); renderPanes(); });
     initSearch();
     $("engine").textContent = DATA.engine;
   }
@@ -89,17 +99,29 @@
 
   // ---- drawing ----------------------------------------------------------------------------------
   function layoutFor(snapshot) {
-    const id = snapshot.views[state.expanded && snapshot.groups[state.expanded] ? state.expanded : ""];
-    return DATA.layouts[id];
+    const group = state.expanded && snapshot.groups[state.expanded];
+    if (!group) return DATA.layouts[snapshot.views[""]];
+    const folded = state.folded.filter((c) => group.children[c]).sort();
+    const key = state.expanded + (folded.length ? "|" + folded.join(",") : "");
+    return DATA.layouts[snapshot.views[key] !== undefined ? snapshot.views[key] : snapshot.views[state.expanded]];
+  }
+
+  function expand(path) { state.expanded = path; state.folded = []; }
+
+  // A box standing for several nodes: a collapsed group, or a folded child of the expanded group.
+  function boxMembers(snapshot, path) {
+    if (snapshot.groups[path]) return snapshot.groups[path].members;
+    const group = state.expanded && snapshot.groups[state.expanded];
+    return group && group.children[path] ? group.children[path] : [];
   }
 
   function groupDelta(snapshot, path, diff, side) {
-    const members = snapshot.groups[path] ? snapshot.groups[path].members : [];
+    const members = boxMembers(snapshot, path);
     let plus = 0, minus = 0, tilde = 0;
     if (side === "after") for (const m of members) { if (diff.added.has(m)) plus++; if (diff.changed.has(m)) tilde++; }
     if (side === "before") for (const m of members) if (diff.removed.has(m)) minus++;
     // constants a pass added or removed count towards the block that owns them
-    const consts = snapshot.group_constants ? snapshot.group_constants[path] || [] : [];
+    const consts = snapshot.groups[path] ? snapshot.group_constants[path] || [] : [];
     if (side === "after") for (const m of consts) if (diff.added.has(m)) plus++;
     if (side === "before") for (const m of consts) if (diff.removed.has(m)) minus++;
     return { plus, minus, tilde };
@@ -117,7 +139,7 @@
   function groupError(snapshot, path) {
     const errors = graph().errors;
     let worst = null;
-    for (const m of snapshot.groups[path].members) {
+    for (const m of boxMembers(snapshot, path)) {
       const e = errors[m];
       if (!e) continue;
       if (worst === null || (e.sqnr_db !== null && (worst.sqnr_db === null || e.sqnr_db < worst.sqnr_db))) worst = e;
@@ -140,14 +162,17 @@
     const overlay = state.overlay && isFinal(snapshot);
     const errors = graph().errors;
 
+    const expandedGroup = state.expanded && snapshot.groups[state.expanded];
     for (const [key, label, x, y, w, h] of layout.clusters) {
       const path = key.slice(2);
       const outer = snapshot.groups[path] !== undefined;
-      const g = svgEl("g", { class: "cluster" + (outer ? " outer" : ""), "data-cluster": path });
+      const foldable = !outer && expandedGroup && expandedGroup.children[path] !== undefined;
+      const g = svgEl("g", { class: "cluster" + (outer ? " outer" : foldable ? " foldable" : ""), "data-cluster": path });
       g.appendChild(svgEl("rect", { x, y, width: w, height: h, rx: 4 }));
       const t = svgEl("text", { x: x + 6, y: y + 12 });
-      t.textContent = outer ? `${label}  (${snapshot.groups[path].class}) ▾ collapse` : label;
-      if (outer) t.addEventListener("click", (ev) => { ev.stopPropagation(); state.expanded = null; renderPanes(); });
+      t.textContent = outer ? `${label}  (${snapshot.groups[path].class}) ▾ collapse` : foldable ? `${label} ▾ fold` : label;
+      if (outer) t.addEventListener("click", (ev) => { ev.stopPropagation(); expand(null); renderPanes(); });
+      if (foldable) t.addEventListener("click", (ev) => { ev.stopPropagation(); state.folded = state.folded.concat([path]); renderPanes(); });
       g.appendChild(t);
       root.appendChild(g);
     }
@@ -164,8 +189,9 @@
       let fill = null;
       if (isGroup) {
         const group = snapshot.groups[name];
-        g.setAttribute("data-group", name);
-        text.textContent = name;
+        const members = boxMembers(snapshot, name);
+        g.setAttribute(group ? "data-group" : "data-child", name);
+        text.textContent = group ? name : name.split(".").pop();
         const delta = groupDelta(snapshot, name, diff, side);
         if (delta.plus || delta.minus || delta.tilde) {
           classes.push("has-changes");
@@ -178,9 +204,10 @@
           }
           g.appendChild(badge);
         }
-        title.textContent = `${name} (${group.class}): ${group.members.length} nodes; click to expand`;
+        title.textContent = `${name}${group ? ` (${group.class})` : ""}: ${members.length} nodes; click to expand`;
         if (overlay) fill = errorColor(groupError(snapshot, name));
-        g.addEventListener("click", () => { state.expanded = name; renderPanes(); scrollToCluster(name); });
+        if (group) g.addEventListener("click", () => { expand(name); renderPanes(); scrollToCluster(name); });
+        else g.addEventListener("click", () => { state.folded = state.folded.filter((c) => c !== name); renderPanes(); });
       } else {
         const node = byName.get(name);
         g.setAttribute("data-node", name);
@@ -305,7 +332,8 @@
       const users = snapshot._users.get(name) || [];
       if (users.length) { node = snapshotIndex(snapshot).get(users[0]); name = node.name; }
     }
-    state.expanded = node.group;
+    if (state.expanded !== node.group) expand(node.group);
+    if (node.child) state.folded = state.folded.filter((c) => c !== `${node.group}.${node.child}`);
     state.selected = { name, side };
     renderPanes();
     const box = document.querySelector(`#pane-${side} [data-node="${CSS.escape(name)}"]`);
