@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .templates import DEQUANT_GEMM_FORMATS as FORMATS
+from lqc.codegen.templates import DEQUANT_GEMM_FORMATS as FORMATS
 
 # lqc.runtime.quant_formats.INT4_OFFSET: codes 0..15 stand for -8..7 (a constexpr: jit code may
 # only read globals that are)
@@ -48,27 +48,18 @@ DEFAULT_NUM_SMS = 132  # an H100 SXM; the device's own count is used when x is o
 
 
 @triton.jit
-def _dequant_gemm_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
-    M, N, K_IN, K_BLOCKS_PER_SPLIT,
-    stride_xm, stride_xk,
-    stride_wn, stride_wk,
-    stride_sn, stride_sg,
-    stride_zn, stride_zg,
-    stride_os, stride_om, stride_on,
-    IS_INT4: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+def dequant_gemm_tile(
+    x_ptr, w_ptr, s_ptr, z_ptr,
+    offs_m, offs_n, mask_m, mask_n, K_IN, K_BLOCKS_PER_SPLIT, pid_k,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg,
+    IS_INT4: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)  # which slice of K (always 0 without split-K)
+    """The fp32 [BLOCK_M, BLOCK_N] tile of x @ W.T over this program's slice of K (no bias).
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-
+    Shared by this module's kernel and the kernels lqc.codegen.qlinear_kernels generates (which
+    add an epilogue from the graph's nodes)."""
     # This program's K blocks: a contiguous slice, so its codes are one stretch of each row.
     k_blocks = (K_IN + BLOCK_K - 1) // BLOCK_K  # not tl.cdiv: see "builtins only" in the module docstring
     kb_start = pid_k * K_BLOCKS_PER_SPLIT
@@ -114,6 +105,35 @@ def _dequant_gemm_kernel(
 
     if not IS_INT4:
         acc = acc * tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _dequant_gemm_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
+    M, N, K_IN, K_BLOCKS_PER_SPLIT,
+    stride_xm, stride_xk,
+    stride_wn, stride_wk,
+    stride_sn, stride_sg,
+    stride_zn, stride_zg,
+    stride_os, stride_om, stride_on,
+    IS_INT4: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)  # which slice of K (always 0 without split-K)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = dequant_gemm_tile(
+        x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_m, mask_n, K_IN, K_BLOCKS_PER_SPLIT, pid_k,
+        stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg,
+        IS_INT4, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, FP32_DOT,
+    )
 
     out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     out_mask = mask_m[:, None] & mask_n[None, :]
