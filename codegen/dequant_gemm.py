@@ -183,6 +183,17 @@ def pick_split_k(m: int, n: int, k: int, block_m: int, block_n: int, block_k: in
     return split
 
 
+def plan_split_k(x, m, n, in_features, block_m, block_n, block_k, split_k) -> tuple[int, int]:
+    """(slices, K blocks per slice) for ``split_k`` (None: ``pick_split_k`` for x's device)."""
+    if split_k is None:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else DEFAULT_NUM_SMS
+        split_k = pick_split_k(m, n, in_features, block_m, block_n, block_k, sms)
+    k_blocks = triton.cdiv(in_features, block_k)
+    split_k = min(split_k, k_blocks)  # more slices than K blocks would only add empty ones
+    k_blocks_per_split = triton.cdiv(k_blocks, split_k)
+    return triton.cdiv(k_blocks, k_blocks_per_split), k_blocks_per_split  # 10 blocks in 4 slices of 3: the 4th gets 1
+
+
 def default_block_k(fmt: str, group_size: int) -> int:
     """64, or for int4 the largest power of two up to 64 dividing the group (a block must lie in one group)."""
     if fmt != "int4":
@@ -308,13 +319,7 @@ def dequant_gemm(
         out.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out))
         return out.reshape(*x.shape[:-1], n)
 
-    if split_k is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else DEFAULT_NUM_SMS
-        split_k = pick_split_k(m, n, in_features, block_m, block_n, block_k, sms)
-    k_blocks = triton.cdiv(in_features, block_k)
-    split_k = min(split_k, k_blocks)  # more slices than K blocks would only add empty ones
-    k_blocks_per_split = triton.cdiv(k_blocks, split_k)
-    split_k = triton.cdiv(k_blocks, k_blocks_per_split)  # e.g. 10 blocks in 4 slices of 3: the 4th gets 1
+    split_k, k_blocks_per_split = plan_split_k(x, m, n, in_features, block_m, block_n, block_k, split_k)
 
     is_int4 = fmt == "int4"
     zeros_arg = zeros if is_int4 else scales  # never read for int8: any tensor will do

@@ -1,0 +1,103 @@
+"""The kernel cache: cold and warm compiles at target="triton".
+
+For each repeat, with a freshly loaded model (not timed) and an empty kernel-cache folder:
+- cold: the first compile: weights compressed, every kernel's source generated, written, imported;
+- warm: the same model compiled again (fresh dynamo): compressed weights from the transform
+  cache, kernels from memory: nothing generated;
+- disk: the model loaded afresh and the kernel modules forgotten, as in a new process: weights
+  compressed again, kernel sources read back from the folder (what the kernel cache alone saves).
+
+Prints the whole compile's wall time (``lqc.compress``, which also runs the example once) and lqc's
+codegen time (lowering + kernel generation) for each, and the kernels written / loaded / reused;
+saves JSON. On CPU the kernels run under TRITON_INTERPRET=1, where a kernel costs nothing to
+compile; on a GPU the first launch of each kernel also pays Triton's compile.
+
+    python benchmarks/codegen_cache.py --model smollm2-135m --out benchmarks/results/codegen-cache-cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+import lqc  # noqa: E402
+from lqc.codegen import kernel_cache  # noqa: E402
+
+
+def compile_once(model, ids) -> dict:
+    torch._dynamo.reset()
+    before = (kernel_cache.stats.written, kernel_cache.stats.loaded, kernel_cache.stats.reused)
+    first = len(lqc.reports())
+    start = time.perf_counter()
+    compressed = lqc.compress(model, "int4", example_inputs=ids, progress=False, target="triton")
+    seconds = time.perf_counter() - start
+    reports = lqc.reports()[first:]
+    with torch.no_grad():
+        compressed(ids)
+    after = (kernel_cache.stats.written, kernel_cache.stats.loaded, kernel_cache.stats.reused)
+    return {
+        "compile_s": seconds,
+        "codegen_s": sum(r.codegen_seconds for r in reports),
+        "written": after[0] - before[0], "loaded": after[1] - before[1], "reused": after[2] - before[2],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny-llama")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="write <out>.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import lqc.codegen.triton_target  # noqa: F401  - imports (triton, the op) are not part of any compile
+
+    rows = {"cold": [], "warm": [], "disk": []}
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as folder:
+            os.environ["LQC_KERNEL_CACHE"] = folder
+            kernel_cache.forget_loaded()
+            model = lqc.models.load(args.model).model
+            ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
+            rows["cold"].append(compile_once(model, ids))
+            rows["warm"].append(compile_once(model, ids))
+            kernel_cache.forget_loaded()
+            model = lqc.models.load(args.model).model
+            rows["disk"].append(compile_once(model, ids))
+
+    summary = {}
+    print(f"{args.model}, int4, target='triton' (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}), "
+          f"{args.tokens} tokens, median of {args.repeats}")
+    print(f"{'compile':<8} {'whole s':>8} {'codegen ms':>11} {'written':>8} {'loaded':>7} {'reused':>7}")
+    for name, runs in rows.items():
+        row = {
+            "compile_s": statistics.median(r["compile_s"] for r in runs),
+            "codegen_s": statistics.median(r["codegen_s"] for r in runs),
+            "written": runs[-1]["written"], "loaded": runs[-1]["loaded"], "reused": runs[-1]["reused"],
+        }
+        summary[name] = row
+        print(f"{name:<8} {row['compile_s']:>8.3f} {row['codegen_s'] * 1e3:>11.1f} {row['written']:>8} {row['loaded']:>7} {row['reused']:>7}")
+    for name in ("warm", "disk"):
+        summary[f"cold/{name} compile"] = summary["cold"]["compile_s"] / summary[name]["compile_s"]
+        summary[f"cold/{name} codegen"] = summary["cold"]["codegen_s"] / summary[name]["codegen_s"]
+        print(f"cold / {name}: whole compile {summary[f'cold/{name} compile']:.2f}x, codegen {summary[f'cold/{name} codegen']:.2f}x")
+    if args.out:
+        path = Path(f"{args.out}.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"model": args.model, "recipe": "int4", "target": "triton", "tokens": args.tokens,
+                                    "runs": rows, "summary": summary}, indent=1))
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

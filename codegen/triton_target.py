@@ -1,0 +1,147 @@
+"""``target="triton"``: every qlinear fusion group of a graph becomes one generated Triton kernel.
+
+``lower_to_triton(graph)`` partitions the graph (lqc.codegen.partition) and, for each group
+anchored on an ``lqc::qlinear`` whose weight has a dequant-GEMM layout (int8 / int4; the packed
+CPU layouts are rebuilt from the canonical weight the quantize pass recorded), replaces the anchor
+and the epilogue nodes the kernel can compute by one ``lqc::fused_qlinear`` call naming the
+kernel generated for it (lqc.codegen.qlinear_kernels, cached by lqc.codegen.kernel_cache). The
+rest of the graph runs as it is. Groups it cannot lower (MoE, KV attention: no template yet;
+other weight formats) keep their lqc op, and the result lists them with the reason.
+
+On CPU the kernels run under ``TRITON_INTERPRET=1`` (slow, exact: how CI checks codegen end to
+end); without it, CPU tensors are an error that says so, never a crash in a kernel.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+from lqc.ir import Graph, op_name
+from lqc.ir.errors import LqcConfigError
+from lqc.ir.lqc_ops import qlinear_args
+from lqc.ir.printer import format_call
+from lqc.runtime.qlinear import kernel_layout
+
+from . import kernel_cache
+from .epilogue import epilogue_program
+from .partition import partition
+from .qlinear_kernels import kernel_for, qlinear_source
+from .templates import DEQUANT_GEMM_FORMATS
+
+_CPU_LAYOUT_BASE = {"int8_cpu": "int8", "int4_cpu": "int4"}
+
+
+@dataclass
+class Lowering:
+    """What ``lower_to_triton`` did to one graph."""
+
+    kernels: dict[str, list[str]] = field(default_factory=dict)  # kernel key -> fused_qlinear nodes using it
+    fused_nodes: dict[str, list[str]] = field(default_factory=dict)  # fused_qlinear node -> the nodes it replaced
+    left: Counter = field(default_factory=Counter)  # why groups (or parts of them) were not lowered
+    sources: dict[str, str] = field(default_factory=dict)  # kernel key -> its source, annotated for debug_dir
+
+
+def check_triton_runs_here(example_inputs) -> None:
+    """Triton needs a GPU, or CPU tensors with TRITON_INTERPRET=1 set before lqc's kernels were imported."""
+    on_cpu = any(isinstance(x, torch.Tensor) and x.device.type == "cpu" for x in example_inputs)
+    if not on_cpu:
+        return
+    try:
+        from .dequant_gemm import interpreted
+    except ImportError as exc:
+        raise LqcConfigError(f"target='triton' needs triton (pip install 'lqc[triton]'): {exc}") from exc
+    if not interpreted():
+        raise LqcConfigError(
+            "target='triton' on CPU tensors runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1 before "
+            "importing lqc (slow; for checking). For speed on CPU use target='auto'"
+        )
+
+
+def lower_to_triton(graph: Graph, debug_dir: str | Path | None = None) -> Lowering:
+    """Rewrite ``graph`` in place: qlinear groups -> ``lqc::fused_qlinear`` calls on generated kernels."""
+    lowering = Lowering()
+    g = graph.gm.graph
+    for group in partition(graph):
+        if group.kind != "qlinear":
+            lowering.left[f"{group.kind}: no Triton template yet (runs its lqc op)"] += 1
+            continue
+        args = qlinear_args(group.anchor)
+        fmt = args["fmt"]
+        base = _CPU_LAYOUT_BASE.get(fmt, fmt)
+        if base not in DEQUANT_GEMM_FORMATS:
+            lowering.left[f"qlinear {fmt}: no dequant-GEMM template (runs lqc::qlinear)"] += 1
+            continue
+        qweight, scales, zeros = args["qweight"], args["scales"], args["zeros"]
+        if fmt != base:
+            canonical = group.anchor.meta.get("lqc_quantized", {}).get("canonical")
+            if canonical is None:
+                lowering.left[f"qlinear {fmt}: no canonical weight recorded to rebuild the {base} layout"] += 1
+                continue
+            qweight, scales, zeros = _generic_layout(graph, group.anchor, canonical, base)
+        if group.prologue:
+            lowering.left["norm prologue: not generated yet (runs before the kernel)"] += 1
+        epilogue = [n for n in group.epilogue if group.roles.get(n) != "unpack"]
+        program = epilogue_program(group.anchor, epilogue)
+        if program.stopped_at is not None:
+            lowering.left[f"epilogue stops at {op_name(program.stopped_at)}: {program.stop_reason}"] += 1
+        last = program.output or group.anchor
+        value = last.meta["val"]
+        key = kernel_for(program)
+        replaced = [group.anchor, *program.nodes]
+        with g.inserting_before(last):
+            fused = g.call_function(
+                torch.ops.lqc.fused_qlinear.default,
+                (args["x"], qweight, scales, zeros, args["bias"], list(program.inputs), key, base,
+                 args["group_size"], args["in_features"], args["out_features"], value.dtype),
+            )
+        fused.meta.update({k: v for k, v in last.meta.items() if k != "lqc_provenance"})
+        fused.meta["lqc_kernel"] = key
+        last.replace_all_uses_with(fused)
+        for node in reversed(replaced):
+            g.erase_node(node)
+        lowering.kernels.setdefault(key, []).append(fused.name)
+        lowering.fused_nodes[fused.name] = [n.name for n in replaced]
+        lowering.sources.setdefault(key, "")
+        lowering.sources[key] += "".join(f"# {fused.name}: {format_call(n)}  [{graph.module_path(n)}]\n" for n in replaced)
+    graph.prune_constants()
+    graph.recompile()
+    if lowering.left:
+        warnings.warn(
+            f"lqc: {graph.name} at target='triton': not everything became a generated kernel: "
+            + "; ".join(f"{count}x {why}" for why, count in lowering.left.items()),
+            stacklevel=2,
+        )
+    if debug_dir is not None:
+        write_kernel_sources(lowering, Path(debug_dir))
+    return lowering
+
+
+def _generic_layout(graph: Graph, anchor: fx.Node, canonical, base: str):
+    """get_attr nodes for the canonical int8/int4 tensors of a weight stored in a packed CPU layout."""
+    qweight, scales, zeros = kernel_layout(canonical, base)
+    fqns = graph.fqns(anchor.args[1])
+    name = graph.module_path(anchor) or anchor.name
+    nodes = [graph.add_constant(t, f"{name}.{what}_{base}", fqns, before=anchor) if t is not None else None
+             for t, what in ((qweight, "qweight"), (scales, "scales"), (zeros, "zeros"))]
+    return tuple(nodes)
+
+
+def write_kernel_sources(lowering: Lowering, debug_dir: Path) -> None:
+    """``kernels/<key>.py`` per kernel: the FX nodes it computes in this graph, then its source."""
+    folder = debug_dir / "kernels"
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, annotation in lowering.sources.items():
+        module = kernel_cache.loaded(key)
+        source = Path(module.__file__).read_text() if module is not None else ""
+        (folder / f"{key}.py").write_text(
+            f"# lqc kernel {key}: computes these FX nodes of this graph\n{annotation}\n{source}"
+        )
+
+
+__all__ = ["Lowering", "check_triton_runs_here", "lower_to_triton", "qlinear_source", "write_kernel_sources"]
