@@ -8,8 +8,10 @@ kernel generated for it (lqc.codegen.qlinear_kernels, cached by lqc.codegen.kern
 rest of the graph runs as it is. Groups it cannot lower (MoE, KV attention: no template yet;
 other weight formats) keep their lqc op, and the result lists them with the reason.
 
-On CPU the kernels run under ``TRITON_INTERPRET=1`` (slow, exact: how CI checks codegen end to
-end); without it, CPU tensors are an error that says so, never a crash in a kernel.
+``lqc::moe_ffn`` becomes ``lqc::moe_ffn_grouped``, the grouped-GEMM template over permuted tokens
+(lqc.codegen.moe_gemm). On CPU the kernels run under ``TRITON_INTERPRET=1`` (slow, exact: how
+CI checks codegen end to end); without it, CPU tensors are an error that says so, never a crash
+in a kernel.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ def lower_to_triton(graph: Graph, debug_dir: str | Path | None = None) -> Loweri
     lowering = Lowering()
     g = graph.gm.graph
     for group in partition(graph):
+        if group.kind == "moe_ffn":
+            _lower_moe(graph, group, lowering)
+            continue
         if group.kind != "qlinear":
             lowering.left[f"{group.kind}: no Triton template yet (runs its lqc op)"] += 1
             continue
@@ -120,6 +125,22 @@ def lower_to_triton(graph: Graph, debug_dir: str | Path | None = None) -> Loweri
     if debug_dir is not None:
         write_kernel_sources(lowering, Path(debug_dir))
     return lowering
+
+
+def _lower_moe(graph: Graph, group, lowering: Lowering) -> None:
+    """``lqc::moe_ffn`` -> ``lqc::moe_ffn_grouped`` (lqc.codegen.moe_gemm: the grouped-GEMM template,
+    same operands). Its epilogue (the residual add) stays outside: the template has none yet."""
+    from .moe_gemm import moe_ffn_grouped  # noqa: F401  - registers the op
+
+    anchor = group.anchor
+    with graph.gm.graph.inserting_before(anchor):
+        grouped = graph.gm.graph.call_function(torch.ops.lqc.moe_ffn_grouped.default, anchor.args, dict(anchor.kwargs))
+    grouped.meta.update({k: v for k, v in anchor.meta.items() if k != "lqc_provenance"})
+    anchor.replace_all_uses_with(grouped)
+    graph.gm.graph.erase_node(anchor)
+    lowering.fused_nodes[grouped.name] = [anchor.name]
+    if group.epilogue:
+        lowering.left["moe_ffn epilogue: not fused yet (runs after the grouped GEMMs)"] += 1
 
 
 def _generic_layout(graph: Graph, anchor: fx.Node, canonical, base: str):

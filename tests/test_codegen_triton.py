@@ -140,8 +140,9 @@ def test_tiny_llama_end_to_end_at_target_triton(tiny_llama, token_ids, tmp_path)
 
 def test_int4_moe_int8_kv_recipe_end_to_end(tiny_llama, token_ids):
     """The issue's recipe: int4 weights, the FFNs turned into MoE, an int8 KV cache. The qlinears
-    run as generated kernels; lqc::moe_ffn and the KV attention have no template yet and run their
-    lqc ops (the warning says so). Logits within 1e-3 of the same recipe at target="eager"."""
+    run as generated kernels, lqc::moe_ffn as the grouped-GEMM template; the KV attention has no
+    template yet and runs its lqc op (the warning says so). Logits within 1e-3 of the same recipe
+    at target="eager"."""
     calibration = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
     recipe = [{"pass": "cleanup"}, {"pass": "ffn_to_moe", "experts": 4, "shared": 1, "top_k": 1},
               {"pass": "quantize", "format": "int4", "group_size": 32, "method": "hqq", "kernels": False},
@@ -151,9 +152,13 @@ def test_int4_moe_int8_kv_recipe_end_to_end(tiny_llama, token_ids):
     with torch.no_grad():
         expected = reference(token_ids).logits
     torch._dynamo.reset()
-    with pytest.warns(UserWarning, match=r"2x kv_attention: no Triton template yet.*2x moe_ffn: no Triton template yet"):
+    first = lqc.backend.compiled_graph_count()
+    with pytest.warns(UserWarning, match=r"2x kv_attention: no Triton template yet"):
         compiled = lqc.compress(tiny_llama, recipe, calibration=calibration, example_inputs=token_ids, progress=False,
                                 target="triton")
+    (lowered,) = lqc.backend.compiled_graphs_since(first)
+    code = lowered.fn.__self__.code  # fn is the lowered GraphModule's forward
+    assert code.count("lqc.moe_ffn_grouped") == 2 and "lqc.moe_ffn.default" not in code
     with torch.no_grad():
         logits = compiled(token_ids).logits
     assert (logits - expected).abs().max().item() <= 1e-3
