@@ -9,7 +9,8 @@ rest of the graph runs as it is. Groups it cannot lower (MoE, KV attention: no t
 other weight formats) keep their lqc op, and the result lists them with the reason.
 
 ``lqc::moe_ffn`` becomes ``lqc::moe_ffn_grouped``, the grouped-GEMM template over permuted tokens
-(lqc.codegen.moe_gemm). On CPU the kernels run under ``TRITON_INTERPRET=1`` (slow, exact: how
+(lqc.codegen.moe_gemm); the KV attention ops keep their cache handling and attend with the
+flash-decoding kernel over the compressed cache (lqc.codegen.kv_decode). On CPU the kernels run under ``TRITON_INTERPRET=1`` (slow, exact: how
 CI checks codegen end to end); without it, CPU tensors are an error that says so, never a crash
 in a kernel.
 """
@@ -72,6 +73,9 @@ def lower_to_triton(graph: Graph, debug_dir: str | Path | None = None) -> Loweri
     for group in partition(graph):
         if group.kind == "moe_ffn":
             _lower_moe(graph, group, lowering)
+            continue
+        if group.kind == "kv_attention":
+            _lower_kv_attention(graph, group, lowering)
             continue
         if group.kind != "qlinear":
             lowering.left[f"{group.kind}: no Triton template yet (runs its lqc op)"] += 1
@@ -141,6 +145,31 @@ def _lower_moe(graph: Graph, group, lowering: Lowering) -> None:
     lowering.fused_nodes[grouped.name] = [anchor.name]
     if group.epilogue:
         lowering.left["moe_ffn epilogue: not fused yet (runs after the grouped GEMMs)"] += 1
+
+
+def run_with_kv_kernel(op, *args, **kwargs):
+    """Run a KV attention op (cache update, attention, settle) with the flash-decoding kernel
+    (lqc.codegen.kv_decode) computing its attention."""
+    from lqc.runtime.kv_attention import attention_kernel
+
+    from .kv_decode import attend_triton
+
+    with attention_kernel(attend_triton):
+        return op(*args, **kwargs)
+
+
+def _lower_kv_attention(graph: Graph, group, lowering: Lowering) -> None:
+    """A KV attention op keeps its cache handling and runs its attention as the flash-decoding
+    kernel: the node calls it through ``run_with_kv_kernel``."""
+    from . import kv_decode  # noqa: F401  - imports triton now, with the kernels decorated as the others
+
+    anchor = group.anchor
+    with graph.gm.graph.inserting_before(anchor):
+        wrapped = graph.gm.graph.call_function(run_with_kv_kernel, (anchor.target, *anchor.args), dict(anchor.kwargs))
+    wrapped.meta.update({k: v for k, v in anchor.meta.items() if k != "lqc_provenance"})
+    anchor.replace_all_uses_with(wrapped)
+    graph.gm.graph.erase_node(anchor)
+    lowering.fused_nodes[wrapped.name] = [anchor.name]
 
 
 def _generic_layout(graph: Graph, anchor: fx.Node, canonical, base: str):

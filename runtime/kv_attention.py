@@ -35,7 +35,10 @@ needs nothing more.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 from transformers import AttentionInterface
@@ -116,12 +119,32 @@ def compressed_attention(module, query, key, value, attention_mask, scaling=None
     return torch.ops.lqc.kv_attention(key.store, query, key.keys, key.values, attention_mask, scaling), None
 
 
+# What the KV ops attend with: ``attend`` below, unless code generated for the graph (target
+# "triton": lqc.codegen.kv_decode) runs the op inside ``attention_kernel``. A context variable, not
+# an argument: the ops' schemas stay the same whichever kernel computes them.
+_attention: ContextVar[Callable | None] = ContextVar("lqc_kv_attention_kernel", default=None)
+
+
+@contextmanager
+def attention_kernel(fn: Callable) -> Iterator[None]:
+    """Within this block the KV ops compute their attention with ``fn`` (``attend``'s signature)."""
+    token = _attention.set(fn)
+    try:
+        yield
+    finally:
+        _attention.reset(token)
+
+
+def attention_function() -> Callable:
+    return _attention.get() or attend
+
+
 def kv_attention(store: KVStore, query, keys, values, attention_mask, scaling):
     """``lqc::kv_attention``: append this step's tokens to the store's layer, attend, settle."""
     check_kv_attention_shapes(query, keys, values)
     layer = store.layer
     view = layer.append(keys, values)
-    out, importance = attend(view, query, attention_mask, scaling, layer.importance_window(query.shape[-2]))
+    out, importance = attention_function()(view, query, attention_mask, scaling, layer.importance_window(query.shape[-2]))
     layer.settle(importance)
     return out
 

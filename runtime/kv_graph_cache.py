@@ -36,7 +36,7 @@ import torch
 
 from lqc.ir.lqc_ops import check_kv_attention_shapes, kv_handle_shape
 
-from .kv_attention import attend
+from .kv_attention import attention_function
 from .kv_cache import CompressedKVLayer
 
 _layers: dict[int, CompressedKVLayer] = {}  # address of a handle's or a static key buffer's memory -> its layer
@@ -103,7 +103,7 @@ def _check_position(layer: CompressedKVLayer, past: int) -> None:
 
 def _attend_and_store(layer: CompressedKVLayer, query, keys, values, attention_mask, scaling, causal) -> torch.Tensor:
     view = layer.append(keys, values)
-    out, importance = attend(view, query, attention_mask, scaling, layer.importance_window(query.shape[-2]), causal)
+    out, importance = attention_function()(view, query, attention_mask, scaling, layer.importance_window(query.shape[-2]), causal)
     layer.settle(importance)
     layer.seen = layer.appended
     return out.transpose(1, 2)  # SDPA's [B, Hq, q, D], which the graph expects
