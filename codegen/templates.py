@@ -7,12 +7,19 @@ TRITON_INTERPRET is set (see dequant_gemm's docstring).
 
 from __future__ import annotations
 
-# lqc.codegen.dequant_gemm: lqc::qlinear with these weight formats
+# lqc.codegen.dequant_gemm: lqc::qlinear with these weight formats (and the packed CPU layouts,
+# which target="triton" rebuilds in these from the canonical codes)
 DEQUANT_GEMM_FORMATS = ("int8", "int4")
+CPU_LAYOUT_BASE = {"int8_cpu": "int8", "int4_cpu": "int4"}
 
 
 def kernel_template(kind: str, fmt: str | None = None, group_size: int | None = None) -> str | None:
     """The template that computes a fusion group anchored on ``kind`` (None where there is none yet)."""
-    if kind == "qlinear" and fmt in DEQUANT_GEMM_FORMATS:
-        return f"lqc.codegen.dequant_gemm ({fmt}, group size {group_size})"
+    if kind == "qlinear" and CPU_LAYOUT_BASE.get(fmt, fmt) in DEQUANT_GEMM_FORMATS:
+        return (f"lqc.codegen.qlinear_kernels: the dequant-GEMM ({CPU_LAYOUT_BASE.get(fmt, fmt)}, group size "
+                f"{group_size}) with the group's epilogue")
+    if kind == "moe_ffn":
+        return "lqc.codegen.moe_gemm: grouped GEMM over tokens permuted by expert"
+    if kind == "kv_attention":
+        return "lqc.codegen.kv_decode: flash decoding over the compressed cache"
     return None

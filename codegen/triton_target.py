@@ -1,18 +1,20 @@
-"""``target="triton"``: every qlinear fusion group of a graph becomes one generated Triton kernel.
+"""``target="triton"``: a graph's fusion groups run as Triton kernels.
 
-``lower_to_triton(graph)`` partitions the graph (lqc.codegen.partition) and, for each group
-anchored on an ``lqc::qlinear`` whose weight has a dequant-GEMM layout (int8 / int4; the packed
-CPU layouts are rebuilt from the canonical weight the quantize pass recorded), replaces the anchor
-and the epilogue nodes the kernel can compute by one ``lqc::fused_qlinear`` call naming the
-kernel generated for it (lqc.codegen.qlinear_kernels, cached by lqc.codegen.kernel_cache). The
-rest of the graph runs as it is. Groups it cannot lower (MoE, KV attention: no template yet;
-other weight formats) keep their lqc op, and the result lists them with the reason.
+``lower_to_triton(graph)`` partitions the graph (lqc.codegen.partition) and rewrites each group:
 
-``lqc::moe_ffn`` becomes ``lqc::moe_ffn_grouped``, the grouped-GEMM template over permuted tokens
-(lqc.codegen.moe_gemm); the KV attention ops keep their cache handling and attend with the
-flash-decoding kernel over the compressed cache (lqc.codegen.kv_decode). On CPU the kernels run under ``TRITON_INTERPRET=1`` (slow, exact: how
-CI checks codegen end to end); without it, CPU tensors are an error that says so, never a crash
-in a kernel.
+- ``lqc::qlinear`` with a dequant-GEMM layout (int8 / int4; the packed CPU layouts are rebuilt
+  from the canonical weight the quantize pass recorded): the anchor and the epilogue nodes the
+  kernel can compute become one ``lqc::fused_qlinear`` call naming the kernel generated for them
+  (lqc.codegen.qlinear_kernels, cached by lqc.codegen.kernel_cache);
+- ``lqc::moe_ffn`` becomes ``lqc::moe_ffn_grouped``, the grouped-GEMM template over permuted
+  tokens (lqc.codegen.moe_gemm);
+- the KV attention ops keep their cache handling and attend with the flash-decoding kernel over
+  the compressed cache (lqc.codegen.kv_decode).
+
+The rest of the graph runs as it is. What is not lowered (other weight formats, norm prologues,
+the MoE's epilogue) keeps its op, and one warning per graph lists it with the reason. On CPU the
+kernels run under ``TRITON_INTERPRET=1`` (slow, exact: how CI checks codegen end to end);
+without it, CPU tensors are an error that says so, never a crash in a kernel.
 """
 
 from __future__ import annotations
@@ -35,9 +37,7 @@ from . import kernel_cache
 from .epilogue import epilogue_program
 from .partition import partition
 from .qlinear_kernels import kernel_for, qlinear_source
-from .templates import DEQUANT_GEMM_FORMATS
-
-_CPU_LAYOUT_BASE = {"int8_cpu": "int8", "int4_cpu": "int4"}
+from .templates import CPU_LAYOUT_BASE, DEQUANT_GEMM_FORMATS
 
 
 @dataclass
@@ -82,7 +82,7 @@ def lower_to_triton(graph: Graph, debug_dir: str | Path | None = None) -> Loweri
             continue
         args = qlinear_args(group.anchor)
         fmt = args["fmt"]
-        base = _CPU_LAYOUT_BASE.get(fmt, fmt)
+        base = CPU_LAYOUT_BASE.get(fmt, fmt)
         if base not in DEQUANT_GEMM_FORMATS:
             lowering.left[f"qlinear {fmt}: no dequant-GEMM template (runs lqc::qlinear)"] += 1
             continue

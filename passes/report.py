@@ -49,6 +49,7 @@ class GraphReport:
     # For lqc.viz (filled when the backend runs with viz=True or a debug_dir):
     snapshots: list[dict[str, Any]] = field(default_factory=list)  # ir.snapshot after capture, then each pass
     kernels: dict[str, dict[str, Any]] = field(default_factory=dict)  # final node -> its fusion group
+    kernel_sources: dict[str, str] = field(default_factory=dict)  # generated kernel key -> its source
     node_errors: dict[str, dict[str, Any]] = field(default_factory=dict)  # final node -> error vs the reference
     error_inputs: str = ""  # what node_errors were measured on, or why they were not
 

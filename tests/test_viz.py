@@ -55,6 +55,20 @@ def test_snapshots_record_each_pass_with_provenance_and_bytes(int8_report):
     assert {n["provenance"]["from"][0] for n in qlinears} <= set(quantize.nodes_removed)
 
 
+def test_qlinear_groups_show_the_kernel_target_triton_generates(int8_report):
+    from lqc.codegen.kernel_cache import source_key
+
+    _path, report, _ = int8_report
+    # three kernels for the tiny Llama's 14 qlinears: GEMM, GEMM + residual add, GEMM + SwiGLU
+    assert len(report.kernel_sources) == 3
+    for key, source in report.kernel_sources.items():
+        assert source_key(source) == key and "@triton.jit" in source and "dequant_gemm_tile" in source
+    up = next(name for name, k in report.kernels.items() if k["role"] == "swiglu" and k["kind"] == "qlinear")
+    entry = report.kernels[up]
+    assert entry["in_kernel"] and "silu" in report.kernel_sources[entry["source"]].splitlines()[1]  # the epilogue comment
+    assert entry["template"].startswith("lqc.codegen.qlinear_kernels: the dequant-GEMM (int8")
+
+
 def test_node_errors_follow_provenance_and_match_the_output_error(int8_report):
     _path, report, _ = int8_report
     final = _snapshot_nodes(report.snapshots[-1])

@@ -103,6 +103,11 @@ def test_report_in_chromium(tiny_llama, token_ids, tmp_path):
         assert f"%{target}" in panel and "quantize, from" in panel and "added by this pass" in panel
         kernel = report.kernels[target]  # its fusion group (the partitioner's), and the group's kernel template
         assert f"fusion group {kernel['group']} (qlinear on %{target})" in panel and kernel["template"] in panel
+        # the kernel target="triton" generates for the group: its source, folded until clicked
+        summary = driver.find_element(By.CSS_SELECTOR, "#panel-body .kernel-source summary")
+        assert summary.text == f"generated kernel {kernel['source']}"
+        summary.click()
+        assert "@triton.jit" in driver.find_element(By.CSS_SELECTOR, "#panel-body .kernel-source pre").text
         assert "dB SQNR" in panel or "exact" in panel
         if not hits_before:  # it was in the collapsed block: search expanded it
             assert driver.find_elements(By.CSS_SELECTOR, "#pane-after [data-cluster]")

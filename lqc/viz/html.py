@@ -58,6 +58,7 @@ def _graph_data(report: GraphReport, layouts: Layouts) -> dict[str, Any]:
         "passes": passes,
         "snapshots": snapshots,
         "kernels": report.kernels,
+        "kernel_sources": report.kernel_sources,
         "errors": {k: {**v, "sqnr_db": _finite(v["sqnr_db"]), "cosine": _finite(v["cosine"]) or 0.0,
                        "rel_error": _finite(v["rel_error"]) or 0.0} for k, v in report.node_errors.items()},
         "error_inputs": report.error_inputs,

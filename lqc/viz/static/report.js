@@ -405,6 +405,12 @@ async function loadReportData() {
       const kernel = g.kernels[node.name];
       if (kernel) {
         const div = el("div", {}, `fusion group ${kernel.group} (${kernel.kind} on %${kernel.anchor}), role ${kernel.role}, ${kernel.members.length} nodes; template: ${kernel.template}`);
+        if (kernel.source) {
+          const details = el("details", { class: "kernel-source" });
+          details.appendChild(el("summary", {}, `generated kernel ${kernel.source}${kernel.in_kernel ? "" : " (this node runs after it)"}`));
+          details.appendChild(el("pre", {}, g.kernel_sources[kernel.source]));
+          div.appendChild(details);
+        }
         row("kernel", div);
       } else if (!["placeholder", "get_attr", "output"].includes(node.op)) row("kernel", "none: Inductor compiles this node");
       const err = g.errors[node.name];
