@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
