@@ -188,6 +188,9 @@ def cmd_viz(args) -> int:
     import lqc
     import lqc.viz
 
+    if args.svg and not args.dot:
+        print("lqc: error: --svg renders the --dot file: pass --dot too", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     model, tokenizer, name = lqc.models.load(args.model)
@@ -207,9 +210,6 @@ def cmd_viz(args) -> int:
         print(f"wrote {dot}")
         if args.svg:
             print(f"wrote {lqc.viz.export_svg(dot, args.svg)}")
-    elif args.svg:
-        print("--svg renders the --dot file: pass --dot too", file=sys.stderr)
-        return 2
     return 0
 
 
@@ -300,14 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lqc.ir.errors import LqcConfigError
+    from lqc.ir.errors import LqcError
 
     args = build_parser().parse_args(argv)
     for module in args.imports:
         importlib.import_module(module)
     try:
         return args.func(args)
-    except LqcConfigError as exc:
+    except LqcError as exc:  # LqcConfigError among them
         print(f"lqc: error: {exc}", file=sys.stderr)
         return 2
 

@@ -270,6 +270,18 @@ def test_export_dot_and_svg(int8_report, tmp_path):
     assert svg.read_text().lstrip().startswith("<?xml") and "<svg" in svg.read_text()
 
 
+def test_a_model_lqc_cannot_compress_gets_the_reasons(tmp_path):
+    fell_back = lqc.passes.GraphReport(graph="graph7", fallback="CaptureError: unsupported op foo")
+    with pytest.raises(lqc.LqcError, match="every graph fell back to Inductor .graph7: CaptureError: unsupported op foo"):
+        report_data([fell_back], title="t")
+
+
+def test_cli_checks_svg_before_any_work(capsys):
+    assert main(["viz", "--model", "tiny-llama", "--svg", "x.svg"]) == 2
+    captured = capsys.readouterr()
+    assert "pass --dot too" in captured.err and "loaded" not in captured.out
+
+
 def test_errors_name_the_fix(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="viz"):
         report_data([lqc.passes.GraphReport(graph="g")], title="t")

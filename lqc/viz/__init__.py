@@ -58,7 +58,10 @@ def report(
         else:
             vocab = getattr(getattr(model, "config", None), "vocab_size", None)
             if vocab is None:
-                raise LqcConfigError("lqc.viz.report needs example_inputs= (token ids), or calibration= text and its tokenizer")
+                raise LqcConfigError(
+                    "lqc.viz.report needs token ids for this model: pass example_inputs= (token ids), or calibration= "
+                    "text and its tokenizer (lqc viz draws language models; this one has no config.vocab_size)"
+                )
             example_inputs = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
     first = len(reports())
     compress(model, recipe, calibration=calibration_data, tokenizer=tokenizer, example_inputs=example_inputs,

@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
+from lqc.ir.errors import LqcError
 from lqc.passes.report import GraphReport
 
 from .layout import Layouts, engine_name
@@ -25,6 +26,12 @@ from .views import build_view, child_combinations, collapsible_children, group_o
 def report_data(reports: Sequence[GraphReport], *, title: str, use_dot: bool | None = None) -> dict[str, Any]:
     """What the page draws, for graphs that kept their snapshots (``viz=True`` or a ``debug_dir``)."""
     usable = [r for r in reports if r.snapshots]
+    fell_back = [f"{r.graph}: {r.fallback}" for r in reports if r.fallback]
+    if not usable and fell_back:
+        raise LqcError(
+            "lqc compressed no graph of this model, so there is nothing to draw: every graph fell back to Inductor ("
+            + "; ".join(fell_back) + "). Fix what the reasons name"
+        )
     if not usable:
         raise ValueError(
             "none of these graph reports has snapshots: compile with options={'viz': True} (or a debug_dir), "
