@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lqc.runtime.kv_attention import CompressedKVView, _mask_columns, attend
+from lqc.runtime.kv_attention import CompressedKVView, attend, mask_bias
 
 TOKENS_PER_PROGRAM = 256  # a chunk of tokens per program (split of the token axis)
 BLOCK_T = 16  # tokens per inner step
@@ -134,25 +134,6 @@ def supported(view: CompressedKVView, query: torch.Tensor, importance_window: in
     return None
 
 
-def _bias(view, attention_mask, b, kv_heads, rep, q_len, causal, device) -> torch.Tensor | None:
-    """The additive bias [B, Hkv, rep * q, T] the kernel adds to the scores (None: nothing)."""
-    tokens = view.tokens
-    if attention_mask is not None:
-        allowed = _mask_columns(attention_mask, view, q_len)  # [B, 1 or Hq, q, T]
-        if allowed.dtype == torch.bool:
-            bias = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill(~allowed, float("-inf"))
-        else:
-            bias = allowed.to(torch.float32)
-    elif causal and q_len > 1:  # this step's tokens are the last q_len stored
-        bias = torch.zeros(1, 1, q_len, tokens, dtype=torch.float32, device=device)
-        future = torch.ones(q_len, q_len, dtype=torch.bool, device=device).triu(1)
-        bias[..., tokens - q_len :] = bias[..., tokens - q_len :].masked_fill(future, float("-inf"))
-    else:
-        return None
-    bias = bias.expand(b, kv_heads * rep, q_len, tokens).reshape(b, kv_heads, rep * q_len, tokens)
-    return bias.contiguous()
-
-
 def attend_triton(view: CompressedKVView, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
                   importance_window: int = 0, causal: bool = True, *, tokens_per_program: int = TOKENS_PER_PROGRAM):
     """``attend``'s result ([B, q, Hq, D], importance) by the flash-decoding kernel."""
@@ -163,7 +144,9 @@ def attend_triton(view: CompressedKVView, query: torch.Tensor, attention_mask: t
     rep = query_heads // kv_heads
     rows = rep * q_len
     q = (query.to(torch.float32).reshape(b, kv_heads, rows, d) * scaling).contiguous()
-    bias = _bias(view, attention_mask, b, kv_heads, rep, q_len, causal, query.device)
+    bias = mask_bias(view, attention_mask, q_len, causal, query.device)  # [B, 1 or Hq, q, T]
+    if bias is not None:  # the kernel's rows are (query head of a KV head, query token): [B, Hkv, rep * q, T]
+        bias = bias.expand(b, query_heads, q_len, view.tokens).reshape(b, kv_heads, rows, view.tokens).contiguous()
     block_r = max(16, triton.next_power_of_2(rows))
 
     parts = []  # (tokens, keys, values, key scales, key zeros, value scales, value zeros, bits, k group, v group)

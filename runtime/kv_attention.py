@@ -153,6 +153,25 @@ def kv_attention(store: KVStore, query, keys, values, attention_mask, scaling):
 torch.library.impl("lqc::kv_attention", "CompositeExplicitAutograd")(kv_attention)
 
 
+def mask_bias(view: CompressedKVView, attention_mask: torch.Tensor | None, q_len: int, causal: bool,
+              device: torch.device) -> torch.Tensor | None:
+    """What the mask adds to the scores over the stored tokens: float32 [B, 1 or Hq, q, T], 0 where
+    allowed and -inf where not (a boolean mask), or the additive mask's values; without a mask and
+    with ``causal``, -inf for this step's later tokens (the last q_len stored). None: nothing."""
+    tokens = view.tokens
+    if attention_mask is not None:
+        allowed = _mask_columns(attention_mask, view, q_len)
+        if allowed.dtype != torch.bool:
+            return allowed.to(torch.float32)
+        return torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill(~allowed, float("-inf"))
+    if causal and q_len > 1:
+        bias = torch.zeros(1, 1, q_len, tokens, dtype=torch.float32, device=device)
+        future = torch.ones(q_len, q_len, dtype=torch.bool, device=device).triu(1)
+        bias[..., tokens - q_len :] = bias[..., tokens - q_len :].masked_fill(future, float("-inf"))
+        return bias
+    return None
+
+
 def attend(view: CompressedKVView, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
            importance_window: int = 0, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of ``query`` [B, Hq, q, D] over ``view`` -> ([B, q, Hq, D], importance). With
@@ -172,15 +191,9 @@ def attend(view: CompressedKVView, query: torch.Tensor, attention_mask: torch.Te
     scores = torch.cat(parts, dim=-1).reshape(b, kv_heads, rep, q_len, -1)
     tokens = scores.shape[-1]
 
-    if attention_mask is not None:
-        allowed = _mask_columns(attention_mask, view, q_len)[:, :, None]
-        if allowed.dtype == torch.bool:
-            scores = scores.masked_fill(~allowed, float("-inf"))
-        else:
-            scores = scores + allowed.to(torch.float32)
-    elif causal and q_len > 1:  # no mask given: causal among this step's tokens, which are the last q_len stored
-        future = torch.ones(q_len, q_len, dtype=torch.bool, device=q.device).triu(1)
-        scores[..., tokens - q_len :] = scores[..., tokens - q_len :].masked_fill(future, float("-inf"))
+    bias = mask_bias(view, attention_mask, q_len, causal, q.device)
+    if bias is not None:
+        scores = scores + bias[:, :, None]
     probs = torch.softmax(scores, dim=-1)
     if attention_mask is not None:  # a query that may attend to nothing (padding) outputs zeros, as SDPA's does
         probs = probs.nan_to_num(0.0)
