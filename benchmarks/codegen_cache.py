@@ -12,7 +12,10 @@ own time (capture, passes, codegen) and its codegen time (lowering + kernel gene
 saves JSON. On CPU the kernels run under TRITON_INTERPRET=1, where a kernel costs nothing to
 compile; on a GPU the first launch of each kernel also pays Triton's compile.
 
-    python benchmarks/codegen_cache.py --model smollm2-135m --out benchmarks/results/codegen-cache-cpu
+    python benchmarks/codegen_cache.py --out benchmarks/results/codegen-cache-tiny-llama-cpu
+
+(--model smollm2-135m works too, but lqc.compress runs the example through the interpreted
+kernels three times a repeat: well over 15 minutes on 2 cores.)
 """
 
 from __future__ import annotations
