@@ -85,12 +85,12 @@ def _snapshot_data(snapshot: dict[str, Any], layouts: Layouts, foldable: dict[st
             group = None
         nodes.append({**node, "group": group if group in collapsible else None})
     by_name = {n["name"]: n for n in snapshot["nodes"]}
-    views = {view_key(None): layouts.add(build_view(snapshot))}
+    views = {view_key(None): layouts.add(build_view(snapshot, collapsible=collapsible))}
     group_data = {}
     for path, names in collapsible.items():
         children = foldable.get(path, [])
         for folded in child_combinations(children):
-            views[view_key(path, folded)] = layouts.add(build_view(snapshot, expanded=[path], folded=folded))
+            views[view_key(path, folded)] = layouts.add(build_view(snapshot, [path], folded, collapsible))
         group_data[path] = {
             "members": names,
             "class": snapshot["modules"].get(path, ""),

@@ -94,12 +94,14 @@ def view_key(expanded: str | None, folded: Iterable[str] = ()) -> str:
     return expanded + ("|" + ",".join(folded) if folded else "")
 
 
-def build_view(snapshot: dict[str, Any], expanded: Iterable[str] = (), folded: Iterable[str] = ()) -> View:
+def build_view(snapshot: dict[str, Any], expanded: Iterable[str] = (), folded: Iterable[str] = (),
+               collapsible: dict[str, list[str]] | None = None) -> View:
     """The view of ``snapshot`` with the groups in ``expanded`` drawn node by node, except the
-    children in ``folded`` (``model.layers.3.mlp``), each drawn as one box inside its block."""
+    children in ``folded`` (``model.layers.3.mlp``), each drawn as one box inside its block.
+    ``collapsible``: ``groups(snapshot)``, when the caller has it already."""
     expanded, folded = set(expanded), set(folded)
     block_paths = {index: path for path, index in snapshot["blocks"].items()}
-    collapsible = groups(snapshot)
+    collapsible = groups(snapshot) if collapsible is None else collapsible
     view = View()
     key_of: dict[str, str | None] = {}  # node name -> the box it is drawn in (None: not drawn)
     for node in snapshot["nodes"]:
