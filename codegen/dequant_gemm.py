@@ -1,10 +1,18 @@
-"""Dequantize-GEMM: ``lqc::qlinear`` for the ``int8`` and ``int4`` formats as one Triton kernel.
+"""Dequantize-GEMM: ``lqc::qlinear`` for every canonical weight format as one Triton kernel.
 
 ``y = x @ W.T + bias`` where W is the weight the packed codes stand for (lqc.runtime.quant_formats):
 
 - ``int8``: codes int8 [N, K], one scale per output channel [N]; ``W = q * s``.
+- ``fp8``: codes float8 e4m3fn [N, K], one scale per output channel; ``W = q * s``.
 - ``int4``: codes 0..15 packed two a byte in uint8 [N, K/2], element 2i in the low nibble,
   scale and zero per group of g inputs [N, K/g]; ``W = (q - 8) * s + z``.
+- ``w8a8`` / ``fp8_dyn``: int8 / fp8 weights as above, and x quantized per token (row) before the
+  GEMM, to int8 (``round(x / s_x)``, ``s_x = max|x| / 127``) or to e4m3 (``s_x = max|x| / 448``):
+  ``y = (q_x @ q.T) * s_x * s``. The kernel finds each row's s_x in a first pass over the row.
+
+The tile function also takes an RMSNorm prologue (``dequant_gemm_tile``'s HAS_NORM: x normalized
+as it is loaded, with the row's rstd from the same first pass), which the generated kernels of
+lqc.codegen.qlinear_kernels use.
 
 K is the padded width (a multiple of g); x has ``in_features <= K`` columns and the reference
 pads it with zeros, so columns past ``in_features`` add nothing and the kernel never reads them.
@@ -40,6 +48,12 @@ from lqc.codegen.templates import DEQUANT_GEMM_FORMATS as FORMATS
 # only read globals that are)
 INT4_OFFSET = tl.constexpr(8)
 
+# ACT_QUANT of each format: the per-token activation quantization its kernel does (0 none, 1 int8, 2 e4m3)
+ACT_QUANT = {"int8": 0, "int4": 0, "fp8": 0, "w8a8": 1, "fp8_dyn": 2}
+# the dtype each format keeps its weight codes in
+CODE_DTYPES = {"int8": torch.int8, "w8a8": torch.int8, "int4": torch.uint8,
+               "fp8": torch.float8_e4m3fn, "fp8_dyn": torch.float8_e4m3fn}
+
 # split_k=None: only M up to this splits K (above it the M tiles alone give the GPU enough programs)
 SPLIT_K_MAX_M = 64
 MAX_SPLIT_K = 16
@@ -48,18 +62,123 @@ DEFAULT_NUM_SMS = 132  # an H100 SXM; the device's own count is used when x is o
 
 
 @triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _rint(v):
+    """Round half to even, as torch.round, for |v| < 2**22: adding 1.5 * 2**23 leaves no fraction
+    bits in an fp32, so the add rounds (to nearest even) and the subtraction is exact. Builtins
+    only (no libdevice), so it runs under the interpreter and on any GPU alike."""
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _round_to_e4m3(v):
+    """v (|v| <= 448) rounded to the nearest float8 e4m3fn value, ties to even: torch's
+    ``.to(torch.float8_e4m3fn)``. By arithmetic, not a cast: the interpreter's fp32 -> fp8 cast
+    does not carry a rounded-up mantissa into the exponent (127 -> 64)."""
+    exponent = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    exponent = tl.maximum(exponent, -6)  # subnormals: the smallest normal's spacing
+    step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits
+    return _rint(v / step) * step
+
+
+@triton.jit
+def _round_to_bf16(v):
+    """fp32 v rounded to the nearest bfloat16 (ties to even), kept in fp32. By integer arithmetic:
+    the interpreter's fp32 -> bf16 cast truncates (see FP32_DOT in dequant_gemm_tile)."""
+    bits = v.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # -65536: 0xFFFF0000 as an int32
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _prologue_x(x, offs_k, mask_k, nw_ptr, rstd, act_scale,
+                HAS_NORM: tl.constexpr, NORM_HAS_WEIGHT: tl.constexpr, ACT_QUANT: tl.constexpr,
+                BF16_IN_FP32: tl.constexpr):
+    """A loaded [BLOCK_M, BLOCK_K] tile of x as the GEMM reads it: RMS-normalized (times the
+    norm's weight) and/or quantized per token (ACT_QUANT 1: int8, 2: float8 e4m3), in fp32.
+    BF16_IN_FP32 (bf16 x under the interpreter, which computes in fp32): the normalized x is
+    rounded to bf16 as the norm's output would be, before it is quantized."""
+    xf = x.to(tl.float32)
+    if HAS_NORM:
+        xf = xf * rstd[:, None]
+        if NORM_HAS_WEIGHT:
+            xf = xf * tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+        if BF16_IN_FP32:
+            xf = _round_to_bf16(xf)
+        elif ACT_QUANT != 0:
+            xf = xf.to(x.dtype).to(tl.float32)  # the norm's output is in x's dtype
+    if ACT_QUANT == 1:
+        xf = tl.minimum(tl.maximum(_rint(xf / act_scale[:, None]), -127.0), 127.0)
+    elif ACT_QUANT == 2:
+        xf = _round_to_e4m3(tl.minimum(tl.maximum(xf / act_scale[:, None], -448.0), 448.0))
+    return xf
+
+
+@triton.jit
+def row_statistics(
+    x_ptr, nw_ptr, norm_eps, offs_m, mask_m, K_IN, stride_xm, stride_xk,
+    HAS_NORM: tl.constexpr, NORM_HAS_WEIGHT: tl.constexpr, ACT_QUANT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BF16_IN_FP32: tl.constexpr,
+):
+    """(rstd, act_scale) [BLOCK_M] each: what the GEMM's K loop needs to know of a whole row before
+    it starts. rstd = 1 / sqrt(mean(x^2) + eps) for an RMSNorm prologue (1 without one); act_scale =
+    max |x'| / 127 (int8) or / 448 (fp8) of the row x' the GEMM multiplies, for per-token
+    activation quantization (1 without it). One extra pass over the program's rows of x (over all of
+    K, also under split-K): M x K reads, small next to the N x K weight at the M this runs at."""
+    rstd = tl.full((BLOCK_M,), 1.0, tl.float32)
+    act_scale = tl.full((BLOCK_M,), 1.0, tl.float32)
+    if HAS_NORM:
+        squares = tl.full((BLOCK_M,), 0.0, tl.float32)
+        for k0 in range(0, K_IN, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=mask_m[:, None] & (offs_k < K_IN)[None, :], other=0.0).to(tl.float32)
+            squares += tl.reduce(x * x, 1, _add)
+        rstd = 1.0 / tl.sqrt(squares / K_IN + norm_eps)
+    if ACT_QUANT != 0:
+        absmax = tl.full((BLOCK_M,), 0.0, tl.float32)
+        for k0 in range(0, K_IN, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K_IN
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            x = _prologue_x(x, offs_k, mask_k, nw_ptr, rstd, act_scale, HAS_NORM, NORM_HAS_WEIGHT, 0, BF16_IN_FP32)
+            absmax = tl.maximum(absmax, tl.reduce(tl.abs(x), 1, _maximum))
+        if ACT_QUANT == 1:
+            act_scale = tl.maximum(absmax / 127.0, 1e-8)
+        else:
+            act_scale = tl.maximum(absmax / 448.0, 1e-12)
+    return rstd, act_scale
+
+
+@triton.jit
 def dequant_gemm_tile(
-    x_ptr, w_ptr, s_ptr, z_ptr,
+    x_ptr, w_ptr, s_ptr, z_ptr, nw_ptr, norm_eps,
     offs_m, offs_n, mask_m, mask_n, K_IN, K_BLOCKS_PER_SPLIT, pid_k,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg,
     IS_INT4: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    HAS_NORM: tl.constexpr, NORM_HAS_WEIGHT: tl.constexpr, ACT_QUANT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
-    """The fp32 [BLOCK_M, BLOCK_N] tile of x @ W.T over this program's slice of K (no bias).
+    """The fp32 [BLOCK_M, BLOCK_N] tile of x' @ W.T over this program's slice of K (no bias), x'
+    being x itself, or x RMS-normalized (HAS_NORM) and/or quantized per token (ACT_QUANT).
 
     Shared by this module's kernel and the kernels lqc.codegen.qlinear_kernels generates (which
     add an epilogue from the graph's nodes)."""
+    rstd, act_scale = row_statistics(
+        x_ptr, nw_ptr, norm_eps, offs_m, mask_m, K_IN, stride_xm, stride_xk,
+        HAS_NORM, NORM_HAS_WEIGHT, ACT_QUANT, BLOCK_M, BLOCK_K, FP32_DOT,
+    )
     # This program's K blocks: a contiguous slice, so its codes are one stretch of each row.
     k_blocks = (K_IN + BLOCK_K - 1) // BLOCK_K  # not tl.cdiv: see "builtins only" in the module docstring
     kb_start = pid_k * K_BLOCKS_PER_SPLIT
@@ -73,6 +192,14 @@ def dequant_gemm_tile(
 
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HAS_NORM or ACT_QUANT != 0:
+            x_gemm = _prologue_x(x, offs_k, mask_k, nw_ptr, rstd, act_scale, HAS_NORM, NORM_HAS_WEIGHT, ACT_QUANT, FP32_DOT)
+            if not FP32_DOT:
+                # the normalized x in x's dtype, as the norm hands it to the linear; int8 codes and
+                # e4m3 values are exact in bf16 / fp16
+                x_gemm = x_gemm.to(x.dtype)
+        else:
+            x_gemm = x
 
         # The weight tile is read as [BLOCK_K, BLOCK_N]: W.T, the operand tl.dot wants on the right.
         w_mask = mask_k[:, None] & mask_n[None, :]
@@ -89,22 +216,25 @@ def dequant_gemm_tile(
             z = tl.load(z_ptr + offs_n * stride_zn + group * stride_zg, mask=mask_n, other=0.0).to(tl.float32)
             w = (codes.to(tl.float32) - INT4_OFFSET) * s[None, :] + z[None, :]
         else:
-            # int8: the per-channel scale is constant along K, so it is applied once to the
-            # accumulator instead of to every weight; the codes are exact in bf16/fp16/fp32.
+            # int8 / float8 e4m3 codes with a per-channel scale: constant along K, so it is applied
+            # once to the accumulator instead of to every weight; the codes are exact in
+            # bf16/fp16/fp32.
             w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                        mask=w_mask, other=0).to(tl.float32)
+                        mask=w_mask, other=0.0).to(tl.float32)  # 0.0: the interpreter casts no int to fp8
         if FP32_DOT:
             # Only under the interpreter, with bf16 x. The interpreter keeps bf16 as raw uint16: its
             # tl.dot multiplies the bit patterns (triton-lang/triton#11584), fp32 -> bf16 casts
             # truncate and int8 -> bf16 casts garble. So it all stays fp32 (bf16 -> fp32 is exact)
             # and the launcher rounds the fp32 output to bf16 with torch.
-            acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
+            acc = tl.dot(x_gemm.to(tl.float32), w, acc, input_precision="ieee")
         else:
             # bf16/fp16 x: W rounded to x's type, products exact in the fp32 accumulator.
-            acc = tl.dot(x, w.to(x.dtype), acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(x_gemm, w.to(x_gemm.dtype), acc, input_precision=INPUT_PRECISION)
 
     if not IS_INT4:
         acc = acc * tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if ACT_QUANT != 0:
+        acc = acc * act_scale[:, None]
     return acc
 
 
@@ -117,7 +247,7 @@ def _dequant_gemm_kernel(
     stride_sn, stride_sg,
     stride_zn, stride_zg,
     stride_os, stride_om, stride_on,
-    IS_INT4: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IS_INT4: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
@@ -130,9 +260,9 @@ def _dequant_gemm_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc = dequant_gemm_tile(
-        x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_m, mask_n, K_IN, K_BLOCKS_PER_SPLIT, pid_k,
+        x_ptr, w_ptr, s_ptr, z_ptr, x_ptr, 0.0, offs_m, offs_n, mask_m, mask_n, K_IN, K_BLOCKS_PER_SPLIT, pid_k,
         stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg,
-        IS_INT4, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, FP32_DOT,
+        IS_INT4, GROUP_SIZE, False, False, ACT_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, FP32_DOT,
     )
 
     out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
@@ -212,13 +342,13 @@ def _check(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_fe
     if fmt not in FORMATS:
         raise ValueError(
             f"dequant_gemm computes formats {', '.join(FORMATS)}; got fmt {fmt!r}. Other formats run through "
-            "lqc.runtime.qlinear (the CPU layouts int8_cpu / int4_cpu are built from the int8 / int4 weights)"
+            "lqc.runtime.qlinear (the CPU layouts int8_cpu / int4_cpu are built from the canonical int8 / int4 weights)"
         )
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"x is {x.dtype}; dequant_gemm takes float32, bfloat16 or float16 activations (cast x first)")
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"x has shape {tuple(x.shape)}: its last dimension must be in_features={in_features}")
-    want = torch.uint8 if fmt == "int4" else torch.int8
+    want = CODE_DTYPES[fmt]
     if qweight.dtype != want:
         layout = "two codes a byte, as quant_formats.pack_int4 makes them" if fmt == "int4" else "the codes themselves"
         raise ValueError(f"{fmt} qweight must be {want} ({layout}), got {qweight.dtype}")
@@ -227,11 +357,11 @@ def _check(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_fe
     k = qweight.shape[1] * (2 if fmt == "int4" else 1)
     if k < in_features:
         raise ValueError(f"qweight holds {k} inputs per row, fewer than in_features={in_features}")
-    if fmt == "int8":
+    if fmt != "int4":
         if tuple(scales.shape) != (out_features,):
-            raise ValueError(f"int8 scales have shape {tuple(scales.shape)}, expected [{out_features}] (one per output channel)")
+            raise ValueError(f"{fmt} scales have shape {tuple(scales.shape)}, expected [{out_features}] (one per output channel)")
         if zeros is not None:
-            raise ValueError("int8 is symmetric and has no zeros; pass zeros=None")
+            raise ValueError(f"{fmt} is symmetric and has no zeros; pass zeros=None")
     else:
         if not isinstance(group_size, int) or group_size <= 0 or k % group_size:
             raise ValueError(f"group_size {group_size} must be positive and divide the padded width K={k} (qweight is [N, K/2])")
@@ -339,7 +469,7 @@ def dequant_gemm(
         scales.stride(0), s_stride_g,
         zeros_arg.stride(0), zeros_arg.stride(1) if is_int4 else 0,
         *target_strides,
-        IS_INT4=is_int4, GROUP_SIZE=group_size if is_int4 else 1, HAS_BIAS=bias is not None,
+        IS_INT4=is_int4, GROUP_SIZE=group_size if is_int4 else 1, ACT_QUANT=ACT_QUANT[fmt], HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         INPUT_PRECISION=input_precision, FP32_DOT=fp32_dot,
         num_warps=num_warps, num_stages=num_stages,

@@ -7,7 +7,13 @@ the output's shape, or a row vector broadcast over the rows), or a number. ``tri
 writes the steps as Triton expressions; ``run_torch`` evaluates the same steps with torch, which
 is both the CPU implementation and what the kernel is tested against.
 
-Anything the program cannot express (a split, a cast to a narrower type, an op without a
+A split of the GEMM's output into two halves on the last dimension, as the first step (concat_linears'
+gate+up, ``act(y0) * y1``), makes the program read both halves (``halves``; operands ``half0`` /
+``half1``): the kernel computes each output tile of both and writes only the combined result. The
+split's nodes join the program only together with a step that reads both halves, so no half is
+ever needed outside the kernel.
+
+Anything the program cannot express (another split, a cast to a narrower type, an op without a
 formula here) ends it: that node and the ones after it stay outside the kernel, computed by torch
 on its output, so the result is right either way, only less fused.
 
@@ -51,12 +57,12 @@ _LOSSLESS_CASTS = (torch.float32, torch.float64)
 
 @dataclass(frozen=True)
 class Operand:
-    kind: str  # "acc" | "step" | "tile" | "row" | "const"
+    kind: str  # "acc" | "half" | "step" | "tile" | "row" | "const"
     index: int = 0  # which step / which loaded input
     value: float = 0.0  # for "const"
 
     def text(self) -> str:
-        return {"acc": "acc", "step": f"v{self.index}", "tile": f"in{self.index}:tile",
+        return {"acc": "acc", "half": f"half{self.index}", "step": f"v{self.index}", "tile": f"in{self.index}:tile",
                 "row": f"in{self.index}:row", "const": repr(float(self.value))}[self.kind]
 
 
@@ -74,6 +80,7 @@ class EpilogueProgram:
     nodes: list[fx.Node] = field(default_factory=list)  # the FX node each step computes
     stopped_at: fx.Node | None = None  # the first epilogue node left outside, if any
     stop_reason: str = ""
+    halves: bool = False  # the steps read the two halves of the GEMM's output (its first node a split)
 
     @property
     def output(self) -> fx.Node | None:
@@ -82,7 +89,7 @@ class EpilogueProgram:
 
     def signature(self) -> str:
         """The program's text without node names: equal programs make the same kernel."""
-        return ";".join(f"v{i}={s.op}({','.join(o.text() for o in s.operands)})" for i, s in enumerate(self.steps))
+        return ("split2;" if self.halves else "") + ";".join(f"v{i}={s.op}({','.join(o.text() for o in s.operands)})" for i, s in enumerate(self.steps))
 
     def triton_lines(self) -> list[str]:
         """Statements leaving the result in ``v<last>`` (or ``acc`` with no steps). They read ``acc``,
@@ -108,6 +115,8 @@ class EpilogueProgram:
         def value(o: Operand):
             if o.kind == "acc":
                 return acc
+            if o.kind == "half":
+                return acc.chunk(2, dim=-1)[o.index]
             if o.kind == "step":
                 return values[o.index]
             if o.kind in ("tile", "row"):
@@ -124,6 +133,8 @@ class EpilogueProgram:
 def _triton_operand(o: Operand) -> str:
     if o.kind == "acc":
         return "acc"
+    if o.kind == "half":
+        return "acc" if o.index == 0 else "acc1"
     if o.kind == "step":
         return f"v{o.index}"
     if o.kind in ("tile", "row"):
@@ -138,10 +149,20 @@ def epilogue_program(anchor: fx.Node, epilogue: list[fx.Node]) -> EpilogueProgra
     out_shape = _shape(anchor)
     step_of: dict[fx.Node, int] = {}
     input_of: dict[fx.Node, int] = {}
+    half_of: dict[fx.Node, int] = {}  # the getitems of a split into halves -> 0 / 1
+
+    if epilogue and (halves := _split_in_halves(anchor, epilogue[0])) is not None:
+        split, getitems = halves
+        program.halves = True
+        half_of = {getitem: index for index, getitem in getitems.items()}
+        out_shape = _shape(getitems[0])
+        epilogue = [n for n in epilogue[1:] if n not in half_of]
 
     def operand(arg: Any) -> Operand | None:
-        if arg is anchor:
+        if arg is anchor and not program.halves:
             return Operand("acc")
+        if isinstance(arg, fx.Node) and arg in half_of:
+            return Operand("half", half_of[arg])
         if isinstance(arg, fx.Node) and arg in step_of:
             return Operand("step", step_of[arg])
         if isinstance(arg, bool) or not isinstance(arg, (int, float, fx.Node)):
@@ -171,7 +192,31 @@ def epilogue_program(anchor: fx.Node, epilogue: list[fx.Node]) -> EpilogueProgra
         step_of[node] = len(program.steps)
         program.steps.append(step)
         program.nodes.append(node)
+    if program.halves:
+        halves_read = {o.index for step in program.steps for o in step.operands if o.kind == "half"}
+        if halves_read != {0, 1}:
+            # the kernel would have to write a half for the nodes left outside: keep the split out
+            return EpilogueProgram(stopped_at=split, stop_reason="the steps after the split do not combine both halves")
+        program.nodes = [split, *half_of, *program.nodes]
     return program
+
+
+def _split_in_halves(anchor: fx.Node, node: fx.Node) -> tuple[fx.Node, dict[int, fx.Node]] | None:
+    """(split, {0: getitem, 1: getitem}) when ``node`` splits the anchor's output into two equal
+    halves on the last dimension and only those two getitems read it."""
+    if op_name(node) not in ("split", "chunk") or node.all_input_nodes != [anchor]:
+        return None
+    halves, shape = node.meta.get("val"), _shape(anchor)
+    if not (isinstance(halves, (tuple, list)) and len(halves) == 2 and shape):
+        return None
+    first, second = (tuple(h.shape) for h in halves)
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    if dim not in (-1, len(shape) - 1) or not _same(first, second) or str(first[-1] * 2) != str(shape[-1]):
+        return None
+    getitems = {u.args[1]: u for u in node.users if op_name(u) == "getitem" and len(u.args) == 2}
+    if len(node.users) != 2 or set(getitems) != {0, 1}:
+        return None
+    return node, getitems
 
 
 def _step_for(node: fx.Node, operand, out_shape) -> tuple[Step | None, str]:

@@ -25,18 +25,20 @@ def resolve_target(target: str) -> str:
     return "inductor" if target == "auto" else target
 
 
-def compile_graph(graph: Graph, target: str, example_inputs: Sequence[Any], debug_dir: str | Path | None = None) -> Callable:
+def compile_graph(graph: Graph, target: str, example_inputs: Sequence[Any], debug_dir: str | Path | None = None,
+                  autotune: bool | None = None) -> Callable:
     """A function of the graph's user inputs that runs it on ``target``. ``debug_dir``: where
-    target="triton" writes its kernels' sources."""
+    target="triton" writes its kernels' sources; ``autotune``: whether its kernels tune their
+    launch configs (None: on a GPU, not under the interpreter)."""
     target = resolve_target(target)
     if target == "eager":
         return graph.gm.forward
     if target == "triton":
         from .triton_target import check_triton_runs_here, lower_to_triton
 
-        check_triton_runs_here(example_inputs)
+        on_cpu = check_triton_runs_here(example_inputs)
         lowered = graph.copy()  # the compressed graph itself stays as the passes left it (lqc.save reads it)
-        lower_to_triton(lowered, debug_dir)
+        lower_to_triton(lowered, debug_dir, autotune=not on_cpu if autotune is None else autotune)
         return lowered.gm.forward
     from torch._inductor.compile_fx import compile_fx
 

@@ -2,17 +2,18 @@
 
 ``lower_to_triton(graph)`` partitions the graph (lqc.codegen.partition) and rewrites each group:
 
-- ``lqc::qlinear`` with a dequant-GEMM layout (int8 / int4; the packed CPU layouts are rebuilt
-  from the canonical weight the quantize pass recorded): the anchor and the epilogue nodes the
-  kernel can compute become one ``lqc::fused_qlinear`` call naming the kernel generated for them
+- ``lqc::qlinear`` with a dequant-GEMM format (int8 / int4 / fp8 / w8a8 / fp8_dyn; the packed CPU
+  layouts are rebuilt from the canonical weight the quantize pass recorded): the RMSNorm
+  prologue (lqc.codegen.prologue), the anchor and the epilogue nodes the kernel can compute
+  become one ``lqc::fused_qlinear`` call naming the kernel generated for them
   (lqc.codegen.qlinear_kernels, cached by lqc.codegen.kernel_cache);
 - ``lqc::moe_ffn`` becomes ``lqc::moe_ffn_grouped``, the grouped-GEMM template over permuted
   tokens (lqc.codegen.moe_gemm);
 - the KV attention ops keep their cache handling and attend with the flash-decoding kernel over
   the compressed cache (lqc.codegen.kv_decode).
 
-The rest of the graph runs as it is. What is not lowered (other weight formats, norm prologues,
-the MoE's epilogue) keeps its op, and one warning per graph lists it with the reason. On CPU the
+The rest of the graph runs as it is. What is not lowered (layer-norm prologues, an epilogue step
+no template computes) keeps its op, and one warning per graph lists it with the reason. On CPU the
 kernels run under ``TRITON_INTERPRET=1`` (slow, exact: how CI checks codegen end to end);
 without it, CPU tensors are an error that says so, never a crash in a kernel.
 """
@@ -36,6 +37,7 @@ from lqc.runtime.qlinear import kernel_layout
 from . import kernel_cache
 from .epilogue import epilogue_program
 from .partition import partition
+from .prologue import norm_prologue
 from .qlinear_kernels import kernel_for, qlinear_source
 from .templates import CPU_LAYOUT_BASE, DEQUANT_GEMM_FORMATS
 
@@ -50,11 +52,12 @@ class Lowering:
     sources: dict[str, str] = field(default_factory=dict)  # kernel key -> its source, annotated for debug_dir
 
 
-def check_triton_runs_here(example_inputs) -> None:
-    """Triton needs a GPU, or CPU tensors with TRITON_INTERPRET=1 set before lqc's kernels were imported."""
+def check_triton_runs_here(example_inputs) -> bool:
+    """Triton needs a GPU, or CPU tensors with TRITON_INTERPRET=1 set before lqc's kernels were
+    imported. Returns whether the inputs are on the CPU (the kernels interpreted)."""
     on_cpu = any(isinstance(x, torch.Tensor) and x.device.type == "cpu" for x in example_inputs)
     if not on_cpu:
-        return
+        return False
     try:
         from .dequant_gemm import interpreted
     except ImportError as exc:
@@ -64,10 +67,13 @@ def check_triton_runs_here(example_inputs) -> None:
             "target='triton' on CPU tensors runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1 before "
             "importing lqc (slow; for checking). For speed on CPU use target='auto'"
         )
+    return True
 
 
-def lower_to_triton(graph: Graph, debug_dir: str | Path | None = None) -> Lowering:
-    """Rewrite ``graph`` in place: qlinear groups -> ``lqc::fused_qlinear`` calls on generated kernels."""
+def lower_to_triton(graph: Graph, debug_dir: str | Path | None = None, autotune: bool = False) -> Lowering:
+    """Rewrite ``graph`` in place: qlinear groups -> ``lqc::fused_qlinear`` calls on generated kernels.
+    ``autotune``: the calls pick their launch config with lqc.codegen.autotune (measured once per
+    kernel and shape, then read from its cache)."""
     lowering = Lowering()
     g = graph.gm.graph
     for group in partition(graph):
@@ -93,8 +99,13 @@ def lower_to_triton(graph: Graph, debug_dir: str | Path | None = None) -> Loweri
                 lowering.left[f"qlinear {fmt}: no canonical weight recorded to rebuild the {base} layout"] += 1
                 continue
             qweight, scales, zeros = _generic_layout(graph, group.anchor, canonical, base)
+        x, norm_weight, norm_eps, prologue_nodes = args["x"], None, None, []
         if group.prologue:
-            lowering.left["norm prologue: not generated yet (runs before the kernel)"] += 1
+            norm, why = norm_prologue(group.prologue, group.roles[group.prologue[0]], args["x"])
+            if norm is None:
+                lowering.left[why] += 1
+            else:
+                x, norm_weight, norm_eps, prologue_nodes = norm.x, norm.weight, norm.eps, list(group.prologue)
         epilogue = [n for n in group.epilogue if group.roles.get(n) != "unpack"]
         program = epilogue_program(group.anchor, epilogue)
         if program.stopped_at is not None:
@@ -102,12 +113,12 @@ def lower_to_triton(graph: Graph, debug_dir: str | Path | None = None) -> Loweri
         last = program.output or group.anchor
         value = last.meta["val"]
         key = kernel_for(program)
-        replaced = [group.anchor, *program.nodes]
+        replaced = [*prologue_nodes, group.anchor, *program.nodes]
         with g.inserting_before(last):
             fused = g.call_function(
                 torch.ops.lqc.fused_qlinear.default,
-                (args["x"], qweight, scales, zeros, args["bias"], list(program.inputs), key, base,
-                 args["group_size"], args["in_features"], args["out_features"], value.dtype),
+                (x, qweight, scales, zeros, args["bias"], norm_weight, norm_eps, list(program.inputs), key, base,
+                 args["group_size"], args["in_features"], args["out_features"], value.dtype, autotune),
             )
         fused.meta.update({k: v for k, v in last.meta.items() if k != "lqc_provenance"})
         fused.meta["lqc_kernel"] = key

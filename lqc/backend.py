@@ -110,7 +110,7 @@ def lqc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: A
             # Outside dynamo's tracing context Inductor would specialize a dynamic graph to these shapes.
             target = "eager"
         start = time.perf_counter()
-        fn = compile_graph(graph, target, [args[i.index] for i in graph.inputs], debug_dir)
+        fn = compile_graph(graph, target, [args[i.index] for i in graph.inputs], debug_dir, opts.autotune)
         report.codegen_seconds = time.perf_counter() - start
         with _reports_lock:
             _reports.append(report)

@@ -37,17 +37,19 @@ def compress(
     example_inputs: torch.Tensor | None = None,
     progress: bool = True,
     viz: bool = False,
+    autotune: bool | None = None,
 ) -> torch.nn.Module:
     """Compress ``model`` with ``recipe`` and return the compressed module.
 
     ``example_inputs``: token ids for the ahead-of-time capture (default: the first calibration
     window, else 16 random tokens). ``target`` defaults to "eager" here: no Inductor compile per
     new shape; pass "auto" for speed. ``viz``: keep what ``lqc.viz`` draws (see lqc.viz.report).
+    ``autotune``: at target "triton", tune the kernels' launch configs (default: on a GPU only).
     """
     calibration_data = calibration_from(calibration, tokenizer)
     options = CompileOptions.parse(
         dict(recipe=recipe, calibration=calibration_data, tokenizer=tokenizer, target=target,
-             verify=verify, debug_dir=debug_dir, progress=progress, viz=viz)
+             verify=verify, debug_dir=debug_dir, progress=progress, viz=viz, autotune=autotune)
     )
     compressed = copy.copy(model)  # shares modules and parameters; only `forward` differs
     compressed.forward = torch.compile(model.forward, backend="lqc", options=options)

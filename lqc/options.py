@@ -21,6 +21,7 @@ class CompileOptions:
     debug_dir: str | None = None  # per-graph folders with one readable file per pass and a summary
     progress: bool = True  # progress bars in long passes
     viz: bool = False  # keep per-pass snapshots, fusion groups and per-node errors for lqc.viz
+    autotune: bool | None = None  # target="triton": tune launch configs (None: on a GPU, off under the interpreter)
 
     HELP = {
         "recipe": "named recipe (see `lqc recipes`), YAML file, dict, or list of {'pass': NAME, ...options}",
@@ -30,6 +31,8 @@ class CompileOptions:
         "verify": "measure relative error and cosine of the outputs after every pass",
         "debug_dir": "folder for per-pass dumps and summary tables",
         "progress": "show progress bars",
+        "autotune": "target='triton': time a few launch configs per kernel and shape on first use, keep the fastest "
+                    "(cached on disk beside the kernels); default: on for a GPU, off under the interpreter",
         "viz": "keep what lqc.viz draws (graph snapshots per pass, fusion groups, per-node error); a debug_dir turns it on",
     }
 
@@ -52,4 +55,6 @@ class CompileOptions:
         for flag in ("verify", "viz"):
             if not isinstance(getattr(parsed, flag), bool):
                 raise LqcConfigError(f"{flag} must be true or false; got {getattr(parsed, flag)!r}")
+        if parsed.autotune not in (None, True, False):
+            raise LqcConfigError(f"autotune must be true, false or null (on for a GPU only); got {parsed.autotune!r}")
         return parsed

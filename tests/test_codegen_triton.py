@@ -18,9 +18,9 @@ from lqc.codegen import kernel_cache  # noqa: E402
 from lqc.codegen import dequant_gemm  # noqa: E402
 from lqc.codegen.epilogue import EpilogueProgram, Operand, Step, epilogue_program  # noqa: E402
 from lqc.codegen.partition import partition  # noqa: E402
-from lqc.codegen.qlinear_kernels import kernel_for, launch  # noqa: E402
+from lqc.codegen.qlinear_kernels import kernel_for, launch, rms_norm_reference  # noqa: E402
 from lqc.runtime.qlinear import qlinear_reference  # noqa: E402
-from lqc.runtime.quant_formats import pad_columns, quantize_int4, quantize_int8  # noqa: E402
+from lqc.runtime.quant_formats import pad_columns, quantize_fp8, quantize_int4, quantize_int8  # noqa: E402
 
 if not dequant_gemm.interpreted() and not torch.cuda.is_available():
     raise RuntimeError("lqc.codegen.dequant_gemm was imported before TRITON_INTERPRET=1 was set and there is no GPU")
@@ -66,8 +66,11 @@ def test_an_unsupported_step_ends_the_program(tiny_llama, token_ids):
 
 def _quantized(fmt, n, k, group_size, dtype, gen):
     w = torch.randn(n, k, generator=gen)
-    if fmt == "int8":
-        q = quantize_int8(w)
+    if fmt in ("int8", "w8a8"):
+        q = quantize_int8(w, fmt=fmt)
+        return q.qweight, q.scales.to(dtype), None, k
+    if fmt in ("fp8", "fp8_dyn"):
+        q = quantize_fp8(w, fmt=fmt)
         return q.qweight, q.scales.to(dtype), None, k
     padded = pad_columns(w, group_size)
     q = quantize_int4(padded, group_size)
@@ -85,11 +88,15 @@ PROGRAMS = {
                Step("mul", (Operand("step", 1), Operand("const", value=0.5)))],
         input_kinds=["row"],
     ),
+    # concat_linears' gate+up: silu of the first half of the GEMM's output times the second
+    "split_swiglu": EpilogueProgram(
+        steps=[Step("silu", (Operand("half", 0),)), Step("mul", (Operand("step", 0), Operand("half", 1)))], halves=True
+    ),
 }
 
 
 @pytest.mark.parametrize("name", list(PROGRAMS))
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8", "w8a8"])
 @pytest.mark.parametrize("m, k, n", [(1, 96, 40), (3, 64, 100), (17, 130, 33)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("split_k", [1, 2])
@@ -98,18 +105,57 @@ def test_generated_kernel_matches_the_torch_program(name, fmt, m, k, n, dtype, s
     gen = torch.Generator().manual_seed(m * 1000 + k + n)
     program = PROGRAMS[name]
     group_size = 32
-    qweight, scales, zeros, k_in = _quantized(fmt, n, k, group_size, dtype, gen)
+    rows = 2 * n if program.halves else n  # the GEMM's outputs: both halves of a split program's
+    qweight, scales, zeros, k_in = _quantized(fmt, rows, k, group_size, dtype, gen)
     x = torch.randn(m, k_in, generator=gen).to(dtype)
     inputs = [torch.randn(m, n, generator=gen).to(dtype) if kind == "tile" else torch.randn(n, generator=gen).to(dtype)
               for kind in program.input_kinds]
     key = kernel_for(program)
-    out = launch(kernel_cache.loaded(key), x, qweight, scales, zeros, None, inputs, program, fmt, group_size, k_in, n, dtype,
-                 block_n=32, split_k=split_k)
+    out = launch(kernel_cache.loaded(key), x, qweight, scales, zeros, None, inputs, program, fmt, group_size, k_in, rows,
+                 dtype, block_n=32, split_k=split_k)
     acc = qlinear_reference(x.float(), qweight, scales.float(), None if zeros is None else zeros.float(), None, fmt,
-                            group_size, k_in, n)
+                            group_size, k_in, rows)
     expected = program.run_torch(acc, inputs)
     tolerance = 1e-3 if dtype == torch.float32 else 1e-2
     assert out.dtype == dtype and out.shape == expected.shape
+    assert ((out.float() - expected).norm() / expected.norm()).item() <= tolerance
+
+
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_split_program_adds_each_halfs_bias(split_k):
+    gen = torch.Generator().manual_seed(split_k)
+    program = PROGRAMS["split_swiglu"]
+    qweight, scales, zeros, k_in = _quantized("int4", 2 * 40, 96, 32, torch.float32, gen)
+    x, bias = torch.randn(3, k_in, generator=gen), torch.randn(2 * 40, generator=gen)
+    out = launch(kernel_cache.loaded(kernel_for(program)), x, qweight, scales, zeros, bias, [], program, "int4", 32, k_in,
+                 2 * 40, torch.float32, block_n=16, block_k=32, split_k=split_k)
+    acc = qlinear_reference(x, qweight, scales, zeros, bias, "int4", 32, k_in, 2 * 40)
+    expected = torch.nn.functional.silu(acc[:, :40]) * acc[:, 40:]
+    assert out.shape == (3, 40) and ((out - expected).norm() / expected.norm()).item() <= 1e-3
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8", "w8a8", "fp8_dyn"])
+@pytest.mark.parametrize("norm_has_weight", [False, True])
+@pytest.mark.parametrize("m, k, n", [(1, 96, 40), (17, 130, 33)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_norm_prologue_matches_torch(fmt, norm_has_weight, m, k, n, dtype, split_k):
+    """RMSNorm of x in the kernel's first pass (rstd per row; and the per-token activation scale for
+    w8a8 / fp8_dyn over the normalized row) against rms_norm_reference then qlinear_reference."""
+    gen = torch.Generator().manual_seed(m * 7 + k + n + split_k)
+    program = PROGRAMS["residual"]
+    qweight, scales, zeros, k_in = _quantized(fmt, n, k, 32, dtype, gen)
+    x = (3 * torch.randn(m, k_in, generator=gen)).to(dtype)
+    norm_weight = (1 + 0.1 * torch.randn(k_in, generator=gen)).to(dtype) if norm_has_weight else None
+    inputs = [torch.randn(m, n, generator=gen).to(dtype)]
+    key = kernel_for(program)
+    out = launch(kernel_cache.loaded(key), x, qweight, scales, zeros, None, inputs, program, fmt, 32, k_in, n, dtype,
+                 norm_weight=norm_weight, norm_eps=1e-5, block_n=32, block_k=32, split_k=split_k)
+    normalized = rms_norm_reference(x, norm_weight, 1e-5).float()
+    acc = qlinear_reference(normalized, qweight, scales.float(), None if zeros is None else zeros.float(), None, fmt,
+                            32, k_in, n)
+    expected = program.run_torch(acc, inputs)
+    tolerance = 1e-3 if dtype == torch.float32 else 1e-2
     assert ((out.float() - expected).norm() / expected.norm()).item() <= tolerance
 
 
@@ -136,6 +182,35 @@ def test_tiny_llama_end_to_end_at_target_triton(tiny_llama, token_ids, tmp_path)
     text = "\n".join(k.read_text() for k in kernels)
     assert "lqc::fused_qlinear" not in text and "# fused_qlinear" in text and "@triton.jit" in text
     assert "qlinear(" in text and "silu(" in text  # the FX nodes each kernel computes, as comments
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp8", "w8a8"])
+def test_norm_prologue_end_to_end(tiny_llama, token_ids, fmt):
+    """concat_linears leaves each RMSNorm one reader (the stacked q/k/v, the stacked gate/up): at
+    target="triton" the norm runs inside that qlinear's kernel (and w8a8 quantizes the normalized
+    rows there). Logits within 1e-3 of the same recipe at target="eager"."""
+    quantize = {"pass": "quantize", "format": fmt, "kernels": False}
+    if fmt == "int4":
+        quantize.update(group_size=32, method="hqq")
+    recipe = [{"pass": "cleanup"}, {"pass": "concat_linears"}, quantize]
+    torch._dynamo.reset()
+    reference = lqc.compress(tiny_llama, recipe, example_inputs=token_ids, progress=False)
+    with torch.no_grad():
+        expected = reference(token_ids).logits
+    torch._dynamo.reset()
+    first = lqc.backend.compiled_graph_count()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = lqc.compress(tiny_llama, recipe, example_inputs=token_ids, progress=False, target="triton")
+    assert not [str(w.message) for w in caught if "target='triton'" in str(w.message)]  # every group a kernel
+    (lowered,) = lqc.backend.compiled_graphs_since(first)
+    gm = lowered.fn.__self__
+    fused = [n for n in gm.graph.nodes if n.target is torch.ops.lqc.fused_qlinear.default]
+    with_norm = [n for n in fused if n.args[6] is not None]
+    assert len(fused) == 8 and len(with_norm) == 4  # qkv, o, gate_up, down x 2 blocks; qkv and gate_up normalize
+    with torch.no_grad():
+        logits = compiled(token_ids).logits
+    assert (logits - expected).abs().max().item() <= 1e-3
 
 
 def test_int4_moe_int8_kv_recipe_end_to_end(tiny_llama, token_ids):

@@ -16,11 +16,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import triton  # noqa: E402,F401 - a dev dependency: missing, the tests fail rather than skip
+import triton  # noqa: E402 - a dev dependency: missing, the tests fail rather than skip
+import triton.language as tl  # noqa: E402
 
 from lqc.codegen import dequant_gemm as dg  # noqa: E402
 from lqc.runtime.qlinear import qlinear_reference  # noqa: E402
-from lqc.runtime.quant_formats import pad_columns, quantize_int4, quantize_int8  # noqa: E402
+from lqc.runtime.quant_formats import pad_columns, quantize_fp8, quantize_int4, quantize_int8  # noqa: E402
 
 if dg.interpreted():
     DEVICE = "cpu"
@@ -35,8 +36,11 @@ TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 def _quantized(fmt, group_size, n, k, seed=0):
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
-    q = quantize_int4(w, group_size) if fmt == "int4" else quantize_int8(w)
-    return q
+    if fmt == "int4":
+        return quantize_int4(w, group_size)
+    if fmt in ("fp8", "fp8_dyn"):
+        return quantize_fp8(w, fmt=fmt)
+    return quantize_int8(w, fmt=fmt)
 
 
 def _args(q, fmt, x, bias):
@@ -52,7 +56,7 @@ def _assert_close(y, ref, dtype):
 
 
 # K and N are ragged for every block size used (16 / 32); K odd: its last code is a low nibble.
-@pytest.mark.parametrize("fmt,group_size", [("int8", 0), ("int4", 16), ("int4", 32)])
+@pytest.mark.parametrize("fmt,group_size", [("int8", 0), ("int4", 16), ("int4", 32), ("fp8", 0), ("w8a8", 0), ("fp8_dyn", 0)])
 @pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("split_k", [1, 3])
@@ -135,7 +139,7 @@ def _int8():
 
 
 @pytest.mark.parametrize("change,config,message", [
-    (dict(fmt="int4_cpu"), {}, "computes formats int8, int4; got fmt 'int4_cpu'"),
+    (dict(fmt="int4_cpu"), {}, "computes formats int8, int4, fp8, w8a8, fp8_dyn; got fmt 'int4_cpu'"),
     (dict(x=torch.randn(2, 63)), {}, r"x has shape \(2, 63\): its last dimension must be in_features=64"),
     (dict(x=torch.randn(2, 64, dtype=torch.float64)), {}, "float32, bfloat16 or float16"),
     (dict(qweight=torch.zeros(8, 32, dtype=torch.int8)), {}, "int4 qweight must be torch.uint8"),
@@ -160,6 +164,8 @@ def test_errors(change, config, message):
     (dict(zeros=torch.zeros(8)), "int8 is symmetric and has no zeros; pass zeros=None"),
     (dict(scales=torch.ones(8, 2)), r"int8 scales have shape \(8, 2\), expected \[8\]"),
     (dict(qweight=torch.zeros(8, 64, dtype=torch.uint8)), "int8 qweight must be torch.int8"),
+    (dict(fmt="fp8"), "fp8 qweight must be torch.float8_e4m3fn"),
+    (dict(fmt="w8a8", scales=torch.ones(8, 2)), r"w8a8 scales have shape \(8, 2\), expected \[8\]"),
 ])
 def test_int8_errors(change, message):
     with pytest.raises(ValueError, match=message):
@@ -175,3 +181,28 @@ def test_cpu_without_interpreter(monkeypatch):
     assert not compiled.interpreted()
     with pytest.raises(ValueError, match="x is on the CPU: Triton kernels need a GPU, or TRITON_INTERPRET=1"):
         compiled.dequant_gemm(**_valid())
+
+
+@triton.jit
+def _roundings_kernel(v_ptr, rint_ptr, e4m3_ptr, bf16_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    v = tl.load(v_ptr + offs)
+    tl.store(rint_ptr + offs, dg._rint(v))
+    tl.store(e4m3_ptr + offs, dg._round_to_e4m3(tl.minimum(tl.maximum(v, -448.0), 448.0)))
+    tl.store(bf16_ptr + offs, dg._round_to_bf16(v))
+
+
+def test_roundings_are_torchs():
+    """The activation-quantization roundings (int8 codes, e4m3 values, the bf16 norm output) are
+    bit for bit torch's: round half to even, subnormals, mantissa carries into the exponent."""
+    gen = torch.Generator().manual_seed(0)
+    v = torch.cat([
+        torch.randn(1500, generator=gen) * 100, torch.randn(500, generator=gen) * 1e-2,
+        torch.tensor([0.0, -0.0, 0.5, 1.5, 2.5, -0.5, -2.5, 126.5, 127.5, 447.0, 464.0, 15.5, 0.0009765625, 0.00146484375]),
+    ])
+    v = torch.cat([v, torch.zeros(2048 - v.numel())]).to(DEVICE)
+    rint, e4m3, bf16 = (torch.empty_like(v) for _ in range(3))
+    _roundings_kernel[(1,)](v, rint, e4m3, bf16, N=2048)
+    torch.testing.assert_close(rint, torch.round(v), rtol=0, atol=0)
+    torch.testing.assert_close(e4m3, v.clamp(-448, 448).to(torch.float8_e4m3fn).float(), rtol=0, atol=0)
+    torch.testing.assert_close(bf16, v.to(torch.bfloat16).float(), rtol=0, atol=0)
