@@ -1,11 +1,13 @@
 """The kernel cache: cold and warm compiles at target="triton".
 
 For each repeat, with a freshly loaded model (not timed) and an empty kernel-cache folder:
-- cold: the first compile: weights compressed, every kernel's source generated, written, imported;
+- cold: the first compile: weights compressed, every kernel's source generated, written, imported
+  (with --autotune: every kernel's launch config tuned at each shape, as on a GPU by default);
 - warm: the same model compiled again (fresh dynamo): compressed weights from the transform
-  cache, kernels from memory: nothing generated;
-- disk: the model loaded afresh and the kernel modules forgotten, as in a new process: weights
-  compressed again, kernel sources read back from the folder (what the kernel cache alone saves).
+  cache, kernels and tuned configs from memory: nothing generated, nothing measured;
+- disk: the model loaded afresh and the kernel modules and tuned configs forgotten, as in a new
+  process: weights compressed again, kernel sources and configs read back from the folder (what
+  the on-disk caches alone save).
 
 Prints the whole compile's wall time (``lqc.compress``, which also runs the example once), lqc's
 own time (capture, passes, codegen) and its codegen time (lowering + kernel generation) for each, and the kernels written / loaded / reused;
@@ -13,6 +15,7 @@ saves JSON. On CPU the kernels run under TRITON_INTERPRET=1, where a kernel cost
 compile; on a GPU the first launch of each kernel also pays Triton's compile.
 
     python benchmarks/codegen_cache.py --out benchmarks/results/codegen-cache-tiny-llama-cpu
+    python benchmarks/codegen_cache.py --autotune --out benchmarks/results/codegen-cache-autotune-tiny-llama-cpu
 
 (--model smollm2-135m works too, but lqc.compress runs the example through the interpreted
 kernels three times a repeat: well over 15 minutes on 2 cores.)
@@ -33,20 +36,20 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch  # noqa: E402
 
 import lqc  # noqa: E402
-from lqc.codegen import kernel_cache  # noqa: E402
+from lqc.codegen import autotune, kernel_cache  # noqa: E402
 
 
-def compile_once(model, ids) -> dict:
+def compile_once(model, ids, tune: bool) -> dict:
     torch._dynamo.reset()
-    before = (kernel_cache.stats.written, kernel_cache.stats.loaded, kernel_cache.stats.reused)
+    before = (kernel_cache.stats.written, kernel_cache.stats.loaded, kernel_cache.stats.reused, autotune.stats.tuned)
     first = len(lqc.reports())
     start = time.perf_counter()
-    compressed = lqc.compress(model, "int4", example_inputs=ids, progress=False, target="triton")
+    compressed = lqc.compress(model, "int4", example_inputs=ids, progress=False, target="triton", autotune=tune)
     seconds = time.perf_counter() - start
     reports = lqc.reports()[first:]
     with torch.no_grad():
         compressed(ids)
-    after = (kernel_cache.stats.written, kernel_cache.stats.loaded, kernel_cache.stats.reused)
+    after = (kernel_cache.stats.written, kernel_cache.stats.loaded, kernel_cache.stats.reused, autotune.stats.tuned)
     return {
         "compile_s": seconds,
         # lqc's own share: capture, the passes, lowering and kernel generation (no dynamo tracing,
@@ -54,6 +57,7 @@ def compile_once(model, ids) -> dict:
         "lqc_s": sum(r.capture_seconds + sum(rec.seconds for rec in r.records) + r.codegen_seconds for r in reports),
         "codegen_s": sum(r.codegen_seconds for r in reports),
         "written": after[0] - before[0], "loaded": after[1] - before[1], "reused": after[2] - before[2],
+        "tuned": after[3] - before[3],
     }
 
 
@@ -63,6 +67,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--autotune", action="store_true", help="tune launch configs (on a GPU the default)")
     parser.add_argument("--out", default=None, help="write <out>.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -73,28 +78,31 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             os.environ["LQC_KERNEL_CACHE"] = folder
             kernel_cache.forget_loaded()
+            autotune.forget_tuned()
             model = lqc.models.load(args.model).model
             ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
-            rows["cold"].append(compile_once(model, ids))
-            rows["warm"].append(compile_once(model, ids))
+            rows["cold"].append(compile_once(model, ids, args.autotune))
+            rows["warm"].append(compile_once(model, ids, args.autotune))
             kernel_cache.forget_loaded()
+            autotune.forget_tuned()
             model = lqc.models.load(args.model).model
-            rows["disk"].append(compile_once(model, ids))
+            rows["disk"].append(compile_once(model, ids, args.autotune))
 
     summary = {}
     print(f"{args.model}, int4, target='triton' (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}), "
-          f"{args.tokens} tokens, median of {args.repeats}")
-    print(f"{'compile':<8} {'whole s':>8} {'lqc s':>7} {'codegen ms':>11} {'written':>8} {'loaded':>7} {'reused':>7}")
+          f"autotune={args.autotune}, {args.tokens} tokens, median of {args.repeats}")
+    print(f"{'compile':<8} {'whole s':>8} {'lqc s':>7} {'codegen ms':>11} {'written':>8} {'loaded':>7} {'reused':>7} {'tuned':>6}")
     for name, runs in rows.items():
         row = {
             "compile_s": statistics.median(r["compile_s"] for r in runs),
             "lqc_s": statistics.median(r["lqc_s"] for r in runs),
             "codegen_s": statistics.median(r["codegen_s"] for r in runs),
             "written": runs[-1]["written"], "loaded": runs[-1]["loaded"], "reused": runs[-1]["reused"],
+            "tuned": runs[-1]["tuned"],
         }
         summary[name] = row
         print(f"{name:<8} {row['compile_s']:>8.3f} {row['lqc_s']:>7.3f} {row['codegen_s'] * 1e3:>11.1f} {row['written']:>8} "
-              f"{row['loaded']:>7} {row['reused']:>7}")
+              f"{row['loaded']:>7} {row['reused']:>7} {row['tuned']:>6}")
     for name in ("warm", "disk"):
         for part in ("compile", "lqc", "codegen"):
             summary[f"cold/{name} {part}"] = summary["cold"][f"{part}_s"] / summary[name][f"{part}_s"]
@@ -104,6 +112,7 @@ def main() -> None:
         path = Path(f"{args.out}.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"model": args.model, "recipe": "int4", "target": "triton", "tokens": args.tokens,
+                                    "autotune": args.autotune,
                                     "runs": rows, "summary": summary}, indent=1))
         print(f"wrote {path}")
 

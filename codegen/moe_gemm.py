@@ -11,7 +11,9 @@ expert:
    happens in the kernel's loads, x is never copied into expert order);
 2. down: ``y = h @ w_out[e].T``, row for row.
 
-Then each token's rows are summed back into its output (``index_add_``, in a fixed order). Experts
+Then each token's rows are summed back into its output (``index_add_``, in a fixed order). The
+group's epilogue, the residual add after the FFN, is that sum's starting value: the output
+begins as the residual (in float32) instead of zeros, so the add costs no pass of its own. Experts
 have weight 1, as in lqc.runtime.moe (a carve of a dense FFN). int8 experts: codes widened in
 registers, their per-row scales applied to the accumulator. The accumulators are float32.
 
@@ -118,16 +120,21 @@ def permute(picked: torch.Tensor, shared: int, experts: int, block_m: int) -> tu
 
 
 def moe_ffn_triton(x, router_weight, router_bias, w_in, w_gate, b_in, w_out, shared, top_k, activation,
-                   w_in_scale=None, w_gate_scale=None, w_out_scale=None, *,
+                   w_in_scale=None, w_gate_scale=None, w_out_scale=None, residual=None, *,
                    block_m: int = 16, block_n: int = 32, block_k: int = 32, input_precision: str = "ieee"):
-    """What ``lqc::moe_ffn`` computes, as two grouped-GEMM launches (see the module docstring)."""
+    """What ``lqc::moe_ffn`` computes (plus ``residual`` when given), as two grouped-GEMM launches
+    (see the module docstring)."""
     check_moe_ffn_shapes(x.shape[-1], router_weight, router_bias, w_in, w_gate, b_in, w_out, shared, top_k, activation,
                          w_in_scale, w_gate_scale, w_out_scale)
     experts, neurons, width = w_in.shape
     d_out = w_out.shape[1]
     x2 = x.reshape(-1, width)
     tokens = x2.shape[0]
-    out = torch.zeros((tokens, d_out), dtype=torch.float32, device=x.device)
+    _check_residual(residual, x, d_out)
+    if residual is None:
+        out = torch.zeros((tokens, d_out), dtype=torch.float32, device=x.device)
+    else:
+        out = residual.reshape(tokens, d_out).to(torch.float32, copy=True)
     if tokens == 0:
         return out.to(x.dtype).reshape(*x.shape[:-1], d_out)
     row_ids, block_expert = permute(route(x2, router_weight, router_bias, top_k), shared, experts, block_m)
@@ -177,23 +184,30 @@ def interpreted() -> bool:
     return isinstance(_grouped_gemm_kernel, InterpretedFunction)
 
 
+def _check_residual(residual, x, d_out) -> None:
+    if residual is not None and tuple(residual.shape) != (*x.shape[:-1], d_out):
+        raise ValueError(f"residual has shape {tuple(residual.shape)}, expected the output's {(*x.shape[:-1], d_out)}")
+
+
 @torch.library.custom_op("lqc::moe_ffn_grouped", mutates_args=())
 def moe_ffn_grouped(
     x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None, w_in: torch.Tensor,
     w_gate: torch.Tensor | None, b_in: torch.Tensor | None, w_out: torch.Tensor, shared: int, top_k: int,
     activation: str, w_in_scale: torch.Tensor | None = None, w_gate_scale: torch.Tensor | None = None,
-    w_out_scale: torch.Tensor | None = None,
+    w_out_scale: torch.Tensor | None = None, residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``lqc::moe_ffn`` by the grouped-GEMM kernels (a GPU, or CPU under the interpreter); on CPU
-    otherwise, its CPU implementation: the reference."""
+    """``lqc::moe_ffn`` (+ ``residual``: the group's epilogue) by the grouped-GEMM kernels (a GPU,
+    or CPU under the interpreter); on CPU otherwise, its CPU implementation: the reference."""
     args = (x, router_weight, router_bias, w_in, w_gate, b_in, w_out, shared, top_k, activation,
             w_in_scale, w_gate_scale, w_out_scale)
     if x.is_cuda or interpreted():
-        return moe_ffn_triton(*args)
-    return moe_ffn_reference(*args)
+        return moe_ffn_triton(*args, residual)
+    _check_residual(residual, x, w_out.shape[1])
+    out = moe_ffn_reference(*args)
+    return out if residual is None else (out.to(torch.float32) + residual.to(torch.float32)).to(x.dtype)
 
 
 @moe_ffn_grouped.register_fake
 def _moe_ffn_grouped_fake(x, router_weight, router_bias, w_in, w_gate, b_in, w_out, shared, top_k, activation,
-                          w_in_scale=None, w_gate_scale=None, w_out_scale=None):
+                          w_in_scale=None, w_gate_scale=None, w_out_scale=None, residual=None):
     return x.new_empty((*x.shape[:-1], w_out.shape[1]))

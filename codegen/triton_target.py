@@ -7,8 +7,8 @@
   prologue (lqc.codegen.prologue), the anchor and the epilogue nodes the kernel can compute
   become one ``lqc::fused_qlinear`` call naming the kernel generated for them
   (lqc.codegen.qlinear_kernels, cached by lqc.codegen.kernel_cache);
-- ``lqc::moe_ffn`` becomes ``lqc::moe_ffn_grouped``, the grouped-GEMM template over permuted
-  tokens (lqc.codegen.moe_gemm);
+- ``lqc::moe_ffn`` and its residual add become ``lqc::moe_ffn_grouped``, the grouped-GEMM
+  template over permuted tokens (lqc.codegen.moe_gemm);
 - the KV attention ops keep their cache handling and attend with the flash-decoding kernel over
   the compressed cache (lqc.codegen.kv_decode).
 
@@ -144,18 +144,28 @@ def lower_to_triton(graph: Graph, debug_dir: str | Path | None = None, autotune:
 
 def _lower_moe(graph: Graph, group, lowering: Lowering) -> None:
     """``lqc::moe_ffn`` -> ``lqc::moe_ffn_grouped`` (lqc.codegen.moe_gemm: the grouped-GEMM template,
-    same operands). Its epilogue (the residual add) stays outside: the template has none yet."""
+    same operands). An epilogue of one residual add becomes its ``residual`` operand: the sum of
+    the experts' rows starts from it."""
     from .moe_gemm import moe_ffn_grouped  # noqa: F401  - registers the op
 
-    anchor = group.anchor
-    with graph.gm.graph.inserting_before(anchor):
-        grouped = graph.gm.graph.call_function(torch.ops.lqc.moe_ffn_grouped.default, anchor.args, dict(anchor.kwargs))
-    grouped.meta.update({k: v for k, v in anchor.meta.items() if k != "lqc_provenance"})
-    anchor.replace_all_uses_with(grouped)
-    graph.gm.graph.erase_node(anchor)
-    lowering.fused_nodes[grouped.name] = [anchor.name]
+    anchor, g = group.anchor, graph.gm.graph
+    kwargs = dict(anchor.kwargs)
+    last, replaced = anchor, [anchor]
     if group.epilogue:
-        lowering.left["moe_ffn epilogue: not fused yet (runs after the grouped GEMMs)"] += 1
+        (add, *rest) = group.epilogue
+        residual = add.args[1] if add.args[0] is anchor else add.args[0]
+        if not rest and group.roles.get(add) == "residual" and add.meta["val"].dtype == anchor.meta["val"].dtype:
+            kwargs["residual"] = residual
+            last, replaced = add, [anchor, add]
+        else:
+            lowering.left["moe_ffn epilogue other than one residual add: runs after the grouped GEMMs"] += 1
+    with g.inserting_before(last):
+        grouped = g.call_function(torch.ops.lqc.moe_ffn_grouped.default, anchor.args, kwargs)
+    grouped.meta.update({k: v for k, v in last.meta.items() if k != "lqc_provenance"})
+    last.replace_all_uses_with(grouped)
+    for node in reversed(replaced):
+        g.erase_node(node)
+    lowering.fused_nodes[grouped.name] = [n.name for n in replaced]
 
 
 def run_with_kv_kernel(op, *args, **kwargs):

@@ -67,6 +67,22 @@ def test_grouped_gemm_matches_the_reference(case, dtype):
     assert ((out.float() - expected).norm() / expected.norm()).item() <= tolerance
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_epilogue(dtype):
+    """The group's residual add: the experts' rows are summed onto the residual (the op's torch
+    implementation adds it after the reference); a wrong shape is an error naming both."""
+    tokens, width, neurons, d_out, experts, shared, top_k, gate, bias, int8, activation = CASES[1]
+    x, ops, scales = _operands(tokens, width, neurons, d_out, experts, shared, gate, bias, int8, dtype, seed=3)
+    residual = torch.randn(tokens, d_out, generator=torch.Generator().manual_seed(4)).to(dtype)
+    out = moe_gemm.moe_ffn_triton(x, shared=shared, top_k=top_k, activation=activation, **ops, **scales, residual=residual)
+    expected = moe_ffn_reference(x.float(), shared=shared, top_k=top_k, activation=activation, **ops, **scales) + residual.float()
+    tolerance = 1e-3 if dtype == torch.float32 else 1e-2
+    assert out.dtype == dtype and ((out.float() - expected).norm() / expected.norm()).item() <= tolerance
+    with pytest.raises(ValueError, match=r"residual has shape \(5, 32\), expected the output's \(5, 33\)"):
+        moe_gemm.moe_ffn_triton(x, shared=shared, top_k=top_k, activation=activation, **ops, **scales,
+                                residual=residual[:, :32])
+
+
 def test_permutation_groups_pairs_by_expert_in_blocks():
     picked = torch.tensor([[0, 2], [2, 1], [0, 1]])  # 3 tokens, routed experts 0..2, 1 shared
     row_ids, block_expert = moe_gemm.permute(picked, shared=1, experts=4, block_m=4)
