@@ -3,8 +3,9 @@
 - ``eager``: run the fx GraphModule as is (lqc ops through their reference/ATen implementations).
 - ``inductor``: hand the graph to Inductor (``compile_fx``); lqc ops with CPU implementations
   run inside Inductor's code as extern calls.
-- ``triton``: generated Triton kernels for the qlinear fusion groups (lqc.codegen.triton_target),
-  the rest of the graph run as it is; on CPU under ``TRITON_INTERPRET=1`` only (for checking).
+- ``triton``: generated Triton kernels for the fusion groups (lqc.codegen.triton_target), the
+  rest of the graph compiled by Inductor around them; on CPU under ``TRITON_INTERPRET=1`` only
+  (for checking).
 - ``auto``: the best target that exists for this graph's device: Inductor today.
 """
 
@@ -26,20 +27,21 @@ def resolve_target(target: str) -> str:
 
 
 def compile_graph(graph: Graph, target: str, example_inputs: Sequence[Any], debug_dir: str | Path | None = None,
-                  autotune: bool | None = None) -> Callable:
+                  autotune: bool | None = None, inductor: bool = True) -> Callable:
     """A function of the graph's user inputs that runs it on ``target``. ``debug_dir``: where
     target="triton" writes its kernels' sources; ``autotune``: whether its kernels tune their
-    launch configs (None: on a GPU, not under the interpreter)."""
+    launch configs (None: on a GPU, not under the interpreter); ``inductor=False``: at target
+    triton, the nodes outside the kernels run eagerly instead of through Inductor."""
     target = resolve_target(target)
     if target == "eager":
         return graph.gm.forward
     if target == "triton":
-        from .triton_target import check_triton_runs_here, lower_to_triton
+        from .triton_target import TritonProgram, check_triton_runs_here, lower_to_triton
 
         on_cpu = check_triton_runs_here(example_inputs)
         lowered = graph.copy()  # the compressed graph itself stays as the passes left it (lqc.save reads it)
-        lower_to_triton(lowered, debug_dir, autotune=not on_cpu if autotune is None else autotune)
-        return lowered.gm.forward
+        lowering = lower_to_triton(lowered, debug_dir, autotune=not on_cpu if autotune is None else autotune)
+        return TritonProgram(lowered.gm, lowering, example_inputs, inductor=inductor)
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(graph.gm, list(example_inputs))

@@ -9,10 +9,11 @@
   (lqc.codegen.qlinear_kernels, cached by lqc.codegen.kernel_cache);
 - ``lqc::moe_ffn`` and its residual add become ``lqc::moe_ffn_grouped``, the grouped-GEMM
   template over permuted tokens (lqc.codegen.moe_gemm);
-- the KV attention ops keep their cache handling and attend with the flash-decoding kernel over
-  the compressed cache (lqc.codegen.kv_decode).
+- the KV attention ops keep their nodes and attend with the flash-decoding kernel over the
+  compressed cache (lqc.codegen.kv_decode) when ``TritonProgram`` runs the graph.
 
-The rest of the graph runs as it is. What is not lowered (layer-norm prologues, an epilogue step
+``TritonProgram`` hands the lowered graph to Inductor: the nodes outside the groups become
+Inductor's code, the kernels its extern calls. What is not lowered (layer-norm prologues, an epilogue step
 no template computes) keeps its op, and one warning per graph lists it with the reason. On CPU the
 kernels run under ``TRITON_INTERPRET=1`` (slow, exact: how CI checks codegen end to end);
 without it, CPU tensors are an error that says so, never a crash in a kernel.
@@ -50,6 +51,7 @@ class Lowering:
     fused_nodes: dict[str, list[str]] = field(default_factory=dict)  # fused_qlinear node -> the nodes it replaced
     left: Counter = field(default_factory=Counter)  # why groups (or parts of them) were not lowered
     sources: dict[str, str] = field(default_factory=dict)  # kernel key -> its source, annotated for debug_dir
+    kv_attention: list[str] = field(default_factory=list)  # KV attention nodes that attend with the flash-decoding kernel
 
 
 def check_triton_runs_here(example_inputs) -> bool:
@@ -168,29 +170,49 @@ def _lower_moe(graph: Graph, group, lowering: Lowering) -> None:
     lowering.fused_nodes[grouped.name] = [n.name for n in replaced]
 
 
-def run_with_kv_kernel(op, *args, **kwargs):
-    """Run a KV attention op (cache update, attention, settle) with the flash-decoding kernel
-    (lqc.codegen.kv_decode) computing its attention."""
-    from lqc.runtime.kv_attention import attention_kernel
-
-    from .kv_decode import attend_triton
-
-    with attention_kernel(attend_triton):
-        return op(*args, **kwargs)
-
-
 def _lower_kv_attention(graph: Graph, group, lowering: Lowering) -> None:
-    """A KV attention op keeps its cache handling and runs its attention as the flash-decoding
-    kernel: the node calls it through ``run_with_kv_kernel``."""
+    """A KV attention op keeps its node (its cache handling, and Inductor's extern call to it) and
+    attends with the flash-decoding kernel: ``TritonProgram`` runs the graph inside
+    ``runtime.kv_attention.attention_kernel(kv_decode.attend_triton)``."""
     from . import kv_decode  # noqa: F401  - imports triton now, with the kernels decorated as the others
 
-    anchor = group.anchor
-    with graph.gm.graph.inserting_before(anchor):
-        wrapped = graph.gm.graph.call_function(run_with_kv_kernel, (anchor.target, *anchor.args), dict(anchor.kwargs))
-    wrapped.meta.update({k: v for k, v in anchor.meta.items() if k != "lqc_provenance"})
-    anchor.replace_all_uses_with(wrapped)
-    graph.gm.graph.erase_node(anchor)
-    lowering.fused_nodes[wrapped.name] = [anchor.name]
+    lowering.kv_attention.append(group.anchor.name)
+    lowering.fused_nodes[group.anchor.name] = [group.anchor.name]
+
+
+class TritonProgram:
+    """What ``target="triton"`` runs for one graph: the lowered graph (``graph_module``: generated
+    kernels as custom-op calls, the rest as it was) compiled by Inductor, which generates its own
+    code for the nodes outside the groups and calls lqc's ops as externs. The KV attention ops, if
+    any, attend with the flash-decoding kernel (a context around each call, see
+    ``runtime.kv_attention.attention_kernel``). Where Inductor cannot compile the graph, it runs
+    eagerly (warned)."""
+
+    def __init__(self, graph_module: fx.GraphModule, lowering: Lowering, example_inputs, inductor: bool = True):
+        self.graph_module = graph_module
+        self.lowering = lowering
+        self.rest = "inductor" if inductor else "eager"
+        self._run = graph_module.forward
+        if not inductor:
+            return
+        try:
+            from torch._inductor.compile_fx import compile_fx
+
+            self._run = compile_fx(graph_module, list(example_inputs))
+        except Exception as exc:  # noqa: BLE001 - any failure: the graph still runs, eagerly
+            warnings.warn(f"lqc: Inductor could not compile the rest of the graph at target='triton' "
+                          f"({type(exc).__name__}: {exc}); it runs eagerly around the kernels", stacklevel=3)
+            self._run, self.rest = graph_module.forward, "eager"
+
+    def __call__(self, *args):
+        if not self.lowering.kv_attention:
+            return self._run(*args)
+        from lqc.runtime.kv_attention import attention_kernel
+
+        from .kv_decode import attend_triton
+
+        with attention_kernel(attend_triton):
+            return self._run(*args)
 
 
 def _generic_layout(graph: Graph, anchor: fx.Node, canonical, base: str):
@@ -215,4 +237,5 @@ def write_kernel_sources(lowering: Lowering, debug_dir: Path) -> None:
         )
 
 
-__all__ = ["Lowering", "check_triton_runs_here", "lower_to_triton", "qlinear_source", "write_kernel_sources"]
+__all__ = ["Lowering", "TritonProgram", "check_triton_runs_here", "lower_to_triton", "qlinear_source",
+           "write_kernel_sources"]

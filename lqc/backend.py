@@ -106,11 +106,13 @@ def lqc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: A
         if viz:
             _annotate_for_viz(report, graph, ctx.reference, args, debug_dir)
         target = opts.target
-        if rebuilding and any(i.role == "size" for i in graph.inputs):
-            # Outside dynamo's tracing context Inductor would specialize a dynamic graph to these shapes.
+        # Outside dynamo's tracing context Inductor would specialize a dynamic graph to these shapes:
+        # such a rebuild runs eagerly (at target triton: its kernels, the rest eagerly).
+        inductor = not (rebuilding and any(i.role == "size" for i in graph.inputs))
+        if not inductor and target != "triton":
             target = "eager"
         start = time.perf_counter()
-        fn = compile_graph(graph, target, [args[i.index] for i in graph.inputs], debug_dir, opts.autotune)
+        fn = compile_graph(graph, target, [args[i.index] for i in graph.inputs], debug_dir, opts.autotune, inductor)
         report.codegen_seconds = time.perf_counter() - start
         with _reports_lock:
             _reports.append(report)

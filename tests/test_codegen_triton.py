@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 import lqc  # noqa: E402
 from lqc.codegen import kernel_cache  # noqa: E402
-from lqc.codegen import dequant_gemm  # noqa: E402
+from lqc.codegen import dequant_gemm, kv_decode  # noqa: E402
 from lqc.codegen.epilogue import EpilogueProgram, Operand, Step, epilogue_program  # noqa: E402
 from lqc.codegen.partition import partition  # noqa: E402
 from lqc.codegen.qlinear_kernels import kernel_for, launch, rms_norm_reference  # noqa: E402
@@ -204,7 +204,8 @@ def test_norm_prologue_end_to_end(tiny_llama, token_ids, fmt):
         compiled = lqc.compress(tiny_llama, recipe, example_inputs=token_ids, progress=False, target="triton")
     assert not [str(w.message) for w in caught if "target='triton'" in str(w.message)]  # every group a kernel
     (lowered,) = lqc.backend.compiled_graphs_since(first)
-    gm = lowered.fn.__self__
+    assert lowered.fn.rest == "inductor"  # the nodes outside the kernels: Inductor's code
+    gm = lowered.fn.graph_module
     fused = [n for n in gm.graph.nodes if n.target is torch.ops.lqc.fused_qlinear.default]
     with_norm = [n for n in fused if n.args[6] is not None]
     assert len(fused) == 8 and len(with_norm) == 4  # qkv, o, gate_up, down x 2 blocks; qkv and gate_up normalize
@@ -213,7 +214,7 @@ def test_norm_prologue_end_to_end(tiny_llama, token_ids, fmt):
     assert (logits - expected).abs().max().item() <= 1e-3
 
 
-def test_int4_moe_int8_kv_recipe_end_to_end(tiny_llama, token_ids):
+def test_int4_moe_int8_kv_recipe_end_to_end(tiny_llama, token_ids, monkeypatch):
     """The issue's recipe: int4 weights, the FFNs turned into MoE, an int8 KV cache. The qlinears
     run as generated kernels, lqc::moe_ffn as the grouped-GEMM template, the KV attention as the
     flash-decoding kernel. Logits within 1e-3 of the same recipe at target="eager", for the
@@ -235,13 +236,18 @@ def test_int4_moe_int8_kv_recipe_end_to_end(tiny_llama, token_ids):
     # every group became a kernel, the MoE's residual add included (the sum of the experts' rows starts from it)
     assert not [str(w.message) for w in caught if "target='triton'" in str(w.message)]
     (lowered,) = lqc.backend.compiled_graphs_since(first)
-    code = lowered.fn.__self__.code  # fn is the lowered GraphModule's forward
+    assert lowered.fn.rest == "inductor"
+    code = lowered.fn.graph_module.code  # the lowered graph Inductor compiled
     assert code.count("= torch.ops.lqc.moe_ffn_grouped.default(") == 2 and "lqc.moe_ffn.default" not in code
     assert code.count("residual = fused_qlinear") == 2  # the MoE adds the residual stream: o_proj + its residual
-    assert code.count("run_with_kv_kernel(torch.ops.lqc.kv_dynamic_attention.default") == 2
+    assert code.count("torch.ops.lqc.kv_dynamic_attention.default(") == 2 and len(lowered.fn.lowering.kv_attention) == 2
     assert code.count("= torch.ops.lqc.fused_qlinear.default(") == 8  # 4 attention linears x 2 blocks
+    attended = []
+    flash = kv_decode.attend_triton
+    monkeypatch.setattr(kv_decode, "attend_triton", lambda *a, **kw: attended.append(1) or flash(*a, **kw))
     with torch.no_grad():
         logits = compiled(token_ids).logits
+    assert len(attended) == 2  # inside Inductor's code, each KV attention op attended with the flash kernel
     assert (logits - expected).abs().max().item() <= 1e-3
     # decode over the compressed cache: greedy tokens and the last step's logits agree
     torch._dynamo.reset()
