@@ -2,9 +2,11 @@
 
 For each repeat, with a freshly loaded model (not timed) and an empty kernel-cache folder:
 - cold: the first compile: weights compressed, every kernel's source generated, written, imported
-  (with --autotune: every kernel's launch config tuned at each shape, as on a GPU by default);
+  (with --autotune: every kernel's launch config tuned at each shape, as on a GPU by default),
+  the rest of the graph compiled by Inductor with its cache folder empty too;
 - warm: the same model compiled again (fresh dynamo): compressed weights from the transform
-  cache, kernels and tuned configs from memory: nothing generated, nothing measured;
+  cache, kernels and tuned configs from memory, Inductor's code from its cache: nothing
+  generated, nothing measured;
 - disk: the model loaded afresh and the kernel modules and tuned configs forgotten, as in a new
   process: weights compressed again, kernel sources and configs read back from the folder (what
   the on-disk caches alone save).
@@ -77,6 +79,8 @@ def main() -> None:
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as folder:
             os.environ["LQC_KERNEL_CACHE"] = folder
+            # cold means every cache empty, Inductor's too (it compiles the rest of the graph)
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(folder, "inductor")
             kernel_cache.forget_loaded()
             autotune.forget_tuned()
             model = lqc.models.load(args.model).model
