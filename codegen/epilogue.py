@@ -89,7 +89,8 @@ class EpilogueProgram:
 
     def signature(self) -> str:
         """The program's text without node names: equal programs make the same kernel."""
-        return ("split2;" if self.halves else "") + ";".join(f"v{i}={s.op}({','.join(o.text() for o in s.operands)})" for i, s in enumerate(self.steps))
+        steps = ";".join(f"v{i}={s.op}({','.join(o.text() for o in s.operands)})" for i, s in enumerate(self.steps))
+        return ("split2;" if self.halves else "") + steps
 
     def triton_lines(self) -> list[str]:
         """Statements leaving the result in ``v<last>`` (or ``acc`` with no steps). They read ``acc``,

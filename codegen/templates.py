@@ -7,8 +7,9 @@ TRITON_INTERPRET is set (see dequant_gemm's docstring).
 
 from __future__ import annotations
 
-# lqc.codegen.dequant_gemm: lqc::qlinear with these weight formats (w8a8 / fp8_dyn quantizing x per token in the kernel) (and the packed CPU layouts,
-# which target="triton" rebuilds in these from the canonical codes)
+# lqc.codegen.dequant_gemm: lqc::qlinear with these weight formats (w8a8 / fp8_dyn quantizing x per
+# token in the kernel), and the packed CPU layouts, which target="triton" rebuilds in these from
+# the canonical codes
 DEQUANT_GEMM_FORMATS = ("int8", "int4", "fp8", "w8a8", "fp8_dyn")
 CPU_LAYOUT_BASE = {"int8_cpu": "int8", "int4_cpu": "int4"}
 
