@@ -121,6 +121,24 @@ def test_generated_kernel_matches_the_torch_program(name, fmt, m, k, n, dtype, s
     assert ((out.float() - expected).norm() / expected.norm()).item() <= tolerance
 
 
+def _eager_and_triton(model, recipe, ids, **options):
+    """(reference model, its logits, the model at target triton, its one compiled graph): the same
+    recipe at target eager and at target triton, asserting that the latter warned of nothing left
+    outside the kernels."""
+    torch._dynamo.reset()
+    reference = lqc.compress(model, recipe, example_inputs=ids, progress=False, **options)
+    with torch.no_grad():
+        expected = reference(ids).logits
+    torch._dynamo.reset()
+    first = lqc.backend.compiled_graph_count()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = lqc.compress(model, recipe, example_inputs=ids, progress=False, target="triton", **options)
+    assert not [str(w.message) for w in caught if "target='triton'" in str(w.message)]  # every group a kernel
+    (lowered,) = lqc.backend.compiled_graphs_since(first)
+    return reference, expected, compiled, lowered
+
+
 @pytest.mark.parametrize("split_k", [1, 2])
 def test_split_program_adds_each_halfs_bias(split_k):
     gen = torch.Generator().manual_seed(split_k)
@@ -193,17 +211,7 @@ def test_norm_prologue_end_to_end(tiny_llama, token_ids, fmt):
     if fmt == "int4":
         quantize.update(group_size=32, method="hqq")
     recipe = [{"pass": "cleanup"}, {"pass": "concat_linears"}, quantize]
-    torch._dynamo.reset()
-    reference = lqc.compress(tiny_llama, recipe, example_inputs=token_ids, progress=False)
-    with torch.no_grad():
-        expected = reference(token_ids).logits
-    torch._dynamo.reset()
-    first = lqc.backend.compiled_graph_count()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        compiled = lqc.compress(tiny_llama, recipe, example_inputs=token_ids, progress=False, target="triton")
-    assert not [str(w.message) for w in caught if "target='triton'" in str(w.message)]  # every group a kernel
-    (lowered,) = lqc.backend.compiled_graphs_since(first)
+    _reference, expected, compiled, lowered = _eager_and_triton(tiny_llama, recipe, token_ids)
     assert lowered.fn.rest == "inductor"  # the nodes outside the kernels: Inductor's code
     gm = lowered.fn.graph_module
     fused = [n for n in gm.graph.nodes if n.target is torch.ops.lqc.fused_qlinear.default]
@@ -223,19 +231,8 @@ def test_int4_moe_int8_kv_recipe_end_to_end(tiny_llama, token_ids, monkeypatch):
     recipe = [{"pass": "cleanup"}, {"pass": "ffn_to_moe", "experts": 4, "shared": 1, "top_k": 1},
               {"pass": "quantize", "format": "int4", "group_size": 32, "method": "hqq", "kernels": False},
               {"pass": "compress_kv", "bits": 8, "group": 16, "residual": 4, "sinks": 0}]
-    torch._dynamo.reset()
-    reference = lqc.compress(tiny_llama, recipe, calibration=calibration, example_inputs=token_ids, progress=False)
-    with torch.no_grad():
-        expected = reference(token_ids).logits
-    torch._dynamo.reset()
-    first = lqc.backend.compiled_graph_count()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        compiled = lqc.compress(tiny_llama, recipe, calibration=calibration, example_inputs=token_ids, progress=False,
-                                target="triton")
-    # every group became a kernel, the MoE's residual add included (the sum of the experts' rows starts from it)
-    assert not [str(w.message) for w in caught if "target='triton'" in str(w.message)]
-    (lowered,) = lqc.backend.compiled_graphs_since(first)
+    # every group becomes a kernel, the MoE's residual add included (the sum of the experts' rows starts from it)
+    reference, expected, compiled, lowered = _eager_and_triton(tiny_llama, recipe, token_ids, calibration=calibration)
     assert lowered.fn.rest == "inductor"
     code = lowered.fn.graph_module.code  # the lowered graph Inductor compiled
     assert code.count("= torch.ops.lqc.moe_ffn_grouped.default(") == 2 and "lqc.moe_ffn.default" not in code
