@@ -6,7 +6,8 @@ own inputs, times each, and keeps the fastest; every later call at that shape, i
 or any other, reads the choice back instead. A shape is the kernel (its cache key), the format
 and group size, M rounded up to a power of two (so decode steps of one token and prefills of 100
 share little, and prefills of 100 and 120 share a choice), N, K, the dtypes, whether there is a
-norm prologue, and the device's name.
+norm prologue, the device's name, and for float32 x whether TF32 is allowed
+(``dot_input_precision``).
 
 The space (``candidates``): BLOCK_N in 32 / 64 / 128, BLOCK_K the largest valid and half of it,
 split-K off and ``pick_split_k``'s choice (small M only), at most 12 configs. BLOCK_M follows M.
@@ -30,6 +31,7 @@ from typing import Callable
 import torch
 
 from . import kernel_cache
+from .templates import dot_input_precision
 
 BLOCK_NS = (32, 64, 128)
 
@@ -84,8 +86,10 @@ def shape_key(kernel: str, x: torch.Tensor, fmt: str, group_size: int, n: int, k
 
     m = math.prod(x.shape[:-1])
     device = torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu-interpreter"
+    # float32 x with TF32 allowed runs another dot (dot_input_precision): timed apart
+    tf32 = "|tf32" if x.dtype == torch.float32 and dot_input_precision() == "tf32" else ""
     return (f"{kernel}|{fmt}|g{group_size}|m{triton.next_power_of_2(max(m, 1))}|n{n}|k{k}|{x.dtype}->{out_dtype}"
-            f"|{'norm' if has_norm else 'plain'}|{device}")
+            f"|{'norm' if has_norm else 'plain'}|{device}{tf32}")
 
 
 def measure(run: Callable[[], object], on_gpu: bool) -> float:

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lqc.codegen.templates import DEQUANT_GEMM_FORMATS as FORMATS
+from lqc.codegen.templates import DEQUANT_GEMM_FORMATS as FORMATS, dot_input_precision
 
 # lqc.runtime.quant_formats.INT4_OFFSET: codes 0..15 stand for -8..7 (a constexpr: jit code may
 # only read globals that are)
@@ -420,7 +420,7 @@ def dequant_gemm(
     block_n: int = 64,
     block_k: int | None = None,
     split_k: int | None = 1,
-    input_precision: str = "ieee",
+    input_precision: str | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> torch.Tensor:
@@ -430,11 +430,14 @@ def dequant_gemm(
     block_m=None: the smallest power of two >= M, between 16 and 64. block_k=None: 64, or for
     int4 the largest power of two <= 64 dividing group_size. split_k=None: ``pick_split_k``.
     input_precision: tl.dot's for float32 x ("ieee" matches the reference; "tf32" is faster and
-    rounds x and W to 10-bit mantissas); bf16 / fp16 x multiply in their own type.
+    rounds x and W to 10-bit mantissas); None: torch's setting now (``dot_input_precision``: "ieee"
+    unless the user allowed TF32); bf16 / fp16 x multiply in their own type.
     num_warps, num_stages: the GEMM kernel's launch config (GPU only; the interpreter ignores them).
     """
     if block_k is None:
         block_k = default_block_k(fmt, group_size) if isinstance(group_size, int) and group_size > 0 else 64
+    if input_precision is None:
+        input_precision = dot_input_precision()
     _check(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_features, block_m, block_n, block_k, split_k)
     m = math.prod(x.shape[:-1])
     x2 = x.reshape(m, in_features)  # a view when it can be: the kernel reads x through its strides

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lqc.codegen.templates import dot_input_precision
 from lqc.runtime.kv_attention import CompressedKVView, attend, mask_bias
 
 TOKENS_PER_PROGRAM = 256  # a chunk of tokens per program (split of the token axis)
@@ -60,7 +61,7 @@ def _kv_partial_kernel(
     so_b, so_h, so_c, so_r,
     sm_b, sm_h, sm_c,
     BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -104,7 +105,7 @@ def _kv_partial_kernel(
             vz = tl.load(vz_ptr + b * svs_b + h * svs_h + offs_t[:, None] * svs_t + v_cols, mask=mask_t[:, None], other=0.0)
             v = vc.to(tl.float32) * vs.to(tl.float32) + vz.to(tl.float32)
 
-        s = tl.dot(q, k, input_precision="ieee")  # [BLOCK_R, BLOCK_T]; q is already scaled
+        s = tl.dot(q, k, input_precision=INPUT_PRECISION)  # [BLOCK_R, BLOCK_T]; q is already scaled
         if HAS_BIAS:
             s += tl.load(bias_ptr + b * sbias_b + h * sbias_h + offs_r[:, None] * sbias_r + (CHUNK0 + offs_t[None, :]) * sbias_t,
                          mask=mask_r[:, None] & mask_t[None, :], other=0.0)
@@ -115,7 +116,7 @@ def _kv_partial_kernel(
         p = tl.exp(s - shift[:, None])
         alpha = tl.exp(m - shift)
         l = l * alpha + tl.reduce(p, 1, _add)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=INPUT_PRECISION)
         m = m_new
 
     base = b * so_b + h * so_h + chunk * so_c
@@ -148,6 +149,7 @@ def attend_triton(view: CompressedKVView, query: torch.Tensor, attention_mask: t
     if bias is not None:  # the kernel's rows are (query head of a KV head, query token): [B, Hkv, rep * q, T]
         bias = bias.expand(b, query_heads, q_len, view.tokens).reshape(b, kv_heads, rows, view.tokens).contiguous()
     block_r = max(16, triton.next_power_of_2(rows))
+    precision = dot_input_precision()  # q, K, V are float32 here: TF32 only where torch allows it
 
     parts = []  # (tokens, keys, values, key scales, key zeros, value scales, value zeros, bits, k group, v group)
     if view.sink_keys.shape[-2]:
@@ -186,7 +188,7 @@ def attend_triton(view: CompressedKVView, query: torch.Tensor, attention_mask: t
             o.stride(0), o.stride(1), o.stride(2), o.stride(3),
             m.stride(0), m.stride(1), m.stride(2),
             BITS=bits, K_GROUP=k_group, V_GROUP=v_group, HAS_BIAS=bias is not None,
-            BLOCK_R=block_r, BLOCK_T=BLOCK_T, D=d,
+            BLOCK_R=block_r, BLOCK_T=BLOCK_T, D=d, INPUT_PRECISION=precision,
         )
         outs.append(o)
         maxes.append(m)

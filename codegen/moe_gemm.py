@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lqc.codegen.templates import dot_input_precision
 from lqc.ir.lqc_ops import MOE_ACTIVATIONS, check_moe_ffn_shapes
 from lqc.runtime.moe import moe_ffn_reference, route
 
@@ -121,9 +122,12 @@ def permute(picked: torch.Tensor, shared: int, experts: int, block_m: int) -> tu
 
 def moe_ffn_triton(x, router_weight, router_bias, w_in, w_gate, b_in, w_out, shared, top_k, activation,
                    w_in_scale=None, w_gate_scale=None, w_out_scale=None, residual=None, *,
-                   block_m: int = 16, block_n: int = 32, block_k: int = 32, input_precision: str = "ieee"):
+                   block_m: int = 16, block_n: int = 32, block_k: int = 32, input_precision: str | None = None):
     """What ``lqc::moe_ffn`` computes (plus ``residual`` when given), as two grouped-GEMM launches
-    (see the module docstring)."""
+    (see the module docstring). ``input_precision``: tl.dot's for float32 operands; None: torch's
+    setting now (lqc.codegen.templates.dot_input_precision: "ieee" unless the user allowed TF32)."""
+    if input_precision is None:
+        input_precision = dot_input_precision()
     check_moe_ffn_shapes(x.shape[-1], router_weight, router_bias, w_in, w_gate, b_in, w_out, shared, top_k, activation,
                          w_in_scale, w_gate_scale, w_out_scale)
     experts, neurons, width = w_in.shape

@@ -96,6 +96,14 @@ def lower_to_triton(graph: Graph, debug_dir: str | Path | None = None, autotune:
             continue
         qweight, scales, zeros = args["qweight"], args["scales"], args["zeros"]
         if fmt != base:
+            # int8_cpu / int4_cpu are the quantize pass's `kernels: true` choice for torch's packed
+            # CPU matmuls, which compute in bfloat16 (activations cast to bf16, scales and zeros
+            # stored in bf16). That is a property of those ATen kernels, not of lqc::qlinear: the
+            # kernels here compute the canonical weight, float32 activations with float32 products
+            # (dot_input_precision: "ieee" unless the user allowed TF32), i.e. what target="eager"
+            # computes with `kernels: false`. Against eager with the packed layouts a float32 model
+            # differs by their bf16 rounding (2.3e-3 relative on the tiny Llama, int4 g32); against
+            # `kernels: false`, by float32 summation order (2e-7).
             canonical = group.anchor.meta.get("lqc_quantized", {}).get("canonical")
             if canonical is None:
                 lowering.left[f"qlinear {fmt}: no canonical weight recorded to rebuild the {base} layout"] += 1
