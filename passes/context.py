@@ -18,6 +18,7 @@ from lqc.ir.inputs import inputs_from_tokens, token_shape
 from .base import Pass
 from .recipe import options_digest
 from .transform_cache import DEFAULT_CACHE, TransformCache
+from .transform_store import TransformStore, model_digest, store_from_env
 
 T = TypeVar("T")
 
@@ -75,6 +76,9 @@ class PassContext:
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("lqc"))
     progress: bool = True  # whether long passes show progress bars
     current_pass: Pass | None = None
+    passes_before: list[str] = field(default_factory=list)  # options digests of the passes run so far (set by the manager)
+    store: TransformStore | None = field(default_factory=store_from_env)  # on disk, when LQC_CACHE_DIR is set
+    _model_digest: str | None = None
 
     def require_calibration(self) -> Calibration:
         if self.calibration is None:
@@ -100,4 +104,15 @@ class PassContext:
             key,
         )
         sources = [graph.source_tensor(c) for c in constants]
+        if self.store is not None:
+            disk_key = self.store.key(full_key, self.model_digest(), self.passes_before, sources)
+            compute_in_memory = compute
+            compute = lambda: self.store.get_or_compute(disk_key, compute_in_memory)  # noqa: E731
         return self.cache.get_or_compute(full_key, sources, compute)
+
+    def model_digest(self) -> str:
+        """Digest of every weight of the graph as captured (the reference): what calibration saw."""
+        if self._model_digest is None:
+            graph = self.reference
+            self._model_digest = model_digest([graph.source_tensor(name) for name, _ in graph.constants()]) if graph else ""
+        return self._model_digest

@@ -23,7 +23,7 @@ from lqc.ir.snapshot import snapshot
 from .base import Pass, PassResult
 from .context import PassContext
 from .numerics import graph_error, run_graph
-from .recipe import load_recipe
+from .recipe import load_recipe, options_digest
 from .report import GraphReport, PassRecord, write_pass_dump, write_summary
 
 
@@ -61,6 +61,7 @@ class PassManager:
         for index, p in enumerate(self.passes, start=1):
             self._check_requirements(p, ctx)
             record = self._run_one(index, p, graph, ctx, expected_outputs)
+            ctx.passes_before.append(options_digest(p))
             if reference_outputs:
                 record.rel_error, record.cosine = graph_error(graph, ctx.check_inputs, reference_outputs)
             report.records.append(record)
