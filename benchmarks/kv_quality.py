@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         # each compiled variant makes its own graphs of the same forward, and dynamo's limit of 8 per
         # function counts them all: past it a variant would run uncompiled (over NaN placeholders)
         torch._dynamo.config.recompile_limit = 64
-        compiled = {"compiled-float": lqc.compress(model, "default", progress=False)}
+        compiled = {"compiled-float": lqc.compress(model, "exact", progress=False)}
         for bits in args.bits:
             recipe = [{"pass": "cleanup"}, {"pass": "compress_kv", "bits": bits, "group": args.group,
                                             "residual": args.residual, "sinks": args.sinks}]

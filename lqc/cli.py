@@ -14,6 +14,11 @@ from typing import Any
 import yaml
 
 
+# recipes measured by the benchmarks (committed); the demo's own rows replace theirs on the page
+COMMITTED_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "recipes"
+RECIPE_ROWS_FROM_DEMO = ("float32 eager", "inductor bf16", "default", "max")
+
+
 def _load_recipe_arg(value: str) -> Any:
     """A recipe from the command line: a name, a file, or inline YAML/JSON (``'[{pass: cleanup}]'``)."""
     if value.lstrip().startswith(("[", "{")):
@@ -35,10 +40,11 @@ def cmd_passes(args) -> int:
 
 
 def cmd_recipes(args) -> int:
-    from lqc.recipes import named_recipes, resolve_recipe
+    from lqc.recipes import named_recipes, recipe_file, resolve_recipe
 
-    if args.name:
-        print(yaml.safe_dump(resolve_recipe(args.name), sort_keys=False), end="")
+    if args.name:  # a name as its file says it (when_calibrated included), a composition as composed
+        data = resolve_recipe(args.name) if "+" in args.name else recipe_file(args.name)
+        print(yaml.safe_dump(data, sort_keys=False, width=100), end="")
         return 0
     for name, description in named_recipes().items():
         print(f"{name}: {description}")
@@ -148,7 +154,7 @@ def cmd_sensitivity(args) -> int:
     with torch.no_grad():
         graph = trace(model, window)
         entry = {"pass": "quantize", "format": args.format, "group_size": args.group_size, "keep_sensitive": 1,
-                 "sensitivity_tokens": args.tokens, "include_lm_head": args.include_lm_head}
+                 "sensitivity_tokens": args.tokens, "include_lm_head": args.include_lm_head, "targets": args.targets}
         record = PassManager([entry]).run(graph, PassContext(calibration=calibration)).records[0]
     ranking = record.details["sensitivity"]
     print(f"\n{name}: relative error of the logits when one layer alone is quantized ({args.format}"
@@ -179,6 +185,24 @@ def cmd_kv(args) -> int:
         print(f"| {r['context']} | {r['total_bytes'] / 1e6:.2f} | {r['bytes_per_token']:,.0f} | {r['vs_float']:.3f}x | {quantized} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": name, "options": options, "rows": rows}, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from lqc.demo import format_demo, run_demo, use_cache_dir
+
+    use_cache_dir(args.cache_dir)  # before torch compiles anything
+    result = run_demo(model_name=args.model, cache_dir=args.cache_dir, windows=args.windows,
+                      decode_tokens=args.decode_tokens, runs=args.runs, threads=args.threads)
+    print()
+    print(format_demo(result), end="")
+    from lqc.tradeoff import load_results, write_tradeoff_page
+
+    results = Path(result["cache_dir"]) / "results"
+    rows = load_results(results) + [r for r in load_results(COMMITTED_RESULTS) if r["recipe"] not in RECIPE_ROWS_FROM_DEMO]
+    page = write_tradeoff_page(rows, Path(result["cache_dir"]) / "tradeoff.html", title="lqc recipes on SmolLM2-135M")
+    print(f"trade-off of every recipe measured so far: {page}")
+    print(f"demo took {result['seconds']:.0f}s; caches and results in {result['cache_dir']}")
     return 0
 
 
@@ -221,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("passes", help="list registered passes with their options and defaults").set_defaults(func=cmd_passes)
 
-    recipes = sub.add_parser("recipes", help="list the named recipes, or print one")
+    recipes = sub.add_parser("recipes", help="list the named recipes, or print one (or a composition: 'moe+int8')")
     recipes.add_argument("name", nargs="?")
     recipes.set_defaults(func=cmd_recipes)
 
@@ -254,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     sensitivity.add_argument("--format", default="int4")
     sensitivity.add_argument("--group-size", type=int, default=64)
     sensitivity.add_argument("--include-lm-head", action="store_true")
+    sensitivity.add_argument("--targets", nargs="*", default=[], help="rank only layers whose module path matches one of these regexes")
     sensitivity.add_argument("--calibration", default="calib", help="'calib' (shared calib.txt) or a text file")
     sensitivity.add_argument("--tokens", type=int, default=1024, help="calibration tokens the errors are measured on")
     sensitivity.add_argument("--window-length", type=int, default=512)
@@ -285,6 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=2)
     bench.add_argument("--json", default=None, help="also write the results here")
     bench.set_defaults(func=cmd_bench)
+
+    demo = sub.add_parser("demo", help="SmolLM2-135M: float32, Inductor bf16, lqc default and max in one table, and a trade-off page")
+    demo.add_argument("--model", default="smollm2-135m")
+    demo.add_argument("--cache-dir", default=".lqc-cache", help="Inductor's and lqc's caches, results and the trade-off page")
+    demo.add_argument("--windows", type=int, default=16, help="eval.txt windows of 512 tokens for perplexity")
+    demo.add_argument("--decode-tokens", type=int, default=64)
+    demo.add_argument("--runs", type=int, default=3)
+    demo.add_argument("--threads", type=int, default=2)
+    demo.set_defaults(func=cmd_demo)
 
     viz = sub.add_parser("viz", help="one static HTML page: every pass's graph before/after, diff, provenance, per-node error")
     viz.add_argument("--model", default="smollm2-135m")

@@ -187,7 +187,7 @@ def test_verify_checks_a_graph_with_a_symbolic_length(tiny_llama, token_ids):
 
 def test_compress_returns_a_module_and_leaves_the_original(tiny_llama, token_ids):
     original_forward = tiny_llama.forward
-    compressed = lqc.compress(tiny_llama, "default")
+    compressed = lqc.compress(tiny_llama, "exact")
     assert tiny_llama.forward == original_forward
     with torch.no_grad():
         torch.testing.assert_close(compressed(token_ids).logits, tiny_llama(token_ids).logits, rtol=0, atol=1e-6)

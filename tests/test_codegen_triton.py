@@ -23,6 +23,7 @@ from lqc.codegen.qlinear_kernels import kernel_for, launch, rms_norm_reference  
 from lqc.codegen.templates import dot_input_precision  # noqa: E402
 from lqc.runtime.qlinear import qlinear_reference  # noqa: E402
 from lqc.runtime.quant_formats import pad_columns, quantize_fp8, quantize_int4, quantize_int8  # noqa: E402
+from tests.sweeps import covering  # noqa: E402
 
 if not dequant_gemm.interpreted() and not torch.cuda.is_available():
     raise RuntimeError("lqc.codegen.dequant_gemm was imported before TRITON_INTERPRET=1 was set and there is no GPU")
@@ -97,13 +98,12 @@ PROGRAMS = {
 }
 
 
-@pytest.mark.parametrize("name", list(PROGRAMS))
-@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8", "w8a8"])
-@pytest.mark.parametrize("m, k, n", [(1, 96, 40), (3, 64, 100), (17, 130, 33)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("split_k", [1, 2])
-def test_generated_kernel_matches_the_torch_program(name, fmt, m, k, n, dtype, split_k):
+@pytest.mark.parametrize("name, fmt, shape, dtype, split_k", covering(
+    [list(PROGRAMS), ["int8", "int4", "fp8", "w8a8"]],
+    [[(1, 96, 40), (3, 64, 100), (17, 130, 33)], [torch.float32, torch.bfloat16], [1, 2]]))
+def test_generated_kernel_matches_the_torch_program(name, fmt, shape, dtype, split_k):
     """Ragged M, K, N (not multiples of the blocks), M = 1; fp32 within 1e-3, bf16 within 1e-2 (relative)."""
+    m, k, n = shape
     gen = torch.Generator().manual_seed(m * 1000 + k + n)
     program = PROGRAMS[name]
     group_size = 32
@@ -154,14 +154,13 @@ def test_split_program_adds_each_halfs_bias(split_k):
     assert out.shape == (3, 40) and ((out - expected).norm() / expected.norm()).item() <= 1e-3
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8", "w8a8", "fp8_dyn"])
-@pytest.mark.parametrize("norm_has_weight", [False, True])
-@pytest.mark.parametrize("m, k, n", [(1, 96, 40), (17, 130, 33)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("split_k", [1, 2])
-def test_norm_prologue_matches_torch(fmt, norm_has_weight, m, k, n, dtype, split_k):
+@pytest.mark.parametrize("fmt, norm_has_weight, shape, dtype, split_k", covering(
+    [["int8", "int4", "fp8", "w8a8", "fp8_dyn"], [False, True]],
+    [[(1, 96, 40), (17, 130, 33)], [torch.float32, torch.bfloat16], [1, 2]]))
+def test_norm_prologue_matches_torch(fmt, norm_has_weight, shape, dtype, split_k):
     """RMSNorm of x in the kernel's first pass (rstd per row; and the per-token activation scale for
     w8a8 / fp8_dyn over the normalized row) against rms_norm_reference then qlinear_reference."""
+    m, k, n = shape
     gen = torch.Generator().manual_seed(m * 7 + k + n + split_k)
     program = PROGRAMS["residual"]
     qweight, scales, zeros, k_in = _quantized(fmt, n, k, 32, dtype, gen)

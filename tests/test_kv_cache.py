@@ -212,7 +212,7 @@ def test_generate_of_a_compressed_model_through_the_cache(tiny_llama, token_ids,
     from lqc.backend import compiled_graph_count, compiled_graphs_since
 
     torch._dynamo.reset()
-    compressed = lqc.compress(tiny_llama, "default", progress=False)
+    compressed = lqc.compress(tiny_llama, "exact", progress=False)
     first = compiled_graph_count()
     with torch.no_grad():
         runs = [model.generate(token_ids, max_new_tokens=40, do_sample=False,

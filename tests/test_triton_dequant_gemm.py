@@ -22,6 +22,7 @@ import triton.language as tl  # noqa: E402
 from lqc.codegen import dequant_gemm as dg  # noqa: E402
 from lqc.runtime.qlinear import qlinear_reference  # noqa: E402
 from lqc.runtime.quant_formats import pad_columns, quantize_fp8, quantize_int4, quantize_int8  # noqa: E402
+from tests.sweeps import covering  # noqa: E402
 
 if dg.interpreted():
     DEVICE = "cpu"
@@ -56,12 +57,11 @@ def _assert_close(y, ref, dtype):
 
 
 # K and N are ragged for every block size used (16 / 32); K odd: its last code is a low nibble.
-@pytest.mark.parametrize("fmt,group_size", [("int8", 0), ("int4", 16), ("int4", 32), ("fp8", 0), ("w8a8", 0), ("fp8_dyn", 0)])
-@pytest.mark.parametrize("m", [1, 3, 17])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("split_k", [1, 3])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_matches_reference(fmt, group_size, m, dtype, split_k, with_bias):
+@pytest.mark.parametrize("fmt_group, m, dtype, split_k, with_bias", covering(
+    [[("int8", 0), ("int4", 16), ("int4", 32), ("fp8", 0), ("w8a8", 0), ("fp8_dyn", 0)], [1, 3, 17]],
+    [[torch.float32, torch.bfloat16], [1, 3], [False, True]]))
+def test_matches_reference(fmt_group, m, dtype, split_k, with_bias):
+    fmt, group_size = fmt_group
     seed = m * 100 + group_size + split_k
     gen = torch.Generator().manual_seed(seed)
     k = int(torch.randint(40, 90, (1,), generator=gen)) | 1

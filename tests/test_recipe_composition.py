@@ -1,0 +1,64 @@
+"""Named recipes compose in stage order ("moe+int8"), or fail with an error naming the conflict."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import lqc
+from lqc.ir.errors import LqcConfigError
+from lqc.recipes import STAGES, named_recipes, resolve_recipe
+
+STAGE_OF = {name: i for i, names in enumerate(STAGES.values()) for name in names}
+# Compiled on the tiny Llama: one composable pair for each pair of stages that meet (the other
+# pairs differ only in a stage's options; calibrated int4/int8/w8a8 methods take minutes here).
+RUN = [("moe", "int8"), ("moe", "kv-int4"), ("moe", "reparam"), ("reparam", "int4"), ("reparam", "kv-int4"),
+       ("default", "kv-int4"), ("moe-int8", "kv-int4"), ("max", "reparam"), ("max", "moe"), ("exact", "max")]
+
+
+def _pairs():
+    return list(itertools.combinations(named_recipes(), 2))
+
+
+def test_every_pair_composes_in_stage_order_or_names_the_conflict():
+    composed = conflicts = 0
+    for a, b in _pairs():
+        try:
+            passes = resolve_recipe(f"{a}+{b}")["passes"]
+        except LqcConfigError as exc:
+            conflicts += 1
+            message = str(exc)
+            assert f"'{a}'" in message and f"'{b}'" in message, message
+            assert "'quantize'" in message or "'compress_kv'" in message or "'ffn_to_moe'" in message, message
+            continue
+        composed += 1
+        stages = [STAGE_OF[entry["pass"]] for entry in passes]
+        assert stages == sorted(stages), (a, b, passes)
+        lqc.passes.load_recipe(passes)  # every entry a valid pass with valid options
+    assert composed > 40 and conflicts > 30  # 91 pairs of 14 recipes
+
+
+def test_composition_orders_by_stage_and_runs_shared_passes_once():
+    passes = resolve_recipe(["int8", "moe"])["passes"]
+    assert [p["pass"] for p in passes] == ["cleanup", "ffn_to_moe", "quantize"]
+    assert resolve_recipe("reparam+kv-int4")["passes"][-1]["pass"] == "compress_kv"
+    with pytest.raises(LqcConfigError, match="'int8' and 'int4' conflict: both run 'quantize' on the same layers"):
+        resolve_recipe("int8+int4")
+    with pytest.raises(LqcConfigError, match="no named recipe 'int3'"):
+        resolve_recipe("int8+int3")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("a, b", RUN)
+def test_composed_recipes_run_on_tiny_llama(tiny_llama, a, b):
+    ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))
+    calibration = [torch.randint(0, 256, (2048,), generator=torch.Generator().manual_seed(1))]
+    lqc.clear_reports()
+    with torch.no_grad():
+        logits = lqc.compress(tiny_llama, f"{a}+{b}", calibration=calibration, example_inputs=ids, progress=False)(ids).logits
+    assert torch.isfinite(logits).all()
+    assert lqc.reports() and not any(r.fallback for r in lqc.reports()), [r.fallback for r in lqc.reports()]
+    ran = [r.name for r in lqc.reports()[-1].records]
+    assert ran == [e["pass"] for e in resolve_recipe(f"{a}+{b}", calibrated=True)["passes"]]
