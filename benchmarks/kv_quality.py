@@ -207,11 +207,11 @@ def stored_kv_bytes(layer) -> int:
 @torch.no_grad()
 def decode_seconds(model, prompt: torch.Tensor, cache, steps: int) -> float:
     """Seconds for ``steps`` greedy decode steps after ``prompt`` is prefilled into ``cache``."""
-    out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1)
     token = out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(steps):
-        token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
     return time.perf_counter() - start
 
 
@@ -221,7 +221,7 @@ def generate_each(model, prompts, new_cache, new_tokens: int) -> list[torch.Tens
     out = []
     for prompt in prompts:
         tokens = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                past_key_values=new_cache())
+                                cache=new_cache())
         out.append(tokens[0, prompt.shape[1] :])
     return out
 

@@ -95,7 +95,7 @@ class Runner:
     def prefill(self, ids: torch.Tensor) -> float:
         cache = self.new_cache(ids.shape[1])
         start = time.perf_counter()
-        self.forward(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.forward(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         return time.perf_counter() - start
 
     @torch.no_grad()
@@ -105,13 +105,13 @@ class Runner:
         length = prompt.shape[1]
         cache = self.new_cache(cache_length)
         start = time.perf_counter()
-        out = self.forward(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.forward(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1:].argmax(-1)
         prompt_s = time.perf_counter() - start
         start = time.perf_counter()
         for i in range(steps):
             position = torch.tensor([[length + i]])
-            out = self.forward(input_ids=token, past_key_values=cache, use_cache=True, position_ids=position)
+            out = self.forward(input_ids=token, cache=cache, use_cache=True, position_ids=position)
             token = out.logits[:, -1:].argmax(-1)
         return prompt_s, time.perf_counter() - start, cache
 

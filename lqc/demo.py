@@ -9,8 +9,7 @@ variants, so drift in the machine's speed hits all alike.
 
 One prefill graph and one decode graph per variant do everything: each eval window is a prefill
 of 512 tokens into a static cache (its logits score the window and its time is the prefill
-speed), then decode steps extend that cache. A sample's prompt goes through the decode graph a
-token at a time, so no other shape is ever compiled.
+speed), then decode steps extend that cache, so no other shape is ever compiled.
 
 Caches persist under ``cache_dir`` (Inductor's compiled graphs and lqc's weight transforms), so
 a repeat run skips compiling and calibrating. Results go to ``<cache_dir>/results/*.json`` and
@@ -33,7 +32,6 @@ from typing import Callable
 import torch
 
 RECIPES = ("default", "max")
-SAMPLE_PROMPT = "The Python language is"
 
 
 @dataclass
@@ -75,7 +73,7 @@ def run_demo(*, model_name: str = "smollm2-135m", cache_dir: str | Path = ".lqc-
     window_ids = [ids[i * 512 : (i + 1) * 512][None] for i in range(windows)]
     calibration = calibration_from("calib", tokenizer)
     variants = _variants(model, calibration, tokenizer)
-    cache_length = 512 + max(decode_tokens, sample_tokens + 16)
+    cache_length = 512 + max(decode_tokens, sample_tokens) + 1
     with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
         for v in variants:
             log(f"[{_clock(started)}] {v.name}: compiling and scoring {windows} windows ...")
@@ -84,11 +82,13 @@ def run_demo(*, model_name: str = "smollm2-135m", cache_dir: str | Path = ".lqc-
         for run in range(runs):
             log(f"[{_clock(started)}] timed decode run {run + 1}/{runs} ({decode_tokens} tokens per variant) ...")
             for v in variants:
-                v.decode_s.append(_decode(v, window_ids[0], decode_tokens, cache_length))
-        prompt = tokenizer(SAMPLE_PROMPT, return_tensors="pt").input_ids
-        for v in variants:
-            v.sample = tokenizer.decode(_greedy(v, prompt, sample_tokens, cache_length)[0])
+                seconds, tokens = _decode(v, window_ids[0], decode_tokens, cache_length)
+                v.decode_s.append(seconds)
+                v.sample = tokenizer.decode(tokens[0, :sample_tokens])  # greedy, after the window's last words
+    prompt = tokenizer.decode(window_ids[0][0, -12:])
     rows = _rows(variants, name, windows, decode_tokens)
+    for row in rows:
+        row["sample_prompt"] = prompt
     _write_results(rows, cache_dir / "results")
     log(f"[{_clock(started)}] done")
     return {"rows": rows, "seconds": time.perf_counter() - started, "cache_dir": str(cache_dir)}
@@ -124,7 +124,7 @@ def _score(v: Variant, window_ids: list[torch.Tensor], cache_length: int) -> Non
     for window in window_ids:
         cache = _new_cache(v.model, cache_length)
         start = time.perf_counter()
-        logits = v.forward(input_ids=window, past_key_values=cache, use_cache=True).logits
+        logits = v.forward(input_ids=window, cache=cache, use_cache=True).logits
         timings.append(time.perf_counter() - start)
         logprobs = torch.log_softmax(logits[0, :-1].double(), dim=-1)
         v.nll -= float(logprobs.gather(-1, window[0, 1:, None]).sum())
@@ -136,7 +136,7 @@ def _score(v: Variant, window_ids: list[torch.Tensor], cache_length: int) -> Non
     v.prefill_s = timings[1:] or timings
     if v.name != "float32 eager":
         v.compile_s = max(timings[0] - statistics.median(v.prefill_s), 0.0) + max(first_step - steady_step, 0.0)
-    v.kv_bytes_per_token = _kv_bytes(cache) / cache_length
+    v.kv_bytes_per_token = _kv_bytes_per_token(v, cache, cache_length)
     done = [r for r in lqc.reports()[first:] if not r.fallback]
     if v.name.startswith("lqc") and done:
         v.weight_bytes = done[-1].bytes_after
@@ -144,36 +144,37 @@ def _score(v: Variant, window_ids: list[torch.Tensor], cache_length: int) -> Non
 
 def _step(v: Variant, cache, token: torch.Tensor, position: int) -> float:
     start = time.perf_counter()
-    v.forward(input_ids=token, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[position]]))
+    v.forward(input_ids=token, cache=cache, use_cache=True, position_ids=torch.tensor([[position]]))
     return time.perf_counter() - start
 
 
-def _decode(v: Variant, window: torch.Tensor, steps: int, cache_length: int) -> float:
+def _decode(v: Variant, window: torch.Tensor, steps: int, cache_length: int) -> tuple[float, torch.Tensor]:
+    """(seconds, tokens) of ``steps`` greedy tokens after the window: the window is prefilled into
+    a fresh cache (untimed), then each step is one call of the decode graph."""
     cache = _new_cache(v.model, cache_length)
-    token = v.forward(input_ids=window, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    token = v.forward(input_ids=window, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    tokens = [token]
     start = time.perf_counter()
     for i in range(steps):
-        out = v.forward(input_ids=token, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[window.shape[1] + i]]))
+        out = v.forward(input_ids=token, cache=cache, use_cache=True, position_ids=torch.tensor([[window.shape[1] + i]]))
         token = out.logits[:, -1:].argmax(-1)
-    return time.perf_counter() - start
+        tokens.append(token)
+    return time.perf_counter() - start, torch.cat(tokens, dim=1)
 
 
-def _greedy(v: Variant, prompt: torch.Tensor, tokens: int, cache_length: int) -> torch.Tensor:
-    """The prompt a token at a time through the decode graph, then ``tokens`` greedy ones."""
-    cache = _new_cache(v.model, cache_length)
-    out, generated = None, []
-    for i in range(prompt.shape[1] + tokens - 1):
-        token = prompt[:, i : i + 1] if i < prompt.shape[1] else generated[-1]
-        out = v.forward(input_ids=token, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[i]]))
-        if i >= prompt.shape[1] - 1:
-            generated.append(out.logits[:, -1:].argmax(-1))
-    return torch.cat(generated, dim=1)
-
-
-def _kv_bytes(cache) -> int:
+def _kv_bytes_per_token(v: Variant, cache, cache_length: int) -> float:
+    """Bytes per token of the KV cache this variant keeps: the static cache's buffers, or, where
+    the recipe compresses the cache (compress_kv), the compressed cache's at this length."""
+    from lqc.recipes import resolve_recipe
     from lqc.runtime.dropped_layers import kv_cache_nbytes
+    from lqc.runtime.kv_cache import kv_cache_report
 
-    return kv_cache_nbytes(cache)
+    recipe = resolve_recipe(v.name.removeprefix("lqc "), calibrated=True)["passes"] if v.name.startswith("lqc") else []
+    kv = next((e for e in recipe if e["pass"] == "compress_kv"), None)
+    if kv is None:
+        return kv_cache_nbytes(cache) / cache_length
+    options = {k: kv[k] for k in ("bits", "group", "residual", "sinks") if k in kv}
+    return kv_cache_report(v.model.config, cache_length, element_bytes=4, **options)["bytes_per_token"]
 
 
 def _rows(variants: list[Variant], model_name: str, windows: int, decode_tokens: int) -> list[dict]:
@@ -217,8 +218,8 @@ def format_demo(result: dict) -> str:
          f"{r['weight_bytes'] / r['fp32_weight_bytes']:.3f}x", f"{r['ppl']:.3f}", f"{r['ppl_delta_pct']:+.2f}%",
          f"{r['prefill_tokens_per_s']:.0f}", f"{r['decode_tokens_per_s']:.1f}", f"{r['decode_vs_baseline']:.2f}x",
          f"{r['compile_cold_s']:.1f}"] for r in rows])
-    samples = "\n".join(f"  {r['recipe']:>14}: {SAMPLE_PROMPT}{r['sample']!r}" for r in rows)
-    return f"{head}\n{table}\ngreedy samples:\n{samples}\n"
+    samples = "\n".join(f"  {r['recipe']:>14}: ...{r['sample']!r}" for r in rows)
+    return f"{head}\n{table}\ngreedy continuations of eval.txt's first window (...{rows[0]['sample_prompt']!r}):\n{samples}\n"
 
 
 def _clock(started: float) -> str:

@@ -60,7 +60,7 @@ def cached_logits(model: torch.nn.Module, new_cache: Callable[[], object], chunk
 
     def logits(ids: torch.Tensor) -> torch.Tensor:
         cache = new_cache()
-        parts = [model(input_ids=ids[:, start : start + chunk], past_key_values=cache, use_cache=True).logits
+        parts = [model(input_ids=ids[:, start : start + chunk], cache=cache, use_cache=True).logits
                  for start in range(0, ids.shape[1], chunk)]
         return torch.cat(parts, dim=1)
 

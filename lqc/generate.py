@@ -55,7 +55,7 @@ def generate(
     mask = attention_mask
     for start in range(0, input_ids.shape[1], chunk):
         stop = min(start + chunk, input_ids.shape[1])
-        logits = model(input_ids=input_ids[:, start:stop], past_key_values=cache, use_cache=True,
+        logits = model(input_ids=input_ids[:, start:stop], cache=cache, use_cache=True,
                        attention_mask=None if mask is None else mask[:, :stop], logits_to_keep=1).logits
     tokens = [input_ids]
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -69,7 +69,7 @@ def generate(
             break
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        logits = model(input_ids=token[:, None], past_key_values=cache, use_cache=True, attention_mask=mask).logits
+        logits = model(input_ids=token[:, None], cache=cache, use_cache=True, attention_mask=mask).logits
     return torch.cat(tokens, dim=1)
 
 

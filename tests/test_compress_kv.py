@@ -46,7 +46,7 @@ def _step_logits(model, cache, ids, steps=24):
         for _ in range(steps + 1):
             new = out[:, position:]
             positions = torch.arange(position, out.shape[1])
-            result = model(new, past_key_values=cache, cache_position=positions, position_ids=positions[None])
+            result = model(new, cache=cache, cache_position=positions, position_ids=positions[None])
             logits.append(result.logits[:, -1])
             position = out.shape[1]
             out = torch.cat([out, result.logits[:, -1:].argmax(-1)], dim=1)
@@ -109,7 +109,7 @@ def test_generate_with_either_cache_gives_the_compressed_cache_tokens():
     reference_model = copy.deepcopy(model)
     with torch.no_grad():
         reference = reference_model.generate(_prompt(), max_new_tokens=30, do_sample=False,
-                                             past_key_values=CompressedKVCache(reference_model.config, **OPTIONS))
+                                             cache=CompressedKVCache(reference_model.config, **OPTIONS))
         compiled = _compiled(model)
         dynamic = compiled.generate(_prompt(), max_new_tokens=30, do_sample=False)
         static = compiled.generate(_prompt(), max_new_tokens=30, do_sample=False, cache_implementation="static")
@@ -181,7 +181,7 @@ def test_a_cache_reordered_outside_the_graph_is_refused():
     cache.reorder_cache(torch.tensor([0]))  # what beam search does: copies the placeholders
     with pytest.raises(RuntimeError, match="beam search"):
         with torch.no_grad():
-            compiled(_prompt(1), past_key_values=cache)
+            compiled(_prompt(1), cache=cache)
 
 
 def test_bad_options_name_the_valid_values():

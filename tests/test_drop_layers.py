@@ -282,7 +282,7 @@ def test_free_dropped_layers_errors(tiny_llama, token_ids):
         free_dropped_layers(StaticCache(config=config, max_cache_len=16), [5])
     used = DynamicCache(config=config)
     with torch.no_grad():
-        tiny_llama(token_ids, past_key_values=used, use_cache=True)
+        tiny_llama(token_ids, cache=used, use_cache=True)
     with pytest.raises(ValueError, match="layer 1 already holds keys and values; free layers before the cache is used"):
         free_dropped_layers(used, [1])
 
@@ -319,7 +319,7 @@ def test_dropped_model_saves_and_loads(tiny_llama, token_ids, tmp_path, what, la
         from transformers import DynamicCache
 
         cache = DynamicCache(config=loaded.config)
-        out = loaded(token_ids, past_key_values=cache, use_cache=True)
+        out = loaded(token_ids, cache=cache, use_cache=True)
         assert torch.equal(out.logits, compressed(token_ids).logits)
         assert not cache.layers[layers[0]].keys.any() and cache.layers[layers[0]].keys.shape[-2] == token_ids.shape[1]
 

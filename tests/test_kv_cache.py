@@ -167,7 +167,7 @@ def test_float_cache_through_lqc_attention_equals_the_dynamic_cache(tiny_llama, 
         reference = tiny_llama(token_ids).logits
         cache = CompressedKVCache(tiny_llama.config, bits=None)
         assert tiny_llama.config._attn_implementation == kv_attention.ATTENTION
-        got = torch.cat([tiny_llama(token_ids[:, i : i + 5], past_key_values=cache).logits for i in range(0, 12, 5)], dim=1)
+        got = torch.cat([tiny_llama(token_ids[:, i : i + 5], cache=cache).logits for i in range(0, 12, 5)], dim=1)
     assert ((got - reference).abs().max() / reference.abs().max()).item() < 1e-5
 
 
@@ -175,9 +175,9 @@ def test_generate_through_the_cache(tiny_llama, token_ids):
     """tiny Llama: int8 KV, with blocks closing during generation, gives the float cache's tokens;
     so does a batch of two with left padding."""
     with torch.no_grad():
-        expected = tiny_llama.generate(token_ids, max_new_tokens=12, do_sample=False, past_key_values=DynamicCache(config=tiny_llama.config))
+        expected = tiny_llama.generate(token_ids, max_new_tokens=12, do_sample=False, cache=DynamicCache(config=tiny_llama.config))
         cache = CompressedKVCache(tiny_llama.config, bits=8, group=4, residual=4, sinks=1)
-        got = tiny_llama.generate(token_ids, max_new_tokens=12, do_sample=False, past_key_values=cache)
+        got = tiny_llama.generate(token_ids, max_new_tokens=12, do_sample=False, cache=cache)
         assert torch.equal(got, expected)
         assert cache.get_seq_length() == got.shape[1] - 1
         assert all(layer.quantized for layer in cache.layers)
@@ -185,9 +185,9 @@ def test_generate_through_the_cache(tiny_llama, token_ids):
         padding = torch.ones_like(batch)
         padding[1, :3] = 0
         expected = tiny_llama.generate(batch, attention_mask=padding, max_new_tokens=8, do_sample=False,
-                                       past_key_values=DynamicCache(config=tiny_llama.config))
+                                       cache=DynamicCache(config=tiny_llama.config))
         got = tiny_llama.generate(batch, attention_mask=padding, max_new_tokens=8, do_sample=False,
-                                  past_key_values=CompressedKVCache(tiny_llama.config, bits=8, group=4, residual=4, sinks=1))
+                                  cache=CompressedKVCache(tiny_llama.config, bits=8, group=4, residual=4, sinks=1))
         assert torch.equal(got, expected)
 
 
@@ -196,7 +196,7 @@ def test_generate_with_eviction_stores_a_bounded_cache(tiny_llama, eviction):
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(1))
     cache = CompressedKVCache(tiny_llama.config, bits=4, group=4, residual=4, sinks=2, **eviction)
     with torch.no_grad():
-        out = tiny_llama.generate(ids, max_new_tokens=10, do_sample=False, past_key_values=cache)
+        out = tiny_llama.generate(ids, max_new_tokens=10, do_sample=False, cache=cache)
     assert out.shape[1] == 34 and cache.get_seq_length() == 33
     stored = cache.layers[0].stored_tokens
     assert stored < 33 and (stored <= 2 + 8 + 3 if "window" in eviction else stored == 2 + 4 + 2 + 9)
@@ -216,7 +216,7 @@ def test_generate_of_a_compressed_model_through_the_cache(tiny_llama, token_ids,
     first = compiled_graph_count()
     with torch.no_grad():
         runs = [model.generate(token_ids, max_new_tokens=40, do_sample=False,
-                               past_key_values=CompressedKVCache(tiny_llama.config, bits=4, group=4, residual=4, sinks=1, **eviction))
+                               cache=CompressedKVCache(tiny_llama.config, bits=4, group=4, residual=4, sinks=1, **eviction))
                 for model in (tiny_llama, compressed)]
     assert torch.equal(runs[0], runs[1])
     graphs = compiled_graphs_since(first)
@@ -239,7 +239,7 @@ def test_dropped_layers_hold_no_cache(tiny_llama, token_ids):
     cache = CompressedKVCache(tiny_llama.config, bits=4, group=4, residual=4, sinks=1, dropped=[0])
     assert isinstance(cache.layers[0], DroppedDynamicLayer) and isinstance(cache.layers[1], CompressedKVLayer)
     with torch.no_grad():
-        tiny_llama.generate(token_ids, max_new_tokens=8, do_sample=False, past_key_values=cache)
+        tiny_llama.generate(token_ids, max_new_tokens=8, do_sample=False, cache=cache)
     assert cache.layers[0].keys.untyped_storage().nbytes() <= 2 * 16 * 4 and cache.layers[1].nbytes() > 0
 
 
@@ -248,14 +248,14 @@ def test_other_caches_keep_the_attention_the_config_had(tiny_llama, token_ids):
         expected = tiny_llama(token_ids).logits
         CompressedKVCache(tiny_llama.config)
         assert tiny_llama.config._lqc_attention_fallback == "sdpa"
-        assert torch.equal(tiny_llama(token_ids, past_key_values=DynamicCache(config=tiny_llama.config)).logits, expected)
+        assert torch.equal(tiny_llama(token_ids, cache=DynamicCache(config=tiny_llama.config)).logits, expected)
 
 
 def test_eviction_without_lqc_attention_names_the_fix(tiny_llama, token_ids):
     cache = CompressedKVCache(tiny_llama.config, bits=4, group=4, residual=4, sinks=1, window=8)
     tiny_llama.config._attn_implementation = "sdpa"
     with pytest.raises(ValueError, match=r"need lqc's KV attention.*use_compressed_attention\(model.config\)"):
-        tiny_llama(token_ids, past_key_values=cache)
+        tiny_llama(token_ids, cache=cache)
 
 
 @pytest.mark.parametrize(
@@ -283,7 +283,7 @@ def test_lqc_generate_gives_hf_generate_tokens(tiny_llama, token_ids):
     import lqc
 
     with torch.no_grad():
-        expected = tiny_llama.generate(token_ids, max_new_tokens=10, do_sample=False, past_key_values=DynamicCache(config=tiny_llama.config))
+        expected = tiny_llama.generate(token_ids, max_new_tokens=10, do_sample=False, cache=DynamicCache(config=tiny_llama.config))
     assert torch.equal(lqc.generate(tiny_llama, token_ids, 10), expected)
     kv = {"bits": 8, "group": 4, "residual": 4, "sinks": 1}
     assert torch.equal(lqc.generate(tiny_llama, token_ids, 10, kv=kv, prefill_chunk=5), expected)
@@ -312,7 +312,7 @@ def test_size_report_equals_a_filled_cache(tiny_llama, options):
     ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(2))
     cache = CompressedKVCache(tiny_llama.config, **options)
     with torch.no_grad():
-        tiny_llama.generate(ids, max_new_tokens=11, do_sample=False, past_key_values=cache)
+        tiny_llama.generate(ids, max_new_tokens=11, do_sample=False, cache=cache)
     assert cache.get_seq_length() == 40
     report = kv_cache_report(tiny_llama.config, 40, element_bytes=4, **options)
     assert report["total_bytes"] == cache.nbytes() and report["stored_tokens_per_layer"] == cache.layers[0].stored_tokens

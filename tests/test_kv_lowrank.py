@@ -26,7 +26,7 @@ def test_full_rank_is_the_model(tiny_llama, token_ids):
         assert isinstance(model.model.layers[0].self_attn, LowRankKVAttention)
         assert _relative(model(token_ids).logits, expected) < 1e-5
         cache = DynamicCache(config=model.config)
-        chunked = torch.cat([model(token_ids[:, i : i + 5], past_key_values=cache).logits for i in range(0, 12, 5)], dim=1)
+        chunked = torch.cat([model(token_ids[:, i : i + 5], cache=cache).logits for i in range(0, 12, 5)], dim=1)
         assert _relative(chunked, expected) < 1e-5
         assert cache.layers[0].keys.shape == (1, 1, 12, 32)  # one latent of rank 2 KV heads x 16 per token
         assert torch.equal(model.generate(token_ids, max_new_tokens=8, do_sample=False),
@@ -54,7 +54,7 @@ def test_half_rank_latents_are_quantized_by_a_compressed_cache(tiny_llama, token
     with torch.no_grad():
         reference = model(token_ids).logits
         cache = CompressedKVCache(model.config, bits=8, group=4, residual=2, sinks=1)
-        got = torch.cat([model(token_ids[:, i : i + 4], past_key_values=cache).logits for i in range(0, 12, 4)], dim=1)
+        got = torch.cat([model(token_ids[:, i : i + 4], cache=cache).logits for i in range(0, 12, 4)], dim=1)
     assert cache.layers[0].quantized[0].codes.shape[-1] == 16
     assert _relative(got, reference) < 1e-2
 

@@ -191,7 +191,7 @@ def test_kv_attention_groups_own_their_outputs():
                                      options={"recipe": recipe, "target": "eager", "progress": False})
     first = compiled_graph_count()
     with torch.no_grad():
-        compiled(_ids(), past_key_values=DynamicCache(config=model.config))
+        compiled(_ids(), cache=DynamicCache(config=model.config))
     (graph,) = [c.graph for c in compiled_graphs_since(first)]
     part = partition(graph)
     _check_invariants(graph, part)
