@@ -72,7 +72,7 @@ def clear_reports() -> None:
 def lqc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: Any = None, mode: str | None = None):
     """The dynamo backend. ``options``: see lqc.options.CompileOptions."""
     opts = CompileOptions.parse(options)
-    recipe = load_recipe(resolve_recipe(opts.recipe, calibrated=opts.calibration is not None))  # raises on unknown passes or options
+    recipe = load_recipe(resolve_recipe(opts.recipe))  # raises on unknown passes or options
     calibration = calibration_from(opts.calibration, opts.tokenizer)
     name = f"graph{next(_graph_ids)}"
 

@@ -23,7 +23,6 @@ from lqc.runtime.dropped_layers import keep_dropped_layers_out_of_caches
 from .backend import compiled_graph_count, compiled_graphs_since, reports
 from .data import calibration_from
 from .options import CompileOptions
-from .recipes import resolve_recipe
 
 
 def compress(
@@ -83,9 +82,7 @@ def compress(
         for record in report.records:
             if record.name == "drop_layers":
                 dropped.update(record.details.get("dropped_modules", {}))
-    # the recipe as it ran: a name resolves to its calibrated passes when calibration was given
-    recipe_run = resolve_recipe(options.recipe, calibrated=calibration_data is not None)
-    compressed._lqc_compression = Compression(recipe=recipe_run, target=target, graphs=[
+    compressed._lqc_compression = Compression(recipe=options.recipe, target=target, graphs=[
         c.graph for c in compiled_graphs_since(first) if c.graph is not None
     ], dropped_modules=dropped)
     # a dropped attention layer needs no KV cache: generate() builds its caches without those slots

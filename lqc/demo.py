@@ -58,7 +58,7 @@ def use_cache_dir(cache_dir: str | Path) -> Path:
     return cache_dir
 
 
-def run_demo(*, model_name: str = "smollm2-135m", cache_dir: str | Path = ".lqc-cache", windows: int = 16,
+def run_demo(*, model_name: str = "smollm2-135m", cache_dir: str | Path = ".lqc-cache", windows: int = 8,
              decode_tokens: int = 64, runs: int = 3, sample_tokens: int = 24, threads: int = 2,
              log: Callable[[str], None] = print) -> dict:
     cache_dir = use_cache_dir(cache_dir)
@@ -169,7 +169,7 @@ def _kv_bytes_per_token(v: Variant, cache, cache_length: int) -> float:
     from lqc.runtime.dropped_layers import kv_cache_nbytes
     from lqc.runtime.kv_cache import kv_cache_report
 
-    recipe = resolve_recipe(v.name.removeprefix("lqc "), calibrated=True)["passes"] if v.name.startswith("lqc") else []
+    recipe = resolve_recipe(v.name.removeprefix("lqc "))["passes"] if v.name.startswith("lqc") else []
     kv = next((e for e in recipe if e["pass"] == "compress_kv"), None)
     if kv is None:
         return kv_cache_nbytes(cache) / cache_length

@@ -25,21 +25,20 @@ def named_recipes() -> dict[str, str]:
     return out
 
 
-def resolve_recipe(recipe: Any, *, calibrated: bool = False) -> Any:
+def resolve_recipe(recipe: Any) -> Any:
     """The recipe data for a shipped name, a composition of names (``"moe+int8"`` or
-    ``["moe", "int8"]``); anything else unchanged. ``calibrated``: calibration data was given,
-    so a named recipe's ``when_calibrated`` passes (if it has them) are the ones to run."""
+    ``["moe", "int8"]``); anything else unchanged."""
     if isinstance(recipe, str) and not recipe.endswith((".yaml", ".yml", ".json")) and "/" not in recipe:
         if "+" in recipe:
-            return compose(recipe.split("+"), calibrated=calibrated)
-        return _named(recipe, calibrated)
+            return compose(recipe.split("+"))
+        return _named(recipe)
     if isinstance(recipe, (list, tuple)) and recipe and all(isinstance(entry, str) for entry in recipe):
-        return compose(list(recipe), calibrated=calibrated)
+        return compose(list(recipe))
     return recipe
 
 
 def recipe_file(name: str) -> dict:
-    """A shipped recipe's YAML as written: description, passes and, if any, when_calibrated."""
+    """A shipped recipe's YAML as written."""
     entry = _FOLDER / f"{name.strip()}.yaml"
     if not entry.is_file():
         from lqc.ir.errors import LqcConfigError
@@ -51,10 +50,8 @@ def recipe_file(name: str) -> dict:
     return yaml.safe_load(entry.read_text())
 
 
-def _named(name: str, calibrated: bool) -> dict:
+def _named(name: str) -> dict:
     data = recipe_file(name)
-    if calibrated and "when_calibrated" in data:
-        return {"description": data.get("description", ""), "passes": data["when_calibrated"]["passes"]}
     return {"description": data.get("description", ""), "passes": data.get("passes") or []}
 
 
@@ -73,7 +70,7 @@ _STAGE_OF = {name: i for i, names in enumerate(STAGES.values()) for name in name
 _ONCE = ("drop_layers", "ffn_to_moe", "compress_kv")  # a second one would act on what the first made
 
 
-def compose(names: Sequence[str], *, calibrated: bool = False) -> dict:
+def compose(names: Sequence[str]) -> dict:
     """One recipe from named recipes, their passes merged in stage order (a stable sort: within a
     stage each recipe's own order is kept). An exact pass both recipes run, with the same options,
     runs once. Raises LqcConfigError naming the two recipes and the pass when they conflict: both
@@ -82,7 +79,7 @@ def compose(names: Sequence[str], *, calibrated: bool = False) -> dict:
 
     entries: list[tuple[str, dict]] = []
     for name in names:
-        for entry in _named(name, calibrated)["passes"]:
+        for entry in _named(name)["passes"]:
             stage = _STAGE_OF.get(entry["pass"])
             if stage is None:
                 raise LqcConfigError(f"recipe {name!r} has pass {entry['pass']!r}, which has no composition stage; "
