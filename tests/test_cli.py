@@ -22,7 +22,7 @@ def test_recipes(capsys):
     assert "default:" in capsys.readouterr().out
     assert main(["recipes", "default"]) == 0
     out = capsys.readouterr().out
-    assert "pass: concat_linears" in out and "include_lm_head: true" in out
+    assert "format: int8" in out and "include_lm_head: true" in out and "include_embedding: true" in out
     assert main(["recipes", "max"]) == 0
     out = capsys.readouterr().out
     assert "method: gptq" in out and "pass: compress_kv" in out
