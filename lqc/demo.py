@@ -102,7 +102,7 @@ def _variants(model, calibration, tokenizer) -> list[Variant]:
                 Variant("inductor bf16", bf16, torch.compile(bf16.forward, dynamic=False), model_weight_bytes(bf16))]
     for recipe in RECIPES:
         # default needs no calibration data (and shows what a user gets without it); max calibrates
-        options = {"recipe": recipe, "target": "auto", "progress": False, "tokenizer": tokenizer,
+        options = {"recipe": recipe, "target": "auto", "progress": True, "tokenizer": tokenizer,  # calibration bars
                    "calibration": calibration if recipe == "max" else None}
         variants.append(Variant(f"lqc {recipe}", model, torch.compile(model.forward, backend="lqc", options=options, dynamic=False)))
     return variants

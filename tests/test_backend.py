@@ -65,12 +65,12 @@ def test_empty_recipe_equals_eager(tiny_llama, token_ids, target):
     assert (out - reference).abs().max().item() <= 1e-5
 
 
-def test_default_recipe_generate_matches_eager(tiny_llama):
+def test_exact_recipe_generate_matches_eager(tiny_llama):
     ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         reference = tiny_llama.generate(ids, max_new_tokens=8, do_sample=False)
         reference_static = tiny_llama.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static")
-        tiny_llama.forward = torch.compile(tiny_llama.forward, backend="lqc", options={"target": "eager"})
+        tiny_llama.forward = torch.compile(tiny_llama.forward, backend="lqc", options={"recipe": "exact", "target": "eager"})
         assert torch.equal(tiny_llama.generate(ids, max_new_tokens=8, do_sample=False), reference)
         assert torch.equal(
             tiny_llama.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static"), reference_static
@@ -161,7 +161,7 @@ def test_autograd_graphs_fall_back(tiny_llama, token_ids):
 
 
 def test_debug_dir_per_graph(tiny_llama, token_ids, tmp_path):
-    compiled = torch.compile(tiny_llama, backend="lqc", options={"target": "eager", "debug_dir": str(tmp_path), "verify": True})
+    compiled = torch.compile(tiny_llama, backend="lqc", options={"recipe": "exact", "target": "eager", "debug_dir": str(tmp_path), "verify": True})
     with torch.no_grad():
         compiled(token_ids)
     (graph_dir,) = list(tmp_path.iterdir())
