@@ -34,13 +34,13 @@ def test_generate_identical_with_dynamic_and_static_cache(smollm2, prompt):
 
     model = smollm2.model
     with torch.no_grad():
-        reference = model.generate(prompt, max_new_tokens=20, do_sample=False)
-        reference_static = model.generate(prompt, max_new_tokens=20, do_sample=False, cache_implementation="static")
+        reference = model.generate(prompt, max_new_tokens=8, do_sample=False)
+        reference_static = model.generate(prompt, max_new_tokens=8, do_sample=False, cache_implementation="static")
         compiled = copy.copy(model)
         compiled.forward = torch.compile(model.forward, backend="lqc", options={"recipe": "exact", "target": "eager"})
-        assert torch.equal(compiled.generate(prompt, max_new_tokens=20, do_sample=False), reference)
+        assert torch.equal(compiled.generate(prompt, max_new_tokens=8, do_sample=False), reference)
         assert torch.equal(
-            compiled.generate(prompt, max_new_tokens=20, do_sample=False, cache_implementation="static"), reference_static
+            compiled.generate(prompt, max_new_tokens=8, do_sample=False, cache_implementation="static"), reference_static
         )
 
 
@@ -52,7 +52,7 @@ def test_lqc_eval_quick_frozen_graph_perplexity_equals_eager(smollm2, tmp_path, 
     from lqc.cli import main
 
     out = tmp_path / "eval.json"
-    assert main(["eval", "--recipe", "none", "--windows", "4", "--gen-prompts", "2", "--gen-tokens", "16", "--json", str(out)]) == 0
+    assert main(["eval", "--recipe", "none", "--windows", "4", "--gen-prompts", "1", "--gen-tokens", "8", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     eager, frozen = result["reference"], result["lqc"]
     assert eager["windows"] == frozen["windows"] == 4
@@ -77,12 +77,12 @@ def test_default_target_adds_no_error_beyond_inductor(smollm2, prompt):
 
 
 def test_quantization_quality_bounds(smollm2, eval_ids):
-    """Quality bounds on 4 evaluation windows (2,044 tokens; the full figures are in
+    """Quality bounds on 2 evaluation windows (1,022 tokens; the full figures are in
     docs/quantization.md): int8 within 1.5% of float32, HQQ int4 g64 better than RTN."""
     from lqc.evaluate import causal_lm_logits, perplexity
 
     def ppl(model):
-        return perplexity(causal_lm_logits(model), eval_ids, max_windows=4, progress=False).perplexity
+        return perplexity(causal_lm_logits(model), eval_ids, max_windows=2, progress=False).perplexity
 
     reference = ppl(smollm2.model)
     results = {}
@@ -109,7 +109,7 @@ def test_dropped_attention_generates_frees_its_cache_and_saves(smollm2, prompt, 
     reference = copy.deepcopy(model)
     for i in (25, 26):
         reference.model.layers[i].self_attn.forward = lambda hidden_states, *a, **k: (torch.zeros_like(hidden_states), None)
-    kwargs = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+    kwargs = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
     with torch.no_grad():
         for extra in ({}, {"cache_implementation": "static"}):
             expected = reference.generate(prompt, **kwargs, **extra).sequences
@@ -208,9 +208,9 @@ def test_compress_kv_pass_on_transformers_own_caches(smollm2, eval_ids, prompt):
             stored = kv_graph_cache.layer_for(cache.layers[0].keys)
             # a fresh start per use: their graphs together pass dynamo's limit of 8 for one function
             torch._dynamo.reset()
-            dynamic = compressed.generate(prompt, max_new_tokens=16, do_sample=False)
+            dynamic = compressed.generate(prompt, max_new_tokens=8, do_sample=False)
             torch._dynamo.reset()
-            static = compressed.generate(prompt, max_new_tokens=16, do_sample=False, cache_implementation="static")
+            static = compressed.generate(prompt, max_new_tokens=8, do_sample=False, cache_implementation="static")
             float_logits = cached_logits(model, lambda: DynamicCache(config=config), 128)(window)
             reference = cached_logits(model, lambda: CompressedKVCache(config, bits=4), 128)(window)
     finally:
