@@ -42,7 +42,7 @@ def cmd_passes(args) -> int:
 def cmd_recipes(args) -> int:
     from lqc.recipes import named_recipes, recipe_file, resolve_recipe
 
-    if args.name:  # a name as its file says it (when_calibrated included), a composition as composed
+    if args.name:  # a name as its file says it (description included), a composition as composed
         data = resolve_recipe(args.name) if "+" in args.name else recipe_file(args.name)
         print(yaml.safe_dump(data, sort_keys=False, width=100), end="")
         return 0

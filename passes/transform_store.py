@@ -41,8 +41,11 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     digest = hashlib.sha256(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
     flat = tensor.detach().contiguous().view(-1)
     digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
-    _tensor_digests[id(tensor)] = (weakref.ref(tensor), tensor._version, digest.hexdigest())
-    return _tensor_digests[id(tensor)][2]
+    key = id(tensor)
+    if known is None:  # forget it with the tensor (an id is reused once its tensor is gone)
+        weakref.finalize(tensor, _tensor_digests.pop, key, None)
+    _tensor_digests[key] = (weakref.ref(tensor), tensor._version, digest.hexdigest())
+    return _tensor_digests[key][2]
 
 
 def code_digest() -> str:
@@ -59,8 +62,6 @@ def code_digest() -> str:
 class TransformStore:
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        self.hits = 0
-        self.writes = 0
 
     def key(self, cache_key: tuple, model_digest: str, passes_before: Sequence[str], sources: Sequence[torch.Tensor]) -> str:
         text = repr((cache_key, model_digest, tuple(passes_before), [tensor_digest(s) for s in sources], code_digest()))
@@ -70,9 +71,7 @@ class TransformStore:
         path = self.folder / key[:2] / f"{key}.pt"
         if path.is_file():
             try:
-                value = _load(path)
-                self.hits += 1
-                return value
+                return _load(path)
             except Exception as exc:  # noqa: BLE001 - a damaged file is recomputed
                 log.warning("lqc: transform cache file %s is unreadable (%s); recomputing", path, exc)
         value = compute()
@@ -81,7 +80,6 @@ class TransformStore:
             partial = path.with_suffix(f".{os.getpid()}.tmp")
             torch.save(value, partial)
             partial.replace(path)  # atomic: a reader never sees half a file
-            self.writes += 1
         except Exception as exc:  # noqa: BLE001 - values that do not pickle stay in memory only
             log.debug("lqc: transform not stored on disk (%s)", exc)
         return value
