@@ -68,6 +68,9 @@ def run_demo(*, model_name: str = "smollm2-135m", cache_dir: str | Path = ".lqc-
     torch.set_num_threads(threads)
     started = time.perf_counter()
     model, tokenizer, name = lqc.models.load(model_name)
+    if tokenizer is None:
+        raise lqc.LqcConfigError(f"lqc demo scores text and {name} has no tokenizer: give a model that has one "
+                                 f"(smollm2-135m, a Hugging Face model directory or a .gguf file)")
     log(f"[{_clock(started)}] loaded {name}")
     ids = tokenize_file("eval", tokenizer)
     window_ids = [ids[i * 512 : (i + 1) * 512][None] for i in range(windows)]
