@@ -24,6 +24,19 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture(autouse=True)
+def _cache_folders_restored():
+    # `lqc demo` points these at its own folder for the rest of its process; a test that runs it
+    # must not leave later tests reading (say) a weight transform cached under other code.
+    saved = {name: os.environ.get(name) for name in ("LQC_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session")
 def tiny_models():
     return {name: lqc.models.load(name).model for name in FAMILIES}

@@ -96,10 +96,6 @@ def test_sensitivity_on_smollm2(smollm2, tmp_path, capsys):
     assert ranking[0]["layer"] in printed and "rank" in printed
 
 
-def test_demo_needs_a_model_with_a_tokenizer(tmp_path, capsys, monkeypatch):
-    import os
-
-    for name in ("LQC_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):  # the demo points these at its folder: undo after
-        monkeypatch.setenv(name, os.environ[name]) if name in os.environ else monkeypatch.delenv(name, raising=False)
+def test_demo_needs_a_model_with_a_tokenizer(tmp_path, capsys):
     assert main(["demo", "--model", "tiny-llama", "--cache-dir", str(tmp_path)]) == 2
     assert "lqc demo scores text and tiny-llama has no tokenizer" in capsys.readouterr().err
