@@ -34,7 +34,7 @@ system-deps:
 # The whole suite, real-model end-to-end tests and the browser test included (they fail, not skip,
 # if the model or Chromium is missing).
 test: $(STAMP) system-deps
-	LQC_REQUIRE_REAL_MODEL=1 LQC_REQUIRE_BROWSER=1 $(PY) -m pytest -q --durations=15
+	LQC_REQUIRE_REAL_MODEL=1 LQC_REQUIRE_BROWSER=1 $(PY) -m pytest -q -n 2 --dist worksteal --durations=15
 
 # Skip the slow tests (real model, Inductor compiles): a quick loop while developing.
 test-fast: $(STAMP)

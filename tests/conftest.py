@@ -10,7 +10,9 @@ import torch
 
 import lqc.models
 
-torch.set_num_threads(2)
+# `make test` runs two pytest-xdist workers, one per core of the 2-core machine: each takes one
+# thread (two threads each would oversubscribe the cores). Alone, pytest gets both.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2", "tiny-bert"]
 
@@ -71,3 +73,13 @@ def eval_ids(smollm2):
     from lqc.data import tokenize_file
 
     return tokenize_file("eval", smollm2.tokenizer)
+
+
+@pytest.fixture
+def smollm2_for_the_cli(smollm2, monkeypatch):
+    """The session's SmolLM2 for CLI commands that load "smollm2-135m" themselves: the command's
+    own code runs, without a second 15 s load of the GGUF file."""
+    load = lqc.models.load
+    monkeypatch.setattr(lqc.models, "load", lambda name, *a, **k: smollm2 if name == "smollm2-135m" else load(name, *a, **k))
+    return smollm2
+

@@ -82,7 +82,7 @@ def test_sensitivity_needs_text_a_tokenizer_can_read(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.real_model
-def test_sensitivity_on_smollm2(smollm2, tmp_path, capsys):
+def test_sensitivity_on_smollm2(smollm2_for_the_cli, tmp_path, capsys):
     import json
 
     out = tmp_path / "ranking.json"
