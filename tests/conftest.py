@@ -13,6 +13,10 @@ import lqc.models
 # `make test` runs two pytest-xdist workers, one per core of the 2-core machine: each takes one
 # thread (two threads each would oversubscribe the cores). Alone, pytest gets both.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch._inductor.config
+
+    torch._inductor.config.compile_threads = 1  # no pool of compile subprocesses per worker either
 
 FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2", "tiny-bert"]
 
