@@ -92,7 +92,7 @@ def test_quantization_quality_bounds(smollm2, eval_ids):
     for name, entry in {"int8": {"format": "int8"}, "rtn": {"format": "int4", "group_size": 64},
                         "hqq": {"format": "int4", "group_size": 64, "method": "hqq"}}.items():
         compressed = graph.copy(name=name)
-        PassManager([{"pass": "quantize", "kernels": False, **entry}]).run(compressed, PassContext(progress=False))
+        PassManager([{"pass": "quantize", **entry}]).run(compressed, PassContext(progress=False))
         with torch.no_grad():
             results[name] = ppl(lambda ids: compressed(ids)[-1])
     assert results["int8"] < 1.015 * reference, (reference, results)
