@@ -217,3 +217,20 @@ def test_compress_kv_pass_on_transformers_own_caches(smollm2, eval_ids):
     assert ((logits - reference).abs().max() / reference.abs().max()).item() < 1e-4
     assert stored is not None and stored.quantized[0].tokens == 512 - 4 - 128 - (512 - 4 - 128) % 64
     assert nll(logits) - nll(float_logits) < math.log(1.03)  # within +3% perplexity
+
+
+def test_a_converted_gguf_convertedloads_the_same_model(smollm2, eval_ids, tmp_path, monkeypatch):
+    """With LQC_CACHE_DIR set, load() reads the GGUF file's float32 conversion from the cache
+    folder: the same weights (the tied table once) and the same tokenizer."""
+    from lqc.data import tokenize_file
+    from lqc.models import _converted_copy, _save_converted, load, smollm2_gguf_path
+
+    monkeypatch.setenv("LQC_CACHE_DIR", str(tmp_path))
+    _save_converted(smollm2.model, smollm2.tokenizer, _converted_copy(smollm2_gguf_path()))
+    converted = load("smollm2-135m")
+    expected = smollm2.model.state_dict()
+    assert converted.model.state_dict().keys() == expected.keys()
+    assert all(torch.equal(value, expected[name]) for name, value in converted.model.state_dict().items())
+    assert converted.model.lm_head.weight is converted.model.model.embed_tokens.weight
+    assert sum(f.stat().st_size for f in (tmp_path / "models").rglob("*.safetensors")) < 0.55e9
+    assert torch.equal(tokenize_file("eval", converted.tokenizer), eval_ids)
