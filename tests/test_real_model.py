@@ -219,7 +219,7 @@ def test_compress_kv_pass_on_transformers_own_caches(smollm2, eval_ids):
     assert nll(logits) - nll(float_logits) < math.log(1.03)  # within +3% perplexity
 
 
-def test_a_converted_gguf_convertedloads_the_same_model(smollm2, eval_ids, tmp_path, monkeypatch):
+def test_a_converted_gguf_copy_loads_the_same_model(smollm2, eval_ids, tmp_path, monkeypatch):
     """With LQC_CACHE_DIR set, load() reads the GGUF file's float32 conversion from the cache
     folder: the same weights (the tied table once) and the same tokenizer."""
     from lqc.data import tokenize_file
