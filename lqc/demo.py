@@ -215,11 +215,12 @@ def format_demo(result: dict) -> str:
     head = (f"{rows[0]['model']}: perplexity on {rows[0]['windows']} windows of eval.txt ({rows[0]['scored_tokens']:,} tokens), "
             f"prefill 512 tokens, decode after a 512-token window, median of the interleaved runs, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    columns = ("variant", "weight MB", "vs fp32", "ppl", "ppl delta", "prefill tok/s", "decode tok/s", "vs inductor bf16", "compile s")
+    columns = ("variant", "weight MB", "vs fp32", "ppl", "ppl delta", "KV B/token", "prefill tok/s", "decode tok/s",
+               "vs inductor bf16", "compile s")
     table = format_table(columns, [
         [r["recipe"] if r["kind"] == "baseline" else f"lqc {r['recipe']}", f"{r['weight_bytes'] / 1e6:.1f}",
          f"{r['weight_bytes'] / r['fp32_weight_bytes']:.3f}x", f"{r['ppl']:.3f}", f"{r['ppl_delta_pct']:+.2f}%",
-         f"{r['prefill_tokens_per_s']:.0f}", f"{r['decode_tokens_per_s']:.1f}", f"{r['decode_vs_baseline']:.2f}x",
+         f"{r['kv_bytes_per_token']:,.0f}", f"{r['prefill_tokens_per_s']:.0f}", f"{r['decode_tokens_per_s']:.1f}", f"{r['decode_vs_baseline']:.2f}x",
          f"{r['compile_cold_s']:.1f}"] for r in rows])
     samples = "\n".join(f"  {r['recipe']:>14}: ...{r['sample']!r}" for r in rows)
     return f"{head}\n{table}\ngreedy continuations of eval.txt's first window (...{rows[0]['sample_prompt']!r}):\n{samples}\n"
