@@ -25,7 +25,10 @@ def test_recipes(capsys):
     assert "format: int8" in out and "include_lm_head: true" in out and "include_embedding: true" in out
     assert main(["recipes", "max"]) == 0
     out = capsys.readouterr().out
-    assert "method: gptq" in out and "pass: compress_kv" in out
+    assert "method: gptq" in out and "pass: compress_kv" not in out  # the float cache decodes faster here
+    assert main(["recipes", "max+kv-int8"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("method: gptq") < out.index("pass: compress_kv") and "bits: 8" in out
     assert main(["recipes", "moe+int8"]) == 0  # a composition, in stage order
     out = capsys.readouterr().out
     assert out.index("pass: ffn_to_moe") < out.index("pass: quantize")
