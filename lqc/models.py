@@ -8,7 +8,7 @@ from transformers configs, for tests.
 
 Converting a GGUF file takes ~15 s on 2 cores (dequantizing, building the tokenizer). With
 ``LQC_CACHE_DIR`` set (``lqc demo`` sets it), the converted float32 model and its tokenizer are
-saved under ``$LQC_CACHE_DIR/models/`` and later loads read that copy (~2 s).
+saved under ``$LQC_CACHE_DIR/models/`` and later loads read that copy (~0.5 s).
 """
 
 from __future__ import annotations
