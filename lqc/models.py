@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -118,11 +119,14 @@ def _load_gguf(path: Path, dtype: torch.dtype, name: str) -> LoadedModel:
     tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     if converted is not None and dtype == torch.float32:  # the dequantized values exactly; other dtypes cast from them
         partial = converted.with_name(converted.name + f".partial-{os.getpid()}")
-        _save_converted(model, tokenizer, partial)
         try:
+            _save_converted(model, tokenizer, partial)
             partial.rename(converted)  # whole or not at all: a reader never sees half a copy
-        except OSError:  # another process saved it first
+        except OSError as exc:  # another process saved it first, or the folder is not writable
             shutil.rmtree(partial, ignore_errors=True)
+            if not (converted / "config.json").is_file():
+                warnings.warn(f"lqc: could not keep the converted model in {converted} ({exc}); the next load "
+                              f"converts {path.name} again", stacklevel=3)
     return LoadedModel(model.eval(), tokenizer, name)
 
 
@@ -146,7 +150,12 @@ def _converted_copy(path: Path) -> Path | None:
         return None
     stat = path.stat()
     target = Path(folder) / "models" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        warnings.warn(f"lqc: LQC_CACHE_DIR={folder} cannot hold the converted model ({exc}); converting "
+                      f"{path.name} without keeping it", stacklevel=4)
+        return None
     return target
 
 

@@ -234,3 +234,14 @@ def test_a_converted_gguf_copy_loads_the_same_model(smollm2, eval_ids, tmp_path,
     assert converted.model.lm_head.weight is converted.model.model.embed_tokens.weight
     assert sum(f.stat().st_size for f in (tmp_path / "models").rglob("*.safetensors")) < 0.55e9
     assert torch.equal(tokenize_file("eval", converted.tokenizer), eval_ids)
+
+
+def test_an_unusable_cache_folder_is_a_warning(tmp_path, monkeypatch):
+    """LQC_CACHE_DIR naming a file: load() converts without keeping a copy, and says so."""
+    from lqc.models import _converted_copy, smollm2_gguf_path
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("LQC_CACHE_DIR", str(blocker))
+    with pytest.warns(UserWarning, match="cannot hold the converted model"):
+        assert _converted_copy(smollm2_gguf_path()) is None
