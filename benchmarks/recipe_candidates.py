@@ -44,6 +44,14 @@ CANDIDATES = {  # name -> (recipe, needs calibration)
                                                  LM_HEAD_INT8, KV_INT8], True),
     "concat-int4-g64-gptq-fast-int8-head": ([{"pass": "cleanup"}, {"pass": "concat_linears"},
                                              {**GPTQ_G64, "gptq_params": "minmax", "calibration_tokens": 8192}, LM_HEAD_INT8], True),
+    # what makes max's first calibration cheaper (make demo's first run): half the tokens, and the
+    # coordinate range search (16 candidate ranges per group instead of 64)
+    "concat-int4-g64-gptq-8k-int8-head": ([{"pass": "cleanup"}, {"pass": "concat_linears"}, {**GPTQ_G64, "calibration_tokens": 8192},
+                                           LM_HEAD_INT8], True),
+    "concat-int4-g64-gptq-coord-int8-head": ([{"pass": "cleanup"}, {"pass": "concat_linears"},
+                                              {**GPTQ_G64, "calibration_tokens": 16384, "mse_search": "coordinate"}, LM_HEAD_INT8], True),
+    "concat-int4-g64-gptq-8k-coord-int8-head": ([{"pass": "cleanup"}, {"pass": "concat_linears"},
+                                                 {**GPTQ_G64, "calibration_tokens": 8192, "mse_search": "coordinate"}, LM_HEAD_INT8], True),
     "drop1-concat-int4-g64-gptq-int8-head-kv8": ([{"pass": "cleanup"}, {"pass": "drop_layers", "what": "attention", "count": 1},
                                                   {"pass": "concat_linears"}, {**GPTQ_G64, "calibration_tokens": 16384},
                                                   LM_HEAD_INT8, KV_INT8], True),

@@ -90,15 +90,20 @@ def search_clipping(
 
 @torch.no_grad()
 def search_clipping_hessian(
-    hessian: torch.Tensor, weight: torch.Tensor, group_size: int, steps: int = 8, min_ratio: float = 0.6, chunk: int = 128
+    hessian: torch.Tensor, weight: torch.Tensor, group_size: int, steps: int = 8, min_ratio: float = 0.6, chunk: int = 128,
+    search: str = "grid",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """int4 (scales, zeros) [N, K/g] minimizing each (row, group)'s output error ``d H_G d^T``.
 
     The error of a weight change d confined to group G is exactly d H_G d^T, with H_G the group's
     diagonal block of the input Hessian: the statistics of every calibration token, where
     ``search_clipping`` sees a sample of rows. The low and high ends of the range shrink
-    independently (``steps`` x ``steps`` candidates), which fits asymmetric groups better than
-    one symmetric clip."""
+    independently, which fits asymmetric groups better than one symmetric clip: ``search="grid"``
+    tries all ``steps`` x ``steps`` pairs of shrink ratios; ``"coordinate"`` the ``steps`` low ends
+    with the high end unshrunk, then the ``steps`` high ends with each group's best low end (2 x
+    ``steps`` candidates: 4x less work at 8 steps)."""
+    if search not in ("grid", "coordinate"):
+        raise ValueError(f"search must be 'grid' or 'coordinate'; got {search!r}")
     n, k = weight.shape
     groups = k // group_size
     h = hessian.to(torch.float32)
@@ -108,23 +113,46 @@ def search_clipping_hessian(
     best_zeros = torch.empty(n, groups)
     for start in range(0, n, chunk):
         w = weight[start : start + chunk].to(torch.float32).reshape(-1, groups, group_size)  # [r, G, g]
-        lo0, hi0 = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
-        lo_all, hi_all = w.amin(dim=-1), w.amax(dim=-1)
-        best_err = torch.full(lo0.shape, float("inf"))
-        rows = slice(start, start + w.shape[0])
-        for r_lo in ratios:
-            for r_hi in ratios:
-                # shrink towards zero for ranges that straddle it, towards the other end otherwise
-                lo = torch.where(lo_all < 0, lo0 * r_lo, lo_all + (hi_all - lo_all) * (1 - r_lo))
-                hi = torch.where(hi_all > 0, hi0 * r_hi, hi_all - (hi_all - lo_all) * (1 - r_hi))
-                hi = torch.maximum(hi, lo + 1e-8)
-                scales = ((hi - lo) / MAX_CODE).clamp(min=1e-8)
-                zeros = lo + INT4_OFFSET * scales
-                q = torch.clamp(torch.round((w - zeros[..., None]) / scales[..., None]) + INT4_OFFSET, 0, MAX_CODE)
-                d = (q - INT4_OFFSET) * scales[..., None] + zeros[..., None] - w
-                err = torch.einsum("rGg,Ggh,rGh->rG", d, blocks, d)
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_scales[rows] = torch.where(better, scales, best_scales[rows])
-                best_zeros[rows] = torch.where(better, zeros, best_zeros[rows])
+        best = _RangeSearch(w, blocks)
+        if search == "grid":
+            for r_lo in ratios:
+                for r_hi in ratios:
+                    best.try_ratios(r_lo, r_hi)
+        else:
+            for r_lo in ratios:
+                best.try_ratios(r_lo, 1.0)
+            best_lo = best.r_lo.clone()
+            for r_hi in ratios[1:]:
+                best.try_ratios(best_lo, r_hi)
+        best_scales[start : start + w.shape[0]] = best.scales
+        best_zeros[start : start + w.shape[0]] = best.zeros
     return best_scales, best_zeros
+
+
+class _RangeSearch:
+    """The best int4 range found so far for each (row, group) of ``w`` [r, G, g], by ``d H_G d^T``."""
+
+    def __init__(self, w: torch.Tensor, blocks: torch.Tensor):
+        self.w, self.blocks = w, blocks
+        self.lo_all, self.hi_all = w.amin(dim=-1), w.amax(dim=-1)
+        self.lo0, self.hi0 = self.lo_all.clamp(max=0), self.hi_all.clamp(min=0)
+        self.err = torch.full(self.lo_all.shape, float("inf"))
+        self.scales, self.zeros = torch.empty_like(self.err), torch.empty_like(self.err)
+        self.r_lo = torch.ones_like(self.err)
+
+    def try_ratios(self, r_lo: float | torch.Tensor, r_hi: float) -> None:
+        w, lo_all, hi_all = self.w, self.lo_all, self.hi_all
+        # shrink towards zero for ranges that straddle it, towards the other end otherwise
+        lo = torch.where(lo_all < 0, self.lo0 * r_lo, lo_all + (hi_all - lo_all) * (1 - r_lo))
+        hi = torch.where(hi_all > 0, self.hi0 * r_hi, hi_all - (hi_all - lo_all) * (1 - r_hi))
+        hi = torch.maximum(hi, lo + 1e-8)
+        scales = ((hi - lo) / MAX_CODE).clamp(min=1e-8)
+        zeros = lo + INT4_OFFSET * scales
+        q = torch.clamp(torch.round((w - zeros[..., None]) / scales[..., None]) + INT4_OFFSET, 0, MAX_CODE)
+        d = (q - INT4_OFFSET) * scales[..., None] + zeros[..., None] - w
+        err = torch.einsum("rGg,Ggh,rGh->rG", d, self.blocks, d)
+        better = err < self.err
+        self.err = torch.where(better, err, self.err)
+        self.scales = torch.where(better, scales, self.scales)
+        self.zeros = torch.where(better, zeros, self.zeros)
+        self.r_lo = torch.where(better, torch.as_tensor(r_lo, dtype=err.dtype).expand_as(err), self.r_lo)

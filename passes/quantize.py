@@ -74,6 +74,9 @@ class QuantizeOptions(PassOptions):
     gptq_params: Literal["minmax", "clip", "mse"] = field(
         default="minmax", metadata={"help": "gptq int4: static group parameters from min/max, the clipping search on sampled rows (clip), or the range search on the full Hessian (mse)"}
     )
+    mse_search: Literal["grid", "coordinate"] = field(
+        default="grid", metadata={"help": "gptq_params mse: all 8 x 8 low/high shrink ratios (grid), or the low end then the high end (coordinate: 4x faster)"}
+    )
     keep_sensitive: int = field(default=0, metadata={"help": "keep the k layers whose lone quantization moves the output most in higher precision (needs calibration)"})
     keep_format: Literal["auto", "int8", "float"] = field(default="auto", metadata={"help": "keep_sensitive: their format (auto: int8 under int4, else float)"})
     sensitivity_tokens: int = field(default=1024, metadata={"help": "keep_sensitive: calibration tokens the ranking is measured on"})
@@ -422,7 +425,7 @@ class Quantize(Pass):
             x = stats.sample if x is None else x
             group_params = search_clipping(pad_columns(x, group), padded, group) if clip else int4_minmax_params(padded, group)
         elif group and opts.gptq_params == "mse":
-            group_params = search_clipping_hessian(full, padded, group) if clip else int4_minmax_params(padded, group)
+            group_params = search_clipping_hessian(full, padded, group, search=opts.mse_search) if clip else int4_minmax_params(padded, group)
         result = gptq(padded, full, fmt=opts.format, group_size=group, block_size=opts.block_size,
                       damp=opts.damp, act_order=opts.act_order, group_params=group_params)
         if opts.format == "int4":

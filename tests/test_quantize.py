@@ -143,7 +143,8 @@ def test_gptq_in_a_recipe_needs_calibration_and_uses_it(tiny_llama, token_ids):
     assert calibrated.rel_error < rtn.rel_error
 
 
-def test_hessian_range_search_never_loses_to_minmax_per_group():
+@pytest.mark.parametrize("search", ["grid", "coordinate"])
+def test_hessian_range_search_never_loses_to_minmax_per_group(search):
     from lqc.passes.awq import search_clipping_hessian
     from lqc.runtime.quant_formats import int4_minmax_params, quantize_int4
 
@@ -155,10 +156,21 @@ def test_hessian_range_search_never_loses_to_minmax_per_group():
         blocks = torch.stack([hessian.float()[i * 64:(i + 1) * 64, i * 64:(i + 1) * 64] for i in range(4)])
         return torch.einsum("rGg,Ggh,rGh->rG", d, blocks, d)
 
-    searched, minmax = group_errors(*search_clipping_hessian(hessian, w, 64)), group_errors(*int4_minmax_params(w, 64))
+    searched = group_errors(*search_clipping_hessian(hessian, w, 64, search=search))
+    minmax = group_errors(*int4_minmax_params(w, 64))
     # min/max is a candidate; the search judges float32 parameters, the store rounds them to float16
     assert (searched <= minmax * 1.02 + 1e-6).all()
     assert searched.sum() < 0.9 * minmax.sum()
+    if search == "coordinate":  # a subset of the grid's candidates: never better than the grid
+        grid = group_errors(*search_clipping_hessian(hessian, w, 64, search="grid"))
+        assert grid.sum() <= searched.sum() * 1.001
+
+
+def test_hessian_range_search_names_its_strategies():
+    from lqc.passes.awq import search_clipping_hessian
+
+    with pytest.raises(ValueError, match="search must be 'grid' or 'coordinate'; got 'random'"):
+        search_clipping_hessian(torch.eye(64), torch.randn(4, 64), 64, search="random")
 
 
 def test_awq_scale_search_finds_salient_channels():
