@@ -106,12 +106,11 @@ def measure(run: Callable[[], object], on_gpu: bool) -> float:
     return best
 
 
-def tuned_config(kernel, module, x, qweight, scales, zeros, bias, norm_weight, norm_eps, inputs, program, fmt,
-                 group_size, in_features, out_features, out_dtype) -> dict:
-    """The fastest config for this call's shape: from memory, else from the file, else measured now."""
-    from .qlinear_kernels import launch
-
-    key = shape_key(kernel, x, fmt, group_size, out_features, in_features, norm_eps is not None, out_dtype)
+def tuned_config(kernel, x, fmt, group_size, in_features, out_features, prologue: bool, out_dtype,
+                 run: Callable[[dict], object]) -> dict:
+    """The fastest config for this call's shape: from memory, else from the file, else measured
+    now by calling ``run(config)`` (the kernel's launch with that config) for each candidate."""
+    key = shape_key(kernel, x, fmt, group_size, out_features, in_features, prologue, out_dtype)
     with _lock:
         if key in _choices:
             stats.reused += 1
@@ -122,12 +121,8 @@ def tuned_config(kernel, module, x, qweight, scales, zeros, bias, norm_weight, n
             _choices[key] = stored
             return stored
     on_gpu = x.is_cuda
-    timings = []
-    for config in candidates(fmt, group_size, math.prod(x.shape[:-1]), out_features, in_features, on_gpu):
-        def run(config=config):
-            return launch(module, x, qweight, scales, zeros, bias, inputs, program, fmt, group_size, in_features,
-                          out_features, out_dtype, norm_weight=norm_weight, norm_eps=norm_eps, **config)
-        timings.append((measure(run, on_gpu), config))
+    timings = [(measure(lambda config=config: run(config), on_gpu), config)
+               for config in candidates(fmt, group_size, math.prod(x.shape[:-1]), out_features, in_features, on_gpu)]
     seconds, best = min(timings, key=lambda pair: pair[0])
     with _lock:
         stats.tuned += 1

@@ -188,14 +188,15 @@ def fused_qlinear_impl(x, qweight, scales, zeros, bias, norm_weight, norm_eps, i
         if bias is not None:
             acc = acc + bias.to(torch.float32)
         return program.run_torch(acc, list(inputs)).to(out_dtype)
-    config = {}
-    if autotune:
-        from .autotune import tuned_config
+    def run(config: dict) -> torch.Tensor:
+        return launch(module, x, qweight, scales, zeros, bias, list(inputs), program, fmt, group_size, in_features,
+                      out_features, out_dtype, norm_weight=norm_weight, norm_eps=norm_eps, **config)
 
-        config = tuned_config(kernel, module, x, qweight, scales, zeros, bias, norm_weight, norm_eps, list(inputs),
-                              program, fmt, group_size, in_features, out_features, out_dtype)
-    return launch(module, x, qweight, scales, zeros, bias, list(inputs), program, fmt, group_size, in_features,
-                  out_features, out_dtype, norm_weight=norm_weight, norm_eps=norm_eps, **config)
+    if not autotune:
+        return run({})
+    from .autotune import tuned_config
+
+    return run(tuned_config(kernel, x, fmt, group_size, in_features, out_features, norm_eps is not None, out_dtype, run))
 
 
 def launch(module, x, qweight, scales, zeros, bias, inputs, program, fmt, group_size, in_features, out_features, out_dtype,

@@ -5,8 +5,7 @@
 loading, evaluation and benchmarking, and re-exports the pass-development API.
 """
 
-__version__ = "0.1.0"
-
+from lqc.version import __version__  # noqa: E402, F401
 from lqc import models  # noqa: E402
 from lqc.backend import clear_reports, lqc_backend, reports  # noqa: E402
 from lqc.compress import compress  # noqa: E402

@@ -21,7 +21,7 @@ from lqc.ir.errors import LqcConfigError, LqcError
 from lqc.runtime.dropped_layers import keep_dropped_layers_out_of_caches
 
 from .backend import compiled_graph_count, compiled_graphs_since, reports
-from .data import calibration_from
+from .data import calibration_from, example_token_ids
 from .options import CompileOptions
 
 
@@ -54,13 +54,8 @@ def compress(
     compressed = copy.copy(model)  # shares modules and parameters; only `forward` differs
     compressed.forward = torch.compile(model.forward, backend="lqc", options=options)
     if example_inputs is None:
-        if calibration_data is not None:
-            example_inputs = calibration_data.windows(1, min(calibration_data.default_length, calibration_data.num_tokens), 1)[0]
-        else:
-            vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-            if vocab is None:
-                raise LqcConfigError("pass example_inputs= (token ids): the model has no config.vocab_size to draw them from")
-            example_inputs = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+        tokens = calibration_data.default_length if calibration_data is not None else 16
+        example_inputs = example_token_ids(model, calibration_data, tokens, "lqc.compress")
     first, first_report = compiled_graph_count(), len(reports())
     with torch.no_grad():
         try:

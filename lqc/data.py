@@ -94,3 +94,16 @@ def calibration_from(value: Any, tokenizer: Any = None, *, max_windows: int = 32
         f"calibration must be a text file path, a list of strings, token id tensors or lqc.passes.Calibration; "
         f"got {type(value).__name__}"
     )
+
+
+def example_token_ids(model: torch.nn.Module, calibration: Calibration | None, tokens: int, caller: str) -> torch.Tensor:
+    """Token ids [1, n] to capture ``model`` on: the first calibration window (at most ``tokens``
+    long), else ``tokens`` random ids of the model's vocabulary. ``caller`` names the function
+    the error points back to."""
+    if calibration is not None:
+        return calibration.windows(1, min(tokens, calibration.num_tokens), 1)[0]
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None:
+        raise LqcConfigError(f"{caller} needs token ids for this model: pass example_inputs= (token ids), or calibration= text "
+                             f"and its tokenizer (this model has no config.vocab_size to draw random ids from)")
+    return torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))

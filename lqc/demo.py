@@ -11,9 +11,10 @@ One prefill graph and one decode graph per variant do everything: each eval wind
 of 512 tokens into a static cache (its logits score the window and its time is the prefill
 speed), then decode steps extend that cache, so no other shape is ever compiled.
 
-The machine has two cores and compiling is mostly single-threaded Python, so a helper process
-compiles lqc ``max`` (calibration, GPTQ, Inductor) while this one compiles the other variants;
-``max`` is then traced here again and its transforms and kernels come from the shared caches.
+Compiling is mostly single-threaded Python, so on a first run a helper process compiles lqc
+``max`` (calibration and GPTQ on one thread, then Inductor) while this one compiles the other
+variants; ``max`` is then traced here again and its transforms and kernels come from the shared
+caches. A repeat run (the cache holds a helper's work from the same code) skips the helper.
 Nothing is timed while the helper runs: prefill and decode speeds are measured afterwards, in
 interleaved runs.
 

@@ -37,6 +37,8 @@ from lqc.runtime.kv_cache import attention_head_dim
 from lqc.runtime.qlinear import KERNEL_LAYOUTS, QLinear
 from lqc.runtime.quant_formats import QuantizedWeight
 
+from .version import __version__
+
 FORMAT = "lqc-compressed-model"
 FORMAT_VERSION = 1
 MANIFEST = "lqc.json"
@@ -49,8 +51,6 @@ DROPPED_KINDS = ("attention", "mlp", "norm")
 def save(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
     """Write a model returned by ``lqc.compress`` to ``directory`` (created if needed)."""
     from safetensors.torch import save_file
-
-    import lqc
 
     compression = getattr(model, "_lqc_compression", None)
     if compression is None or not compression.graphs:
@@ -109,7 +109,7 @@ def save(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None) -
     if config is None or not getattr(config, "architectures", None) and not hasattr(config, "model_type"):
         raise LqcConfigError("lqc.save stores Hugging Face models (a `config` with `model_type`); this model has none")
     manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "lqc_version": lqc.__version__, "torch_version": torch.__version__,
+        "format": FORMAT, "format_version": FORMAT_VERSION, "lqc_version": __version__, "torch_version": torch.__version__,
         "recipe": recipe, "target": compression.target,
         "model": {"architecture": type(model).__name__, "config": config.to_dict()},
         "aliases": aliases, "layers": manifest_layers, "dropped": dropped,
@@ -177,8 +177,6 @@ def _stand_in(info: dict, config) -> torch.nn.Module:
 
 def read_manifest(directory: str | Path) -> dict:
     """The manifest of a saved model, checked: a clear error for anything this lqc cannot read."""
-    import lqc
-
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise LqcConfigError(f"{directory} holds no {MANIFEST}: not a model written by lqc.save")
@@ -188,7 +186,7 @@ def read_manifest(directory: str | Path) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise LqcConfigError(
             f"{path}: written by lqc {manifest.get('lqc_version')} in format version {manifest.get('format_version')}; "
-            f"lqc {lqc.__version__} reads version {FORMAT_VERSION}. Load it with that lqc version, or compress and save again"
+            f"lqc {__version__} reads version {FORMAT_VERSION}. Load it with that lqc version, or compress and save again"
         )
     missing = [key for key in ("model", "layers", "aliases") if key not in manifest]
     if missing or not {"architecture", "config"} <= set(manifest.get("model", {})):

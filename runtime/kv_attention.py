@@ -41,10 +41,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from lqc.ir.lqc_ops import KVStore, check_kv_attention_shapes
 
@@ -219,12 +215,19 @@ def _fallback(module):
         from transformers.models.llama.modeling_llama import eager_attention_forward
 
         return eager_attention_forward
+    # transformers is an optional extra (lqc[hf]): imported where a transformers model is running
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     return ALL_ATTENTION_FUNCTIONS[name] if name in ALL_ATTENTION_FUNCTIONS else sdpa_attention_forward
 
 
 def use_compressed_attention(config) -> None:
     """Register ``compressed_attention`` as ``"lqc_kv"`` and switch ``config`` (a model's config,
     shared with its attention modules) to it, remembering the attention it had for other caches."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
     AttentionInterface.register(ATTENTION, compressed_attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
     if config._attn_implementation != ATTENTION:

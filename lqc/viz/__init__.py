@@ -49,20 +49,11 @@ def report(
     """
     from lqc.backend import reports
     from lqc.compress import compress
-    from lqc.data import calibration_from
+    from lqc.data import calibration_from, example_token_ids
 
     calibration_data = calibration_from(calibration, tokenizer)
     if example_inputs is None:
-        if calibration_data is not None:
-            example_inputs = calibration_data.windows(1, min(tokens, calibration_data.num_tokens), 1)[0]
-        else:
-            vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-            if vocab is None:
-                raise LqcConfigError(
-                    "lqc.viz.report needs token ids for this model: pass example_inputs= (token ids), or calibration= "
-                    "text and its tokenizer (lqc viz draws language models; this one has no config.vocab_size)"
-                )
-            example_inputs = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
+        example_inputs = example_token_ids(model, calibration_data, tokens, "lqc.viz.report")
     first = len(reports())
     compress(model, recipe, calibration=calibration_data, tokenizer=tokenizer, example_inputs=example_inputs,
              progress=False, viz=True)
