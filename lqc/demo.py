@@ -33,6 +33,7 @@ import json
 import math
 import multiprocessing
 import os
+import queue
 import statistics
 import sys
 import time
@@ -73,6 +74,7 @@ def use_cache_dir(cache_dir: str | Path) -> Path:
     return cache_dir
 
 
+
 def run_demo(*, model_name: str = "smollm2-135m", cache_dir: str | Path = ".lqc-cache", windows: int = 8,
              decode_tokens: int = 64, runs: int = 2, sample_tokens: int = 24, threads: int = 2,
              log: Callable[[str], None] = print) -> dict:
@@ -82,50 +84,53 @@ def run_demo(*, model_name: str = "smollm2-135m", cache_dir: str | Path = ".lqc-
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    model, tokenizer, name = lqc.models.load(model_name)
-    if tokenizer is None:
-        raise lqc.LqcConfigError(f"lqc demo scores text and {name} has no tokenizer: give a model that has one "
-                                 f"(smollm2-135m, a Hugging Face model directory or a .gguf file)")
-    log(f"[{_clock(started)}] loaded {name}")
-    ids = tokenize_file("eval", tokenizer)
-    window_ids = [ids[i * 512 : (i + 1) * 512][None] for i in range(windows)]
-    calibration = calibration_from("calib", tokenizer)
     cache_length = 512 + max(decode_tokens, sample_tokens) + 1
     helper = None
     if _helper_marker(cache_dir, model_name) != _code_fingerprint():  # else its caches are warm: it would only compete
-        helper = _start_helper(model_name, cache_dir, window_ids[0], cache_length, threads)
+        helper = _start_helper(model_name, cache_dir, cache_length, threads)  # it imports while this one loads
         log(f"[{_clock(started)}] helper process: compiling lqc {HELPER_RECIPE} on the other core (log: {cache_dir / 'helper.log'})")
-    variants = _variants(model, calibration, tokenizer)
-    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
-        try:
+    try:
+        model, tokenizer, name = lqc.models.load(model_name)
+        if tokenizer is None:
+            raise lqc.LqcConfigError(f"lqc demo scores text and {name} has no tokenizer: give a model that has one "
+                                     f"(smollm2-135m, a Hugging Face model directory or a .gguf file)")
+        log(f"[{_clock(started)}] loaded {name}")
+        if helper:
+            helper.loaded.set()
+        ids = tokenize_file("eval", tokenizer)
+        window_ids = [ids[i * 512 : (i + 1) * 512][None] for i in range(windows)]
+        variants = _variants(model, calibration_from("calib", tokenizer), tokenizer)
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
             # compiling first (one core each, with the helper); the eager reference scores last, and
             # the helper's recipe after the helper is done
             order = {"inductor bf16": 0, "lqc default": 1, "float32 eager": 2, f"lqc {HELPER_RECIPE}": 3}
             for v in sorted(variants, key=lambda v: order.get(v.name, 2)):
-                helped = None
                 if helper and v.name == f"lqc {HELPER_RECIPE}":
                     helped = _wait_for_helper(helper, log, started)
                     _helper_marker(cache_dir, model_name, write=_code_fingerprint() if helped else "")
                 log(f"[{_clock(started)}] {v.name}: compiling and scoring {windows} windows ...")
+                # the eager model compiles nothing: while the helper runs, one thread (two OpenMP pools
+                # on two cores spin against each other; compiled variants keep the count they run with)
+                eager_alone = v.name == "float32 eager" and helper is not None and not helper.answered
+                torch.set_num_threads(1 if eager_alone else threads)
                 _score(v, window_ids, cache_length)
-                if helped:
+                torch.set_num_threads(threads)
+                if helper and v.name == f"lqc {HELPER_RECIPE}" and helped:
                     v.first_calls = helped  # its cold compile happened in the helper
                 log(f"[{_clock(started)}] {v.name}: perplexity {math.exp(v.nll / v.scored):.3f}")
-        finally:
-            if helper:
-                helper[0].terminate()
-                helper[0].join()
-        for run in range(runs):
-            log(f"[{_clock(started)}] timed run {run + 1}/{runs}: prefill a window, decode {decode_tokens} tokens, per variant ...")
-            for v in variants:
-                _timed_run(v, window_ids, cache_length, decode_tokens)
-                v.sample = tokenizer.decode(v.sample_tokens[0, :sample_tokens])  # greedy, after the window's last words
+            for run in range(runs):
+                log(f"[{_clock(started)}] timed run {run + 1}/{runs}: prefill a window, decode {decode_tokens} tokens, per variant ...")
+                for v in variants:
+                    _timed_run(v, window_ids, cache_length, decode_tokens)
+                    v.sample = tokenizer.decode(v.sample_tokens[0, :sample_tokens])  # greedy, after the window's last words
+    finally:
+        if helper:
+            _stop_helper(helper)
     for v in variants:
         v.compile_s = _compile_seconds(v)
-    prompt = tokenizer.decode(window_ids[0][0, -12:])
     rows = _rows(variants, name, windows, decode_tokens)
     for row in rows:
-        row["sample_prompt"] = prompt
+        row["sample_prompt"] = tokenizer.decode(window_ids[0][0, -12:])
     _write_results(rows, cache_dir / "results")
     log(f"[{_clock(started)}] done")
     return {"rows": rows, "seconds": time.perf_counter() - started, "cache_dir": str(cache_dir)}
@@ -211,22 +216,64 @@ def _compile_seconds(v: Variant) -> float:
     return max(first_prefill - statistics.median(v.prefill_s), 0.0) + max(first_step - v.steady_step, 0.0)
 
 
-def _start_helper(model_name: str, cache_dir: Path, window: torch.Tensor, cache_length: int, threads: int):
-    """A process that compiles lqc ``HELPER_RECIPE`` into the shared caches: (pool, pending result)."""
-    pool = multiprocessing.get_context("spawn").Pool(1)
-    return pool, pool.apply_async(_helper_compile, (model_name, str(cache_dir), window, cache_length, threads))
+@dataclass
+class Helper:
+    process: multiprocessing.Process
+    loaded: "multiprocessing.synchronize.Event"  # set once the main process has loaded (and converted) the model
+    results: multiprocessing.Queue  # one ("ok", first_calls) or ("error", message)
+    answered: bool = False
 
 
-def _wait_for_helper(helper, log: Callable[[str], None], started: float) -> tuple[float, float] | None:
+def _start_helper(model_name: str, cache_dir: Path, cache_length: int, threads: int) -> Helper:
+    """A process that compiles lqc ``HELPER_RECIPE`` into the shared caches. It starts now, so its
+    imports overlap the main process's model load, and loads the model once that is done (on a
+    first run the load converts the GGUF file and keeps the copy in the cache: once is enough)."""
+    context = multiprocessing.get_context("spawn")
+    loaded, results = context.Event(), context.Queue()
+    process = context.Process(target=_helper_main, args=(model_name, str(cache_dir), cache_length, threads, loaded, results),
+                              daemon=True)
+    process.start()
+    return Helper(process, loaded, results)
+
+
+def _wait_for_helper(helper: Helper, log: Callable[[str], None], started: float) -> tuple[float, float] | None:
     """The helper's (first prefill, first decode step) seconds, or None when it failed: then this
     process compiles from scratch, only slower."""
-    pool, pending = helper
     log(f"[{_clock(started)}] waiting for the helper process ...")
+    while True:
+        try:
+            kind, value = helper.results.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not helper.process.is_alive():
+                kind, value = "error", f"it exited with code {helper.process.exitcode}"
+                break
+    helper.answered = True
+    if kind == "ok":
+        return value
+    log(f"[{_clock(started)}] the helper process failed ({value}); compiling here")
+    return None
+
+
+def _stop_helper(helper: Helper) -> None:
+    if helper.answered:  # it is exiting
+        helper.process.join(timeout=10)
+    if helper.process.is_alive():
+        helper.process.terminate()
+        helper.process.join()
+    helper.results.close()
+
+
+def _helper_main(model_name: str, cache_dir: str, cache_length: int, threads: int, loaded, results) -> None:
     try:
-        return pending.get()
-    except Exception as exc:  # noqa: BLE001  (any failure there only costs time here)
-        log(f"[{_clock(started)}] the helper process failed ({type(exc).__name__}: {exc}); compiling here")
-        return None
+        log = open(Path(cache_dir) / "helper.log", "w")
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        sys.stdout = sys.stderr = log
+        loaded.wait()
+        results.put(("ok", _helper_compile(model_name, cache_dir, cache_length, threads)))
+    except BaseException as exc:  # noqa: BLE001  (the main process compiles instead; the message says why)
+        results.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
 def _helper_marker(cache_dir: Path, model_name: str, write: str | None = None) -> str:
@@ -248,7 +295,7 @@ def _code_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def _helper_compile(model_name: str, cache_dir: str, window: torch.Tensor, cache_length: int, threads: int) -> tuple[float, float]:
+def _helper_compile(model_name: str, cache_dir: str, cache_length: int, threads: int) -> tuple[float, float]:
     """In the helper: the same model, options and calls as the main process's first window of
     ``HELPER_RECIPE``, so the graphs, weight transforms and Inductor kernels are the same ones.
 
@@ -257,16 +304,13 @@ def _helper_compile(model_name: str, cache_dir: str, window: torch.Tensor, cache
     both far more than they gain. Then Inductor compiles with ``threads``, because its CPU kernels
     are generated for the thread count they will run with. Returns the (first prefill, first
     decode step) seconds of a cold compile: transforms plus Inductor."""
-    log = open(Path(cache_dir) / "helper.log", "w")
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
-    sys.stdout = sys.stderr = log
     use_cache_dir(cache_dir)
     import lqc
-    from lqc.data import calibration_from
+    from lqc.data import calibration_from, tokenize_file
 
-    model, tokenizer, _ = lqc.models.load(model_name)
+    model, tokenizer, _ = lqc.models.load(model_name)  # on a first run both processes convert the GGUF file
     calibration = calibration_from("calib", tokenizer)
+    window = tokenize_file("eval", tokenizer)[:512][None]  # the main process's first window
     with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
         torch.set_num_threads(1)
         transforms = _recipe_variant(HELPER_RECIPE, model, calibration, tokenizer, target="eager")

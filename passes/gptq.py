@@ -31,9 +31,9 @@ class GPTQResult:
     zeros: torch.Tensor | None  # [N, K/g] (int4, lqc's convention w = (q - 8) * s + z)
 
 
-def _int4_params(w: torch.Tensor, param_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _int4_params(w: torch.Tensor, param_dtype: torch.dtype, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     # rounded to the dtype they are stored in, so the weights GPTQ compensates for are the stored ones
-    lo, hi = w.amin(dim=1), w.amax(dim=1)
+    lo, hi = w.amin(dim=dim), w.amax(dim=dim)
     s = ((hi - lo) / MAX_CODE).clamp(min=1e-8)
     return s.to(param_dtype).float(), (lo + INT4_OFFSET * s).to(param_dtype).float()
 
@@ -89,48 +89,52 @@ def gptq(
         raise ValueError(f"gptq supports int4 with a group size dividing {k}, or int8; got {fmt} g{group_size}")
 
     groups = k // group_size if fmt == "int4" else 0
-    scales = torch.zeros(n, groups) if fmt == "int4" else row_scales
-    zeros = torch.zeros(n, groups) if fmt == "int4" else None
-    fitted = torch.zeros(groups, dtype=torch.bool)
+    # Transposed: the loop visits one input column at a time, and a row of these is contiguous.
+    scales = torch.zeros(groups, n) if fmt == "int4" else row_scales  # [G, N]
+    zeros = torch.zeros(groups, n) if fmt == "int4" else None
+    fitted = [False] * groups
     if fmt == "int4" and group_params is not None:  # static groups given by the caller
-        scales = group_params[0].to(param_dtype).float().clone()
-        zeros = group_params[1].to(param_dtype).float().clone()
-        fitted[:] = True
+        scales = group_params[0].to(param_dtype).float().T.contiguous()
+        zeros = group_params[1].to(param_dtype).float().T.contiguous()
+        fitted = [True] * groups
     elif fmt == "int4" and act_order:  # static groups, fitted before any update
         for g in range(groups):
-            scales[:, g], zeros[:, g] = _int4_params(w[:, g * group_size : (g + 1) * group_size], param_dtype)
-        fitted[:] = True
+            scales[g], zeros[g] = _int4_params(w[:, g * group_size : (g + 1) * group_size], param_dtype)
+        fitted = [True] * groups
 
     # Columns are visited in `order`; the factor is computed for H in that order.
     order = torch.argsort(torch.diag(hessian), descending=True) if act_order else torch.arange(k)
     hinv, dead = inverse_hessian_factor(hessian[order][:, order], damp)
-    w = w[:, order]
-    w[:, dead] = 0  # inputs that were always zero: their weights never matter
-    result = torch.zeros_like(w)
+    wt = w[:, order].T.contiguous()  # [K, N], row i = the i-th column visited
+    wt[dead] = 0  # inputs that were always zero: their weights never matter
+    visited = order.tolist()
+    result = torch.zeros_like(wt)
     for start in range(0, k, block_size):
         end = min(start + block_size, k)
-        block = w[:, start:end].clone()
+        block = wt[start:end].clone()
         errors = torch.zeros_like(block)
         h_block = hinv[start:end, start:end]
+        h_diag = h_block.diagonal().tolist()
         for i in range(end - start):
-            column = int(order[start + i])
-            col = block[:, i]
+            col = block[i]
             if fmt == "int4":
-                g = column // group_size
+                g = visited[start + i] // group_size
                 if not fitted[g]:  # first column of this group, in order: fit on updated weights
                     first = start + i
-                    span = w[:, first : first + group_size].clone()
-                    span[:, : end - first] = block[:, i : i + (end - first)][:, : span.shape[1]]
-                    scales[:, g], zeros[:, g] = _int4_params(span, param_dtype)
+                    span = wt[first : first + group_size].clone()
+                    span[: end - first] = block[i : i + (end - first)][: span.shape[0]]
+                    scales[g], zeros[g] = _int4_params(span, param_dtype, dim=0)
                     fitted[g] = True
-                q = _quant_int4(col, scales[:, g], zeros[:, g])
+                q = _quant_int4(col, scales[g], zeros[g])
             else:
                 q = _quant_int8(col, row_scales)
-            result[:, start + i] = q
-            err = (col - q) / h_block[i, i]
-            block[:, i:] -= err[:, None] * h_block[i, i:][None, :]
-            errors[:, i] = err
-        w[:, end:] -= errors @ hinv[start:end, end:]
+            result[start + i] = q
+            err = (col - q) / h_diag[i]
+            block[i:] -= h_block[i, i:, None] * err[None, :]
+            errors[i] = err
+        wt[end:] -= (errors.T @ hinv[start:end, end:]).T
 
     inverse_order = torch.argsort(order)
-    return GPTQResult(result[:, inverse_order], scales, zeros)
+    if fmt == "int4":
+        scales, zeros = scales.T.contiguous(), zeros.T.contiguous()  # [N, G]
+    return GPTQResult(result.T[:, inverse_order], scales, zeros)

@@ -5,6 +5,7 @@ The reference dequantizes the weight and multiplies in the activations' dtype: e
 every kernel is tested against. The ``*_cpu`` formats use torch's packed CPU matmuls, which only
 run fast with bfloat16 activations (20-25 us for a 1536x576 decode matmul, against 80 us dense
 float32 and ~1 ms for their own float32 path), so activations are cast to bfloat16 around them.
+For prefill-sized inputs (``INT8_CPU_GEMM_ROWS``) int8 weights go through the bf16 GEMM instead.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def qlinear(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_f
     if fmt == "int4_cpu":
         k = qweight.shape[1] * 2
         y = torch._weight_int4pack_mm_for_cpu(_pad(x2, k).to(torch.bfloat16), qweight, group_size, scales)
+    elif fmt == "int8_cpu" and x2.shape[0] >= INT8_CPU_GEMM_ROWS:
+        # int8 codes are exact in bfloat16: one bf16 GEMM (float32 accumulation), scaled after
+        y = (_pad(x2, qweight.shape[1]).to(torch.bfloat16) @ qweight.to(torch.bfloat16).T).float() * scales.float()
     elif fmt == "int8_cpu":
         y = torch._weight_int8pack_mm(_pad(x2, qweight.shape[1]).to(torch.bfloat16), qweight, scales)
     elif fmt == "w8a8" and x.device.type == "cpu":
@@ -79,6 +83,10 @@ def _finish(y: torch.Tensor, bias, x: torch.Tensor, out_features: int) -> torch.
 
 # torch's CPU int8 kernel reads K in blocks of 32: other widths give wrong results or crash.
 INT8_CPU_K_MULTIPLE = 32
+# From this many rows of x on (prefill), that kernel is slower than converting the weight to
+# bfloat16 and calling the bf16 GEMM: 2 threads, 128 x 576 x 1536 1.52 -> 0.99 ms, 512 rows
+# 6.25 -> 2.47 ms, SmolLM2's 49,152-row lm_head at 512 rows 354 -> 159 ms; at 64 rows it is a tie.
+INT8_CPU_GEMM_ROWS = 128
 
 
 def int8_cpu_layout(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,27 +2,43 @@
 
 from __future__ import annotations
 
-from lqc.demo import Variant, _compile_seconds, _wait_for_helper
+import queue
+import threading
+
+from lqc.demo import Helper, Variant, _compile_seconds, _wait_for_helper
 
 
-class _Pending:
-    def __init__(self, result=None, error=None):
-        self.result, self.error = result, error
+class _Process:
+    def __init__(self, alive: bool, exitcode: int | None = None):
+        self.alive, self.exitcode = alive, exitcode
 
-    def get(self):
-        if self.error:
-            raise self.error
-        return self.result
+    def is_alive(self) -> bool:
+        return self.alive
+
+
+def _helper(process: _Process, *answers) -> Helper:
+    results = queue.Queue()
+    for answer in answers:
+        results.put(answer)
+    return Helper(process, threading.Event(), results)
 
 
 def test_a_failed_helper_is_logged_and_the_main_process_compiles_itself():
     lines = []
-    assert _wait_for_helper((None, _Pending(error=RuntimeError("out of memory"))), lines.append, 0.0) is None
+    helper = _helper(_Process(alive=False, exitcode=1), ("error", "RuntimeError: out of memory"))
+    assert _wait_for_helper(helper, lines.append, 0.0) is None
     assert "the helper process failed (RuntimeError: out of memory); compiling here" in lines[-1]
 
 
+def test_a_helper_that_died_without_a_word_is_not_waited_for_forever():
+    lines = []
+    assert _wait_for_helper(_helper(_Process(alive=False, exitcode=-9)), lines.append, 0.0) is None
+    assert "the helper process failed (it exited with code -9); compiling here" in lines[-1]
+
+
 def test_a_finished_helper_hands_over_its_cold_first_calls():
-    assert _wait_for_helper((None, _Pending(result=(90.0, 3.0))), [].append, 0.0) == (90.0, 3.0)
+    helper = _helper(_Process(alive=True), ("ok", (90.0, 3.0)))
+    assert _wait_for_helper(helper, [].append, 0.0) == (90.0, 3.0) and helper.answered
 
 
 def test_compile_seconds_are_what_the_first_calls_took_beyond_steady_ones():

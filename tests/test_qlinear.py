@@ -78,7 +78,7 @@ def test_int4_cpu_kernel_matches_reference(m, k, group, dtype):
     assert _rel(out, ref) <= 1e-2  # bfloat16 activations inside the kernel
 
 
-@pytest.mark.parametrize("m", [1, 7, 40])
+@pytest.mark.parametrize("m", [1, 7, 40, 128, 300])  # 128 and more: the bf16 GEMM path
 @pytest.mark.parametrize("k", [136, 200, 576])
 def test_int8_cpu_kernel_matches_reference(m, k):
     # torch's kernel needs K % 32 == 0 (136 and 200 are not): the layout pads, the op pads x.
