@@ -74,7 +74,6 @@ def use_cache_dir(cache_dir: str | Path) -> Path:
     return cache_dir
 
 
-
 def run_demo(*, model_name: str = "smollm2-135m", cache_dir: str | Path = ".lqc-cache", windows: int = 8,
              decode_tokens: int = 64, runs: int = 2, sample_tokens: int = 24, threads: int = 2,
              log: Callable[[str], None] = print) -> dict:
@@ -270,7 +269,8 @@ def _helper_main(model_name: str, cache_dir: str, cache_length: int, threads: in
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         sys.stdout = sys.stderr = log
-        loaded.wait()
+        if not loaded.wait(timeout=1800):  # the main process died before loading the model
+            raise TimeoutError("the main process never loaded the model")
         results.put(("ok", _helper_compile(model_name, cache_dir, cache_length, threads)))
     except BaseException as exc:  # noqa: BLE001  (the main process compiles instead; the message says why)
         results.put(("error", f"{type(exc).__name__}: {exc}"))
@@ -308,7 +308,7 @@ def _helper_compile(model_name: str, cache_dir: str, cache_length: int, threads:
     import lqc
     from lqc.data import calibration_from, tokenize_file
 
-    model, tokenizer, _ = lqc.models.load(model_name)  # on a first run both processes convert the GGUF file
+    model, tokenizer, _ = lqc.models.load(model_name)  # the copy the main process converted and kept
     calibration = calibration_from("calib", tokenizer)
     window = tokenize_file("eval", tokenizer)[:512][None]  # the main process's first window
     with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
