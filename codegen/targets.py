@@ -52,7 +52,7 @@ def _mark_example_values(graph: Graph) -> None:
     """Give every node dynamo's ``example_value`` (our shape propagation's ``val``). AOTAutograd's
     cache only accepts a method call on a node it knows is a tensor, and it knows that from this
     field, which the nodes our passes create lack: without it a repeat compile re-traces the whole
-    graph (about 4 s per SmolLM2 graph) instead of loading it from the cache."""
+    graph instead of loading it (SmolLM2's prefill graph with Inductor's cache warm: 27 s -> 13 s)."""
     for node in graph.gm.graph.nodes:
         if "val" in node.meta and "example_value" not in node.meta:
             node.meta["example_value"] = node.meta["val"]

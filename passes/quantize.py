@@ -75,7 +75,7 @@ class QuantizeOptions(PassOptions):
         default="minmax", metadata={"help": "gptq int4: static group parameters from min/max, the clipping search on sampled rows (clip), or the range search on the full Hessian (mse)"}
     )
     mse_search: Literal["grid", "coordinate"] = field(
-        default="grid", metadata={"help": "gptq_params mse: all 8 x 8 low/high shrink ratios (grid), or the low end then the high end (coordinate: 4x faster)"}
+        default="grid", metadata={"help": "gptq_params mse: all 8 x 8 low/high shrink ratios (grid), or the low end then the high end (coordinate: 4x less search work)"}
     )
     keep_sensitive: int = field(default=0, metadata={"help": "keep the k layers whose lone quantization moves the output most in higher precision (needs calibration)"})
     keep_format: Literal["auto", "int8", "float"] = field(default="auto", metadata={"help": "keep_sensitive: their format (auto: int8 under int4, else float)"})
