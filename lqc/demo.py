@@ -25,6 +25,7 @@ the trade-off page ``<cache_dir>/tradeoff.html`` charts them with every recipe m
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import hashlib
@@ -86,7 +87,7 @@ def run_demo(*, model_name: str = "smollm2-135m", cache_dir: str | Path = ".lqc-
     cache_length = 512 + max(decode_tokens, sample_tokens) + 1
     helper = None
     if _helper_marker(cache_dir, model_name) != _code_fingerprint():  # else its caches are warm: it would only compete
-        helper = _start_helper(model_name, cache_dir, cache_length, threads)  # it imports while this one loads
+        helper = _start_helper(model_name, cache_dir, cache_length, threads, started)  # it imports while this one loads
         log(f"[{_clock(started)}] helper process: compiling lqc {HELPER_RECIPE} on the other core (log: {cache_dir / 'helper.log'})")
     try:
         model, tokenizer, name = lqc.models.load(model_name)
@@ -110,9 +111,10 @@ def run_demo(*, model_name: str = "smollm2-135m", cache_dir: str | Path = ".lqc-
                 log(f"[{_clock(started)}] {v.name}: compiling and scoring {windows} windows ...")
                 # the eager model compiles nothing: while the helper runs, one thread (two OpenMP pools
                 # on two cores spin against each other; compiled variants keep the count they run with)
-                eager_alone = v.name == "float32 eager" and helper is not None and not helper.answered
+                eager_alone = v.name == "float32 eager" and helper is not None and not _helper_answered(helper)
                 torch.set_num_threads(1 if eager_alone else threads)
-                _score(v, window_ids, cache_length)
+                with _helper_threads(threads) if v.name == f"lqc {HELPER_RECIPE}" else contextlib.nullcontext():
+                    _score(v, window_ids, cache_length)
                 torch.set_num_threads(threads)
                 if helper and v.name == f"lqc {HELPER_RECIPE}" and helped:
                     v.first_calls = helped  # its cold compile happened in the helper
@@ -162,6 +164,7 @@ def _score(v: Variant, window_ids: list[torch.Tensor], cache_length: int) -> Non
     and the first decode step compile (their times are kept); nothing else here is timed, since
     the helper process may be running."""
     import lqc
+    from lqc.evaluate import window_nll
 
     first = len(lqc.reports())
     cache = None
@@ -170,8 +173,7 @@ def _score(v: Variant, window_ids: list[torch.Tensor], cache_length: int) -> Non
         start = time.perf_counter()
         logits = v.forward(input_ids=window, cache=cache, use_cache=True).logits
         prefill = time.perf_counter() - start
-        logprobs = torch.log_softmax(logits[0, :-1].double(), dim=-1)
-        v.nll -= float(logprobs.gather(-1, window[0, 1:, None]).sum())
+        v.nll += window_nll(logits, window)
         v.scored += window.shape[1] - 1
         if i == 0:  # the decode graph compiles on its first step
             token = logits[:, -1:].argmax(-1)
@@ -220,34 +222,42 @@ class Helper:
     process: multiprocessing.Process
     loaded: "multiprocessing.synchronize.Event"  # set once the main process has loaded (and converted) the model
     results: multiprocessing.Queue  # one ("ok", first_calls) or ("error", message)
-    answered: bool = False
+    answer: tuple | None = None  # what it put on ``results``
 
 
-def _start_helper(model_name: str, cache_dir: Path, cache_length: int, threads: int) -> Helper:
+def _start_helper(model_name: str, cache_dir: Path, cache_length: int, threads: int, started: float) -> Helper:
     """A process that compiles lqc ``HELPER_RECIPE`` into the shared caches. It starts now, so its
     imports overlap the main process's model load, and loads the model once that is done (on a
     first run the load converts the GGUF file and keeps the copy in the cache: once is enough)."""
     context = multiprocessing.get_context("spawn")
     loaded, results = context.Event(), context.Queue()
-    process = context.Process(target=_helper_main, args=(model_name, str(cache_dir), cache_length, threads, loaded, results),
+    process = context.Process(target=_helper_main, args=(model_name, str(cache_dir), cache_length, threads, loaded, results, started),
                               daemon=True)
     process.start()
     return Helper(process, loaded, results)
 
 
+def _helper_answered(helper: Helper, timeout: float = 0.0) -> bool:
+    """Whether the helper has answered (or died), waiting at most ``timeout`` seconds; the answer
+    is kept in ``helper.answer``."""
+    if helper.answer is None:
+        try:
+            helper.answer = helper.results.get(timeout=timeout) if timeout else helper.results.get_nowait()
+        except queue.Empty:
+            if helper.process.is_alive():
+                return False
+            helper.answer = ("error", f"it exited with code {helper.process.exitcode}")
+    return True
+
+
 def _wait_for_helper(helper: Helper, log: Callable[[str], None], started: float) -> tuple[float, float] | None:
     """The helper's (first prefill, first decode step) seconds, or None when it failed: then this
     process compiles from scratch, only slower."""
-    log(f"[{_clock(started)}] waiting for the helper process ...")
-    while True:
-        try:
-            kind, value = helper.results.get(timeout=1.0)
-            break
-        except queue.Empty:
-            if not helper.process.is_alive():
-                kind, value = "error", f"it exited with code {helper.process.exitcode}"
-                break
-    helper.answered = True
+    if not _helper_answered(helper):
+        log(f"[{_clock(started)}] waiting for the helper process ...")
+        while not _helper_answered(helper, timeout=1.0):
+            pass
+    kind, value = helper.answer
     if kind == "ok":
         return value
     log(f"[{_clock(started)}] the helper process failed ({value}); compiling here")
@@ -255,7 +265,7 @@ def _wait_for_helper(helper: Helper, log: Callable[[str], None], started: float)
 
 
 def _stop_helper(helper: Helper) -> None:
-    if helper.answered:  # it is exiting
+    if helper.answer is not None:  # it is exiting
         helper.process.join(timeout=10)
     if helper.process.is_alive():
         helper.process.terminate()
@@ -263,15 +273,22 @@ def _stop_helper(helper: Helper) -> None:
     helper.results.close()
 
 
-def _helper_main(model_name: str, cache_dir: str, cache_length: int, threads: int, loaded, results) -> None:
+def _helper_main(model_name: str, cache_dir: str, cache_length: int, threads: int, loaded, results,
+                 started: float) -> None:
+    """``started``: the main process's clock at the start (perf_counter is system-wide on Linux),
+    so that the helper's log lines carry the same times as the main process's."""
     try:
-        log = open(Path(cache_dir) / "helper.log", "w")
+        log = open(Path(cache_dir) / "helper.log", "w", buffering=1)
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         sys.stdout = sys.stderr = log
+        print(f"[{_clock(started)}] helper started; waiting for the main process to load {model_name}")
         if not loaded.wait(timeout=1800):  # the main process died before loading the model
             raise TimeoutError("the main process never loaded the model")
-        results.put(("ok", _helper_compile(model_name, cache_dir, cache_length, threads)))
+        print(f"[{_clock(started)}] compiling lqc {HELPER_RECIPE}")
+        first_calls = _helper_compile(model_name, cache_dir, cache_length, threads)
+        print(f"\n[{_clock(started)}] done: first prefill {first_calls[0]:.1f} s, first decode step {first_calls[1]:.1f} s")
+        results.put(("ok", first_calls))
     except BaseException as exc:  # noqa: BLE001  (the main process compiles instead; the message says why)
         results.put(("error", f"{type(exc).__name__}: {exc}"))
 
@@ -299,11 +316,11 @@ def _helper_compile(model_name: str, cache_dir: str, cache_length: int, threads:
     """In the helper: the same model, options and calls as the main process's first window of
     ``HELPER_RECIPE``, so the graphs, weight transforms and Inductor kernels are the same ones.
 
-    First the weight transforms (calibration, GPTQ) on one thread, through the eager target: the
-    main process compiles on the other core meanwhile, and two busy OpenMP pools on two cores slow
-    both far more than they gain. Then Inductor compiles with ``threads``, because its CPU kernels
-    are generated for the thread count they will run with. Returns the (first prefill, first
-    decode step) seconds of a cold compile: transforms plus Inductor."""
+    On one thread: the weight transforms (calibration, GPTQ) run while the main process compiles
+    on the other core, and two busy OpenMP pools on two cores slow both far more than they gain.
+    Inductor's kernels are still made for ``threads``, the count they will run with in the main
+    process (``_helper_threads``). Returns the (first prefill, first decode step) seconds of a
+    cold compile."""
     use_cache_dir(cache_dir)
     import lqc
     from lqc.data import calibration_from, tokenize_file
@@ -311,16 +328,20 @@ def _helper_compile(model_name: str, cache_dir: str, cache_length: int, threads:
     model, tokenizer, _ = lqc.models.load(model_name)  # the copy the main process converted and kept
     calibration = calibration_from("calib", tokenizer)
     window = tokenize_file("eval", tokenizer)[:512][None]  # the main process's first window
-    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
-        torch.set_num_threads(1)
-        transforms = _recipe_variant(HELPER_RECIPE, model, calibration, tokenizer, target="eager")
-        start = time.perf_counter()
-        transforms.forward(input_ids=window, cache=_new_cache(model, cache_length), use_cache=True)
-        transform_s = time.perf_counter() - start
-        torch.set_num_threads(threads)
+    torch.set_num_threads(1)
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64), _helper_threads(threads):
         v = _recipe_variant(HELPER_RECIPE, model, calibration, tokenizer)
         _score(v, [window], cache_length)
-    return v.first_calls[0] + transform_s, v.first_calls[1]
+    return v.first_calls
+
+
+def _helper_threads(threads: int):
+    """Inductor's CPU kernels are generated for a thread count: by default torch's current one,
+    which the helper keeps at one. Naming it makes the helper's kernels the main process's (the
+    count is part of Inductor's cache key, so both processes compile ``HELPER_RECIPE`` under this)."""
+    import torch._inductor.config
+
+    return torch._inductor.config.patch({"cpp.threads": threads})
 
 
 def _kv_bytes_per_token(v: Variant, cache, cache_length: int) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 
-from lqc.demo import Helper, Variant, _compile_seconds, _wait_for_helper
+from lqc.demo import Helper, Variant, _compile_seconds, _helper_answered, _wait_for_helper
 
 
 class _Process:
@@ -38,7 +38,14 @@ def test_a_helper_that_died_without_a_word_is_not_waited_for_forever():
 
 def test_a_finished_helper_hands_over_its_cold_first_calls():
     helper = _helper(_Process(alive=True), ("ok", (90.0, 3.0)))
-    assert _wait_for_helper(helper, [].append, 0.0) == (90.0, 3.0) and helper.answered
+    assert _wait_for_helper(helper, [].append, 0.0) == (90.0, 3.0) and helper.answer == ("ok", (90.0, 3.0))
+
+
+def test_a_busy_helper_is_not_waited_for_when_only_asked():
+    helper = _helper(_Process(alive=True))
+    assert not _helper_answered(helper) and helper.answer is None  # the eager model then scores on one thread
+    helper.results.put(("ok", (1.0, 2.0)))
+    assert _helper_answered(helper) and _wait_for_helper(helper, [].append, 0.0) == (1.0, 2.0)
 
 
 def test_compile_seconds_are_what_the_first_calls_took_beyond_steady_ones():

@@ -26,7 +26,7 @@ def test_perplexity_scores_every_token_but_the_first_of_each_window():
     for w in windows(ids, length):
         logp = torch.log_softmax(logits_table[w[:-1]].double(), -1)
         nll -= logp.gather(-1, w[1:, None]).sum().item()
-    assert result.perplexity == pytest.approx(math.exp(nll / result.scored_tokens), rel=1e-12)
+    assert result.perplexity == pytest.approx(math.exp(nll / result.scored_tokens), rel=1e-6)  # float32 logsumexp
 
 
 def test_agreement():
