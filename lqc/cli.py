@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="smollm2-135m")
     demo.add_argument("--cache-dir", default=".lqc-cache", help="Inductor's and lqc's caches, results and the trade-off page")
     demo.add_argument("--windows", type=int, default=8, help="eval.txt windows of 512 tokens for perplexity (a quick look)")
-    demo.add_argument("--decode-tokens", type=int, default=64)
+    demo.add_argument("--decode-tokens", type=int, default=32)
     demo.add_argument("--runs", type=int, default=2)
     demo.add_argument("--threads", type=int, default=2)
     demo.set_defaults(func=cmd_demo)

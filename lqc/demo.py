@@ -76,7 +76,7 @@ def use_cache_dir(cache_dir: str | Path) -> Path:
 
 
 def run_demo(*, model_name: str = "smollm2-135m", cache_dir: str | Path = ".lqc-cache", windows: int = 8,
-             decode_tokens: int = 64, runs: int = 2, sample_tokens: int = 24, threads: int = 2,
+             decode_tokens: int = 32, runs: int = 2, sample_tokens: int = 24, threads: int = 2,
              log: Callable[[str], None] = print) -> dict:
     cache_dir = use_cache_dir(cache_dir)
     import lqc
