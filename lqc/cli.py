@@ -201,8 +201,8 @@ def cmd_demo(args) -> int:
     results = Path(result["cache_dir"]) / "results"
     rows = load_results(results) + [r for r in load_results(COMMITTED_RESULTS) if r["recipe"] not in RECIPE_ROWS_FROM_DEMO]
     page = write_tradeoff_page(rows, Path(result["cache_dir"]) / "tradeoff.html", title="lqc recipes on SmolLM2-135M")
-    print(f"trade-off of every recipe measured so far: {page}")
-    print(f"demo took {result['seconds']:.0f}s; caches and results in {result['cache_dir']}")
+    print(f"trade-off of every recipe measured so far: {_shown(page)}")
+    print(f"demo took {result['seconds']:.0f}s; caches and results in {_shown(result['cache_dir'])}")
     return 0
 
 
@@ -331,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     viz.add_argument("--threads", type=int, default=2)
     viz.set_defaults(func=cmd_viz)
     return parser
+
+
+def _shown(path) -> str:
+    """``path`` relative to the working directory when it lies under it (what the user typed)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
