@@ -146,9 +146,9 @@ def _variants(model, calibration, tokenizer) -> list[Variant]:
     return variants + [_recipe_variant(recipe, model, calibration, tokenizer) for recipe in RECIPES]
 
 
-def _recipe_variant(recipe: str, model, calibration, tokenizer, target: str = "auto") -> Variant:
+def _recipe_variant(recipe: str, model, calibration, tokenizer) -> Variant:
     # default needs no calibration data (and shows what a user gets without it); max calibrates
-    options = {"recipe": recipe, "target": target, "progress": True, "tokenizer": tokenizer,  # calibration bars
+    options = {"recipe": recipe, "target": "auto", "progress": True, "tokenizer": tokenizer,  # calibration bars
                "calibration": calibration if recipe == "max" else None}
     return Variant(f"lqc {recipe}", model, torch.compile(model.forward, backend="lqc", options=options, dynamic=False))
 
