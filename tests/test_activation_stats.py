@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 
 from lqc.ir.capture import trace
-from lqc.ir.linear import linear_sites
-from passes.activation_stats import collect_input_stats
 from lqc.ir.inputs import inputs_from_tokens
+from lqc.ir.linear import linear_sites
+from lqc.passes import activation_stats
+from lqc.passes.activation_stats import collect_input_stats
 
 
-def test_input_stats_match_hooks_and_stop_after_the_last_watched_node(tiny_llama, token_ids):
+def test_input_stats_match_forward_hooks_on_the_eager_model(tiny_llama, token_ids):
     graph = trace(tiny_llama, token_ids)
     block_sites = [s for s in linear_sites(graph) if "lm_head" not in s.module_path]
     batches = [(torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(i)),) for i in range(3)]
@@ -39,8 +40,6 @@ def test_input_stats_match_hooks_and_stop_after_the_last_watched_node(tiny_llama
 
 
 def test_the_recorder_stops_after_the_last_watched_node(tiny_llama, token_ids):
-    from passes import activation_stats
-
     graph = trace(tiny_llama, token_ids)
     first_site = linear_sites(graph)[0]
     ran = []
