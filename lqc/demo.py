@@ -78,9 +78,14 @@ def use_cache_dir(cache_dir: str | Path) -> Path:
 def run_demo(*, model_name: str = "smollm2-135m", cache_dir: str | Path = ".lqc-cache", windows: int = 8,
              decode_tokens: int = 32, runs: int = 2, sample_tokens: int = 24, threads: int = 2,
              log: Callable[[str], None] = print) -> dict:
-    cache_dir = use_cache_dir(cache_dir)
     import lqc
     from lqc.data import calibration_from, tokenize_file
+
+    for option, value, least in (("windows", windows, 1), ("decode_tokens", decode_tokens, 1), ("runs", runs, 1),
+                                 ("threads", threads, 1), ("sample_tokens", sample_tokens, 0)):
+        if value < least:  # checked before a helper process or a model load starts
+            raise lqc.LqcConfigError(f"lqc demo: {option} must be at least {least}; got {value}")
+    cache_dir = use_cache_dir(cache_dir)
 
     torch.set_num_threads(threads)
     started = time.perf_counter()

@@ -1,11 +1,14 @@
-"""lqc demo's helper process: what the main process does with its result or its failure."""
+"""lqc demo: what the main process does with its helper's result or failure, and the options it refuses."""
 
 from __future__ import annotations
 
 import queue
 import threading
 
-from lqc.demo import Helper, Variant, _compile_seconds, _helper_answered, _wait_for_helper
+import pytest
+
+from lqc.demo import Helper, Variant, _compile_seconds, _helper_answered, _wait_for_helper, run_demo
+from lqc.ir import LqcConfigError
 
 
 class _Process:
@@ -52,3 +55,10 @@ def test_compile_seconds_are_what_the_first_calls_took_beyond_steady_ones():
     v = Variant("lqc max", None, None, first_calls=(90.5, 3.02), steady_step=0.02, prefill_s=[0.4, 0.6, 0.5])
     assert abs(_compile_seconds(v) - 93.0) < 1e-9
     assert _compile_seconds(Variant("float32 eager", None, None, first_calls=(2.0, 1.0))) == 0.0
+
+
+@pytest.mark.parametrize("option", ["windows", "decode_tokens", "runs", "threads"])
+def test_counts_below_one_are_refused_before_anything_starts(option, tmp_path):
+    with pytest.raises(LqcConfigError, match=f"{option} must be at least 1; got 0"):
+        run_demo(cache_dir=tmp_path / "cache", **{option: 0})
+    assert not (tmp_path / "cache").exists()  # no cache folder, no helper process
