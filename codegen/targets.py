@@ -2,7 +2,9 @@
 
 - ``eager``: run the fx GraphModule as is (lqc ops through their reference/ATen implementations).
 - ``inductor``: hand the graph to Inductor (``compile_fx``); lqc ops with CPU implementations
-  run inside Inductor's code as extern calls.
+  run inside Inductor's code as extern calls. A static graph of four or more decoder blocks is
+  compiled a block at a time, each distinct block once (``codegen.shared_blocks``), unless the
+  caller asks for the whole graph (``share_blocks=False``).
 - ``triton``: generated Triton kernels for the fusion groups (lqc.codegen.triton_target), the
   rest of the graph compiled by Inductor around them; on CPU under ``TRITON_INTERPRET=1`` only
   (for checking).
@@ -27,7 +29,7 @@ def resolve_target(target: str) -> str:
 
 
 def compile_graph(graph: Graph, target: str, example_inputs: Sequence[Any], debug_dir: str | Path | None = None,
-                  autotune: bool | None = None, inductor: bool = True) -> Callable:
+                  autotune: bool | None = None, inductor: bool = True, share_blocks: bool = True) -> Callable:
     """A function of the graph's user inputs that runs it on ``target``. ``debug_dir``: where
     target="triton" writes its kernels' sources; ``autotune``: whether its kernels tune their
     launch configs (None: on a GPU, not under the interpreter); ``inductor=False``: at target
@@ -44,6 +46,12 @@ def compile_graph(graph: Graph, target: str, example_inputs: Sequence[Any], debu
         return TritonProgram(lowered.gm, lowering, example_inputs, inductor=inductor)
     from torch._inductor.compile_fx import compile_fx
 
+    if share_blocks:
+        from .shared_blocks import compile_shared_blocks
+
+        program = compile_shared_blocks(graph, example_inputs, compile_fx)
+        if program is not None:
+            return program
     _mark_example_values(graph)
     return compile_fx(graph.gm, list(example_inputs))
 

@@ -112,7 +112,8 @@ def lqc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: A
         if not inductor and target != "triton":
             target = "eager"
         start = time.perf_counter()
-        fn = compile_graph(graph, target, [args[i.index] for i in graph.inputs], debug_dir, opts.autotune, inductor)
+        fn = compile_graph(graph, target, [args[i.index] for i in graph.inputs], debug_dir, opts.autotune, inductor,
+                           opts.share_blocks)
         report.codegen_seconds = time.perf_counter() - start
         with _reports_lock:
             _reports.append(report)

@@ -22,6 +22,7 @@ class CompileOptions:
     progress: bool = True  # progress bars in long passes
     viz: bool = False  # keep per-pass snapshots, fusion groups and per-node errors for lqc.viz
     autotune: bool | None = None  # target="triton": tune launch configs (None: on a GPU, off under the interpreter)
+    share_blocks: bool = True  # target="inductor": compile each distinct decoder block once
 
     HELP = {
         "recipe": "named recipe (see `lqc recipes`), YAML file, dict, or list of {'pass': NAME, ...options}",
@@ -33,6 +34,8 @@ class CompileOptions:
         "progress": "show progress bars",
         "autotune": "target='triton': time a few launch configs per kernel and shape on first use, keep the fastest "
                     "(cached on disk beside the kernels); default: on for a GPU, off under the interpreter",
+        "share_blocks": "target='inductor': compile each distinct decoder block once and run it for every block like "
+                        "it (static graphs of 4+ blocks; SmolLM2's cold compile ~2x faster); false: the whole graph at once",
         "viz": "keep what lqc.viz draws (graph snapshots per pass, fusion groups, per-node error); a debug_dir turns it on",
     }
 
@@ -52,7 +55,7 @@ class CompileOptions:
                 raise LqcConfigError(f"unknown lqc option {key!r}.{hint} Valid options: {', '.join(names)}")
         parsed = cls(**options)
         resolve_target(parsed.target)
-        for flag in ("verify", "viz"):
+        for flag in ("verify", "viz", "share_blocks"):
             if not isinstance(getattr(parsed, flag), bool):
                 raise LqcConfigError(f"{flag} must be true or false; got {getattr(parsed, flag)!r}")
         if parsed.autotune not in (None, True, False):
