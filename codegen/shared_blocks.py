@@ -116,10 +116,10 @@ def signature(module: fx.GraphModule, args: Sequence[torch.Tensor]) -> str | Non
 class SharedBlockProgram:
     """Runs the pieces in order; each piece's values live until the last piece that reads them."""
 
-    def __init__(self, graph: Graph, steps: list[tuple[Callable, list[int], list[int], list[int]]],
+    def __init__(self, graph: Graph, steps: list[tuple[str, Callable, list[int], list[int], list[int]]],
                  slots: int, user_slots: list[int], constants: dict[int, torch.Tensor], result: Any,
                  compiled: int):
-        self.steps = steps  # (compiled piece, input slots, output slots, slots free after it)
+        self.steps = steps  # (piece key, compiled piece, input slots, output slots, slots free after it)
         self.slots = slots
         self.user_slots = user_slots
         self.constants = constants
@@ -134,8 +134,13 @@ class SharedBlockProgram:
             values[slot] = tensor
         for slot, value in zip(self.user_slots, user_inputs):
             values[slot] = value
-        for fn, inputs, outputs, free in self.steps:
-            results = fn(*[values[s] for s in inputs])
+        profiling = torch.autograd.profiler._is_profiler_enabled  # lqc.decode_profile names the pieces
+        for key, fn, inputs, outputs, free in self.steps:
+            if profiling:
+                with torch.profiler.record_function(f"lqc piece {key}"):
+                    results = fn(*[values[s] for s in inputs])
+            else:
+                results = fn(*[values[s] for s in inputs])
             for slot, value in zip(outputs, results):
                 values[slot] = value
             for slot in free:
@@ -196,7 +201,7 @@ def compile_shared_blocks(graph: Graph, example_inputs: Sequence[Any],
                 key = f"unshared {index}"
             compiled[key] = fn
         free = [slot_of[v] for v, last in last_read.items() if last == index and v not in kept]
-        steps.append((compiled[key], [slot_of[v] for v in piece.inputs], [slot_of[v] for v in piece.outputs], free))
+        steps.append((piece.key, compiled[key], [slot_of[v] for v in piece.inputs], [slot_of[v] for v in piece.outputs], free))
     result = fx.node.map_arg(output.args[0], lambda n: _Slot(slot_of[n]))
     log.debug("lqc: %s: %d pieces, %d compiled", graph.name, len(pieces), len(compiled))
     return SharedBlockProgram(graph, steps, len(slot_of), [slot_of[n] for n in user_nodes], constants, result, len(compiled))

@@ -103,11 +103,32 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _profile_decode(model, args) -> int:
+    import torch
+
+    from lqc.bench import _make_forward
+    from lqc.decode_profile import format_profile, profile_decode
+
+    torch.set_num_threads(args.threads)
+    recipe = _load_recipe_arg(args.recipe)
+    profile = profile_decode(model, lambda: _make_forward(model, "lqc", recipe, args.target), recipe=str(args.recipe),
+                             prompt_tokens=args.prompt_tokens, steps=args.profile_steps)
+    print()
+    print(format_profile(profile), end="")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(profile.to_json(), indent=1))
+        print(f"wrote {_shown(Path(args.json))}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     import lqc
     from lqc.bench import format_bench, run_bench
 
     model, _tokenizer, name = lqc.models.load(args.model)
+    if args.profile:
+        return _profile_decode(model, args)
     result = run_bench(
         model, model_name=name, recipe=_load_recipe_arg(args.recipe), target=args.target, variants=args.variants,
         prefill_tokens=args.prefill_tokens, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
@@ -308,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--decode-tokens", type=int, default=128)
     bench.add_argument("--runs", type=int, default=5)
     bench.add_argument("--threads", type=int, default=2)
+    bench.add_argument("--profile", action="store_true",
+                       help="instead of the speed table: where one decode step of the lqc variant spends its time")
+    bench.add_argument("--profile-steps", type=int, default=32, help="decode steps profiled (--profile)")
     bench.add_argument("--json", default=None, help="also write the results here")
     bench.set_defaults(func=cmd_bench)
 

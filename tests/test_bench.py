@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import lqc
 from lqc.bench import format_bench, model_weight_bytes, run_bench
 
@@ -42,3 +44,43 @@ def test_bench_times_dropped_attention_with_its_cache_freed():
     assert result.graphs_compiled_while_timing == 0
     assert eager.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4
     assert compressed.kv_bytes_per_token == 2 * 2 * 16 * 4 + 2 * 2 * 16 * 4 / 12  # 12 = cache length
+
+
+def _event(name, self_us, parent=None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name=name, self_cpu_time_total=self_us, cpu_parent=parent)
+
+
+def test_decode_profile_files_each_ops_own_time_under_its_piece_and_kind():
+    from lqc.decode_profile import summarize
+
+    region = _event("Torch-Compiled Region: 0/1", 100)
+    block = _event("lqc piece block 3", 20, region)
+    call = _event("## Call CompiledFxGraph None ##", 50, block)
+    qlinear = _event("lqc::qlinear", 30, call)
+    events = [region, block, call, qlinear, _event("aten::_weight_int8pack_mm", 400, qlinear),
+              _event("graph_4_cpp_fused_add_mean_mul_pow_rsqrt_0", 40, call),
+              _event("aten::_scaled_dot_product_flash_attention_for_cpu", 60, call),
+              _event("aten::_to_copy", 10, qlinear), _event("aten::mm", 200, _event("## Call CompiledFxGraph None ##", 5, _event("lqc piece post", 5)))]
+    rows, top = summarize(events, steps=2, profiled_seconds=0.002)  # 2,000 us a step, 910 of them recorded
+    expected = {("blocks", "linear"): 30 + 400, ("blocks", "Inductor kernels"): 40, ("blocks", "attention"): 60,
+                ("blocks", "other ATen ops"): 10, ("blocks", "wrappers"): 20 + 50, ("post", "linear"): 200,
+                ("outside the graph", "wrappers"): 100, ("outside the graph", "Python (no op recorded)"): 2000 - 910}
+    assert rows == pytest.approx({key: us / 1e3 / 2 for key, us in expected.items()})
+    assert top[0] == ("aten::_weight_int8pack_mm", 0.2, 0)
+
+
+def test_bench_profile_on_a_tiny_model(capsys, tmp_path):
+    from lqc.cli import main
+
+    out = tmp_path / "profile.json"
+    assert main(["bench", "--profile", "--model", "tiny-llama", "--recipe", "int8", "--prompt-tokens", "8",
+                 "--profile-steps", "4", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "one decode step of lqc int8" in printed and "aten::_weight_int8pack_mm" in printed
+    profile = json.loads(out.read_text())
+    by_row = {(r["where"], r["kind"]): r["ms_per_step"] for r in profile["rows"]}
+    assert by_row[("graph", "linear")] > 0  # two blocks: the graph compiles whole
+    # every microsecond of a step is filed somewhere, once
+    assert sum(by_row.values()) == pytest.approx(profile["profiled_step_ms"], rel=1e-6)
