@@ -75,12 +75,13 @@ def test_bench_profile_on_a_tiny_model(capsys, tmp_path):
     from lqc.cli import main
 
     out = tmp_path / "profile.json"
-    assert main(["bench", "--profile", "--model", "tiny-llama", "--recipe", "int8", "--prompt-tokens", "8",
-                 "--profile-steps", "4", "--json", str(out)]) == 0
+    # target eager: no Inductor compile (seconds on a tiny model); the Inductor names are the test above
+    assert main(["bench", "--profile", "--model", "tiny-llama", "--recipe", "int8", "--target", "eager",
+                 "--prompt-tokens", "8", "--profile-steps", "4", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "one decode step of lqc int8" in printed and "aten::_weight_int8pack_mm" in printed
     profile = json.loads(out.read_text())
     by_row = {(r["where"], r["kind"]): r["ms_per_step"] for r in profile["rows"]}
-    assert by_row[("graph", "linear")] > 0  # two blocks: the graph compiles whole
+    assert by_row[("outside the graph", "linear")] > 0  # the eager target runs no compiled graph
     # every microsecond of a step is filed somewhere, once
     assert sum(by_row.values()) == pytest.approx(profile["profiled_step_ms"], rel=1e-6)
