@@ -45,10 +45,17 @@ class DecodeProfile:
     profiled_step_ms: float  # mean step time under it
     rows: dict[tuple[str, str], float] = field(default_factory=dict)  # (where, kind) -> ms per step
     top_ops: list[tuple[str, float, int]] = field(default_factory=list)  # (name, ms per step, calls per step)
+    ops_per_step: int = 0  # events the profiler recorded a step
+
+    @property
+    def profiler_us_per_op(self) -> float:
+        """What recording costs, spread over the ops: rows of many small ops are inflated most."""
+        return max(self.profiled_step_ms - self.step_ms, 0.0) * 1e3 / max(self.ops_per_step, 1)
 
     def to_json(self) -> dict:
         return {"recipe": self.recipe, "steps": self.steps, "step_ms": self.step_ms,
-                "profiled_step_ms": self.profiled_step_ms,
+                "profiled_step_ms": self.profiled_step_ms, "ops_per_step": self.ops_per_step,
+                "profiler_us_per_op": self.profiler_us_per_op,
                 "rows": [{"where": w, "kind": k, "ms_per_step": ms} for (w, k), ms in self.rows.items()],
                 "top_ops": [{"name": n, "ms_per_step": ms, "calls_per_step": c} for n, ms, c in self.top_ops]}
 
@@ -119,13 +126,17 @@ def profile_decode(model: torch.nn.Module, forward_for: Callable[[], Callable], 
             for _ in range(steps):
                 token = step(token)
             profiled = time.perf_counter() - start
-    rows, top = summarize(prof.events(), steps, profiled)
-    return DecodeProfile(recipe, steps, statistics.median(plain) * 1e3, profiled / steps * 1e3, rows, top)
+    events = prof.events()
+    rows, top = summarize(events, steps, profiled)
+    return DecodeProfile(recipe, steps, statistics.median(plain) * 1e3, profiled / steps * 1e3, rows, top,
+                         len(events) // steps)
 
 
 def format_profile(p: DecodeProfile) -> str:
     lines = [f"one decode step of lqc {p.recipe}: {p.step_ms:.2f} ms ({p.profiled_step_ms:.2f} ms under the profiler, "
-             f"mean of {p.steps} steps)", "",
+             f"mean of {p.steps} steps)",
+             f"{p.ops_per_step} ops recorded a step: recording costs ~{p.profiler_us_per_op:.1f} us an op, inside every "
+             f"row, so rows of many small ops read high (check a change by timing it, not by its row)", "",
              f"{'where':<20} {'what':<26} {'ms/step':>8} {'share':>6}", f"{'-' * 20} {'-' * 26} {'-' * 8} {'-' * 6}"]
     for (where, kind), ms in sorted(p.rows.items(), key=lambda r: -r[1]):
         if ms >= 0.005:
