@@ -5,7 +5,8 @@ Names alone would break on the next model family (``mlp`` vs ``feed_forward`` vs
 so each region kind is recognised by the ops it contains:
 
 - block: a module indexed inside a list (``model.layers.3``) that contains an attention op;
-- attention: the child of a block that contains the attention op (sdpa, or softmax over a matmul);
+- attention: the child of a block that contains the attention op (sdpa, softmax over a matmul, or
+  compress_kv's attention over a compressed cache);
 - ffn: the other children of a block that hold linears and an activation (BERT splits its FFN
   over two modules, ``intermediate`` and ``output``; they form one region);
 - norm: a module that normalizes (rsqrt of a mean, ``layer_norm``, ``rms_norm``) with no linear;
@@ -128,9 +129,13 @@ def _region(kind: str, path: str, block: int | None, modules: tuple[str, ...], n
     return Region(kind, path, block, modules, tuple(dict.fromkeys(n.name for n in nodes)))
 
 
+# compress_kv's attention over a compressed cache (lqc.ir.lqc_ops): still the block's attention
+_LQC_ATTENTION_OPS = ("lqc::kv_attention", "lqc::kv_dynamic_attention", "lqc::kv_static_attention")
+
+
 def _is_attention_op(node: fx.Node) -> bool:
     name = op_name(node)
-    if name == "scaled_dot_product_attention":
+    if name == "scaled_dot_product_attention" or name in _LQC_ATTENTION_OPS:
         return True
     if name in ("softmax", "_softmax"):
         # softmax over scores that came from a matmul (eager attention), not a router's softmax.
