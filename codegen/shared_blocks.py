@@ -5,10 +5,12 @@ Inductor lowers, schedules and generates code for every copy (g++ then sees the 
 only once, but the Python work before it grows with the depth). Here the graph is cut where one
 block ends and the next begins (``ir.regions``' blocks). Each piece becomes a GraphModule whose
 weights are inputs, and pieces with the same code and the same input shapes share one compiled
-function. On SmolLM2-135M with ``default`` this takes the prefill graph's compile (dynamo's trace
-included) from 41 s to 22 s and the decode graph's from 34 s to 12 s; decode steps run as fast
-(the ~30 extra calls cost ~1 ms per step against kernels Inductor would not fuse across blocks
-anyway) and logits stay as close to eager as the whole graph's.
+function. On SmolLM2-135M with ``default`` this takes the prefill graph's cold compile (dynamo's
+trace included) from 39 s to 21.5 s and the decode graph's from 31 s to 11.3 s
+(benchmarks/results/shared-blocks-smollm2.md); logits stay as close to eager as the whole
+graph's, and decode speed is within this machine's noise or a few percent below (0.95x-1.03x):
+~30 more calls a step, and the residual add that ends a block no longer fuses with the norm
+that starts the next.
 
 It applies to graphs with static shapes whose values crossing a cut are tensors and that mutate
 only their own inputs (a KV cache) or constants; ``compile_shared_blocks`` returns None for
@@ -123,15 +125,16 @@ class SharedBlockProgram:
         self.slots = slots
         self.user_slots = user_slots
         self.constants = constants
+        self.template: list[Any] = [None] * slots  # the constants in their slots, copied per call
+        for slot, tensor in constants.items():
+            self.template[slot] = tensor
         self.result = result  # the graph's output structure, slots in place of nodes
         self.pieces = len(steps)
         self.compiled = compiled  # distinct pieces compiled
         self.name = graph.name
 
     def __call__(self, *user_inputs: Any) -> Any:
-        values: list[Any] = [None] * self.slots
-        for slot, tensor in self.constants.items():
-            values[slot] = tensor
+        values = self.template.copy()
         for slot, value in zip(self.user_slots, user_inputs):
             values[slot] = value
         profiling = torch.autograd.profiler._is_profiler_enabled  # lqc.decode_profile names the pieces
