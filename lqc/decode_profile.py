@@ -101,6 +101,12 @@ def profile_decode(model: torch.nn.Module, forward_for: Callable[[], Callable], 
     import torch._inductor.config as inductor_config
     from transformers import StaticCache
 
+    from lqc.ir.errors import LqcConfigError
+
+    if steps < 1 or prompt_tokens < 1:
+        raise LqcConfigError(f"a decode profile needs at least one prompt token and one step; got prompt_tokens="
+                             f"{prompt_tokens}, steps={steps} (--prompt-tokens, --profile-steps)")
+
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed))
     length = prompt_tokens + 3 * steps + 2
     cache = StaticCache(config=model.config, max_cache_len=length)

@@ -85,3 +85,10 @@ def test_bench_profile_on_a_tiny_model(capsys, tmp_path):
     assert by_row[("outside the graph", "linear")] > 0  # the eager target runs no compiled graph
     # every microsecond of a step is filed somewhere, once
     assert sum(by_row.values()) == pytest.approx(profile["profiled_step_ms"], rel=1e-6)
+
+
+def test_bench_profile_refuses_zero_steps(capsys):
+    from lqc.cli import main
+
+    assert main(["bench", "--profile", "--model", "tiny-llama", "--target", "eager", "--profile-steps", "0"]) == 2
+    assert "--profile-steps" in capsys.readouterr().err
