@@ -17,7 +17,7 @@ every prompt length given; timed runs are interleaved across variants and the me
 Expected figures:
 
 - KV bytes per token: kept attention layers x 2 (keys, values) x KV heads x head dim x 4 bytes;
-  measured: the cache's bytes (lqc.runtime.dropped_layers.kv_cache_nbytes) / its length, for
+  measured: the cache's bytes (lqc.runtime.structural.dropped_layers.kv_cache_nbytes) / its length, for
   the static cache and for the dynamic cache after ``generate()``;
 - decode speed-up: batch-1 decode reads every weight and the whole static cache once per token,
   so the expected ratio is (weight bytes + cache bytes) of ``full`` over the same of the variant.
@@ -35,8 +35,8 @@ import torch
 
 import lqc
 from lqc.bench import Runner, benchmark_calibration, write_results
-from lqc.runtime.dropped_layers import kv_cache_nbytes
-from lqc.runtime.kv_cache import float_kv_bytes_per_token
+from lqc.runtime.structural.dropped_layers import kv_cache_nbytes
+from lqc.runtime.kv.cache import float_kv_bytes_per_token
 
 
 def main(argv=None) -> int:

@@ -6,14 +6,14 @@ window is fed to the model ``--chunk`` (128) tokens at a time through one cache,
 attends to all earlier tokens of its window as the cache holds them (quantized, for the
 quantized caches) and to its own chunk in full precision; every token but the window's first is
 scored. The compressed caches run lqc's KV attention, which reads the quantized codes directly
-(lqc.runtime.kv_attention); the float row runs the same chunks through transformers'
+(lqc.runtime.kv.attention); the float row runs the same chunks through transformers'
 DynamicCache and SDPA. float32 model, 2 threads.
 
 Eviction rows (opt-in): ``--window-evict W`` keeps the sinks and the last W tokens (float, and
 int4 with the quantization options); ``--snapkv K`` (float) applies SnapKV to every step of more
 than K + ``--observation`` tokens, i.e. to each 128-token chunk here: of the tokens not yet
 closed, all but the last ``--observation`` are cut to the K most attended per KV head.
-Low-rank rows (``--lowrank R``): the model with Palu keys and values (lqc.runtime.kv_lowrank),
+Low-rank rows (``--lowrank R``): the model with Palu keys and values (lqc.runtime.kv.lowrank),
 its latents in a DynamicCache (float32).
 
 KV bytes per token: the cache's stored bytes after a full window (codes, float16 scales and zeros,
@@ -54,9 +54,9 @@ import lqc
 from lqc.bench import benchmark_calibration, write_results
 from lqc.data import data_file, tokenize_file
 from lqc.evaluate import agreement, cached_logits, eval_prompts, perplexity
-from lqc.runtime import kv_graph_cache
-from lqc.runtime.kv_lowrank import lowrank_kv
-from lqc.runtime.kv_cache import CompressedKVCache, CompressedKVLayer, float_kv_bytes_per_token
+from lqc.runtime.kv import graph_cache as kv_graph_cache
+from lqc.runtime.kv.lowrank import lowrank_kv
+from lqc.runtime.kv.cache import CompressedKVCache, CompressedKVLayer, float_kv_bytes_per_token
 
 
 def main(argv=None) -> int:

@@ -32,7 +32,7 @@ import torch
 
 import lqc
 from lqc.bench import Runner, benchmark_calibration, write_results
-from lqc.runtime.dropped_layers import kv_cache_nbytes
+from lqc.runtime.structural.dropped_layers import kv_cache_nbytes
 
 
 def main(argv=None) -> int:

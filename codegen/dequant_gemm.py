@@ -1,6 +1,6 @@
 """Dequantize-GEMM: ``lqc::qlinear`` for every canonical weight format as one Triton kernel.
 
-``y = x @ W.T + bias`` where W is the weight the packed codes stand for (lqc.runtime.quant_formats):
+``y = x @ W.T + bias`` where W is the weight the packed codes stand for (lqc.runtime.quantization.formats):
 
 - ``int8``: codes int8 [N, K], one scale per output channel [N]; ``W = q * s``.
 - ``fp8``: codes float8 e4m3fn [N, K], one scale per output channel; ``W = q * s``.
@@ -22,7 +22,7 @@ dequantizes it in registers and feeds it to ``tl.dot`` with an fp32 accumulator.
 have M = 1, which leaves most of a GPU idle with one program per N tile; split-K gives each
 program a slice of K as well, and a second small kernel adds the slices up (see ``pick_split_k``).
 
-What computes is checked against ``lqc.runtime.qlinear.qlinear_reference``
+What computes is checked against ``lqc.runtime.quantization.qlinear.qlinear_reference``
 (tests/test_triton_dequant_gemm.py, on CPU under ``TRITON_INTERPRET=1``). No autotuning yet: the
 block sizes and split are arguments, so an autotuner can search them later.
 
@@ -44,7 +44,7 @@ import triton.language as tl
 
 from lqc.codegen.templates import DEQUANT_GEMM_FORMATS as FORMATS, dot_input_precision
 
-# lqc.runtime.quant_formats.INT4_OFFSET: codes 0..15 stand for -8..7 (a constexpr: jit code may
+# lqc.runtime.quantization.formats.INT4_OFFSET: codes 0..15 stand for -8..7 (a constexpr: jit code may
 # only read globals that are)
 INT4_OFFSET = tl.constexpr(8)
 
@@ -342,7 +342,7 @@ def _check(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_fe
     if fmt not in FORMATS:
         raise ValueError(
             f"dequant_gemm computes formats {', '.join(FORMATS)}; got fmt {fmt!r}. Other formats run through "
-            "lqc.runtime.qlinear (the CPU layouts int8_cpu / int4_cpu are built from the canonical int8 / int4 weights)"
+            "lqc.runtime.quantization.qlinear (the CPU layouts int8_cpu / int4_cpu are built from the canonical int8 / int4 weights)"
         )
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"x is {x.dtype}; dequant_gemm takes float32, bfloat16 or float16 activations (cast x first)")
@@ -350,7 +350,7 @@ def _check(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_fe
         raise ValueError(f"x has shape {tuple(x.shape)}: its last dimension must be in_features={in_features}")
     want = CODE_DTYPES[fmt]
     if qweight.dtype != want:
-        layout = "two codes a byte, as quant_formats.pack_int4 makes them" if fmt == "int4" else "the codes themselves"
+        layout = "two codes a byte, as runtime.quantization.formats.pack_int4 makes them" if fmt == "int4" else "the codes themselves"
         raise ValueError(f"{fmt} qweight must be {want} ({layout}), got {qweight.dtype}")
     if qweight.dim() != 2 or qweight.shape[0] != out_features:
         raise ValueError(f"qweight has shape {tuple(qweight.shape)}, expected [out_features={out_features}, K]")

@@ -1,6 +1,6 @@
 """Flash-decoding attention over lqc's compressed KV cache, in Triton.
 
-``attend_triton(view, query, attention_mask, scaling)`` computes what lqc.runtime.kv_attention's
+``attend_triton(view, query, attention_mask, scaling)`` computes what lqc.runtime.kv.attention's
 ``attend`` computes, ``softmax(q K^T * scaling + mask) V`` over a layer's stored tokens (the
 full-precision sinks, the KIVI-quantized blocks, the full-precision recent tokens), without
 dequantizing the cache to memory:
@@ -11,7 +11,7 @@ dequantizing the cache to memory:
   softmax: running max, running sum, and the [rows, head_dim] accumulator. Quantized blocks are
   unpacked and dequantized in registers: keys per channel (``code * scale[t // group, d] +
   zero``), values per token (``code * scale[t, d // group] + zero``), 8, 4 or 2 bits, codes packed
-  along the head dimension (lqc.runtime.kv_quant).
+  along the head dimension (lqc.runtime.kv.quant).
 - The query heads sharing a KV head are rows of one [rows, head_dim] tile (GQA never repeats KV).
 - The mask (boolean or additive, over token positions, gathered at the stored tokens' positions
   as ``attend`` does; or causal among this step's tokens) is an additive bias the kernel reads.
@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from lqc.codegen.templates import dot_input_precision
-from lqc.runtime.kv_attention import CompressedKVView, attend, mask_bias
+from lqc.runtime.kv.attention import CompressedKVView, attend, mask_bias
 
 TOKENS_PER_PROGRAM = 256  # a chunk of tokens per program (split of the token axis)
 BLOCK_T = 16  # tokens per inner step

@@ -14,10 +14,10 @@ expert:
 Then each token's rows are summed back into its output (``index_add_``, in a fixed order). The
 group's epilogue, the residual add after the FFN, is that sum's starting value: the output
 begins as the residual (in float32) instead of zeros, so the add costs no pass of its own. Experts
-have weight 1, as in lqc.runtime.moe (a carve of a dense FFN). int8 experts: codes widened in
+have weight 1, as in lqc.runtime.structural.moe (a carve of a dense FFN). int8 experts: codes widened in
 registers, their per-row scales applied to the accumulator. The accumulators are float32.
 
-Checked against ``lqc.runtime.moe.moe_ffn_reference`` under ``TRITON_INTERPRET=1``
+Checked against ``lqc.runtime.structural.moe.moe_ffn_reference`` under ``TRITON_INTERPRET=1``
 (tests/test_triton_moe_gemm.py). Import this module after TRITON_INTERPRET is set (see
 dequant_gemm's docstring: builtins only in the kernels).
 """
@@ -30,7 +30,7 @@ import triton.language as tl
 
 from lqc.codegen.templates import dot_input_precision
 from lqc.ir.lqc_ops import MOE_ACTIVATIONS, check_moe_ffn_shapes
-from lqc.runtime.moe import moe_ffn_reference, route
+from lqc.runtime.structural.moe import moe_ffn_reference, route
 
 _ACTIVATION_CODES = {"none": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4}
 assert set(MOE_ACTIVATIONS) <= set(_ACTIVATION_CODES)

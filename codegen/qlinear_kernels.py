@@ -24,7 +24,7 @@ import textwrap
 
 import torch
 
-from lqc.runtime.qlinear import qlinear_reference
+from lqc.runtime.quantization.qlinear import qlinear_reference
 
 from . import kernel_cache
 from .epilogue import EpilogueProgram

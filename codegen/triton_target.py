@@ -33,7 +33,7 @@ from lqc.ir import Graph, op_name
 from lqc.ir.errors import LqcConfigError
 from lqc.ir.lqc_ops import qlinear_args
 from lqc.ir.printer import format_call
-from lqc.runtime.qlinear import kernel_layout
+from lqc.runtime.quantization.qlinear import kernel_layout
 
 from . import kernel_cache
 from .epilogue import epilogue_program
@@ -181,7 +181,7 @@ def _lower_moe(graph: Graph, group, lowering: Lowering) -> None:
 def _lower_kv_attention(graph: Graph, group, lowering: Lowering) -> None:
     """A KV attention op keeps its node (its cache handling, and Inductor's extern call to it) and
     attends with the flash-decoding kernel: ``TritonProgram`` runs the graph inside
-    ``runtime.kv_attention.attention_kernel(kv_decode.attend_triton)``."""
+    ``runtime.kv.attention.attention_kernel(kv_decode.attend_triton)``."""
     from . import kv_decode  # noqa: F401  - imports triton now, with the kernels decorated as the others
 
     lowering.kv_attention.append(group.anchor.name)
@@ -193,7 +193,7 @@ class TritonProgram:
     kernels as custom-op calls, the rest as it was) compiled by Inductor, which generates its own
     code for the nodes outside the groups and calls lqc's ops as externs. The KV attention ops, if
     any, attend with the flash-decoding kernel (a context around each call, see
-    ``runtime.kv_attention.attention_kernel``). Where Inductor cannot compile the graph, it runs
+    ``runtime.kv.attention.attention_kernel``). Where Inductor cannot compile the graph, it runs
     eagerly (warned)."""
 
     def __init__(self, graph_module: fx.GraphModule, lowering: Lowering, example_inputs, inductor: bool = True):
@@ -215,7 +215,7 @@ class TritonProgram:
     def __call__(self, *args):
         if not self.lowering.kv_attention:
             return self._run(*args)
-        from lqc.runtime.kv_attention import attention_kernel
+        from lqc.runtime.kv.attention import attention_kernel
 
         from .kv_decode import attend_triton
 

@@ -71,7 +71,7 @@ register_op_verifier("lqc::qlinear", _check_qlinear)
 
 
 # ``lqc::hadamard(x, left, right)``: ``x @ kron(left, right)`` on the last dimension, the online
-# rotation QuaRot puts before a down projection (implementation: lqc.runtime.hadamard).
+# rotation QuaRot puts before a down projection (implementation: lqc.runtime.quantization.hadamard).
 _lib.define("hadamard(Tensor x, Tensor left, Tensor right) -> Tensor")
 
 
@@ -92,13 +92,13 @@ register_op_verifier("lqc::hadamard", _check_hadamard)
 
 
 # ``lqc::moe_ffn(x, router_weight, router_bias, w_in, w_gate, b_in, w_out, shared, top_k, activation)``:
-# an FFN carved into E experts of m neurons (lqc.passes.ffn_to_moe). Experts 0..shared-1 are
+# an FFN carved into E experts of m neurons (lqc.passes.structural.ffn_to_moe). Experts 0..shared-1 are
 # always active; of the others, the router scores ``x @ router_weight.T + router_bias`` pick the
 # top_k per token. Each active expert e adds ``h_e @ w_out[e].T`` with weight 1, where h_e is
 # ``act(x @ w_gate[e].T) * (x @ w_in[e].T)`` (gated, SwiGLU) or ``act(x @ w_in[e].T + b_in[e])``.
 # Shapes: router_weight [E - shared, d], router_bias [E - shared], w_in / w_gate [E, m, d],
 # b_in [E, m], w_out [E, d_out, m]. With top_k = E - shared it is the dense FFN of all E x m
-# neurons (output bias excluded: the graph adds it). Implementations: lqc.runtime.moe.
+# neurons (output bias excluded: the graph adds it). Implementations: lqc.runtime.structural.moe.
 # int8 experts (the quantize pass): w_in, w_gate and w_out hold int8 codes and the optional
 # trailing operands w_in_scale / w_gate_scale [E, m] and w_out_scale [E, d_out] their symmetric
 # per-output-channel scales, the weight being ``codes * scale[..., None]``.
@@ -192,7 +192,7 @@ register_op_verifier("lqc::moe_ffn", _check_moe_ffn)
 # a graph of decode steps compiles once, not once per block. ``keys`` and ``values`` [B, Hkv, q, D]
 # are this step's new tokens, appended by the op; ``query`` [B, Hq, q, D]; ``attention_mask`` over
 # token positions as transformers builds it (boolean or additive), or None. Returns
-# [B, q, Hq, D], as transformers' attention functions do. Implementation: lqc.runtime.kv_attention.
+# [B, q, Hq, D], as transformers' attention functions do. Implementation: lqc.runtime.kv.attention.
 class KVStore(OpaqueBase):
     """One attention layer's compressed cache, as lqc's KV ops receive it (``layer``: the
     lqc.runtime cache layer that holds the tensors)."""
@@ -211,7 +211,7 @@ _lib.define(
 )
 
 # The same, for transformers' own caches, put in by the ``compress_kv`` pass in place of the
-# cache update and SDPA of a compiled graph (implementation: lqc.runtime.kv_graph_cache). The
+# cache update and SDPA of a compiled graph (implementation: lqc.runtime.kv.graph_cache). The
 # compressed layer is found from the tensors transformers' cache holds; the options say how a
 # new one compresses (bits 0: no quantization; window and snapkv 0: no eviction).
 #

@@ -35,7 +35,7 @@ from lqc.ir.lqc_ops import STATEFUL_OPS
 from lqc.passes import GraphReport, PassContext, PassManager, load_recipe
 from lqc.recipes import resolve_recipe
 from lqc.runtime.compiled import CompiledGraph
-from lqc.runtime.kv_graph_cache import is_handle
+from lqc.runtime.kv.graph_cache import is_handle
 
 from .options import CompileOptions
 

@@ -19,7 +19,7 @@ import torch
 
 from lqc.passes import DEFAULT_CACHE
 from lqc.passes.report import format_table
-from lqc.runtime.dropped_layers import kv_cache_nbytes
+from lqc.runtime.structural.dropped_layers import kv_cache_nbytes
 
 VARIANTS = ("eager", "inductor", "lqc")
 
@@ -87,7 +87,7 @@ class Runner:
     def new_cache(self, length: int):
         from transformers import StaticCache
 
-        from lqc.runtime.dropped_layers import free_dropped_layers
+        from lqc.runtime.structural.dropped_layers import free_dropped_layers
 
         return free_dropped_layers(StaticCache(config=self.model.config, max_cache_len=length), self.dropped_attention)
 

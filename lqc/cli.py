@@ -190,7 +190,7 @@ def cmd_sensitivity(args) -> int:
 
 
 def cmd_kv(args) -> int:
-    from lqc.runtime.kv_cache import kv_cache_report
+    from lqc.runtime.kv.cache import kv_cache_report
 
     import lqc
 

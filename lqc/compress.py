@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lqc.ir.errors import LqcConfigError, LqcError
-from lqc.runtime.dropped_layers import keep_dropped_layers_out_of_caches
+from lqc.runtime.structural.dropped_layers import keep_dropped_layers_out_of_caches
 
 from .backend import compiled_graph_count, compiled_graphs_since, reports
 from .data import calibration_from, example_token_ids

@@ -353,8 +353,8 @@ def _kv_bytes_per_token(v: Variant, cache, cache_length: int) -> float:
     """Bytes per token of the KV cache this variant keeps: the static cache's buffers, or, where
     the recipe compresses the cache (compress_kv), the compressed cache's at this length."""
     from lqc.recipes import resolve_recipe
-    from lqc.runtime.dropped_layers import kv_cache_nbytes
-    from lqc.runtime.kv_cache import kv_cache_report
+    from lqc.runtime.structural.dropped_layers import kv_cache_nbytes
+    from lqc.runtime.kv.cache import kv_cache_report
 
     recipe = resolve_recipe(v.name.removeprefix("lqc "))["passes"] if v.name.startswith("lqc") else []
     kv = next((e for e in recipe if e["pass"] == "compress_kv"), None)

@@ -2,7 +2,7 @@
 
     tokens = lqc.generate(model, input_ids, max_new_tokens=64, kv={"bits": 4})
 
-``kv`` builds a ``CompressedKVCache`` (lqc.runtime.kv_cache) with those options, skipping the
+``kv`` builds a ``CompressedKVCache`` (lqc.runtime.kv.cache) with those options, skipping the
 attention layers a ``drop_layers`` pass removed from a model ``lqc.compress`` returned; ``cache``
 passes one you built instead (a transformers ``DynamicCache`` when neither is given). The prompt
 goes through the model ``prefill_chunk`` tokens at a time (all at once by default), then one
@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from lqc.ir.errors import LqcConfigError
-from lqc.runtime.kv_cache import CompressedKVCache
+from lqc.runtime.kv.cache import CompressedKVCache
 
 
 def kv_cache_for(model: torch.nn.Module, **options) -> CompressedKVCache:

@@ -4,7 +4,7 @@ The directory holds:
 
 - ``model.safetensors``: every float tensor of the model's state dict as compression left it
   (scale migrations such as AWQ's and SmoothQuant's change norm weights), and per quantized
-  linear its canonical ``{layer}.qweight``, ``.scales`` and ``.zeros`` (lqc.runtime.quant_formats);
+  linear its canonical ``{layer}.qweight``, ``.scales`` and ``.zeros`` (lqc.runtime.quantization.formats);
 - ``lqc.json``: the manifest: lqc and format versions, the recipe, the model's architecture and
   configuration, and per quantized layer its format, group size, shape and kernel layout;
 - the tokenizer's own files (JSON, chat template), when one was given.
@@ -15,7 +15,7 @@ was, and loads the tensors: no calibration, no quantization, and the same logits
 made of ``cleanup``, ``drop_layers`` and ``quantize`` passes can be saved (other passes change
 the graph in ways a state dict does not hold), and only models returned by ``lqc.compress``.
 A dropped sublayer's weights are not written; the manifest lists its modules (``dropped``), and
-``load`` puts stand-ins there (lqc.runtime.dropped_layers): zeros for an attention or FFN, the
+``load`` puts stand-ins there (lqc.runtime.structural.dropped_layers): zeros for an attention or FFN, the
 identity for the norm that fed it.
 """
 
@@ -32,10 +32,10 @@ from lqc.ir import op_name
 from lqc.ir.errors import LqcConfigError, LqcError
 from lqc.passes import load_recipe
 from lqc.recipes import resolve_recipe
-from lqc.runtime.dropped_layers import DroppedAttention, DroppedMLP, keep_dropped_layers_out_of_caches
-from lqc.runtime.kv_cache import attention_head_dim
-from lqc.runtime.qlinear import KERNEL_LAYOUTS, QLinear
-from lqc.runtime.quant_formats import QuantizedWeight
+from lqc.runtime.structural.dropped_layers import DroppedAttention, DroppedMLP, keep_dropped_layers_out_of_caches
+from lqc.runtime.kv.cache import attention_head_dim
+from lqc.runtime.quantization.qlinear import KERNEL_LAYOUTS, QLinear
+from lqc.runtime.quantization.formats import QuantizedWeight
 
 from .version import __version__
 

@@ -1,16 +1,16 @@
 """lqc.passes: the Pass API, the pass manager, recipes, and the built-in passes."""
 
-from .base import Pass, PassResult
-from .context import Calibration, PassContext
-from .manager import PassManager
-from .options import PassOptions, describe_options
-from .recipe import load_recipe, recipe_entries
-from .registry import get_pass, register_pass, registered_passes, unregister_pass
-from .report import GraphReport, PassRecord, format_summary
-from .transform_cache import DEFAULT_CACHE, TransformCache
+from lqc.passes.base import Pass, PassResult
+from lqc.passes.context import Calibration, PassContext
+from lqc.passes.manager import PassManager
+from lqc.passes.options import PassOptions, describe_options
+from lqc.passes.recipe import load_recipe, recipe_entries
+from lqc.passes.registry import get_pass, register_pass, registered_passes, unregister_pass
+from lqc.passes.report import GraphReport, PassRecord, format_summary
+from lqc.passes.transform_cache import DEFAULT_CACHE, TransformCache
 
 # Built-in passes register themselves on import.
-from . import cleanup, compress_kv, concat_linears, drop_layers, ffn_to_moe, fold_batchnorm, fold_norms, merge_adapters, merge_branches, quantize, rotate  # noqa: E402,F401
+from lqc.passes import kv, quantization, reparam, structural  # noqa: E402,F401
 
 __all__ = [
     "Calibration",

@@ -17,10 +17,10 @@ import torch.fx as fx
 
 from lqc.ir import Graph
 
-from .options import PassOptions, parse_options
+from lqc.passes.options import PassOptions, parse_options
 
 if TYPE_CHECKING:  # context.py imports this module
-    from .context import PassContext
+    from lqc.passes.context import PassContext
 
 
 @dataclass

@@ -15,10 +15,10 @@ from lqc.ir import Graph
 from lqc.ir.errors import LqcConfigError
 from lqc.ir.inputs import inputs_from_tokens, token_shape
 
-from .base import Pass
-from .recipe import options_digest
-from .transform_cache import DEFAULT_CACHE, TransformCache
-from .transform_store import TransformStore, model_digest, store_from_env
+from lqc.passes.base import Pass
+from lqc.passes.recipe import options_digest
+from lqc.passes.transform_cache import DEFAULT_CACHE, TransformCache
+from lqc.passes.transform_store import TransformStore, model_digest, store_from_env
 
 T = TypeVar("T")
 

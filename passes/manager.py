@@ -20,11 +20,11 @@ from lqc.ir.errors import LqcConfigError, VerificationError
 from lqc.ir.lint import output_signature, verify_graph
 from lqc.ir.snapshot import snapshot
 
-from .base import Pass, PassResult
-from .context import PassContext
-from .numerics import graph_error, run_graph
-from .recipe import load_recipe, options_digest
-from .report import GraphReport, PassRecord, write_pass_dump, write_summary
+from lqc.passes.base import Pass, PassResult
+from lqc.passes.context import PassContext
+from lqc.passes.numerics import graph_error, run_graph
+from lqc.passes.recipe import load_recipe, options_digest
+from lqc.passes.report import GraphReport, PassRecord, write_pass_dump, write_summary
 
 
 class PassManager:

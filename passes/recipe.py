@@ -17,8 +17,8 @@ import yaml
 
 from lqc.ir.errors import LqcConfigError
 
-from .base import Pass
-from .registry import get_pass
+from lqc.passes.base import Pass
+from lqc.passes.registry import get_pass
 
 RecipeLike = "None | str | os.PathLike | dict | list"
 

@@ -12,7 +12,7 @@ from importlib.metadata import entry_points
 
 from lqc.ir.errors import LqcConfigError
 
-from .base import Pass
+from lqc.passes.base import Pass
 
 _REGISTRY: dict[str, type[Pass]] = {}
 _entry_points_loaded = False

@@ -1,4 +1,5 @@
 """lqc.runtime: packed weight formats and the implementations of lqc's ops."""
 
-from . import hadamard, moe, qlinear  # noqa: F401  (register the implementations of lqc::hadamard, lqc::moe_ffn, lqc::qlinear)
-from .quant_formats import FORMATS, QuantizedWeight
+from lqc.runtime.quantization import hadamard, qlinear  # noqa: F401  (register the implementations of lqc::hadamard, lqc::qlinear)
+from lqc.runtime.structural import moe  # noqa: F401  (registers lqc::moe_ffn's implementation)
+from lqc.runtime.quantization.formats import FORMATS, QuantizedWeight

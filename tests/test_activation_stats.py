@@ -7,8 +7,8 @@ import torch
 from lqc.ir.capture import trace
 from lqc.ir.inputs import inputs_from_tokens
 from lqc.ir.linear import linear_sites
-from lqc.passes import activation_stats
-from lqc.passes.activation_stats import collect_input_stats
+from lqc.passes.quantization import activation_stats
+from lqc.passes.quantization.activation_stats import collect_input_stats
 
 
 def test_input_stats_match_forward_hooks_on_the_eager_model(tiny_llama, token_ids):

@@ -17,8 +17,8 @@ import lqc  # noqa: E402
 from lqc.codegen import autotune, kernel_cache  # noqa: E402
 from lqc.codegen.epilogue import EpilogueProgram, Operand, Step  # noqa: E402
 from lqc.codegen.qlinear_kernels import fused_qlinear_impl, kernel_for, launch  # noqa: E402
-from lqc.runtime.qlinear import qlinear_reference  # noqa: E402
-from lqc.runtime.quant_formats import quantize_fp8, quantize_int4  # noqa: E402
+from lqc.runtime.quantization.qlinear import qlinear_reference  # noqa: E402
+from lqc.runtime.quantization.formats import quantize_fp8, quantize_int4  # noqa: E402
 
 RESIDUAL = EpilogueProgram(steps=[Step("add", (Operand("acc"), Operand("tile", 0)))], input_kinds=["tile"])
 

@@ -21,8 +21,8 @@ from lqc.codegen.epilogue import EpilogueProgram, Operand, Step, epilogue_progra
 from lqc.codegen.partition import partition  # noqa: E402
 from lqc.codegen.qlinear_kernels import kernel_for, launch, rms_norm_reference  # noqa: E402
 from lqc.codegen.templates import dot_input_precision  # noqa: E402
-from lqc.runtime.qlinear import qlinear_reference  # noqa: E402
-from lqc.runtime.quant_formats import pad_columns, quantize_fp8, quantize_int4, quantize_int8  # noqa: E402
+from lqc.runtime.quantization.qlinear import qlinear_reference  # noqa: E402
+from lqc.runtime.quantization.formats import pad_columns, quantize_fp8, quantize_int4, quantize_int8  # noqa: E402
 from tests.sweeps import covering  # noqa: E402
 
 if not dequant_gemm.interpreted() and not torch.cuda.is_available():

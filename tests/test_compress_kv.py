@@ -17,8 +17,8 @@ import lqc
 from lqc.backend import compiled_graph_count, compiled_graphs_since
 from lqc.ir.errors import LqcConfigError
 from lqc.passes import Pass, PassResult, load_recipe, register_pass, unregister_pass
-from lqc.runtime import kv_graph_cache
-from lqc.runtime.kv_cache import CompressedKVCache
+from lqc.runtime.kv import graph_cache as kv_graph_cache
+from lqc.runtime.kv.cache import CompressedKVCache
 
 OPTIONS = dict(bits=2, group=4, residual=4, sinks=1)  # 2 bits: far enough from float to tell them apart
 

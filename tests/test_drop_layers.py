@@ -12,7 +12,7 @@ import torch
 import lqc
 from lqc.ir import LqcConfigError, op_name, trace
 from lqc.passes import Calibration, PassContext, PassManager
-from lqc.passes.layer_importance import find_boundaries, layer_importance
+from lqc.passes.structural.layer_importance import find_boundaries, layer_importance
 from lqc.passes.numerics import run_graph
 
 
@@ -246,7 +246,7 @@ def test_post_norm_blocks_are_refused(token_ids):
 def test_compressed_generate_frees_the_dropped_layers_cache(tiny_llama, token_ids, cache):
     """lqc.compress makes generate() build caches whose dropped-attention slots hold one position:
     the same tokens as the eager model with that attention zeroed, and that layer's bytes gone."""
-    from lqc.runtime.dropped_layers import DroppedDynamicLayer, DroppedStaticLayer, kv_cache_nbytes
+    from lqc.runtime.structural.dropped_layers import DroppedDynamicLayer, DroppedStaticLayer, kv_cache_nbytes
 
     extra = {"cache_implementation": "static"} if cache == "static" else {}
     kwargs = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, **extra)
@@ -271,7 +271,7 @@ def test_compressed_generate_frees_the_dropped_layers_cache(tiny_llama, token_id
 def test_free_dropped_layers_errors(tiny_llama, token_ids):
     from transformers import DynamicCache, StaticCache
 
-    from lqc.runtime.dropped_layers import free_dropped_layers
+    from lqc.runtime.structural.dropped_layers import free_dropped_layers
 
     config = tiny_llama.config
     with pytest.raises(ValueError, match="leaves no attention layer to tell the cache's length"):

@@ -15,7 +15,7 @@ import lqc
 from lqc.ir import LqcConfigError, op_name, trace
 from lqc.ir.lqc_ops import moe_ffn_args
 from lqc.passes import Calibration, PassContext, PassManager
-from lqc.passes.expert_partition import balanced_assignment, balanced_kmeans, partition_neurons
+from lqc.passes.structural.expert_partition import balanced_assignment, balanced_kmeans, partition_neurons
 
 
 @pytest.fixture

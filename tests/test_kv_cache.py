@@ -10,10 +10,10 @@ import torch
 from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from lqc.runtime import kv_attention
-from lqc.runtime.kv_attention import compressed_attention
-from lqc.runtime.kv_cache import CompressedKVCache, CompressedKVLayer
-from lqc.runtime.kv_quant import dequantize, key_scores, mix_values, pack, quantize_keys, quantize_values, unpack
+from lqc.runtime.kv import attention as kv_attention
+from lqc.runtime.kv.attention import compressed_attention
+from lqc.runtime.kv.cache import CompressedKVCache, CompressedKVLayer
+from lqc.runtime.kv.quant import dequantize, key_scores, mix_values, pack, quantize_keys, quantize_values, unpack
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
@@ -234,7 +234,7 @@ def test_kv_attention_op_names_mismatched_shapes():
 
 
 def test_dropped_layers_hold_no_cache(tiny_llama, token_ids):
-    from lqc.runtime.dropped_layers import DroppedDynamicLayer
+    from lqc.runtime.structural.dropped_layers import DroppedDynamicLayer
 
     cache = CompressedKVCache(tiny_llama.config, bits=4, group=4, residual=4, sinks=1, dropped=[0])
     assert isinstance(cache.layers[0], DroppedDynamicLayer) and isinstance(cache.layers[1], CompressedKVLayer)
@@ -307,7 +307,7 @@ def test_lqc_generate_errors_name_the_fix(tiny_llama, token_ids):
                                      {"bits": None, "sinks": 2, "window": 8}])
 def test_size_report_equals_a_filled_cache(tiny_llama, options):
     """kv_cache_report at 40 tokens: the bytes of a cache generate() filled to 40 tokens."""
-    from lqc.runtime.kv_cache import kv_cache_report
+    from lqc.runtime.kv.cache import kv_cache_report
 
     ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(2))
     cache = CompressedKVCache(tiny_llama.config, **options)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from lqc.runtime.kv_cache import CompressedKVCache
-from lqc.runtime.kv_lowrank import LowRankKVAttention, lowrank_kv, whitened_factors
+from lqc.runtime.kv.cache import CompressedKVCache
+from lqc.runtime.kv.lowrank import LowRankKVAttention, lowrank_kv, whitened_factors
 
 
 def _relative(a, b):

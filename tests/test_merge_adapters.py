@@ -12,7 +12,7 @@ import torch.nn as nn
 import lqc
 from lqc.ir import op_name, trace
 from lqc.passes import PassContext, PassManager
-from lqc.passes.merge_adapters import MergeAdapters
+from lqc.passes.reparam.merge_adapters import MergeAdapters
 from lqc.passes.numerics import compare_outputs, run_graph
 
 from .adapters import MIXED_PLAN, adapter_constants, wrap

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import lqc  # noqa: F401  (registers lqc::moe_ffn)
-from lqc.runtime.moe import moe_ffn, moe_ffn_reference
+from lqc.runtime.structural.moe import moe_ffn, moe_ffn_reference
 
 
 def _experts(experts=4, neurons=6, width=10, out=None, gated=True, bias=False, shared=0, seed=0):

@@ -22,7 +22,7 @@ from lqc.ir import Graph, op_name, trace
 from lqc.ir.graph import GraphInput
 from lqc.ir.shapes import propagate_shapes
 from lqc.passes import Calibration, PassContext, PassManager
-from lqc.runtime.quant_formats import quantize_int8
+from lqc.runtime.quantization.formats import quantize_int8
 
 COMPUTING = ("call_function", "call_method", "call_module")
 

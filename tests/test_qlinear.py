@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lqc.runtime.qlinear import int4_cpu_layout, int8_cpu_layout, qlinear_reference
-from lqc.runtime.quant_formats import (
+from lqc.runtime.quantization.qlinear import int4_cpu_layout, int8_cpu_layout, qlinear_reference
+from lqc.runtime.quantization.formats import (
     pack_int4, quantize_fp8, quantize_int4, quantize_int8, quantize_per_token_int8, unpack_int4,
 )
 
@@ -116,7 +116,7 @@ def test_fake_implementation_gives_shapes():
 
 @pytest.mark.parametrize("m", [1, 17])
 def test_fp8_dynamic_scaled_mm_equals_reference(m):
-    from lqc.runtime.quant_formats import quantize_per_token_fp8
+    from lqc.runtime.quantization.formats import quantize_per_token_fp8
 
     n, k = 32, 96
     w, x = _weight(n, k, seed=4), torch.randn(m, k)

@@ -7,8 +7,8 @@ import torch
 
 from lqc.ir import LqcConfigError, op_name, trace
 from lqc.passes import PassContext, PassManager
-from lqc.passes.hqq import hqq_int4_params
-from lqc.runtime.quant_formats import int4_minmax_params, quantize_int4
+from lqc.passes.quantization.hqq import hqq_int4_params
+from lqc.runtime.quantization.formats import int4_minmax_params, quantize_int4
 
 LINEARS_PER_BLOCK = 7  # q, k, v, o, gate, up, down
 
@@ -108,8 +108,8 @@ def _correlated_problem(n_out=64, k=256, tokens=2048):
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_halves_output_error_and_lands_on_the_grid(act_order):
-    from lqc.passes.gptq import gptq
-    from lqc.runtime.quant_formats import quantize_int4, quantize_int8
+    from lqc.passes.quantization.gptq import gptq
+    from lqc.runtime.quantization.formats import quantize_int4, quantize_int8
 
     x, w, hessian = _correlated_problem()
 
@@ -145,8 +145,8 @@ def test_gptq_in_a_recipe_needs_calibration_and_uses_it(tiny_llama, token_ids):
 
 @pytest.mark.parametrize("search", ["grid", "coordinate"])
 def test_hessian_range_search_never_loses_to_minmax_per_group(search):
-    from lqc.passes.awq import search_clipping_hessian
-    from lqc.runtime.quant_formats import int4_minmax_params, quantize_int4
+    from lqc.passes.quantization.awq import search_clipping_hessian
+    from lqc.runtime.quantization.formats import int4_minmax_params, quantize_int4
 
     x, w, hessian = _correlated_problem()
     w[:, 7] += 0.4  # an outlier weight: clipping its group's range pays off
@@ -167,15 +167,15 @@ def test_hessian_range_search_never_loses_to_minmax_per_group(search):
 
 
 def test_hessian_range_search_names_its_strategies():
-    from lqc.passes.awq import search_clipping_hessian
+    from lqc.passes.quantization.awq import search_clipping_hessian
 
     with pytest.raises(ValueError, match="search must be 'grid' or 'coordinate'; got 'random'"):
         search_clipping_hessian(torch.eye(64), torch.randn(4, 64), 64, search="random")
 
 
 def test_awq_scale_search_finds_salient_channels():
-    from lqc.passes.awq import search_scales
-    from lqc.runtime.quant_formats import quantize_int4
+    from lqc.passes.quantization.awq import search_scales
+    from lqc.runtime.quantization.formats import quantize_int4
 
     x, w, _ = _correlated_problem()
     scales, alpha, errors = search_scales(x[:512], x.abs().mean(0), [w], 64)
@@ -186,9 +186,9 @@ def test_awq_scale_search_finds_salient_channels():
 def test_awq_in_a_recipe(tiny_llama, token_ids, monkeypatch):
     """Structure and exactness of AWQ's plumbing on a tiny model. (Random weights have no salient
     channels for AWQ to find: its quality is judged on SmolLM2, see docs/recipes.md.)"""
-    import lqc.passes.quantize as quantize_module
+    import lqc.passes.quantization.quantize as quantize_module
     from lqc.passes import Calibration, TransformCache
-    from lqc.runtime.quant_formats import int4_minmax_params
+    from lqc.runtime.quantization.formats import int4_minmax_params
 
     calibration = Calibration([torch.randint(0, 256, (3000,), generator=torch.Generator().manual_seed(6))])
     entry = {"pass": "quantize", "format": "int4", "group_size": 32, "method": "awq", "calibration_tokens": 3000}
@@ -239,7 +239,7 @@ def test_gptq_variants_beat_rtn(tiny_llama, token_ids, extra):
 
 
 def test_smoothquant_search_never_loses_to_no_smoothing():
-    from lqc.passes.smoothquant import fake_quant_w8a8, search_smoothing
+    from lqc.passes.quantization.smoothquant import fake_quant_w8a8, search_smoothing
 
     g = torch.Generator().manual_seed(8)
     x = torch.randn(256, 128, generator=g)
@@ -287,7 +287,7 @@ def test_smoothquant_in_a_recipe(tiny_llama, token_ids):
 def test_sensitivity_is_each_layers_own_output_error_and_keeps_the_worst(tiny_llama, token_ids):
     from lqc.ir.linear import linear_sites
     from lqc.passes import Calibration, TransformCache
-    from lqc.passes.sensitivity import layer_sensitivity
+    from lqc.passes.quantization.sensitivity import layer_sensitivity
 
     calibration = Calibration([torch.randint(0, 256, (48,), generator=torch.Generator().manual_seed(4))])
     graph = trace(tiny_llama, token_ids)

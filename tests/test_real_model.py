@@ -107,7 +107,7 @@ def test_dropped_attention_generates_frees_its_cache_and_saves(smollm2, prompt, 
     for the dropped layers and gives the same tokens. (The static cache with dropped layers is
     tested on the tiny Llama, tests/test_drop_layers.py.)"""
     from lqc.generate import kv_cache_for
-    from lqc.runtime.dropped_layers import DroppedDynamicLayer, kv_cache_nbytes
+    from lqc.runtime.structural.dropped_layers import DroppedDynamicLayer, kv_cache_nbytes
 
     model = smollm2.model
     compressed = lqc.compress(model, [{"pass": "drop_layers", "what": "attention", "layers": [25, 26]}], progress=False)
@@ -167,7 +167,7 @@ def test_compressed_kv_cache_quality(smollm2, eval_ids):
     from transformers import DynamicCache
 
     from lqc.evaluate import cached_logits, perplexity
-    from lqc.runtime.kv_cache import CompressedKVCache
+    from lqc.runtime.kv.cache import CompressedKVCache
 
     model, config = smollm2.model, smollm2.model.config
     previous = config._attn_implementation
@@ -192,8 +192,8 @@ def test_compress_kv_pass_on_transformers_own_caches(smollm2, eval_ids):
     from transformers import DynamicCache
 
     from lqc.evaluate import cached_logits
-    from lqc.runtime import kv_graph_cache
-    from lqc.runtime.kv_cache import CompressedKVCache
+    from lqc.runtime.kv import graph_cache as kv_graph_cache
+    from lqc.runtime.kv.cache import CompressedKVCache
 
     model, config = smollm2.model, smollm2.model.config
     window = eval_ids[None, :512]

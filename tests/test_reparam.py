@@ -14,7 +14,7 @@ import lqc
 from lqc.ir import op_name, trace
 from lqc.passes import PassContext, PassManager
 from lqc.passes.numerics import compare_outputs, run_graph
-from lqc.runtime.hadamard import hadamard_factors, hadamard_matrix, hadamard_pair, paley_1, paley_2, sylvester
+from lqc.runtime.quantization.hadamard import hadamard_factors, hadamard_matrix, hadamard_pair, paley_1, paley_2, sylvester
 
 LLAMA_FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-mistral"]
 

@@ -7,7 +7,7 @@ import torch
 from lqc.ir import trace
 from lqc.ir.linear import linear_sites
 from lqc.passes.numerics import compare_outputs, run_graph
-from lqc.passes.scale_migration import find_producer, migrate_scales
+from lqc.passes.reparam.scale_migration import find_producer, migrate_scales
 
 
 def _groups(graph):

@@ -20,8 +20,8 @@ import triton  # noqa: E402 - a dev dependency: missing, the tests fail rather t
 import triton.language as tl  # noqa: E402
 
 from lqc.codegen import dequant_gemm as dg  # noqa: E402
-from lqc.runtime.qlinear import qlinear_reference  # noqa: E402
-from lqc.runtime.quant_formats import pad_columns, quantize_fp8, quantize_int4, quantize_int8  # noqa: E402
+from lqc.runtime.quantization.qlinear import qlinear_reference  # noqa: E402
+from lqc.runtime.quantization.formats import pad_columns, quantize_fp8, quantize_int4, quantize_int8  # noqa: E402
 from tests.sweeps import covering  # noqa: E402
 
 if dg.interpreted():

@@ -1,4 +1,4 @@
-"""The flash-decoding kernel over a compressed KV cache against ``attend`` (lqc.runtime.kv_attention),
+"""The flash-decoding kernel over a compressed KV cache against ``attend`` (lqc.runtime.kv.attention),
 under TRITON_INTERPRET=1: 8/4/2-bit blocks with sinks and recent tokens, GQA, one and several
 query tokens, boolean / additive / no mask, token chunks merged across programs, fp32 (<= 1e-3
 relative) and bf16 (<= 1e-2)."""
@@ -13,8 +13,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from lqc.codegen import kv_decode  # noqa: E402
-from lqc.runtime.kv_attention import CompressedKVView, attend  # noqa: E402
-from lqc.runtime.kv_quant import quantize_keys, quantize_values  # noqa: E402
+from lqc.runtime.kv.attention import CompressedKVView, attend  # noqa: E402
+from lqc.runtime.kv.quant import quantize_keys, quantize_values  # noqa: E402
 
 if not kv_decode.interpreted() and not torch.cuda.is_available():
     raise RuntimeError("lqc.codegen.kv_decode was imported before TRITON_INTERPRET=1 was set and there is no GPU")

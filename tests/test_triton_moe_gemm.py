@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from lqc.codegen import moe_gemm  # noqa: E402
-from lqc.runtime.moe import moe_ffn_reference  # noqa: E402
+from lqc.runtime.structural.moe import moe_ffn_reference  # noqa: E402
 
 if not moe_gemm.interpreted() and not torch.cuda.is_available():
     raise RuntimeError("lqc.codegen.moe_gemm was imported before TRITON_INTERPRET=1 was set and there is no GPU")

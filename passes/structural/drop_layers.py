@@ -15,7 +15,7 @@ the in-place writes themselves are kept. The k/v projections then die with the r
 shape cannot be built from the stream's sizes, the states are computed as before and the report
 lists that layer under ``cache_kept``.)
 
-Scores are those of lqc.passes.layer_importance. The choice is made once per model and reused
+Scores are those of lqc.passes.structural.layer_importance. The choice is made once per model and reused
 for every graph dynamo captures from it (prefill, decode), so they all drop the same layers.
 """
 
@@ -31,10 +31,10 @@ from lqc.ir import Graph, op_name
 from lqc.ir.errors import LqcConfigError
 from lqc.ir.ops import LINEAR_OPS, is_inplace
 
-from .base import Pass, PassResult
-from .layer_importance import BlockBoundary, LayerImportance, find_boundaries, layer_importance
-from .options import PassOptions
-from .registry import register_pass
+from lqc.passes.base import Pass, PassResult
+from lqc.passes.structural.layer_importance import BlockBoundary, LayerImportance, find_boundaries, layer_importance
+from lqc.passes.options import PassOptions
+from lqc.passes.registry import register_pass
 
 
 @dataclass
@@ -109,7 +109,7 @@ class DropLayers(Pass):
             key = ("selection", self.options.what, how_many, self.options.iterative, tuple(b.block for b in boundaries))
             # keyed on the blocks' norm and FFN weights: every capture of the model keeps those, while
             # the k/v projections of a dropped attention are dead code in captures whose cache
-            # ignores that layer (lqc.runtime.dropped_layers), and cleanup removes them
+            # ignores that layer (lqc.runtime.structural.dropped_layers), and cleanup removes them
             constants = sorted(
                 {
                     n.target

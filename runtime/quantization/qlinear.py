@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import lqc.ir.lqc_ops  # noqa: F401  (the schema must exist before an implementation registers)
 
-from .quant_formats import QuantizedWeight, quantize_per_token_fp8, quantize_per_token_int8
+from lqc.runtime.quantization.formats import QuantizedWeight, quantize_per_token_fp8, quantize_per_token_int8
 
 
 def dequantize_qlinear_weight(qweight, scales, zeros, fmt: str, group_size: int, in_features: int) -> torch.Tensor:
@@ -91,14 +91,14 @@ INT8_CPU_GEMM_ROWS = 128
 
 def int8_cpu_layout(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     """(qweight padded with zero columns to a multiple of 32, bf16 scales) for ``_weight_int8pack_mm``."""
-    from .quant_formats import pad_columns
+    from lqc.runtime.quantization.formats import pad_columns
 
     return pad_columns(weight.qweight, INT8_CPU_K_MULTIPLE).contiguous(), weight.scales.to(torch.bfloat16)
 
 
 def int4_cpu_layout(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     """(qweight, scales_and_zeros) in the layout ``_weight_int4pack_mm_for_cpu`` reads."""
-    from .quant_formats import unpack_int4
+    from lqc.runtime.quantization.formats import unpack_int4
 
     codes = unpack_int4(weight.qweight).to(torch.int32)
     packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)

@@ -4,7 +4,7 @@ StreamingLLM and SnapKV eviction.
 Per attention layer (``CompressedKVLayer``), the tokens kept are held in three parts, in order:
 
 - the first ``sinks`` tokens in full precision (attention sinks: every later query attends to them);
-- quantized tokens (``bits`` = 8, 4 or 2; lqc.runtime.kv_quant), in closed blocks of ``group``
+- quantized tokens (``bits`` = 8, 4 or 2; lqc.runtime.kv.quant), in closed blocks of ``group``
   tokens: keys per channel over the block, values per token in groups of ``group`` channels;
 - the most recent tokens in full precision: at least ``residual`` of them (once that many
   exist), at most ``residual + group - 1``. Whenever ``group`` tokens older than the most recent
@@ -24,7 +24,7 @@ Kept tokens keep the rotary positions they were computed at; the cache records e
 position, and ``get_seq_length`` counts every token seen, so new tokens get their true positions.
 
 ``update`` counts the new tokens and returns them as a ``PendingKV`` for lqc's attention
-(lqc.runtime.kv_attention): its op ``lqc::kv_attention`` calls ``append``, reads the codes
+(lqc.runtime.kv.attention): its op ``lqc::kv_attention`` calls ``append``, reads the codes
 directly, then calls ``settle`` to close blocks and evict. The tensors are only touched inside
 that op, which torch.compile treats as opaque. ``CompressedKVCache`` switches the model's config
 to that attention when it is built; if something switches it back, ``update`` appends at once and
@@ -45,9 +45,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from lqc.ir.lqc_ops import KVStore
 
-from .dropped_layers import DroppedDynamicLayer
-from .kv_attention import CompressedKVView, PendingKV, reads_codes, use_compressed_attention
-from .kv_quant import check_kv_options, quantize_keys, quantize_values
+from lqc.runtime.structural.dropped_layers import DroppedDynamicLayer
+from lqc.runtime.kv.attention import CompressedKVView, PendingKV, reads_codes, use_compressed_attention
+from lqc.runtime.kv.quant import check_kv_options, quantize_keys, quantize_values
 
 SNAPKV_POOL = 7  # SnapKV max-pools token scores so kept tokens come with their neighbours
 
@@ -119,7 +119,7 @@ class CompressedKVLayer(CacheLayerMixin):
         if self.window is not None or self.snapkv is not None:
             raise ValueError(
                 "StreamingLLM and SnapKV eviction need lqc's KV attention, and this model's config was switched away "
-                "from it; call lqc.runtime.kv_attention.use_compressed_attention(model.config)"
+                "from it; call lqc.runtime.kv.attention.use_compressed_attention(model.config)"
             )
         return self.dequantized_update(key_states, value_states)
 

@@ -51,9 +51,9 @@ from lqc.ir.graph import sanitize
 from lqc.ir.ops import is_inplace
 from lqc.ir.provenance import derived_from
 
-from .base import Pass, PassResult
-from .options import PassOptions
-from .registry import register_pass
+from lqc.passes.base import Pass, PassResult
+from lqc.passes.options import PassOptions
+from lqc.passes.registry import register_pass
 
 _CASTS = frozenset({"to", "type", "float", "double", "half", "bfloat16"})
 _VALUE_IDENTITIES = frozenset({"clone", "contiguous", "detach", "alias"})

@@ -1,12 +1,12 @@
 """``quantize``: linear layers -> ``lqc::qlinear`` with packed weights.
 
-Formats (see lqc.runtime.quant_formats): ``int8`` weight-only per channel; ``int4`` weight-only,
+Formats (see lqc.runtime.quantization.formats): ``int8`` weight-only per channel; ``int4`` weight-only,
 group-wise asymmetric; ``w8a8`` int8 weights with int8 activations quantized per token at run
 time; ``fp8`` e4m3 weights with a per-channel scale; ``fp8_dyn`` those, with e4m3 activations
 quantized per token at run time. Methods choose the quantization parameters:
 ``rtn`` (round to nearest, min/max) and ``hqq`` (optimized zero points) need no data; ``gptq``
 and ``awq`` calibrate. ``smoothquant: true`` migrates activation outliers into the weights
-before w8a8 quantization (lqc.passes.smoothquant).
+before w8a8 quantization (lqc.passes.quantization.smoothquant).
 
 Every weight is transformed once per model and recipe through the transform cache, so each
 recompiled graph (prefill, decode...) reuses it. Embeddings are never touched and the lm_head is
@@ -34,21 +34,21 @@ from lqc.ir.errors import LqcConfigError
 from lqc.ir.lqc_ops import MOE_FFN_ARGS, MOE_FFN_SCALES, moe_ffn_args
 from lqc.ir.linear import LinearSite, feeds_attention_scores, linear_sites
 from lqc.ir.provenance import derived_from
-from lqc.runtime.qlinear import kernel_layout
-from lqc.runtime.quant_formats import (
+from lqc.runtime.quantization.qlinear import kernel_layout
+from lqc.runtime.quantization.formats import (
     QuantizedWeight, int4_minmax_params, pad_columns, quantize_fp8, quantize_int4, quantize_int8,
 )
 
-from .activation_stats import collect_input_stats
-from .awq import search_clipping, search_clipping_hessian, search_scales
-from .base import Pass, PassResult
-from .gptq import gptq
-from .hqq import hqq_int4_params
-from .options import PassOptions
-from .registry import register_pass
-from .scale_migration import find_producer, scale_producer
-from .sensitivity import layer_sensitivity
-from .smoothquant import search_smoothing
+from lqc.passes.quantization.activation_stats import collect_input_stats
+from lqc.passes.quantization.awq import search_clipping, search_clipping_hessian, search_scales
+from lqc.passes.base import Pass, PassResult
+from lqc.passes.quantization.gptq import gptq
+from lqc.passes.quantization.hqq import hqq_int4_params
+from lqc.passes.options import PassOptions
+from lqc.passes.registry import register_pass
+from lqc.passes.reparam.scale_migration import find_producer, scale_producer
+from lqc.passes.quantization.sensitivity import layer_sensitivity
+from lqc.passes.quantization.smoothquant import search_smoothing
 
 GROUP_SIZES = (32, 64, 128, 256)
 CALIBRATED_METHODS = ("gptq", "awq")

@@ -2,7 +2,7 @@
 Kronecker-factored Hadamard matrix.
 
 A Hadamard matrix H of order n has entries +-1 and ``H H^T = n I``; ``H / sqrt(n)`` is
-orthogonal. QuaRot-style rotation (lqc.passes.rotate) needs one for every width it rotates.
+orthogonal. QuaRot-style rotation (lqc.passes.reparam.rotate) needs one for every width it rotates.
 Orders that are powers of two come from Sylvester's doubling; others as a Kronecker product
 ``H_m (x) H_{2^k}`` with a small H_m from Paley's constructions (built here from quadratic
 residues, not pasted from tables):

@@ -1,6 +1,6 @@
 """Attention that reads a compressed KV cache directly, and its registration with transformers.
 
-A ``CompressedKVLayer`` (lqc.runtime.kv_cache) hands attention a ``PendingKV``: its ``KVStore``
+A ``CompressedKVLayer`` (lqc.runtime.kv.cache) hands attention a ``PendingKV``: its ``KVStore``
 handle and this step's new keys and values. ``compressed_attention`` passes them with the query
 to ``lqc::kv_attention`` (schema in lqc.ir.lqc_ops), one op for the cache update and the
 attention, implemented here: the layer appends the new tokens and returns a
@@ -11,7 +11,7 @@ and zeros, the full-precision recent tokens, this step's among them), ``attend``
 
 over those parts, and the layer settles (closes blocks, evicts). The blocks are never
 dequantized: per block, the key scales fold into the query and the value scales into the
-attention weights (``key_scores``, ``mix_values`` in lqc.runtime.kv_quant), so the codes enter
+attention weights (``key_scores``, ``mix_values`` in lqc.runtime.kv.quant), so the codes enter
 two matmuls as small integers. Query heads that share a KV head (GQA) are computed as rows of
 one matmul against it, never repeated. The quantized part is read in chunks of
 ``CHUNK_TOKENS``, so no step materializes a float copy of the whole cache.
@@ -44,7 +44,7 @@ import torch
 
 from lqc.ir.lqc_ops import KVStore, check_kv_attention_shapes
 
-from .kv_quant import QuantizedKV, dequantize, key_scores, mix_values
+from lqc.runtime.kv.quant import QuantizedKV, dequantize, key_scores, mix_values
 
 ATTENTION = "lqc_kv"
 CHUNK_TOKENS = 4096  # quantized tokens read at a time: bounds the step's temporary floats (3 MB at 3 heads x 64)

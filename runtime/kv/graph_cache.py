@@ -1,13 +1,13 @@
 """The compressed layers behind transformers' own caches, once ``compress_kv`` rewrote a graph.
 
-The ``compress_kv`` pass (lqc.passes.compress_kv) replaces, in a compiled graph, the cache update
+The ``compress_kv`` pass (lqc.passes.kv.compress_kv) replaces, in a compiled graph, the cache update
 and SDPA of each attention layer:
 
 - ``DynamicCache`` (``cat([past, new])``, then SDPA) by ``lqc::kv_dynamic_attention``;
 - ``StaticCache`` (``index_copy_`` into its buffers, then SDPA) by ``lqc::kv_static_attention``.
 
-Both put the new tokens into a ``CompressedKVLayer`` (lqc.runtime.kv_cache) and attend over it
-with the attention that reads the codes (lqc.runtime.kv_attention.attend). transformers' cache
+Both put the new tokens into a ``CompressedKVLayer`` (lqc.runtime.kv.cache) and attend over it
+with the attention that reads the codes (lqc.runtime.kv.attention.attend). transformers' cache
 object stays what it was; this module finds the compressed layer again at the next step from
 the tensor that cache holds for the layer, by the address of that tensor's memory:
 
@@ -36,8 +36,8 @@ import torch
 
 from lqc.ir.lqc_ops import check_kv_attention_shapes, kv_handle_shape
 
-from .kv_attention import attention_function
-from .kv_cache import CompressedKVLayer
+from lqc.runtime.kv.attention import attention_function
+from lqc.runtime.kv.cache import CompressedKVLayer
 
 _layers: dict[int, CompressedKVLayer] = {}  # address of a handle's or a static key buffer's memory -> its layer
 

@@ -2,7 +2,7 @@
 
 1. Scale search, per group of linears sharing one input x (q/k/v; gate/up; down): input
    channels that carry large activations matter most, so they are scaled up before quantization,
-   ``W diag(s)``, and the producer of x absorbs ``1/s`` (lqc.passes.scale_migration). With
+   ``W diag(s)``, and the producer of x absorbs ``1/s`` (lqc.passes.reparam.scale_migration). With
    ``s = mean|x|^alpha`` (normalized), alpha is chosen from a grid in [0, 1) by the error of the
    group's outputs on calibration rows: ``|| x W^T - (x / s) Q(W diag(s))^T ||^2``.
 2. Clipping search, per output row and group: shrink the group's range to ``r`` times its
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from lqc.runtime.quant_formats import INT4_OFFSET, int4_minmax_params, pad_columns
+from lqc.runtime.quantization.formats import INT4_OFFSET, int4_minmax_params, pad_columns
 
 MAX_CODE = 15
 

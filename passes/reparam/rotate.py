@@ -9,12 +9,12 @@ writes the stream and everything that reads it is rotated with it:
   ``W' = Q^T W``, ``b' = Q^T b``;
 - readers (q/k/v, gate/up, lm_head: linears fed by a normalized stream): ``W' = W Q``;
 - RMSNorm in between: ``h / rms(h)`` commutes with Q (an orthogonal Q keeps the norm of every
-  row), once its weight is folded into the readers (lqc.passes.fold_norms, run first here).
+  row), once its weight is folded into the readers (lqc.passes.reparam.fold_norms, run first here).
   LayerNorm subtracts the mean first, which Q does not preserve: such models are not rotated.
 
 The rotation spreads outlier channels over all channels, so activations and weights quantize
 with less error (QuaRot, Ashkboos et al. 2024). Q is a randomized Hadamard matrix
-``diag(+-1) H / sqrt(d)`` when one of order d is known (lqc.runtime.hadamard: Sylvester, or a
+``diag(+-1) H / sqrt(d)`` when one of order d is known (lqc.runtime.quantization.hadamard: Sylvester, or a
 Paley matrix Kronecker a power of two), else a seeded random orthogonal matrix; the report says
 which. The online Hadamard rotates the FFN's intermediate activations, the input of the down
 projection, the same way (``x' = x H`` as an ``lqc::hadamard`` op, ``W_down' = W_down H``).
@@ -39,12 +39,12 @@ from lqc.ir import Graph, op_name
 from lqc.ir.errors import LqcConfigError
 from lqc.ir.linear import LinearSite, linear_site
 from lqc.ir.provenance import derived_from
-from lqc.runtime.hadamard import hadamard_matrix, hadamard_pair
+from lqc.runtime.quantization.hadamard import hadamard_matrix, hadamard_pair
 
-from .base import Pass, PassResult
-from .fold_norms import fold_norm, foldable_norms
-from .options import PassOptions
-from .registry import register_pass
+from lqc.passes.base import Pass, PassResult
+from lqc.passes.reparam.fold_norms import fold_norm, foldable_norms
+from lqc.passes.options import PassOptions
+from lqc.passes.registry import register_pass
 
 # ops a rotated value may pass through unchanged (the last dimension kept)
 _SAME = {"to", "float", "contiguous", "clone", "dropout", "type_as", "detach", "alias"}

@@ -6,7 +6,7 @@ given token, so skipping the groups a token barely uses costs little. Per FFN:
 
 1. One interpreted run of the graph over calibration windows records the FFN's input x and its
    hidden activations h (the input of the down projection).
-2. The neurons are cut into ``experts`` equal groups (lqc.passes.expert_partition): the
+2. The neurons are cut into ``experts`` equal groups (lqc.passes.structural.expert_partition): the
    ``shared`` groups with the highest activation rates stay always on; the rest are clustered by
    activation pattern (balanced k-means), or cut at random (``partition: random``, the baseline).
 3. The router scores each routed expert from x. It starts from each expert's representative
@@ -41,11 +41,11 @@ from lqc.ir.errors import LqcConfigError
 from lqc.ir.linear import LinearSite, linear_site
 from lqc.ir.provenance import derived_from
 
-from .base import Pass, PassResult
-from .expert_partition import partition_neurons
-from .numerics import clone_inputs
-from .options import PassOptions
-from .registry import register_pass
+from lqc.passes.base import Pass, PassResult
+from lqc.passes.structural.expert_partition import partition_neurons
+from lqc.passes.numerics import clone_inputs
+from lqc.passes.options import PassOptions
+from lqc.passes.registry import register_pass
 
 _PROBES = {
     "silu": F.silu,

@@ -6,7 +6,7 @@ When every user of y is a linear, that map moves into their weights:
     W y + b = (W diag(gamma)) n(h) + (W beta + b)
 
 so the norm keeps only its normalization ``n(h)``. Exact in real arithmetic; the products are
-formed in float64 and cast back. Rotation (lqc.passes.rotate) needs it: ``n(h)`` commutes with
+formed in float64 and cast back. Rotation (lqc.passes.reparam.rotate) needs it: ``n(h)`` commutes with
 an orthogonal rotation of h, ``gamma * n(h)`` does not.
 
 A norm whose output also reaches something other than a linear (BERT's post-norm residual) is
@@ -26,10 +26,10 @@ from lqc.ir import Graph, op_name
 from lqc.ir.linear import LinearSite, linear_sites
 from lqc.ir.provenance import derived_from
 
-from .base import Pass, PassResult
-from .options import PassOptions
-from .registry import register_pass
-from .scale_migration import Producer, find_producer
+from lqc.passes.base import Pass, PassResult
+from lqc.passes.options import PassOptions
+from lqc.passes.registry import register_pass
+from lqc.passes.reparam.scale_migration import Producer, find_producer
 
 
 @dataclass

@@ -12,7 +12,7 @@ and values:
   the prefill graph, through ``repeat_kv`` or not).
 
 The pass replaces the update and the SDPA by one lqc op, ``lqc::kv_dynamic_attention`` or
-``lqc::kv_static_attention`` (lqc.ir.lqc_ops), whose implementation (lqc.runtime.kv_graph_cache)
+``lqc::kv_static_attention`` (lqc.ir.lqc_ops), whose implementation (lqc.runtime.kv.graph_cache)
 keeps the layer's tokens in a compressed cache, KIVI-style (``bits``, ``group``, ``residual``,
 ``sinks``), with StreamingLLM (``window``) or SnapKV (``snapkv``) eviction if asked, and attends
 over the codes directly. The dynamic cache then holds 4-byte placeholders instead of the keys
@@ -35,13 +35,13 @@ import torch.fx as fx
 
 from lqc.ir import Graph, op_name
 from lqc.ir.errors import LqcConfigError
-from lqc.runtime import kv_graph_cache  # noqa: F401 - registers the ops' implementations
-from lqc.runtime.kv_cache import check_cache_options
-from lqc.runtime.kv_quant import check_kv_options
+from lqc.runtime.kv import graph_cache  # noqa: F401 - registers the ops' implementations
+from lqc.runtime.kv.cache import check_cache_options
+from lqc.runtime.kv.quant import check_kv_options
 
-from .base import Pass, PassResult
-from .options import PassOptions
-from .registry import register_pass
+from lqc.passes.base import Pass, PassResult
+from lqc.passes.options import PassOptions
+from lqc.passes.registry import register_pass
 
 SDPA = "scaled_dot_product_attention"
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")

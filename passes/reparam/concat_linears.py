@@ -25,9 +25,9 @@ from lqc.ir import Graph, op_name
 from lqc.ir.linear import LinearSite, linear_sites
 from lqc.ir.provenance import derived_from
 
-from .base import Pass, PassResult
-from .options import PassOptions
-from .registry import register_pass
+from lqc.passes.base import Pass, PassResult
+from lqc.passes.options import PassOptions
+from lqc.passes.registry import register_pass
 
 
 @dataclass

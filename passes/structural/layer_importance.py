@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from lqc.ir import Graph, op_name
 
-from .numerics import clone_inputs
+from lqc.passes.numerics import clone_inputs
 
 
 @dataclass

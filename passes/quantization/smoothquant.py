@@ -5,7 +5,7 @@ an outlier. Per group of linears sharing one input x, SmoothQuant divides every 
 
     s_j = max|x_j|^alpha / max_i |W_ij|^(1 - alpha)
 
-and multiplies the weights' columns by the same s (lqc.passes.scale_migration: the producer of x
+and multiplies the weights' columns by the same s (lqc.passes.reparam.scale_migration: the producer of x
 absorbs ``1/s``, an exact reparameterization), so activations and weights share the range.
 alpha is a fixed strength (0.5 in the paper), or chosen from a grid by the error of the group's
 W8A8 outputs on calibration rows, ``|| x W^T - Q(x / s) Q(W diag(s))^T ||^2``.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from lqc.runtime.quant_formats import quantize_int8, quantize_per_token_int8
+from lqc.runtime.quantization.formats import quantize_int8, quantize_per_token_int8
 
 
 def smoothing_scales(x_abs_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from lqc.ir.lqc_ops import check_moe_ffn_shapes
 
-from .qlinear import INT8_CPU_K_MULTIPLE
+from lqc.runtime.quantization.qlinear import INT8_CPU_K_MULTIPLE
 
 _ACTIVATIONS = {
     "silu": F.silu,

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from lqc.ir import Graph
 from lqc.ir.linear import LinearSite
 
-from .numerics import clone_inputs, compare_outputs, run_graph
+from lqc.passes.numerics import clone_inputs, compare_outputs, run_graph
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from lqc.runtime.quant_formats import INT4_OFFSET, int4_minmax_params
+from lqc.runtime.quantization.formats import INT4_OFFSET, int4_minmax_params
 
 MAX_CODE = 15
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lqc.runtime.quant_formats import INT4_OFFSET
+from lqc.runtime.quantization.formats import INT4_OFFSET
 
 MAX_CODE = 15
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from lqc.ir import Graph
 
-from .numerics import clone_inputs
+from lqc.passes.numerics import clone_inputs
 
 
 @dataclass

@@ -44,10 +44,10 @@ from lqc.ir.linear import LinearSite, linear_site
 from lqc.ir.ops import is_inplace
 from lqc.ir.provenance import derived_from
 
-from .base import Pass, PassResult
-from .fold_batchnorm import BatchNormAffine, ConvSite, batch_norm_affine, batch_norm_args, bias_fqns, conv_site
-from .options import PassOptions
-from .registry import register_pass
+from lqc.passes.base import Pass, PassResult
+from lqc.passes.reparam.fold_batchnorm import BatchNormAffine, ConvSite, batch_norm_affine, batch_norm_args, bias_fqns, conv_site
+from lqc.passes.options import PassOptions
+from lqc.passes.registry import register_pass
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The compressed KV cache: storage formats, cache objects, attention over them."""

@@ -1,0 +1,1 @@
+"""Quantized weights: packed formats, lqc::qlinear's implementation, the online Hadamard rotation."""

@@ -1,0 +1,1 @@
+"""What structural passes leave behind: MoE dispatch (lqc::moe_ffn), dropped-layer bookkeeping."""
