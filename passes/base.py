@@ -2,15 +2,17 @@
 
 A pass has a registered name, a typed options dataclass, and ``run(graph, ctx) -> PassResult``.
 It declares what it ``requires`` ("calibration": the manager refuses to run it without
-calibration data, naming the fix) and which analyses it ``preserves`` ("regions": the manager
-need not re-annotate regions after it).
+calibration data, naming the fix; a pass whose needs depend on its options overrides
+``requirements()``, the class attribute stays as declared) and which analyses it ``preserves``
+("regions": every node it creates carries the region annotations of the nodes it replaced and
+block boundaries stay where they were, so the manager does not re-annotate regions after it).
 """
 
 from __future__ import annotations
 
 import abc
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch.fx as fx
@@ -25,12 +27,12 @@ if TYPE_CHECKING:  # context.py imports this module
 
 @dataclass
 class PassResult:
-    """What a pass reports. ``matches`` counts rewrite sites; ``details`` is free-form (per-layer
-    tables, choices made) and lands in the debug dump and the pass record."""
+    """What a pass reports. ``matches`` counts rewrite sites; ``details`` is the pass's own typed
+    report (a dataclass with the per-layer tables and choices it made, or None), which readers
+    use by attribute; it lands in the pass record and, as JSON, in the debug dump."""
 
-    changed: bool = True
     matches: int = 0
-    details: dict[str, Any] = field(default_factory=dict)
+    details: Any = None
     message: str = ""
 
 
@@ -47,6 +49,10 @@ class Pass(abc.ABC):
         self.options = options if options is not None else parse_options(self.Options, values, pass_name=self.name)
         self._targets = [re.compile(p) for p in self.options.targets]
         self._ignore = [re.compile(p) for p in self.options.ignore]
+
+    def requirements(self) -> frozenset[str]:
+        """What this instance needs from the manager: ``requires``, unless the options change it."""
+        return self.requires
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options})"

@@ -1,5 +1,5 @@
 """What a pass can reach besides the graph: calibration data, the reference graph, the weight
-transform cache, shared analyses and a logger."""
+transform cache and a logger."""
 
 from __future__ import annotations
 
@@ -72,7 +72,6 @@ class PassContext:
     cache: TransformCache = field(default_factory=lambda: DEFAULT_CACHE)
     reference: Graph | None = None  # the graph before any pass (set by the manager)
     check_inputs: list[tuple] = field(default_factory=list)  # inputs for the numeric check
-    analyses: dict[str, Any] = field(default_factory=dict)  # shared between passes of one run
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("lqc"))
     progress: bool = True  # whether long passes show progress bars
     current_pass: Pass | None = None
@@ -100,7 +99,7 @@ class PassContext:
         full_key = (
             p.name if p else "",
             options_digest(p) if p else "",
-            self.calibration.digest if (p and "calibration" in p.requires and self.calibration) else "",
+            self.calibration.digest if (p and "calibration" in p.requirements() and self.calibration) else "",
             key,
         )
         sources = [graph.source_tensor(c) for c in constants]

@@ -75,10 +75,10 @@ class PassManager:
         return report
 
     def _check_requirements(self, p: Pass, ctx: PassContext) -> None:
-        if "calibration" in p.requires and ctx.calibration is None:
+        if "calibration" in p.requirements() and ctx.calibration is None:
             ctx.current_pass = p
             ctx.require_calibration()
-        unknown = set(p.requires) - {"calibration"}
+        unknown = set(p.requirements()) - {"calibration"}
         if unknown:
             raise LqcConfigError(f"pass {p.name!r} requires {sorted(unknown)}, which the pass manager does not provide")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ class PassRecord:
     rel_error: float | None = None  # of the final outputs against the reference graph
     cosine: float | None = None
     provenance: dict[str, list[str]] = field(default_factory=dict)  # new node -> nodes it came from
-    details: dict[str, Any] = field(default_factory=dict)
+    details: Any = None  # the pass's typed report (PassResult.details)
     message: str = ""
 
 
@@ -62,6 +62,11 @@ class GraphReport:
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "snapshots"}
         data["records"] = [asdict(r) for r in self.records]
         return data
+
+
+def details_json(details: Any) -> Any:
+    """A pass's typed report as plain data (dataclasses to dicts, recursively)."""
+    return asdict(details) if is_dataclass(details) and not isinstance(details, type) else details
 
 
 SUMMARY_COLUMNS = ("#", "pass", "time ms", "nodes +", "nodes -", "nodes", "bytes before", "bytes after", "rel err", "cosine", "matches")
@@ -143,8 +148,8 @@ def write_pass_dump(debug_dir: Path, record: PassRecord | None, graph: Graph) ->
             header.append("# removed: " + ", ".join(record.nodes_removed))
         for new, sources in record.provenance.items():
             header.append(f"# created {new} from {', '.join(sources) or '(no recorded source)'}")
-        if record.details:
-            header.append("# details: " + json.dumps(record.details, default=str))
+        if record.details is not None:
+            header.append("# details: " + json.dumps(details_json(record.details), default=str))
     path.write_text("\n".join(header) + "\n\n" + format_graph(graph))
     return path
 

@@ -204,7 +204,7 @@ def test_compress_with_calibration_feeds_the_context(registered, tiny_llama):
 
         def run(self, graph, ctx):
             seen["windows"] = [tuple(inputs[0].shape) for inputs in ctx.calibration_inputs(graph, max_windows=3)]
-            return PassResult(changed=False)
+            return PassResult()
 
     tokens = torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(0))
     lqc.compress(tiny_llama, [NeedsCalibration()], calibration=tokens)

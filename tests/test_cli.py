@@ -50,7 +50,7 @@ def test_import_registers_user_passes(tmp_path):
         "    name = 'my_noop'\n"
         "    description = 'does nothing, on purpose'\n"
         "    def run(self, graph, ctx):\n"
-        "        return PassResult(changed=False)\n"
+        "        return PassResult()\n"
     )
     result = subprocess.run(
         [sys.executable, "-m", "lqc.cli", "--import", "my_lqc_plugin", "passes"],

@@ -160,7 +160,7 @@ def test_a_graph_that_cannot_be_compressed_refuses_a_compressed_cache():
         def run(self, graph, ctx):
             if any(i.role == "kv_cache" for i in graph.inputs):
                 raise RuntimeError("decode graphs are not supported by this test pass")
-            return PassResult(changed=False)
+            return PassResult()
 
     try:
         model = _model()

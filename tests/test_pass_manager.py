@@ -30,7 +30,7 @@ class RecordOrder(Pass):
 
     def run(self, graph, ctx):
         RecordOrder.log.append(self.options.label)
-        return PassResult(changed=False)
+        return PassResult()
 
 
 class CountLinears(Pass):
@@ -41,7 +41,7 @@ class CountLinears(Pass):
 
     def run(self, graph, ctx):
         CountLinears.selected = [graph.module_path(n) for n in graph.nodes if op_name(n) == "linear" and self.selects(n)]
-        return PassResult(changed=False, matches=len(CountLinears.selected))
+        return PassResult(matches=len(CountLinears.selected))
 
 
 class ReluToSigmoid(Pass):

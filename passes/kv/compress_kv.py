@@ -243,7 +243,7 @@ class CompressKV(Pass):
         for where, reason in skipped.items():
             warnings.warn(f"lqc compress_kv: the attention in {where} keeps its float cache: {reason}", stacklevel=2)
         kinds = sorted({op_name(n) for n in graph.nodes if op_name(n).startswith("lqc::kv_")})
-        return PassResult(changed=bool(rewritten), matches=len(rewritten),
+        return PassResult(matches=len(rewritten),
                           details={"rewritten": rewritten, "skipped": skipped, "unread_caches": placeholders, "ops": kinds},
                           message=f"{len(rewritten)} attention layers read a compressed cache" if rewritten else "")
 

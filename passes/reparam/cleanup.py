@@ -79,7 +79,6 @@ class Cleanup(Pass):
                 graph.gm.graph.erase_node(node)
                 removed_dead += 1
         return PassResult(
-            changed=bool(removed_identities or removed_dead),
             matches=removed_identities + removed_dead,
             details={"identities": removed_identities, "dead": removed_dead},
         )

@@ -111,4 +111,4 @@ class ConcatLinears(Pass):
             names = [site.name(graph) for site in sites]
             concat_group(graph, sites, lambda key, sources, fn: ctx.transform(graph, key, sources, fn))
             rows.append({"layers": names, "into": stacked_name(names)})
-        return PassResult(changed=bool(rows), matches=len(rows), details={"stacked": rows})
+        return PassResult(matches=len(rows), details={"stacked": rows})

@@ -236,7 +236,7 @@ class FoldBatchNorm(Pass):
                     continue
             skipped.append({"batch_norm": name, "reason": reason})
         return PassResult(
-            changed=bool(folded), matches=len(folded), details={"folded": folded, "skipped": skipped}
+            matches=len(folded), details={"folded": folded, "skipped": skipped}
         )
 
     # -- into the producer ----------------------------------------------------------------------

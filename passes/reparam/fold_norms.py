@@ -141,6 +141,6 @@ class FoldNorms(Pass):
             norm = fold.producer.describe(graph)
             consumers = fold_norm(graph, fold, lambda key, sources, fn: ctx.transform(graph, key, sources, fn))
             rows.append({"norm": norm, "into": consumers})
-        return PassResult(changed=bool(rows), matches=len(rows), details={"folded": rows})
+        return PassResult(matches=len(rows), details={"folded": rows})
 
 

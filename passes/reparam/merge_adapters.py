@@ -475,7 +475,6 @@ class MergeAdapters(Pass):
             graph.prune_constants()
             graph.recompile()
         return PassResult(
-            changed=bool(merged),
             matches=len(merged),
             details={"merged": merged, "unmerged": unmerged},
             message=f"{len(merged)} adapted layers merged, {len(unmerged)} left unmerged",

@@ -123,7 +123,7 @@ class MergeBranches(Pass):
                     "branches": [f"{b.kind}:{_describe(graph, b.node)}" for b in branches], "into": plan["describe"],
                 })
             self._rewrite(graph, node, terms, rewrites)
-        return PassResult(changed=bool(merged), matches=len(merged), details={"merged": merged, "skipped": skipped})
+        return PassResult(matches=len(merged), details={"merged": merged, "skipped": skipped})
 
     # -- which terms are branches ----------------------------------------------------------------
     def _branches(self, graph: Graph, term) -> list[tuple[fx.Node, _Branch]]:

@@ -220,7 +220,7 @@ class Rotate(Pass):
             plan = plan_rotation(graph)
         except NotRotatable as exc:
             warnings.warn(f"rotate: not rotating: {exc}. Norms were folded (exact); the graph is otherwise unchanged.", stacklevel=2)
-            return PassResult(changed=bool(folded), details={"rotated": False, "reason": str(exc), "folded_norms": len(folded)})
+            return PassResult(details={"rotated": False, "reason": str(exc), "folded_norms": len(folded)})
         q, description = rotation_matrix(plan.width, opts.rotation, opts.seed)
 
         for node, table in plan.embeddings:

@@ -91,7 +91,7 @@ class DropLayers(Pass):
         except ValueError as exc:
             raise LqcConfigError(f"pass 'drop_layers' cannot drop layers of this graph: {exc}") from exc
         if not boundaries:
-            return PassResult(changed=False, message="no decoder blocks in this graph")
+            return PassResult(message="no decoder blocks in this graph")
         total = len(boundaries)
         index_of = {b.block: i for i, b in enumerate(boundaries)}
         how_many = self._how_many(total)
@@ -142,7 +142,7 @@ class DropLayers(Pass):
             "dropped_attention_layers": sorted({m["block"] for m in dropped_modules.values() if m["kind"] == "attention"}),
         }
         message = f"dropped {self.options.what} of blocks {chosen}: {removed.params} parameters, {removed.flops_per_token} FLOPs/token"
-        return PassResult(changed=bool(chosen), matches=len(chosen), details=details, message=message)
+        return PassResult(matches=len(chosen), details=details, message=message)
 
     # -- choosing ----------------------------------------------------------------------------------
     def _how_many(self, total: int) -> int:

@@ -132,7 +132,7 @@ class FfnToMoe(Pass):
                 )
             sites.append(site)
         if not sites:
-            return PassResult(changed=False, message="no FFN to carve")
+            return PassResult(message="no FFN to carve")
 
         sources = [s.weight for site in sites for s in (site.up, site.gate, site.down) if s is not None]
         key = ("carve", tuple(site.name for site in sites))
@@ -154,7 +154,7 @@ class FfnToMoe(Pass):
                    "ffn_flops_per_token_dense": dense, "ffn_flops_per_token_moe": moe}
         message = (f"carved {len(rows)} FFNs into {self.options.experts} experts ({self.options.shared} shared, "
                    f"top {self.options.top_k}): {self.active_fraction:.0%} of neurons active, FFN FLOPs/token {dense:,} -> {moe:,}")
-        return PassResult(changed=True, matches=len(rows), details=details, message=message)
+        return PassResult(matches=len(rows), details=details, message=message)
 
     def _carve(self, graph: Graph, site: FfnSite, x: torch.Tensor, hidden: torch.Tensor) -> Carve:
         o = self.options
