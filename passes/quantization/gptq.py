@@ -83,24 +83,9 @@ def gptq(
     ``group_params``: int4 (scales, zeros) [N, K/g] to use as static groups."""
     w = weight.to(torch.float32).clone()
     n, k = w.shape
-    if fmt == "int8":
-        row_scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
-    elif fmt != "int4" or group_size <= 0 or k % group_size:
+    if fmt != "int8" and (fmt != "int4" or group_size <= 0 or k % group_size):
         raise ValueError(f"gptq supports int4 with a group size dividing {k}, or int8; got {fmt} g{group_size}")
-
-    groups = k // group_size if fmt == "int4" else 0
-    # Transposed: the loop visits one input column at a time, and a row of these is contiguous.
-    scales = torch.zeros(groups, n) if fmt == "int4" else row_scales  # [G, N]
-    zeros = torch.zeros(groups, n) if fmt == "int4" else None
-    fitted = [False] * groups
-    if fmt == "int4" and group_params is not None:  # static groups given by the caller
-        scales = group_params[0].to(param_dtype).float().T.contiguous()
-        zeros = group_params[1].to(param_dtype).float().T.contiguous()
-        fitted = [True] * groups
-    elif fmt == "int4" and act_order:  # static groups, fitted before any update
-        for g in range(groups):
-            scales[g], zeros[g] = _int4_params(w[:, g * group_size : (g + 1) * group_size], param_dtype)
-        fitted = [True] * groups
+    params = _Params.initial(w, fmt, group_size, act_order, param_dtype, group_params)
 
     # Columns are visited in `order`; the factor is computed for H in that order.
     order = torch.argsort(torch.diag(hessian), descending=True) if act_order else torch.arange(k)
@@ -111,30 +96,68 @@ def gptq(
     result = torch.zeros_like(wt)
     for start in range(0, k, block_size):
         end = min(start + block_size, k)
-        block = wt[start:end].clone()
-        errors = torch.zeros_like(block)
-        h_block = hinv[start:end, start:end]
-        h_diag = h_block.diagonal().tolist()
-        for i in range(end - start):
-            col = block[i]
-            if fmt == "int4":
-                g = visited[start + i] // group_size
-                if not fitted[g]:  # first column of this group, in order: fit on updated weights
-                    first = start + i
-                    span = wt[first : first + group_size].clone()
-                    span[: end - first] = block[i : i + (end - first)][: span.shape[0]]
-                    scales[g], zeros[g] = _int4_params(span, param_dtype, dim=0)
-                    fitted[g] = True
-                q = _quant_int4(col, scales[g], zeros[g])
-            else:
-                q = _quant_int8(col, row_scales)
-            result[start + i] = q
-            err = (col - q) / h_diag[i]
-            block[i:] -= h_block[i, i:, None] * err[None, :]
-            errors[i] = err
+        errors = _quantize_block(wt, start, end, hinv, visited, params, result)
         wt[end:] -= (errors.T @ hinv[start:end, end:]).T
 
     inverse_order = torch.argsort(order)
     if fmt == "int4":
-        scales, zeros = scales.T.contiguous(), zeros.T.contiguous()  # [N, G]
-    return GPTQResult(result.T[:, inverse_order], scales, zeros)
+        return GPTQResult(result.T[:, inverse_order], params.scales.T.contiguous(), params.zeros.T.contiguous())  # [N, G]
+    return GPTQResult(result.T[:, inverse_order], params.scales, None)
+
+
+@dataclass
+class _Params:
+    """The quantization parameters as GPTQ fills them in. Transposed: the loop visits one input
+    column at a time, and a row of these is contiguous."""
+
+    fmt: str
+    group_size: int
+    param_dtype: torch.dtype
+    scales: torch.Tensor  # [G, N] (int4) or [N] (int8: per row, absmax)
+    zeros: torch.Tensor | None  # [G, N] (int4)
+    fitted: list[bool]  # int4: which groups have their parameters
+
+    @staticmethod
+    def initial(w, fmt, group_size, act_order, param_dtype, group_params) -> "_Params":
+        n, k = w.shape
+        if fmt == "int8":
+            return _Params(fmt, 0, param_dtype, (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8), None, [])
+        groups = k // group_size
+        params = _Params(fmt, group_size, param_dtype, torch.zeros(groups, n), torch.zeros(groups, n), [False] * groups)
+        if group_params is not None:  # static groups given by the caller
+            params.scales = group_params[0].to(param_dtype).float().T.contiguous()
+            params.zeros = group_params[1].to(param_dtype).float().T.contiguous()
+            params.fitted = [True] * groups
+        elif act_order:  # static groups, fitted before any update
+            for g in range(groups):
+                params.scales[g], params.zeros[g] = _int4_params(w[:, g * group_size : (g + 1) * group_size], param_dtype)
+            params.fitted = [True] * groups
+        return params
+
+
+def _quantize_block(wt, start: int, end: int, hinv, visited: list[int], params: _Params, result) -> torch.Tensor:
+    """Quantize the visited columns start..end into ``result``, compensating within the block;
+    returns the block's scaled errors for the lazy update of the columns after it."""
+    block = wt[start:end].clone()
+    errors = torch.zeros_like(block)
+    h_block = hinv[start:end, start:end]
+    h_diag = h_block.diagonal().tolist()
+    group_size = params.group_size
+    for i in range(end - start):
+        col = block[i]
+        if params.fmt == "int4":
+            g = visited[start + i] // group_size
+            if not params.fitted[g]:  # first column of this group, in order: fit on updated weights
+                first = start + i
+                span = wt[first : first + group_size].clone()
+                span[: end - first] = block[i : i + (end - first)][: span.shape[0]]
+                params.scales[g], params.zeros[g] = _int4_params(span, params.param_dtype, dim=0)
+                params.fitted[g] = True
+            q = _quant_int4(col, params.scales[g], params.zeros[g])
+        else:
+            q = _quant_int8(col, params.scales)
+        result[start + i] = q
+        err = (col - q) / h_diag[i]
+        block[i:] -= h_block[i, i:, None] * err[None, :]
+        errors[i] = err
+    return errors

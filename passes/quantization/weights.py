@@ -1,0 +1,73 @@
+"""One linear weight -> its canonical quantized form, by method: round to nearest, HQQ, GPTQ.
+
+Each handler takes the quantize pass's options and a float weight [N, K] and returns a
+``QuantizedWeight`` in the canonical layout of lqc.runtime.quantization.formats; how a target lays
+it out for its kernels is a lowering's business (lqc.passes.lowering).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lqc.runtime.quantization.formats import (
+    QuantizedWeight, int4_minmax_params, pad_columns, quantize_fp8, quantize_int4, quantize_int8,
+)
+
+from lqc.passes.quantization.awq import search_clipping, search_clipping_hessian
+from lqc.passes.quantization.gptq import gptq
+from lqc.passes.quantization.hqq import hqq_int4_params
+
+
+def quantize_weight(opts, weight: torch.Tensor, input_stats=None) -> QuantizedWeight:
+    """``weight`` in ``opts.format`` by ``opts.method`` (not awq: that one migrates scales first,
+    lqc.passes.quantization.migration). ``input_stats()`` gives the layer's calibration statistics
+    (gptq only)."""
+    if opts.method == "gptq":
+        return gptq_weight(opts, weight, input_stats())
+    if opts.method == "hqq":
+        return hqq_weight(opts, weight)
+    return round_to_nearest(opts.format, weight, opts.group_size)
+
+
+def round_to_nearest(fmt: str, weight: torch.Tensor, group_size: int) -> QuantizedWeight:
+    """Min/max (int4) or absmax (int8, w8a8, fp8, fp8_dyn) parameters, codes rounded to nearest."""
+    if fmt == "int4":
+        return quantize_int4(weight, group_size)
+    if fmt in ("fp8", "fp8_dyn"):
+        return quantize_fp8(weight, fmt=fmt)
+    return quantize_int8(weight, fmt=fmt)
+
+
+def hqq_weight(opts, weight: torch.Tensor) -> QuantizedWeight:
+    """int4 with HQQ's optimized zero points (no data needed)."""
+    padded = pad_columns(weight.to(torch.float32), opts.group_size)
+    scales, zeros = hqq_int4_params(padded, opts.group_size, iters=opts.hqq_iters)
+    return quantize_int4(weight, opts.group_size, scales, zeros)
+
+
+def gptq_weight(opts, weight: torch.Tensor, stats, hessian: torch.Tensor | None = None,
+                x: torch.Tensor | None = None, clip: bool = True) -> QuantizedWeight:
+    """GPTQ on the layer's mean input Hessian (``hessian`` overrides it: AWQ's scaled inputs).
+    int4 static group parameters come from ``opts.gptq_params``; ``clip`` False (a layer feeding
+    attention scores) keeps min/max ones."""
+    k = weight.shape[1]
+    group = opts.group_size if opts.format == "int4" else 0
+    padded = pad_columns(weight.to(torch.float32), group) if group else weight.to(torch.float32)
+    full = torch.zeros(padded.shape[1], padded.shape[1], dtype=torch.float64)
+    full[:k, :k] = stats.mean_hessian if hessian is None else hessian  # padded inputs are always zero: dead columns
+    group_params = None
+    if group and opts.gptq_params == "clip":
+        x = stats.sample if x is None else x
+        group_params = search_clipping(pad_columns(x, group), padded, group) if clip else int4_minmax_params(padded, group)
+    elif group and opts.gptq_params == "mse":
+        group_params = search_clipping_hessian(full, padded, group, search=opts.mse_search) if clip else int4_minmax_params(padded, group)
+    result = gptq(padded, full, fmt=opts.format, group_size=group, block_size=opts.block_size,
+                  damp=opts.damp, act_order=opts.act_order, group_params=group_params)
+    if opts.format == "int4":
+        return quantize_int4(result.weight[:, :k], group, result.scales, result.zeros)
+    return quantize_int8(result.weight, scales=result.scales)
+
+
+def fake_quantize(opts, weight: torch.Tensor) -> torch.Tensor:
+    """Round to nearest in the pass's format, dequantized: the sensitivity proxy."""
+    return round_to_nearest(opts.format, weight, opts.group_size).dequantize()
