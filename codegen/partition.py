@@ -10,6 +10,9 @@ the cheap work around it, so those intermediates never go through memory:
 - epilogue, followed from the anchor's output along single-reader chains: a bias add, an
   activation, dtype casts, the SwiGLU multiply, the residual add.
 
+The RMSNorm and SwiGLU shapes are the patterns of ``lqc.ir.patterns`` (written with the pattern
+API users write passes with); what this module adds is where each may join a group.
+
 Everything outside the groups is left to Inductor (``Partition.rest``).
 
 Rules, and why:
@@ -62,6 +65,7 @@ import torch.fx as fx
 from lqc.ir import Graph, op_name
 from lqc.ir.lqc_ops import STATEFUL_OPS
 from lqc.ir.ops import ACTIVATION_OPS, is_inplace
+from lqc.ir.patterns import SWIGLU, is_cast, match_rms_norm, same_shape, shape_of
 
 # lqc op -> the kind of kernel its group becomes. lqc::kv_placeholder computes nothing and
 # lqc::hadamard is a row transform (see the module docstring): neither anchors a group.
@@ -76,9 +80,6 @@ ANCHOR_KINDS = {
 # Kinds whose kernel can normalize its input rows as it loads them. moe_ffn could too (router and
 # experts read the same normalized x), once its kernel exists to say where.
 PROLOGUE_KINDS = ("qlinear",)
-
-# dtype conversions an epilogue or prologue can do in registers
-CAST_OPS = frozenset({"to", "float", "half", "bfloat16"})
 
 # why each absorbed node is in its group (FusionGroup.roles)
 ROLES = ("rms_norm", "layer_norm", "cast", "bias", "activation", "swiglu", "residual", "unpack")
@@ -281,26 +282,6 @@ def _sole_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
-def _shape(node) -> tuple | None:
-    value = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
-
-
-def _same_shape(a: tuple | None, b: tuple | None) -> bool:
-    # compared as text: symbolic sizes (s0) are equal when they print the same, and comparing
-    # SymInts directly would record a guard in dynamo's shape environment
-    return a is not None and b is not None and len(a) == len(b) and all(str(x) == str(y) for x, y in zip(a, b))
-
-
-def _is_cast(node: fx.Node) -> bool:
-    """A dtype conversion of one tensor that keeps its shape and device."""
-    if op_name(node) not in CAST_OPS or len(node.all_input_nodes) != 1 or "memory_format" in node.kwargs:
-        return False
-    out, inp = node.meta.get("val"), node.all_input_nodes[0].meta.get("val")
-    return (isinstance(out, torch.Tensor) and isinstance(inp, torch.Tensor) and out.device == inp.device
-            and _same_shape(tuple(out.shape), tuple(inp.shape)))
-
-
 def _is_activation(node: fx.Node, x: fx.Node) -> bool:
     return op_name(node) in ACTIVATION_OPS and bool(node.args) and node.args[0] is x and node.all_input_nodes == [x]
 
@@ -309,7 +290,7 @@ def _epilogue_step(graph: Graph, tail: fx.Node, user: fx.Node) -> tuple[list[fx.
     """(nodes, "epilogue", role) when ``user``, the sole reader of the group's output ``tail``, may
     join the epilogue; None when the chain stops there."""
     name = op_name(user)
-    if _is_cast(user):
+    if is_cast(user):
         return [user], "epilogue", "cast"
     if _is_activation(user, tail):
         return [user], "epilogue", "activation"
@@ -317,10 +298,10 @@ def _epilogue_step(graph: Graph, tail: fx.Node, user: fx.Node) -> tuple[list[fx.
         other = user.args[1] if user.args[0] is tail else user.args[0]
         if not isinstance(other, fx.Node) or other is tail:
             return None
-        shape = _shape(tail)
-        if graph.is_constant(other) and shape and _same_shape(_shape(other), shape[-1:]):
+        shape = shape_of(tail)
+        if graph.is_constant(other) and shape and same_shape(shape_of(other), shape[-1:]):
             return [user], "epilogue", "bias"  # a per-output-channel vector, broadcast over rows
-        if _same_shape(_shape(other), shape) and _same_shape(_shape(user), shape):
+        if same_shape(shape_of(other), shape) and same_shape(shape_of(user), shape):
             return [user], "epilogue", "residual"
         return None
     if name in ("split", "chunk") and (nodes := _split_swiglu(tail, user)) is not None:
@@ -329,19 +310,14 @@ def _epilogue_step(graph: Graph, tail: fx.Node, user: fx.Node) -> tuple[list[fx.
 
 
 def _two_anchor_swiglu(mul: fx.Node, group_of: dict) -> tuple[fx.Node, fx.Node, fx.Node] | None:
-    """(act, gate, up) when ``mul`` is ``act(gate) * up`` with gate and up two qlinear anchors whose
-    outputs nothing else reads."""
-    if op_name(mul) != "mul" or len(mul.args) != 2 or mul.kwargs:
+    """(act, gate, up) when ``mul`` is ``act(gate) * up`` (ir.patterns.SWIGLU) with gate and up two
+    qlinear anchors whose outputs nothing else reads."""
+    match = SWIGLU.match(mul) if not mul.kwargs else None
+    if match is None:
         return None
-    for act, up in (mul.args, mul.args[::-1]):
-        if not (isinstance(act, fx.Node) and act.args and isinstance(act.args[0], fx.Node)):
-            continue
-        gate = act.args[0]
-        if (gate is not up and _is_qlinear_anchor(gate, group_of) and _is_qlinear_anchor(up, group_of)
-                and _is_activation(act, gate) and _sole_user(gate) is act and _sole_user(act) is mul
-                and _sole_user(up) is mul):
-            return act, gate, up
-    return None
+    gate, up, act = match["gate"], match["up"], _sole_user(match["gate"])
+    anchors = _is_qlinear_anchor(gate, group_of) and _is_qlinear_anchor(up, group_of)
+    return (act, gate, up) if anchors and act in match.graph_nodes and _sole_user(up) is mul else None
 
 
 def _is_qlinear_anchor(node, group_of: dict) -> bool:
@@ -352,87 +328,30 @@ def _is_qlinear_anchor(node, group_of: dict) -> bool:
 def _split_swiglu(tail: fx.Node, split: fx.Node) -> list[fx.Node] | None:
     """[split, getitem, getitem, act, mul] when ``split`` cuts ``tail`` into two halves on the last
     dimension and the halves meet as ``act(half) * other_half`` (concat_linears' gate+up)."""
-    halves, shape = split.meta.get("val"), _shape(tail)
+    halves, shape = split.meta.get("val"), shape_of(tail)
     if not (isinstance(halves, (tuple, list)) and len(halves) == 2 and shape and split.all_input_nodes == [tail]):
         return None
     first, second = (tuple(h.shape) for h in halves)
-    halves_of_tail = _same_shape(first[:-1], shape[:-1]) and str(first[-1] * 2) == str(shape[-1])
-    if not (_same_shape(first, second) and halves_of_tail):
+    halves_of_tail = same_shape(first[:-1], shape[:-1]) and str(first[-1] * 2) == str(shape[-1])
+    if not (same_shape(first, second) and halves_of_tail):
         return None
     getitems = {u.args[1]: u for u in split.users if op_name(u) == "getitem" and len(u.args) == 2}
     if len(split.users) != 2 or set(getitems) != {0, 1}:
         return None
-    for gate, up in ((getitems[0], getitems[1]), (getitems[1], getitems[0])):
-        act = _sole_user(gate)
-        if act is None or not _is_activation(act, gate):
-            continue
-        mul = _sole_user(act)
-        if mul is not None and op_name(mul) == "mul" and not mul.kwargs and set(mul.args) == {act, up} \
-                and len(mul.args) == 2 and _sole_user(up) is mul:
+    for half in getitems.values():
+        act = _sole_user(half)
+        mul = _sole_user(act) if act is not None else None
+        match = SWIGLU.match(mul) if mul is not None and not mul.kwargs else None
+        if match is not None and {match["gate"], match["up"]} == set(getitems.values()) \
+                and _sole_user(match["gate"]) is act and _sole_user(match["up"]) is mul:
             return [split, getitems[0], getitems[1], act, mul]
     return None
 
 
-def _is_vector_constant(value) -> bool:
-    return isinstance(value, fx.Node) and value.op == "get_attr" and len(_shape(value) or ()) == 1
-
-
 def _match_norm(out: fx.Node) -> tuple[list[fx.Node], str] | None:
-    """(nodes, role) of the norm that computes ``out``, every node but ``out`` read only inside it."""
+    """(nodes, role) of the norm that computes ``out``: one ``rms_norm`` / ``layer_norm`` op, or the
+    decomposed RMSNorm of ir.patterns (every node but ``out`` read only inside it)."""
     if op_name(out) in ("rms_norm", "layer_norm") and out.args and isinstance(out.args[0], fx.Node):
         return [out], op_name(out)
-    nodes = _match_rms_norm(out)
-    if nodes is None:
-        return None
-    inside = set(nodes)
-    if any(user not in inside for node in nodes if node is not out for user in node.users):
-        return None
-    return nodes, "rms_norm"
-
-
-def _skip_casts(node: fx.Node, nodes: list[fx.Node]) -> fx.Node:
-    """The first node above ``node`` that is no cast; the casts passed go into ``nodes``."""
-    while _is_cast(node):
-        nodes.append(node)
-        node = node.all_input_nodes[0]
-    return node
-
-
-def _match_rms_norm(out: fx.Node) -> list[fx.Node] | None:
-    """The decomposed RMSNorm ``[weight *] (x * rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))``, with
-    the ``.to`` casts HF models put around it (x to float32, the result back), ending at ``out``."""
-    nodes: list[fx.Node] = []
-    node = _skip_casts(out, nodes)
-    if op_name(node) == "mul" and len(node.args) == 2:  # the weight; fold_norms may have removed it
-        weight, h = node.args if _is_vector_constant(node.args[0]) else node.args[::-1]
-        if _is_vector_constant(weight) and isinstance(h, fx.Node):
-            nodes.append(node)
-            node = _skip_casts(h, nodes)
-    # h = x * rsqrt(variance + eps)
-    if op_name(node) != "mul" or len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
-        return None
-    x, rsqrt = node.args if op_name(node.args[1]) == "rsqrt" else node.args[::-1]
-    if op_name(rsqrt) != "rsqrt" or len(rsqrt.all_input_nodes) != 1:
-        return None
-    add = rsqrt.all_input_nodes[0]
-    if op_name(add) != "add" or len(add.args) != 2 or len(add.all_input_nodes) != 1:
-        return None
-    mean = add.all_input_nodes[0]
-    if not isinstance(add.args[1] if add.args[0] is mean else add.args[0], (int, float)):
-        return None  # eps must be a number
-    dim = mean.args[1] if len(mean.args) > 1 else mean.kwargs.get("dim")
-    keepdim = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
-    x_shape = _shape(x)
-    if op_name(mean) != "mean" or not keepdim or x_shape is None or dim not in (-1, [-1], (-1,), len(x_shape) - 1):
-        return None
-    square = mean.args[0]
-    if not (isinstance(square, fx.Node) and op_name(square) == "pow" and tuple(square.args) == (x, 2)):
-        return None
-    nodes += [node, rsqrt, add, mean, square]
-    # x.to(float32) of the norm's input, when the norm alone reads it
-    inside = set(nodes)
-    while _is_cast(x) and all(user in inside for user in x.users):
-        nodes.append(x)
-        inside.add(x)
-        x = x.all_input_nodes[0]
-    return nodes
+    match = match_rms_norm(out)
+    return (match.graph_nodes, "rms_norm") if match is not None else None

@@ -4,7 +4,9 @@ The partitioner (lqc.codegen.partition) gives a qlinear group the norm whose onl
 qlinear: the decomposed ``[weight *] (x * rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))`` of HF
 models (with its ``.to`` casts), or one ``rms_norm`` op. The generated kernel computes it as it
 loads x (``dequant_gemm_tile``'s HAS_NORM): what it needs from the nodes is the norm's input, its
-weight (if any) and eps. ``norm_prologue`` reads those off, or says why it cannot.
+weight (if any) and eps. ``norm_prologue`` reads those off (the decomposed norm's from the
+bindings of ``lqc.ir.patterns``' RMSNorm pattern, the one the partitioner matched), or says why
+it cannot.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch.fx as fx
 
 from lqc.ir import op_name
+from lqc.ir.patterns import match_rms_norm
 
 
 @dataclass
@@ -28,7 +31,7 @@ def norm_prologue(prologue: list[fx.Node], role: str, anchor_x: fx.Node) -> tupl
     """(the norm's kernel arguments, "") or (None, why it stays outside the kernel)."""
     if role != "rms_norm":
         return None, f"{role} prologue: no kernel template (runs before the kernel)"
-    found = _rms_norm_op(prologue) if len(prologue) == 1 else _decomposed(prologue)
+    found = _rms_norm_op(prologue) if len(prologue) == 1 else _decomposed(anchor_x)
     if isinstance(found, str):
         return None, found
     x_value, out_value = found.x.meta.get("val"), anchor_x.meta.get("val")
@@ -53,20 +56,8 @@ def _rms_norm_op(prologue: list[fx.Node]) -> NormPrologue | str:
     return NormPrologue(x, weight, float(eps))
 
 
-def _decomposed(prologue: list[fx.Node]) -> NormPrologue | str:
-    inside = set(prologue)
-    square = next((n for n in prologue if op_name(n) == "pow"), None)
-    add = next((n for n in prologue if op_name(n) == "add"), None)
-    if square is None or add is None:
-        return "norm prologue without its pow / add: runs before the kernel"
-    x = square.args[0]
-    while x in inside:  # the .to(float32) casts the norm alone reads
-        x = x.all_input_nodes[0]
-    eps = next(a for a in add.args if isinstance(a, (int, float)))
-    weight = None
-    for node in prologue:
-        if op_name(node) == "mul":
-            constants = [a for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
-            if constants:
-                weight = constants[0]
-    return NormPrologue(x, weight, float(eps))
+def _decomposed(out: fx.Node) -> NormPrologue | str:
+    match = match_rms_norm(out)
+    if match is None:
+        return "norm prologue is no decomposed RMSNorm: runs before the kernel"
+    return NormPrologue(match["x"], match.bindings.get("weight"), float(match["eps"]))

@@ -20,6 +20,17 @@ the anchor must be used only inside the match (``single_use``), so a rewrite can
 Arguments are compared positionally; a trailing argument the pattern leaves out matches only
 if the graph passes ``None`` there (``F.linear(x, w)`` matches ``linear(x, w, None)``). Keyword
 arguments the pattern names must be equal; keywords only the graph passes must be ``None``.
+
+Three things say more than example code can:
+
+- ``constraints={"weight": is_vector_constant}``: a wildcard binds only what the predicate accepts
+  (checked as it binds, so the other operand order is still tried).
+- ``OneOf(ops, name)``, called in the pattern like an op: any op named in ``ops`` applied to one
+  tensor (``activation = OneOf(ACTIVATION_OPS, "activation")``; ``activation(gate) * up``).
+- ``ZeroOrMore(predicate, name)``: a chain of zero or more graph nodes that each satisfy
+  ``predicate`` and read one node (``casts = ZeroOrMore(is_cast, "casts")``; ``casts(x)`` matches
+  ``x``, ``x.to(f32)``, ``x.float().half()``). The longest chain is tried first. In a single-use
+  pattern a chain stops below a value read outside the match, and the pattern continues there.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import torch
 import torch.fx as fx
 
 from .ops import COMMUTATIVE_OPS, op_name
+from .pattern_ops import OneOf, ZeroOrMore
 from .provenance import derived_from
 
 
@@ -49,14 +61,15 @@ class Match:
     anchor: fx.Node
     nodes: dict[fx.Node, fx.Node]  # pattern node -> graph node
     bindings: dict[str, Any] = field(default_factory=dict)
+    runs: dict[fx.Node, tuple[fx.Node, ...]] = field(default_factory=dict)  # ZeroOrMore node -> its chain
 
     def __getitem__(self, name: str) -> Any:
         return self.bindings[name]
 
     @property
     def graph_nodes(self) -> list[fx.Node]:
-        """The matched graph nodes (wildcard bindings excluded), anchor last."""
-        return [n for n in self.nodes.values()]
+        """The matched graph nodes, ZeroOrMore chains included (wildcard bindings excluded)."""
+        return [*self.nodes.values(), *(n for chain in self.runs.values() for n in chain)]
 
     def replace_with(self, replacement: Callable, **extra: Any) -> fx.Node:
         """Replace the matched nodes by ``replacement``, a torch function whose arguments are named
@@ -83,7 +96,7 @@ class Match:
         if not isinstance(result, fx.Node):
             raise TypeError(f"replacement returned {type(result).__name__}; it must return one tensor")
         self.anchor.replace_all_uses_with(result)
-        matched = set(self.nodes.values())
+        matched = set(self.graph_nodes)
         for node in reversed(list(graph.nodes)):
             if node in matched and not node.users:
                 graph.erase_node(node)
@@ -93,7 +106,8 @@ class Match:
 class Pattern:
     """A pattern written as a torch function (see the module docstring)."""
 
-    def __init__(self, fn: Callable, *, name: str | None = None, single_use: bool = True):
+    def __init__(self, fn: Callable, *, name: str | None = None, single_use: bool = True,
+                 constraints: dict[str, Callable[[Any], bool]] | None = None):
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "pattern")
         self.single_use = single_use
@@ -103,6 +117,9 @@ class Pattern:
             raise ValueError(f"pattern {self.name!r} must return exactly one tensor")
         self.output = outputs
         self.wildcards = [n.target for n in self.graph.find_nodes(op="placeholder")]
+        self.constraints = dict(constraints or {})
+        if unknown := set(self.constraints) - set(self.wildcards):
+            raise ValueError(f"pattern {self.name!r} has no wildcard {', '.join(sorted(unknown))} to constrain")
 
     def __repr__(self) -> str:
         return f"Pattern({self.name})"
@@ -121,7 +138,7 @@ class Pattern:
         except _Failure as failure:
             return f"{self.name} does not match at %{node.name}: {failure.reason}"
         bound = ", ".join(f"{k}={_show(v)}" for k, v in match.bindings.items())
-        return f"{self.name} matches at %{node.name} ({len(match.nodes)} nodes; {bound})"
+        return f"{self.name} matches at %{node.name} ({len(match.graph_nodes)} nodes; {bound})"
 
     def find(self, graph, *, where: Callable[[Match], bool] | None = None) -> list[Match]:
         """All non-overlapping matches in ``graph`` (an lqc Graph, GraphModule or fx.Graph),
@@ -133,21 +150,22 @@ class Pattern:
             if node in claimed or node.op in ("placeholder", "output", "get_attr"):
                 continue
             match = self.match(node)
-            if match is None or claimed.intersection(match.nodes.values()):
+            if match is None or claimed.intersection(match.graph_nodes):
                 continue
             if where is not None and not where(match):
                 continue
-            claimed.update(match.nodes.values())
+            claimed.update(match.graph_nodes)
             matches.append(match)
         return matches
 
     def _match(self, node: fx.Node) -> Match:
-        state = _State({}, {})
+        state = _State({}, {}, {})
         state = self._match_node(self.output, node, state)
-        match = Match(self, node, state.nodes, state.bindings)
+        match = Match(self, node, state.nodes, state.bindings, {p: chain for p, (_, chain) in state.runs.items()})
         if self.single_use:
-            inside = set(match.nodes.values())
-            for p_node, g_node in match.nodes.items():
+            inside = set(match.graph_nodes)
+            pairs = [*match.nodes.items(), *((p, g) for p, chain in match.runs.items() for g in chain)]
+            for p_node, g_node in pairs:
                 if g_node is node:
                     continue
                 outside = [u.name for u in g_node.users if u not in inside]
@@ -160,15 +178,22 @@ class Pattern:
 
     def _match_node(self, p: fx.Node, g: Any, state: "_State") -> "_State":
         if p.op == "placeholder":
+            check = self.constraints.get(p.target)
+            if check is not None and p.target not in state.bindings and not check(g):
+                raise _Failure(f"wildcard {p.target!r} would bind {_show(g)}, which fails {check.__name__}")
             return state.bind(p.target, g)
+        if isinstance(p.target, ZeroOrMore):
+            return self._match_run(p, g, state)
         if not isinstance(g, fx.Node):
             raise _Failure(f"pattern expects {_op(p)} but the graph has the literal {g!r}")
         if p in state.nodes:
             if state.nodes[p] is not g:
                 raise _Failure(f"pattern node {p.name} would match both %{state.nodes[p].name} and %{g.name}")
             return state
-        if g in state.nodes.values():
+        if g in state.matched():
             raise _Failure(f"%{g.name} is already matched by another pattern node")
+        if isinstance(p.target, OneOf):
+            return self._match_one_of(p, g, state)
         expected, found = op_name(p), op_name(g)
         if expected != found:
             raise _Failure(f"at %{g.name}: pattern expects {expected!r}, the graph has {found!r}")
@@ -185,6 +210,45 @@ class Pattern:
                         f"at %{g.name} ({expected}, tried both operand orders): {first.reason}; swapped: {second.reason}"
                     )
         return self._match_args(p, list(p.args), list(g.args), state)
+
+    def _match_one_of(self, p: fx.Node, g: fx.Node, state: "_State") -> "_State":
+        ops = p.target.ops
+        if op_name(g) not in ops:
+            raise _Failure(f"at %{g.name}: pattern expects one of {sorted(ops)}, the graph has {op_name(g)!r}")
+        if not g.args or g.all_input_nodes != ([g.args[0]] if isinstance(g.args[0], fx.Node) else []):
+            raise _Failure(f"at %{g.name}: {p.target.__name__} reads one tensor, its first argument")
+        return self._match_value(p.args[0], g.args[0], state.with_node(p, g), f"argument 0 of %{g.name}")
+
+    def _match_run(self, p: fx.Node, g: Any, state: "_State") -> "_State":
+        if p in state.runs:
+            if state.runs[p][0] is not g:
+                raise _Failure(f"pattern node {p.name} would match both {_show(state.runs[p][0])} and {_show(g)}")
+            return state
+        chain: list[fx.Node] = []
+        node, matched = g, state.matched()
+        while (isinstance(node, fx.Node) and node not in matched and node.op in ("call_function", "call_method")
+               and len(node.all_input_nodes) == 1 and p.target.predicate(node) and self._may_chain(p, node, chain)):
+            chain.append(node)
+            node = node.all_input_nodes[0]
+        failures = []
+        for length in range(len(chain), -1, -1):  # longest first
+            below = chain[length - 1].all_input_nodes[0] if length else g
+            try:
+                return self._match_value(p.args[0], below, state.with_run(p, g, tuple(chain[:length])),
+                                         f"below {p.target.__name__} at {_show(g)}")
+            except _Failure as failure:
+                failures.append(failure.reason)
+        raise _Failure(failures[0])
+
+    def _may_chain(self, p: fx.Node, node: fx.Node, chain: list[fx.Node]) -> bool:
+        """Whether a single-use match may take ``node`` into ``p``'s chain: the nodes below the top
+        have one reader (the next in the chain); the top has as many as the pattern gives ``p``
+        (which the match then makes sure are its own), unless it is the anchor."""
+        if not self.single_use:
+            return True
+        if chain:
+            return len(node.users) == 1
+        return p is self.output or len(node.users) == len(p.users)
 
     def _match_args(self, p: fx.Node, p_args: list, g_args: list, state: "_State") -> "_State":
         if len(g_args) < len(p_args):
@@ -233,6 +297,10 @@ class _State:
 
     nodes: dict[fx.Node, fx.Node]
     bindings: dict[str, Any]
+    runs: dict[fx.Node, tuple[Any, tuple[fx.Node, ...]]]  # ZeroOrMore node -> (top, chain)
+
+    def matched(self) -> set[fx.Node]:
+        return {*self.nodes.values(), *(n for _, chain in self.runs.values() for n in chain)}
 
     def bind(self, name: str, value: Any) -> "_State":
         if name in self.bindings:
@@ -241,10 +309,13 @@ class _State:
                     f"wildcard {name!r} would bind both {_show(self.bindings[name])} and {_show(value)}"
                 )
             return self
-        return _State(self.nodes, {**self.bindings, name: value})
+        return _State(self.nodes, {**self.bindings, name: value}, self.runs)
 
     def with_node(self, p: fx.Node, g: fx.Node) -> "_State":
-        return _State({**self.nodes, p: g}, self.bindings)
+        return _State({**self.nodes, p: g}, self.bindings, self.runs)
+
+    def with_run(self, p: fx.Node, top: Any, chain: tuple[fx.Node, ...]) -> "_State":
+        return _State(self.nodes, self.bindings, {**self.runs, p: (top, chain)})
 
 
 def explain(pattern: Pattern, node: fx.Node) -> str:
