@@ -27,10 +27,13 @@ dequant_gemm's docstring). Checked against ``attend`` under ``TRITON_INTERPRET=1
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
+from lqc.codegen.interpreter import decorated_for_interpreter
 from lqc.codegen.templates import dot_input_precision
 from lqc.runtime.kv.attention import CompressedKVView, attend, mask_bias
 
@@ -46,6 +49,47 @@ def _maximum(a, b):
 @triton.jit
 def _add(a, b):
     return a + b
+
+
+@triton.jit
+def _load_keys(k_ptr, ks_ptr, kz_ptr, k_base, ks_base, sk_t, sks_t, offs_t, mask_t, offs_d,
+               BITS: tl.constexpr, K_GROUP: tl.constexpr):
+    """Tokens ``offs_t`` of one KV head's keys in fp32, read transposed, [D, BLOCK_T]: the right
+    operand of q @ K^T. BITS 0: stored as they are; else BITS-bit codes, one scale and zero per
+    channel and block of K_GROUP tokens."""
+    if BITS == 0:
+        k = tl.load(k_ptr + k_base + offs_t[None, :] * sk_t + offs_d[:, None],
+                    mask=mask_t[None, :], other=0.0).to(tl.float32)
+    else:
+        per_byte = 8 // BITS
+        kb = tl.load(k_ptr + k_base + offs_t[None, :] * sk_t + (offs_d[:, None] // per_byte),
+                     mask=mask_t[None, :], other=0).to(tl.int32)
+        kc = (kb >> ((offs_d[:, None] % per_byte) * BITS)) & ((1 << BITS) - 1)
+        k_rows = offs_t[None, :] // K_GROUP
+        ks = tl.load(ks_ptr + ks_base + k_rows * sks_t + offs_d[:, None], mask=mask_t[None, :], other=0.0)
+        kz = tl.load(kz_ptr + ks_base + k_rows * sks_t + offs_d[:, None], mask=mask_t[None, :], other=0.0)
+        k = kc.to(tl.float32) * ks.to(tl.float32) + kz.to(tl.float32)
+    return k
+
+
+@triton.jit
+def _load_values(v_ptr, vs_ptr, vz_ptr, v_base, vs_base, sv_t, svs_t, offs_t, mask_t, offs_d,
+                 BITS: tl.constexpr, V_GROUP: tl.constexpr):
+    """Tokens ``offs_t`` of one KV head's values in fp32, [BLOCK_T, D]. BITS 0: stored as they are;
+    else BITS-bit codes, one scale and zero per token and group of V_GROUP channels."""
+    if BITS == 0:
+        v = tl.load(v_ptr + v_base + offs_t[:, None] * sv_t + offs_d[None, :],
+                    mask=mask_t[:, None], other=0.0).to(tl.float32)
+    else:
+        per_byte = 8 // BITS
+        vb = tl.load(v_ptr + v_base + offs_t[:, None] * sv_t + (offs_d[None, :] // per_byte),
+                     mask=mask_t[:, None], other=0).to(tl.int32)
+        vc = (vb >> ((offs_d[None, :] % per_byte) * BITS)) & ((1 << BITS) - 1)
+        v_cols = offs_d[None, :] // V_GROUP
+        vs = tl.load(vs_ptr + vs_base + offs_t[:, None] * svs_t + v_cols, mask=mask_t[:, None], other=0.0)
+        vz = tl.load(vz_ptr + vs_base + offs_t[:, None] * svs_t + v_cols, mask=mask_t[:, None], other=0.0)
+        v = vc.to(tl.float32) * vs.to(tl.float32) + vz.to(tl.float32)
+    return v
 
 
 @triton.jit
@@ -81,29 +125,10 @@ def _kv_partial_kernel(
     for t0 in range(t_start, t_end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < t_end
-        # keys read transposed, [D, BLOCK_T]: the right operand of q @ K^T
-        if BITS == 0:
-            k = tl.load(k_ptr + b * sk_b + h * sk_h + offs_t[None, :] * sk_t + offs_d[:, None],
-                        mask=mask_t[None, :], other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + b * sv_b + h * sv_h + offs_t[:, None] * sv_t + offs_d[None, :],
-                        mask=mask_t[:, None], other=0.0).to(tl.float32)
-        else:
-            per_byte = 8 // BITS
-            code_mask = (1 << BITS) - 1
-            kb = tl.load(k_ptr + b * sk_b + h * sk_h + offs_t[None, :] * sk_t + (offs_d[:, None] // per_byte),
-                         mask=mask_t[None, :], other=0).to(tl.int32)
-            kc = (kb >> ((offs_d[:, None] % per_byte) * BITS)) & code_mask
-            k_rows = offs_t[None, :] // K_GROUP  # keys: one scale per channel and block of K_GROUP tokens
-            ks = tl.load(ks_ptr + b * sks_b + h * sks_h + k_rows * sks_t + offs_d[:, None], mask=mask_t[None, :], other=0.0)
-            kz = tl.load(kz_ptr + b * sks_b + h * sks_h + k_rows * sks_t + offs_d[:, None], mask=mask_t[None, :], other=0.0)
-            k = kc.to(tl.float32) * ks.to(tl.float32) + kz.to(tl.float32)
-            vb = tl.load(v_ptr + b * sv_b + h * sv_h + offs_t[:, None] * sv_t + (offs_d[None, :] // per_byte),
-                         mask=mask_t[:, None], other=0).to(tl.int32)
-            vc = (vb >> ((offs_d[None, :] % per_byte) * BITS)) & code_mask
-            v_cols = offs_d[None, :] // V_GROUP  # values: one scale per token and group of V_GROUP channels
-            vs = tl.load(vs_ptr + b * svs_b + h * svs_h + offs_t[:, None] * svs_t + v_cols, mask=mask_t[:, None], other=0.0)
-            vz = tl.load(vz_ptr + b * svs_b + h * svs_h + offs_t[:, None] * svs_t + v_cols, mask=mask_t[:, None], other=0.0)
-            v = vc.to(tl.float32) * vs.to(tl.float32) + vz.to(tl.float32)
+        k = _load_keys(k_ptr, ks_ptr, kz_ptr, b * sk_b + h * sk_h, b * sks_b + h * sks_h, sk_t, sks_t,
+                       offs_t, mask_t, offs_d, BITS, K_GROUP)
+        v = _load_values(v_ptr, vs_ptr, vz_ptr, b * sv_b + h * sv_h, b * svs_b + h * svs_h, sv_t, svs_t,
+                         offs_t, mask_t, offs_d, BITS, V_GROUP)
 
         s = tl.dot(q, k, input_precision=INPUT_PRECISION)  # [BLOCK_R, BLOCK_T]; q is already scaled
         if HAS_BIAS:
@@ -160,53 +185,59 @@ def attend_triton(view: CompressedKVView, query: torch.Tensor, attention_mask: t
                       min(values.group, d)))
     parts.append((view.keys, view.values, None, None, None, None, 0, 1, 1))
 
-    outs, maxes, sums = [], [], []
-    first_column = 0
+    partials, first_column = [], 0
     for k, v, ks, kz, vs, vz, bits, k_group, v_group in parts:
-        tokens = k.shape[-2]
-        if tokens == 0:
-            continue
-        chunks = triton.cdiv(tokens, tokens_per_program)
-        o = torch.empty((b, kv_heads, chunks, rows, d), dtype=torch.float32, device=q.device)
-        m = torch.empty((b, kv_heads, chunks, rows), dtype=torch.float32, device=q.device)
-        l_sum = torch.empty_like(m)
-        k, v = k.contiguous(), v.contiguous()
-        ks = ks.contiguous() if ks is not None else k
-        kz = kz.contiguous() if kz is not None else k
-        vs = vs.contiguous() if vs is not None else v
-        vz = vz.contiguous() if vz is not None else v
-        bias_arg = bias if bias is not None else q
-        _kv_partial_kernel[(b * kv_heads, chunks)](
-            q, k, v, ks, kz, vs, vz, bias_arg, o, m, l_sum,
-            rows, tokens, tokens_per_program, kv_heads, first_column,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            ks.stride(0), ks.stride(1), ks.stride(2),
-            vs.stride(0), vs.stride(1), vs.stride(2),
-            *(bias.stride() if bias is not None else (0, 0, 0, 0)),
-            o.stride(0), o.stride(1), o.stride(2), o.stride(3),
-            m.stride(0), m.stride(1), m.stride(2),
-            BITS=bits, K_GROUP=k_group, V_GROUP=v_group, HAS_BIAS=bias is not None,
-            BLOCK_R=block_r, BLOCK_T=BLOCK_T, D=d, INPUT_PRECISION=precision,
-        )
-        outs.append(o)
-        maxes.append(m)
-        sums.append(l_sum)
-        first_column += tokens
+        if k.shape[-2]:
+            partials.append(_partial(q, bias, (k, v, ks, kz, vs, vz), bits, k_group, v_group, first_column,
+                                     tokens_per_program, block_r, precision))
+            first_column += k.shape[-2]
+    out = _merge(partials).reshape(b, query_heads, q_len, d).transpose(1, 2).contiguous()
+    return out.to(query.dtype), None
 
-    # merge the partials: rescale each to the overall max, then divide by the overall sum
-    o, m, l_sum = torch.cat(outs, dim=2), torch.cat(maxes, dim=2), torch.cat(sums, dim=2)
+
+def _partial(q, bias, tensors, bits, k_group, v_group, first_column, tokens_per_program, block_r, precision):
+    """(o, m, l) of one stored part (sinks, quantized blocks, recent tokens): each chunk of
+    ``tokens_per_program`` tokens' unnormalized output, row max and row sum."""
+    b, kv_heads, rows, d = q.shape
+    k, v, ks, kz, vs, vz = tensors
+    tokens = k.shape[-2]
+    chunks = triton.cdiv(tokens, tokens_per_program)
+    o = torch.empty((b, kv_heads, chunks, rows, d), dtype=torch.float32, device=q.device)
+    m = torch.empty((b, kv_heads, chunks, rows), dtype=torch.float32, device=q.device)
+    l_sum = torch.empty_like(m)
+    k, v = k.contiguous(), v.contiguous()
+    ks = ks.contiguous() if ks is not None else k
+    kz = kz.contiguous() if kz is not None else k
+    vs = vs.contiguous() if vs is not None else v
+    vz = vz.contiguous() if vz is not None else v
+    bias_arg = bias if bias is not None else q
+    _kv_partial_kernel[(b * kv_heads, chunks)](
+        q, k, v, ks, kz, vs, vz, bias_arg, o, m, l_sum,
+        rows, tokens, tokens_per_program, kv_heads, first_column,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        ks.stride(0), ks.stride(1), ks.stride(2),
+        vs.stride(0), vs.stride(1), vs.stride(2),
+        *(bias.stride() if bias is not None else (0, 0, 0, 0)),
+        o.stride(0), o.stride(1), o.stride(2), o.stride(3),
+        m.stride(0), m.stride(1), m.stride(2),
+        BITS=bits, K_GROUP=k_group, V_GROUP=v_group, HAS_BIAS=bias is not None,
+        BLOCK_R=block_r, BLOCK_T=BLOCK_T, D=d, INPUT_PRECISION=precision,
+    )
+    return o, m, l_sum
+
+
+def _merge(partials) -> torch.Tensor:
+    """The attention output [B, Hkv, rows, D] from every chunk's (o, m, l): rescale each to the
+    overall max, then divide by the overall sum."""
+    o, m, l_sum = (torch.cat(part, dim=2) for part in zip(*partials))
     top = m.amax(dim=2, keepdim=True)
     weight = torch.exp(m - torch.where(torch.isinf(top), torch.zeros_like(top), top))  # exp(-inf) = 0 for empty chunks
     total = (l_sum * weight).sum(dim=2)
     out = (o * weight[..., None]).sum(dim=2) / total[..., None]
-    out = torch.where(total[..., None] > 0, out, torch.zeros_like(out))  # rows allowed nothing: zeros, as attend gives
-    out = out.reshape(b, query_heads, q_len, d).transpose(1, 2).contiguous()
-    return out.to(query.dtype), None
+    return torch.where(total[..., None] > 0, out, torch.zeros_like(out))  # rows allowed nothing: zeros, as attend gives
 
 
-def interpreted() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_kv_partial_kernel, InterpretedFunction)
+# whether this module's kernel was decorated under TRITON_INTERPRET=1 (lqc.codegen.interpreter)
+interpreted = functools.partial(decorated_for_interpreter, _kv_partial_kernel)

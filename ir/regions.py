@@ -47,7 +47,25 @@ def annotate_regions(graph: Graph) -> list[Region]:
     """Find the regions of ``graph``, store them on ``graph.regions`` and tag each node's
     ``meta["lqc_region"]`` with its most specific region."""
     nodes = list(graph.nodes)
-    members: dict[str, list[fx.Node]] = defaultdict(list)  # module path -> nodes run inside it
+    members, children = _module_tree(graph, nodes)
+    regions = _block_regions(members, children, {n for n in nodes if _is_attention_op(n)})
+    block_of = {name: region.block for region in regions if region.kind == "block" for name in region.nodes}
+    regions += _leaf_regions(members, block_of)
+    regions += _lm_head_regions(graph, nodes, block_of)
+
+    by_name = {n.name: n for n in nodes}
+    for node in nodes:
+        node.meta.pop("lqc_region", None)
+    for region in sorted(regions, key=lambda r: _SPECIFICITY[r.kind]):
+        for name in region.nodes:
+            by_name[name].meta["lqc_region"] = region
+    graph.regions = regions
+    return regions
+
+
+def _module_tree(graph: Graph, nodes: list[fx.Node]) -> tuple[dict[str, list[fx.Node]], dict[str | None, list[str]]]:
+    """(module path -> the nodes run inside it, module path -> its child modules' paths)."""
+    members: dict[str, list[fx.Node]] = defaultdict(list)
     parent: dict[str, str | None] = {}
     for node in nodes:
         previous = None
@@ -59,15 +77,17 @@ def annotate_regions(graph: Graph) -> list[Region]:
     children: dict[str | None, list[str]] = defaultdict(list)
     for path, par in parent.items():
         children[par].append(path)
+    return members, children
 
-    attention_ops = {n for n in nodes if _is_attention_op(n)}
+
+def _block_regions(members: dict, children: dict, attention_ops: set[fx.Node]) -> list[Region]:
+    """Blocks (list-indexed modules holding attention, innermost first), each followed by its
+    attention and FFN regions."""
 
     def contains(path: str, pred) -> bool:
         return any(pred(n) for n in members[path])
 
     regions: list[Region] = []
-
-    # Blocks: list-indexed modules holding attention, innermost first.
     block_paths = [
         p for p in members if p.rsplit(".", 1)[-1].isdigit() and contains(p, lambda n: n in attention_ops)
     ]
@@ -85,14 +105,12 @@ def annotate_regions(graph: Graph) -> list[Region]:
         linears = [n for n in ffn_nodes if _is_linear_with_weight(n)]
         if len(linears) >= 2 and any(_is_activation(n) for n in ffn_nodes):
             regions.append(_region("ffn", ffn_modules[0], index, tuple(ffn_modules), ffn_nodes))
+    return regions
 
-    block_of = {}
-    for region in regions:
-        if region.kind == "block":
-            for name in region.nodes:
-                block_of[name] = region.block
 
-    # Norms and embeddings: innermost modules doing the work.
+def _leaf_regions(members: dict, block_of: dict[str, int]) -> list[Region]:
+    """Norms and embeddings: the innermost modules doing the work."""
+    regions = []
     for path, path_nodes in members.items():
         if any(q.startswith(path + ".") for q in members):
             continue  # only leaf modules
@@ -101,8 +119,12 @@ def annotate_regions(graph: Graph) -> list[Region]:
             regions.append(_region("norm", path, index, (path,), path_nodes))
         elif any(op_name(n) == "embedding" and _weight_is_constant(n, 1) for n in path_nodes):
             regions.append(_region("embedding", path, index, (path,), path_nodes))
+    return regions
 
-    # lm_head: a linear outside blocks with a row per token of the vocabulary.
+
+def _lm_head_regions(graph: Graph, nodes: list[fx.Node], block_of: dict[str, int]) -> list[Region]:
+    """lm_head: a linear outside blocks with a row per token of the vocabulary."""
+    regions = []
     vocab_sizes = _token_vocab_sizes(graph)
     for node in nodes:
         if node.name in block_of or not _is_linear_with_weight(node):
@@ -114,14 +136,6 @@ def annotate_regions(graph: Graph) -> list[Region]:
             # a weight tied to the embedding belongs to the embedding region, not to this one
             owned = [weight] if len(weight.users) == 1 else []
             regions.append(_region("lm_head", path, None, (path,), [node, *owned]))
-
-    by_name = {n.name: n for n in nodes}
-    for node in nodes:
-        node.meta.pop("lqc_region", None)
-    for region in sorted(regions, key=lambda r: _SPECIFICITY[r.kind]):
-        for name in region.nodes:
-            by_name[name].meta["lqc_region"] = region
-    graph.regions = regions
     return regions
 
 

@@ -20,6 +20,7 @@ import triton  # noqa: E402 - a dev dependency: missing, the tests fail rather t
 import triton.language as tl  # noqa: E402
 
 from lqc.codegen import dequant_gemm as dg  # noqa: E402
+from lqc.codegen import dequant_tile as dt  # noqa: E402
 from lqc.runtime.quantization.qlinear import qlinear_reference  # noqa: E402
 from lqc.runtime.quantization.formats import pad_columns, quantize_fp8, quantize_int4, quantize_int8  # noqa: E402
 from tests.sweeps import covering  # noqa: E402
@@ -187,9 +188,9 @@ def test_cpu_without_interpreter(monkeypatch):
 def _roundings_kernel(v_ptr, rint_ptr, e4m3_ptr, bf16_ptr, N: tl.constexpr):
     offs = tl.arange(0, N)
     v = tl.load(v_ptr + offs)
-    tl.store(rint_ptr + offs, dg._rint(v))
-    tl.store(e4m3_ptr + offs, dg._round_to_e4m3(tl.minimum(tl.maximum(v, -448.0), 448.0)))
-    tl.store(bf16_ptr + offs, dg._round_to_bf16(v))
+    tl.store(rint_ptr + offs, dt._rint(v))
+    tl.store(e4m3_ptr + offs, dt._round_to_e4m3(tl.minimum(tl.maximum(v, -448.0), 448.0)))
+    tl.store(bf16_ptr + offs, dt._round_to_bf16(v))
 
 
 def test_roundings_are_torchs():
