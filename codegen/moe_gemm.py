@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from lqc.codegen.templates import dot_input_precision
+import lqc.ir.kernel_ops  # noqa: F401  (the schema this module implements)
 from lqc.ir.lqc_ops import MOE_ACTIVATIONS, check_moe_ffn_shapes
 from lqc.runtime.structural.moe import moe_ffn_reference, route
 
@@ -193,15 +194,12 @@ def _check_residual(residual, x, d_out) -> None:
         raise ValueError(f"residual has shape {tuple(residual.shape)}, expected the output's {(*x.shape[:-1], d_out)}")
 
 
-@torch.library.custom_op("lqc::moe_ffn_grouped", mutates_args=())
-def moe_ffn_grouped(
-    x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None, w_in: torch.Tensor,
-    w_gate: torch.Tensor | None, b_in: torch.Tensor | None, w_out: torch.Tensor, shared: int, top_k: int,
-    activation: str, w_in_scale: torch.Tensor | None = None, w_gate_scale: torch.Tensor | None = None,
-    w_out_scale: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``lqc::moe_ffn`` (+ ``residual``: the group's epilogue) by the grouped-GEMM kernels (a GPU,
-    or CPU under the interpreter); on CPU otherwise, its CPU implementation: the reference."""
+@torch.library.impl("lqc::moe_ffn_grouped", "CompositeExplicitAutograd")
+def moe_ffn_grouped(x, router_weight, router_bias, w_in, w_gate, b_in, w_out, shared, top_k, activation,
+                    w_in_scale=None, w_gate_scale=None, w_out_scale=None, residual=None):
+    """``lqc::moe_ffn`` (+ ``residual``: the group's epilogue; schema and fake in lqc.ir.kernel_ops)
+    by the grouped-GEMM kernels (a GPU, or CPU under the interpreter); on CPU otherwise, its CPU
+    implementation: the reference."""
     args = (x, router_weight, router_bias, w_in, w_gate, b_in, w_out, shared, top_k, activation,
             w_in_scale, w_gate_scale, w_out_scale)
     if x.is_cuda or interpreted():
@@ -209,9 +207,3 @@ def moe_ffn_grouped(
     _check_residual(residual, x, w_out.shape[1])
     out = moe_ffn_reference(*args)
     return out if residual is None else (out.to(torch.float32) + residual.to(torch.float32)).to(x.dtype)
-
-
-@moe_ffn_grouped.register_fake
-def _moe_ffn_grouped_fake(x, router_weight, router_bias, w_in, w_gate, b_in, w_out, shared, top_k, activation,
-                          w_in_scale=None, w_gate_scale=None, w_out_scale=None, residual=None):
-    return x.new_empty((*x.shape[:-1], w_out.shape[1]))

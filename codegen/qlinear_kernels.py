@@ -9,9 +9,9 @@ is a launch-time switch of the tile function (HAS_NORM, with the norm's weight a
 arguments), as is the per-token activation quantization of w8a8 / fp8_dyn (ACT_QUANT): one
 source serves groups with and without them.
 
-``lqc::fused_qlinear(x, qweight, scales, zeros, bias, norm_weight, norm_eps, inputs, kernel, fmt, ...)`` is the custom
-op a lowered graph calls: ``kernel`` names the generated module in lqc.codegen.kernel_cache.
-Its implementation launches the Triton kernels where they can run (a GPU, or CPU tensors under
+``lqc::fused_qlinear(x, qweight, scales, zeros, bias, norm_weight, norm_eps, inputs, kernel, fmt, ...)`` (schema and
+fake in lqc.ir.kernel_ops) is the op a lowered graph calls: ``kernel`` names the generated module in
+lqc.codegen.kernel_cache. Its implementation, registered here, launches the Triton kernels where they can run (a GPU, or CPU tensors under
 ``TRITON_INTERPRET=1``) and otherwise computes the same thing with torch
 (``qlinear_reference`` + ``EpilogueProgram.run_torch``): the CPU implementation of every
 generated kernel.
@@ -24,6 +24,7 @@ import textwrap
 
 import torch
 
+from lqc.ir.kernel_ops import HALF_WIDTH_KERNELS
 from lqc.runtime.quantization.qlinear import qlinear_reference
 
 from . import kernel_cache
@@ -150,6 +151,8 @@ def kernel_for(program: EpilogueProgram) -> str:
     """The cache key of the kernel computing ``program``: generated (or read back) as needed."""
     key, _module = kernel_cache.load_or_write(qlinear_source(program))
     _programs.setdefault(key, program)
+    if program.halves:  # the op's fake implementation gives its output half the GEMM's width
+        HALF_WIDTH_KERNELS.add(key)
     return key
 
 
@@ -261,21 +264,11 @@ def launch(module, x, qweight, scales, zeros, bias, inputs, program, fmt, group_
     return out.to(out_dtype).reshape(*x.shape[:-1], n)
 
 
-@torch.library.custom_op("lqc::fused_qlinear", mutates_args=())
-def fused_qlinear(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bias: torch.Tensor | None,
-    norm_weight: torch.Tensor | None, norm_eps: float | None, inputs: list[torch.Tensor], kernel: str, fmt: str,
-    group_size: int, in_features: int, out_features: int, out_dtype: torch.dtype, autotune: bool,
-) -> torch.Tensor:
+@torch.library.impl("lqc::fused_qlinear", "CompositeExplicitAutograd")
+def fused_qlinear(x, qweight, scales, zeros, bias, norm_weight, norm_eps, inputs, kernel, fmt, group_size,
+                  in_features, out_features, out_dtype, autotune):
     """A qlinear fusion group: ``epilogue(norm(x) @ W.T + bias)`` by the generated kernel ``kernel``
     (no norm when ``norm_eps`` is None); ``autotune``: launch with the fastest of
     lqc.codegen.autotune's configs for this shape (measured once, then read from its cache)."""
     return fused_qlinear_impl(x, qweight, scales, zeros, bias, norm_weight, norm_eps, inputs, kernel, fmt, group_size,
                               in_features, out_features, out_dtype, autotune)
-
-
-@fused_qlinear.register_fake
-def _fused_qlinear_fake(x, qweight, scales, zeros, bias, norm_weight, norm_eps, inputs, kernel, fmt, group_size,
-                        in_features, out_features, out_dtype, autotune):
-    halves = kernel in _programs and _programs[kernel].halves
-    return x.new_empty((*x.shape[:-1], out_features // 2 if halves else out_features), dtype=out_dtype)

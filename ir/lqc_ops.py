@@ -1,7 +1,8 @@
 """lqc's own ops: schemas, shape (fake) implementations and graph invariants.
 
 The implementations that compute live in ``lqc.runtime`` (reference math and fast CPU kernels);
-here is what a graph needs to be checked and shape-propagated without running anything.
+here is what a graph needs to be checked and shape-propagated without running anything. The ops
+of target lowerings (``fused_qlinear``, ``moe_ffn_grouped``) are in ``kernel_ops``.
 
 ``lqc::qlinear(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_features)``
 computes ``x @ W.T + bias`` for a quantized weight W. ``fmt`` names the format and layout:
@@ -26,6 +27,7 @@ import torch.fx as fx
 from torch._library.opaque_object import get_opaque_type_name, register_opaque_type
 from torch._opaque_base import OpaqueBase
 
+from . import kernel_ops  # noqa: F401  (the ops target lowerings put in: fused_qlinear, moe_ffn_grouped)
 from .errors import VerificationError
 from .graph import Graph
 from .lint import register_op_verifier

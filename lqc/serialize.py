@@ -6,7 +6,9 @@ The directory holds:
   (scale migrations such as AWQ's and SmoothQuant's change norm weights), and per quantized
   linear its canonical ``{layer}.qweight``, ``.scales`` and ``.zeros`` (lqc.runtime.quantization.formats);
 - ``lqc.json``: the manifest: lqc and format versions, the recipe, the model's architecture and
-  configuration, and per quantized layer its format, group size, shape and kernel layout;
+  configuration, and per quantized layer its format, group size, shape and kernel layout (the
+  qlinear fmt the compressed graph ran: the canonical format, or the packed CPU layout the
+  pack_cpu_layouts lowering chose, which ``load`` rebuilds from the canonical tensors);
 - the tokenizer's own files (JSON, chat template), when one was given.
 
 ``load`` builds the model from its configuration, puts a ``QLinear`` module (which calls
@@ -65,35 +67,9 @@ def save(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None) -
         raise LqcConfigError("lqc.save does not store int8 embedding tables yet: compress without include_embedding to save")
 
     floats, layers = _compressed_state(compression.graphs[0])
-    state = {name: t for name, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
     dropped = dict(compression.dropped_modules)
-    for path in dropped:  # a dropped sublayer's weights are not stored; load puts stand-ins there
-        still_used = [name for name in floats if name.startswith(path + ".")]
-        if still_used:
-            raise LqcError(f"lqc.save: {path} was dropped but the compressed graph still uses {still_used[0]}")
-        state = {name: t for name, t in state.items() if not name.startswith(path + ".")}
-    for name, tensor in floats.items():
-        if name not in state:
-            if _unchanged_attribute(model, name, tensor):
-                continue  # a non-persistent buffer (rotary frequencies): the model rebuilds it
-            raise LqcError(f"lqc.save: the compressed graph changed {name}, which the model's state dict does not hold")
-        if tensor.shape != state[name].shape or tensor.dtype != state[name].dtype:
-            raise LqcError(f"lqc.save: {name} is {tuple(tensor.shape)} {tensor.dtype} in the compressed graph, "
-                           f"{tuple(state[name].shape)} {state[name].dtype} in the model")
-        state[name] = tensor
-    for layer in layers:
-        state.pop(f"{layer}.weight", None)
-
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}  # tied weights are stored once
-    by_storage: dict[tuple, str] = {}
-    for name, tensor in state.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
-        if key in by_storage:
-            aliases[name] = by_storage[key]
-            continue
-        by_storage[key] = name
-        tensors[name] = tensor.detach().contiguous()
+    state = _state_to_write(model, floats, layers, dropped)
+    tensors, aliases = _unique_tensors(state)
     manifest_layers = {}
     for layer, info in layers.items():
         q: QuantizedWeight = info["canonical"]
@@ -121,6 +97,45 @@ def save(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None) -
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     return directory
+
+
+def _state_to_write(model: torch.nn.Module, floats: dict[str, torch.Tensor], layers: dict, dropped: dict) -> dict[str, torch.Tensor]:
+    """The model's state dict with the compressed graph's float constants in, without the weights
+    of quantized layers (stored in their canonical form) and of dropped sublayers."""
+    state = {name: t for name, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
+    for path in dropped:  # a dropped sublayer's weights are not stored; load puts stand-ins there
+        still_used = [name for name in floats if name.startswith(path + ".")]
+        if still_used:
+            raise LqcError(f"lqc.save: {path} was dropped but the compressed graph still uses {still_used[0]}")
+        state = {name: t for name, t in state.items() if not name.startswith(path + ".")}
+    for name, tensor in floats.items():
+        if name not in state:
+            if _unchanged_attribute(model, name, tensor):
+                continue  # a non-persistent buffer (rotary frequencies): the model rebuilds it
+            raise LqcError(f"lqc.save: the compressed graph changed {name}, which the model's state dict does not hold")
+        if tensor.shape != state[name].shape or tensor.dtype != state[name].dtype:
+            raise LqcError(f"lqc.save: {name} is {tuple(tensor.shape)} {tensor.dtype} in the compressed graph, "
+                           f"{tuple(state[name].shape)} {state[name].dtype} in the model")
+        state[name] = tensor
+    for layer in layers:
+        state.pop(f"{layer}.weight", None)
+
+    return state
+
+
+def _unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors to write, {alias: the name it is written under}): tied weights are stored once."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    by_storage: dict[tuple, str] = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if key in by_storage:
+            aliases[name] = by_storage[key]
+            continue
+        by_storage[key] = name
+        tensors[name] = tensor.detach().contiguous()
+    return tensors, aliases
 
 
 def load(directory: str | Path) -> torch.nn.Module:

@@ -37,8 +37,8 @@ def test_formats_rewrite_every_block_linear(tiny_llama, token_ids, entry, max_er
     qlinears = [n for n in graph.nodes if op_name(n) == "lqc::qlinear"]
     assert len(qlinears) == record.matches and not [n for n in graph.nodes if op_name(n) == "linear" and "layers" in graph.module_path(n)]
     assert 0 < record.rel_error < max_error
-    layer_bytes = sum(layer["bytes_before"] for layer in record.details["layers"])
-    assert sum(layer["bytes_after"] for layer in record.details["layers"]) <= max_bytes_ratio * layer_bytes
+    layer_bytes = sum(layer.bytes_before for layer in record.details.layers)
+    assert sum(layer.bytes_after for layer in record.details.layers) <= max_bytes_ratio * layer_bytes
     assert record.bytes_after < record.bytes_before
 
 
@@ -46,7 +46,7 @@ def test_lm_head_on_request_and_targets(tiny_llama, token_ids):
     _, record = _run(tiny_llama, token_ids, {"pass": "quantize", "include_lm_head": True})
     assert record.matches == 2 * LINEARS_PER_BLOCK + 1
     _, record = _run(tiny_llama, token_ids, {"pass": "quantize", "targets": [r"\.mlp\."], "ignore": [r"layers\.0\."]})
-    assert [layer["layer"] for layer in record.details["layers"]] == [
+    assert [layer.layer for layer in record.details.layers] == [
         "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"
     ]
 
@@ -59,7 +59,7 @@ def test_widths_the_group_does_not_divide_are_padded_or_skipped(tiny_llama, toke
     assert graph.constant(down.args[1]).shape == (64, 96) and down.args[7] == 160  # 192 padded columns, 2 a byte
     with pytest.warns(UserWarning, match=r"down_proj has 160 inputs, not a multiple of group_size 64"):
         _, record = _run(tiny_llama, token_ids, {"pass": "quantize", "format": "int4", "group_size": 64, "pad": False})
-    assert record.matches == 12 and len(record.details["skipped"]) == 2
+    assert record.matches == 12 and len(record.details.skipped) == 2
 
 
 def test_bad_input_errors(tiny_llama, token_ids):
@@ -186,7 +186,7 @@ def test_awq_scale_search_finds_salient_channels():
 def test_awq_in_a_recipe(tiny_llama, token_ids, monkeypatch):
     """Structure and exactness of AWQ's plumbing on a tiny model. (Random weights have no salient
     channels for AWQ to find: its quality is judged on SmolLM2, see docs/recipes.md.)"""
-    import lqc.passes.quantization.quantize as quantize_module
+    import lqc.passes.quantization.migration as migration
     from lqc.passes import Calibration, TransformCache
     from lqc.runtime.quantization.formats import int4_minmax_params
 
@@ -201,19 +201,19 @@ def test_awq_in_a_recipe(tiny_llama, token_ids, monkeypatch):
     rtn = run([{"pass": "quantize", "format": "int4", "group_size": 32}])
     record = run([entry])
     assert record.matches == 14 and record.rel_error < 1.5 * rtn.rel_error
-    groups = record.details["awq"]
+    groups = record.details.migration
     assert len(groups) == 8  # per block: q/k/v, o, gate/up, down
-    qkv = next(g for g in groups if len(g["layers"]) == 3)
-    assert qkv["scales_into"] == "model.layers.0.input_layernorm.weight" and qkv["alpha"] is not None
-    assert sorted(qkv["unclipped"]) == ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.q_proj"]
-    o_proj = next(g for g in groups if g["layers"] == ["model.layers.0.self_attn.o_proj"])
-    assert o_proj["scales_into"] is None  # GQA: v_proj's rows cannot absorb per-head scales
-    down = next(g for g in groups if g["layers"] == ["model.layers.0.mlp.down_proj"])
-    assert down["scales_into"] == "rows of model.layers.0.mlp.up_proj"
+    qkv = next(g for g in groups if len(g.layers) == 3)
+    assert qkv.scales_into == "model.layers.0.input_layernorm.weight" and qkv.alpha is not None
+    assert sorted(qkv.unclipped) == ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.q_proj"]
+    o_proj = next(g for g in groups if g.layers == ["model.layers.0.self_attn.o_proj"])
+    assert o_proj.scales_into is None  # GQA: v_proj's rows cannot absorb per-head scales
+    down = next(g for g in groups if g.layers == ["model.layers.0.mlp.down_proj"])
+    assert down.scales_into == "rows of model.layers.0.mlp.up_proj"
 
     # with unit scales and no clipping, every migration and rewrite must reproduce RTN exactly
-    monkeypatch.setattr(quantize_module, "search_scales", lambda x, mean, ws, g, grid: (torch.ones(x.shape[1]), 0.0, []))
-    monkeypatch.setattr(quantize_module, "search_clipping", lambda x, w, g: int4_minmax_params(w, g))
+    monkeypatch.setattr(migration, "search_scales", lambda x, mean, ws, g, grid: (torch.ones(x.shape[1]), 0.0, []))
+    monkeypatch.setattr(migration, "search_clipping", lambda x, w, g: int4_minmax_params(w, g))
     assert run([entry]).rel_error == rtn.rel_error
 
 
@@ -276,8 +276,9 @@ def test_smoothquant_in_a_recipe(tiny_llama, token_ids):
     for alpha in (0.5, None):
         smooth = run({"pass": "quantize", "format": "w8a8", "smoothquant": True, "smooth_alpha": alpha, "calibration_tokens": 2000})
         assert smooth.matches == 14 and smooth.rel_error < 0.5 * plain.rel_error
-        qkv = next(g for g in smooth.details["smoothquant"] if len(g["layers"]) == 3)
-        assert qkv["scales_into"] == "model.layers.0.input_layernorm.weight"
+        assert smooth.details.method == "rtn"
+        qkv = next(g for g in smooth.details.migration if len(g.layers) == 3)
+        assert qkv.scales_into == "model.layers.0.input_layernorm.weight"
     with pytest.raises(LqcConfigError, match="use format 'w8a8' with method 'rtn'"):
         run({"pass": "quantize", "format": "int8", "smoothquant": True})
     with pytest.raises(LqcConfigError, match="needs calibration data"):
@@ -309,13 +310,13 @@ def test_sensitivity_is_each_layers_own_output_error_and_keeps_the_worst(tiny_ll
     base = {"pass": "quantize", "format": "int4", "group_size": 32, "sensitivity_tokens": 48}
     _, plain = run(base)
     graph, kept = run({**base, "keep_sensitive": 1})
-    assert kept.details["sensitivity"][0]["layer"] == ranking[0]["layer"] and kept.matches == 14
+    assert kept.details.sensitivity[0]["layer"] == ranking[0]["layer"] and kept.matches == 14
     worst = next(n for n in graph.nodes if op_name(n) == "lqc::qlinear" and graph.module_path(n) == ranking[0]["layer"])
     assert worst.meta["lqc_quantized"]["canonical"].format == "int8"
     assert kept.rel_error < plain.rel_error
     graph, floated = run({**base, "keep_sensitive": 2, "keep_format": "float"})
     assert floated.matches == 12 and [op_name(n) for n in graph.nodes].count("linear") == 3  # + the lm_head
-    assert [layer["kept"] for layer in floated.details["layers"] if "kept" in layer] == ["float", "float"]
+    assert [layer.kept for layer in floated.details.layers if layer.kept] == ["float", "float"]
 
 
 def test_embedding_tables_on_request(tiny_llama, token_ids):
@@ -325,11 +326,11 @@ def test_embedding_tables_on_request(tiny_llama, token_ids):
     model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in SmolLM2
     with pytest.warns(UserWarning, match=r"shared with a layer that stays in float \(lm_head\)"):
         graph, record = _run(model, token_ids, {"pass": "quantize", "include_embedding": True})
-    table = next(layer for layer in record.details["layers"] if layer.get("embedding"))
-    assert table["layer"] == "model.embed_tokens" and table["bytes_after"] < 0.3 * table["bytes_before"]
+    table = next(layer for layer in record.details.layers if layer.kind == "embedding")
+    assert table.layer == "model.embed_tokens" and table.bytes_after < 0.3 * table.bytes_before
     assert record.rel_error < 0.02 and "embedding" not in [op_name(n) for n in graph.nodes if n.args and graph.is_constant(n.args[0]) and graph.constant(n.args[0]).is_floating_point()]
     # with the lm_head in int8 the two share one int8 table: fewer bytes than either alone
     graph, shared = _run(model, token_ids, {"pass": "quantize", "include_embedding": True, "include_lm_head": True})
-    shared_table = next(layer for layer in shared.details["layers"] if layer.get("embedding"))
-    assert shared_table["bytes_after"] == 256 * 4  # only the float32 row scales: the codes are the lm_head's
-    assert shared.bytes_after < record.bytes_after - table["bytes_after"] and shared.rel_error < 0.03
+    shared_table = next(layer for layer in shared.details.layers if layer.kind == "embedding")
+    assert shared_table.bytes_after == 0  # the canonical lm_head's codes and row scales are the table's
+    assert shared.bytes_after < record.bytes_after - table.bytes_after and shared.rel_error < 0.03
