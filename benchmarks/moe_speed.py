@@ -81,7 +81,7 @@ def main(argv=None) -> int:
                 active = carve.details["active_fraction"]
                 expert_bytes = carve.details["ffn_flops_per_token_dense"] // 2 * 4  # 2 FLOPs per float32 weight
                 if quantize is not None:
-                    expert_bytes = sum(row["bytes_after"] for row in quantize.details["layers"] if row.get("experts"))
+                    expert_bytes = sum(row.bytes_after for row in quantize.details.layers if row.kind == "experts")
             runners[name] = runner
             info[name] = {"weight_bytes": done[-1].bytes_after, "kv_cache_bytes": kv_cache_nbytes(cache),
                           "expert_bytes": expert_bytes, "active_fraction": active}

@@ -112,12 +112,12 @@ def run_lqc(model, tokenizer, recipe, calibration, ids, windows):
     start = time.perf_counter()
     compressed = lqc.compress(model, recipe, calibration=calibration, tokenizer=tokenizer, progress=False)
     seconds = time.perf_counter() - start
-    record = reports()[-1].records[-1]
-    layers = record.details["layers"]
+    record = next(r for r in reversed(reports()[-1].records) if r.name == "quantize")  # lowering steps follow it
+    layers = record.details.layers
     result = perplexity(causal_lm_logits(compressed), ids, max_windows=windows, progress=False)
     return result, {
-        "linear_bytes_fp32": sum(layer["bytes_before"] for layer in layers),
-        "linear_bytes_stored": sum(layer["bytes_after"] for layer in layers),
+        "linear_bytes_fp32": sum(layer.bytes_before for layer in layers),
+        "linear_bytes_stored": sum(layer.bytes_after for layer in layers),
         "quantized_layers": len(layers), "compress_seconds": round(seconds, 1),
     }
 
