@@ -76,13 +76,13 @@ def test_drop_equals_eager_model_with_the_sublayer_zeroed(tiny_llama, token_ids,
         "mlp": _params(layer.mlp, layer.post_attention_layernorm),
         "block": _params(layer),
     }[what]
-    assert record.details["params_removed"] == removed
-    assert record.details["bytes_removed"] == 4 * removed
+    assert record.details.params_removed == removed
+    assert record.details.bytes_removed == 4 * removed
     assert record.bytes_before - record.bytes_after == 4 * removed
     module = {"attention": layer.self_attn, "mlp": layer.mlp, "block": layer}[what]
     linear_params = _params(*[m for m in module.modules() if isinstance(m, torch.nn.Linear)])
-    assert record.details["flops_per_token_removed"] == 2 * linear_params
-    assert record.details["dropped"] == [1] and record.details["cache_kept"] == []
+    assert record.details.flops_per_token_removed == 2 * linear_params
+    assert record.details.dropped == [1] and record.details.cache_kept == []
     prefix = {"attention": "model.layers.1.self_attn", "mlp": "model.layers.1.mlp", "block": "model.layers.1."}[what]
     remaining = [n.name for n in graph.nodes if graph.module_path(n).startswith(prefix)]
     # the dropped layer's nodes are gone, except its cache update (past states + zeros for the new tokens)
@@ -118,8 +118,8 @@ def test_calibrated_choice_follows_the_scores(tiny_llama, token_ids, calibration
         "block": min(range(2), key=lambda i: scores.block[i]),
         "span": min(range(2), key=lambda i: scores.spans[1][i]),
     }[what]
-    assert details["dropped"] == [expected]
-    assert details["scores"][0]["blocks"] == scores.table()
+    assert details.dropped == [expected]
+    assert details.scores[0]["blocks"] == scores.table()
 
 
 def test_iterative_rescores_after_each_drop(tiny_llama, token_ids, calibration):
@@ -128,11 +128,11 @@ def test_iterative_rescores_after_each_drop(tiny_llama, token_ids, calibration):
         graph, PassContext(calibration=calibration, progress=False)
     )
     details = report.records[-1].details
-    assert details["dropped"] == [0, 1] and len(details["scores"]) == 2
-    dropped_first = next(row["block"] for row in details["scores"][1]["blocks"] if row["attention_cos"] is None)
+    assert details.dropped == [0, 1] and len(details.scores) == 2
+    dropped_first = next(row["block"] for row in details.scores[1]["blocks"] if row["attention_cos"] is None)
     survivor = 1 - dropped_first
     # the second round scored the remaining attention on the graph without the first one
-    assert details["scores"][1]["blocks"][survivor]["attention_cos"] != details["scores"][0]["blocks"][survivor]["attention_cos"]
+    assert details.scores[1]["blocks"][survivor]["attention_cos"] != details.scores[0]["blocks"][survivor]["attention_cos"]
     assert not any(op_name(n) == "scaled_dot_product_attention" for n in graph.nodes)
 
 
@@ -143,7 +143,7 @@ def test_fraction_and_calibration_requirement(tiny_llama, token_ids, calibration
     report = PassManager([{"pass": "drop_layers", "what": "mlp", "fraction": 0.5, "tokens": 240}]).run(
         graph, PassContext(calibration=calibration, progress=False)
     )
-    assert len(report.records[-1].details["dropped"]) == 1
+    assert len(report.records[-1].details.dropped) == 1
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
@@ -167,7 +167,7 @@ def test_generate_with_compiled_forward_matches_eager_with_attention_zeroed(tiny
     # the dropped attention mattered: the unchanged model's logits differ at every step
     assert min((a - b).abs().max().item() for a, b in zip(unchanged.logits, expected.logits)) > 1e-3
     reports = [r for r in lqc.reports() if r.records]
-    assert reports and all(r.records[-1].details["dropped"] == [1] for r in reports)
+    assert reports and all(r.records[-1].details.dropped == [1] for r in reports)
 
 
 @pytest.mark.parametrize(
@@ -194,7 +194,7 @@ def test_symbolic_sequence_length(tiny_llama, token_ids):
     graph = trace(tiny_llama, token_ids)
     assert [i.role for i in graph.inputs] == ["size", "token_ids"]
     report = PassManager([{"pass": "drop_layers", "what": "attention", "layers": [1]}]).run(graph, PassContext(progress=False))
-    assert report.records[-1].details["cache_kept"] == []
+    assert report.records[-1].details.cache_kept == []
     assert [op_name(n) for n in graph.nodes if op_name(n) in ("size", "new_zeros")] == ["size", "new_zeros"] * 2
     reference = _zero_out(tiny_llama, "attention", 1)
     for length in (12, 7):
@@ -218,7 +218,7 @@ def test_calibrated_choice_is_shared_by_prefill_and_decode_graphs(tiny_llama, to
         generated = compiled.generate(token_ids, max_new_tokens=4, do_sample=False)
     reports = [r for r in lqc.reports()[before:] if r.records]
     assert len(reports) >= 2  # prefill and at least one decode graph
-    dropped = {tuple(r.records[-1].details["dropped"]) for r in reports}
+    dropped = {tuple(r.records[-1].details.dropped) for r in reports}
     assert len(dropped) == 1 and len(next(iter(dropped))) == 1
     with torch.no_grad():
         expected = _zero_out(tiny_llama, "block", next(iter(dropped))[0]).generate(token_ids, max_new_tokens=4, do_sample=False)
@@ -232,7 +232,7 @@ def test_other_pre_norm_families(token_ids, family, blocks):
     report = PassManager([{"pass": "drop_layers", "what": "block", "layers": [1]}]).run(graph, PassContext(progress=False))
     details = report.records[-1].details
     block = model.get_submodule(blocks)[1]
-    assert details["params_removed"] == _params(block) and details["cache_kept"] == []
+    assert details.params_removed == _params(block) and details.cache_kept == []
     assert not any(graph.module_path(n).startswith(f"{blocks}.1.") and op_name(n) in ("linear", "addmm") for n in graph.nodes)
 
 

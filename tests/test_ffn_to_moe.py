@@ -43,7 +43,7 @@ def test_every_expert_active_equals_the_dense_model(family, token_ids, calibrati
     assert len(moes) == record.matches == 2
     out = _logits(graph(token_ids))
     assert ((out - reference).norm() / reference.norm()).item() <= 1e-5
-    assert record.details["active_fraction"] == 1.0
+    assert record.details.active_fraction == 1.0
 
 
 @pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2", "tiny-bert"])
@@ -51,9 +51,9 @@ def test_half_active_halves_ffn_flops_with_a_router_better_than_chance(family, t
     model = lqc.models.load(family).model
     graph, record = _carve(model, token_ids, calibration, top_k=1)
     details = record.details
-    assert details["active_fraction"] == 0.5
-    assert details["ffn_flops_per_token_moe"] < 0.52 * details["ffn_flops_per_token_dense"]  # + the small router
-    for layer in details["layers"]:
+    assert details.active_fraction == 0.5
+    assert details.ffn_flops_per_token_moe < 0.52 * details.ffn_flops_per_token_dense  # + the small router
+    for layer in details.layers:
         assert layer["shared_neurons"] == layer["expert_size"] and layer["routed_experts"] == 3
         assert layer["router_recall"] > 1 / 3  # a random router picks the right one of 3 a third of the time
     assert torch.isfinite(_logits(graph(token_ids))).all()
@@ -75,11 +75,11 @@ def test_generate_through_compress_carves_once(tiny_llama, token_ids):
 
 def test_targets_and_random_partition(tiny_llama, token_ids, calibration):
     graph, record = _carve(tiny_llama, token_ids, calibration, top_k=1, targets=[r"layers\.0\."])
-    assert [row["layer"] for row in record.details["layers"]] == ["model.layers.0.mlp"]
+    assert [row["layer"] for row in record.details.layers] == ["model.layers.0.mlp"]
     assert sum(op_name(n) == "lqc::moe_ffn" for n in graph.nodes) == 1
     _, clustered = _carve(tiny_llama, token_ids, calibration, top_k=1)
     _, random = _carve(tiny_llama, token_ids, calibration, top_k=1, partition="random")
-    assert clustered.details["layers"][0] != random.details["layers"][0]
+    assert clustered.details.layers[0] != random.details.layers[0]
 
 
 def test_experts_quantize_to_int8_in_the_same_recipe(tiny_llama, token_ids, calibration):
@@ -97,9 +97,9 @@ def test_experts_quantize_to_int8_in_the_same_recipe(tiny_llama, token_ids, cali
         for name in ("w_in", "w_gate", "w_out"):
             assert graph.constant(moe_ffn_args(node)[name]).dtype == torch.int8
             assert graph.constant(moe_ffn_args(node)[f"{name}_scale"]).dtype == torch.bfloat16  # kernels: true
-    experts = [row for row in report.records[-1].details["layers"] if row.get("experts")]
-    assert [row["layer"] for row in experts[:3]] == [f"model.layers.0.mlp.experts.{w}" for w in ("w_in", "w_gate", "w_out")]
-    assert all(row["bytes_after"] < 0.3 * row["bytes_before"] for row in experts)
+    experts = [row for row in report.records[-1].details.layers if row.kind == "experts"]
+    assert [row.layer for row in experts[:3]] == [f"model.layers.0.mlp.experts.{w}" for w in ("w_in", "w_gate", "w_out")]
+    assert all(row.bytes_after < 0.3 * row.bytes_before for row in experts)
     assert report.records[-1].matches == len(experts) == 6
     reference, out = _logits(float_graph(token_ids)), _logits(graph(token_ids))
     assert ((out - reference).norm() / reference.norm()).item() <= 1e-2
@@ -121,7 +121,7 @@ def test_unknown_activation_is_left_dense_with_a_warning(tiny_llama, token_ids, 
     model.model.layers[1].mlp.act_fn = torch.nn.Tanh()
     with pytest.warns(UserWarning, match=r"model.layers.1.mlp left dense: the gate's activation is not silu"):
         graph, record = _carve(model, token_ids, calibration, top_k=1)
-    assert [row["layer"] for row in record.details["layers"]] == ["model.layers.0.mlp"]
+    assert [row["layer"] for row in record.details.layers] == ["model.layers.0.mlp"]
 
 
 @pytest.mark.parametrize(

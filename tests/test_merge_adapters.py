@@ -25,13 +25,13 @@ def _merge(graph, inputs, **options):
 
 
 def _assert_merged(graph, record, layers, kinds=None):
-    assert sorted(record.details["merged"]) == sorted(layers)
-    assert record.details["unmerged"] == {}
+    assert sorted(record.details.merged) == sorted(layers)
+    assert record.details.unmerged == {}
     assert record.rel_error <= 1e-5, record.rel_error
     assert record.nodes_after < record.nodes_before
     assert adapter_constants(graph) == []
     if kinds is not None:
-        assert {layer: info["kinds"] for layer, info in record.details["merged"].items()} == kinds
+        assert {layer: info["kinds"] for layer, info in record.details.merged.items()} == kinds
     # the merged layers are plain linears again
     merged = [n for n in graph.nodes if op_name(n) == "linear" and graph.module_path(n) in layers]
     assert len(merged) == len(layers)
@@ -79,7 +79,7 @@ def test_mixed_adapters(tiny_llama, token_ids):
     graph = trace(tiny_llama, token_ids)
     record = _merge(graph, (token_ids,))
     assert record.matches == len(MIXED_PLAN)
-    _assert_merged(graph, record, list(record.details["merged"]))
+    _assert_merged(graph, record, list(record.details.merged))
     # and against the adapted model itself, not only its captured graph
     rel, _ = compare_outputs(run_graph(graph, (token_ids,))[-1:], [eager])  # the logits come last
     assert rel <= 1e-5
@@ -128,14 +128,14 @@ def test_real_peft_adapters(kind, token_ids):
     assert adapter_constants(graph)
     record = _merge(graph, (token_ids,))
     assert record.matches == 4  # two target modules in each of the two layers
-    _assert_merged(graph, record, list(record.details["merged"]))
+    _assert_merged(graph, record, list(record.details.merged))
 
 
 def test_targets_and_ignore(tiny_llama, token_ids):
     graph = _adapted(tiny_llama, MIXED_PLAN, token_ids)
     record = _merge(graph, (token_ids,), ignore=[r"layers\.0\."])
     assert record.rel_error <= 1e-5
-    assert record.matches == 4 and all(layer.startswith("model.layers.1.") for layer in record.details["merged"])
+    assert record.matches == 4 and all(layer.startswith("model.layers.1.") for layer in record.details.merged)
     left = adapter_constants(graph)
     assert left and all(fqn.startswith("model.layers.0.") for fqn in left)
 
@@ -149,8 +149,8 @@ def test_adapter_with_training_dropout_is_left_unmerged(tiny_llama, token_ids):
     reference = run_graph(graph, (token_ids,))
     with pytest.warns(UserWarning, match=r"model\.layers\.0\.self_attn\.q_proj left unmerged: .*\(%dropout: dropout\)"):
         record = PassManager([MergeAdapters()]).run(graph).records[0]
-    assert list(record.details["merged"]) == ["model.layers.1.self_attn.q_proj"]
-    assert list(record.details["unmerged"]) == ["model.layers.0.self_attn.q_proj"]
+    assert list(record.details.merged) == ["model.layers.1.self_attn.q_proj"]
+    assert list(record.details.unmerged) == ["model.layers.0.self_attn.q_proj"]
     assert adapter_constants(graph) == [
         "model.layers.0.self_attn.q_proj.lora_A.default.weight", "model.layers.0.self_attn.q_proj.lora_B.default.weight"
     ]

@@ -97,7 +97,7 @@ def test_fold_skips_post_norm_outputs_with_other_users(token_ids):
     assert rel <= 1e-5
     # only where nothing else reads the output: the last block's output norm (into the MLM head's
     # dense) and the head's own norm (into the decoder)
-    assert [row["into"] for row in record.details["folded"]] == [["cls.predictions.transform.dense"], ["cls.predictions.decoder"]]
+    assert [row["into"] for row in record.details.folded] == [["cls.predictions.transform.dense"], ["cls.predictions.decoder"]]
 
 
 # -- concatenation ----------------------------------------------------------------------------------
@@ -108,7 +108,7 @@ def test_concat_qkv_and_gate_up_is_exact_and_removes_matmuls(family, token_ids):
     graph, record, rel = _rewrite(model, token_ids, {"pass": "cleanup"}, {"pass": "concat_linears"})
     assert rel <= 1e-5
     assert record.matches == 4 and _count(graph, "linear") == before - 2 * 3  # per block: q/k/v -> 1, gate/up -> 1
-    names = [row["into"] for row in record.details["stacked"]]
+    names = [row["into"] for row in record.details.stacked]
     assert names[0] == "model.layers.0.self_attn.q_proj+k_proj+v_proj" and names[1] == "model.layers.0.mlp.gate_proj+up_proj"
 
 
@@ -116,7 +116,7 @@ def test_concat_then_quantize_keeps_targets_working(tiny_llama, token_ids):
     graph, record, _ = _rewrite(
         tiny_llama, token_ids, {"pass": "concat_linears"}, {"pass": "quantize", "format": "int8", "targets": [r"q_proj"]}
     )
-    assert [layer["layer"] for layer in record.details["layers"]] == [
+    assert [layer.layer for layer in record.details.layers] == [
         "model.layers.0.self_attn.q_proj+k_proj+v_proj", "model.layers.1.self_attn.q_proj+k_proj+v_proj"
     ]
 
@@ -128,23 +128,23 @@ def test_rotation_is_exact(family, token_ids):
     graph, record, rel = _rewrite(model, token_ids, {"pass": "cleanup"}, {"pass": "rotate"})
     assert rel <= 1e-5
     d = record.details
-    assert d["rotated"] and d["folded_norms"] == 5 and len(d["writers"]) == 4 and len(d["readers"]) == 11  # 5 per block + lm_head
-    assert d["rotation"].startswith("randomized Hadamard: Sylvester H_64")
-    assert d["online_hadamard_matrix"].startswith("Paley I H_20") and _count(graph, "lqc::hadamard") == 2  # 160 = 20 x 8
+    assert d.rotated and d.folded_norms == 5 and len(d.writers) == 4 and len(d.readers) == 11  # 5 per block + lm_head
+    assert d.rotation.startswith("randomized Hadamard: Sylvester H_64")
+    assert d.online_hadamard_matrix.startswith("Paley I H_20") and _count(graph, "lqc::hadamard") == 2  # 160 = 20 x 8
 
 
 def test_rotation_falls_back_to_a_random_orthogonal_matrix(token_ids):
     model = _randomize_norms(lqc.models.load("tiny-llama").model)
     _, record, rel = _rewrite(model, token_ids, {"pass": "rotate", "rotation": "random", "online_hadamard": False})
-    assert rel <= 1e-5 and record.details["rotation"].startswith("seeded random orthogonal")
-    assert record.details["online_hadamard"] == []
+    assert rel <= 1e-5 and record.details.rotation.startswith("seeded random orthogonal")
+    assert record.details.online_hadamard == []
 
 
 def test_rotation_declines_layernorm_models_with_a_warning(token_ids):
     model = _randomize_norms(lqc.models.load("tiny-gpt2").model)
     with pytest.warns(UserWarning, match=r"rotate: not rotating: .*LayerNorm"):
         graph, record, rel = _rewrite(model, token_ids, {"pass": "rotate"})
-    assert rel <= 1e-5 and record.details["rotated"] is False
+    assert rel <= 1e-5 and record.details.rotated is False
 
 
 def test_rotation_spreads_outliers(token_ids):
@@ -169,7 +169,7 @@ def test_reparam_recipe_through_the_backend(token_ids):
     assert float((out - reference).abs().max() / reference.abs().max()) <= 1e-5
     report = lqc.reports()[-1]
     assert not report.fallback and [r.name for r in report.records][-2:] == ["concat_linears", "rotate"]
-    assert report.records[-1].details["rotated"] and report.records[-2].matches == 4
+    assert report.records[-1].details.rotated and report.records[-2].matches == 4
 
 
 # -- the real model ---------------------------------------------------------------------------------
@@ -199,9 +199,9 @@ def test_smollm2_rewrites_are_exact(smollm2_captured, entries):
     if entries[0]["pass"] == "concat_linears":
         assert _count(graph, "linear") == 30 * 4 + 1
     if entries[0]["pass"] == "rotate":
-        assert record.details["rotation"].startswith("randomized Hadamard: Paley II H_36 (q=17) (x) Sylvester H_16")
-        assert record.details["online_hadamard_matrix"].startswith("Paley II H_12 (q=5) (x) Sylvester H_128")
-        assert len(record.details["online_hadamard"]) == 30
+        assert record.details.rotation.startswith("randomized Hadamard: Paley II H_36 (q=17) (x) Sylvester H_16")
+        assert record.details.online_hadamard_matrix.startswith("Paley II H_12 (q=5) (x) Sylvester H_128")
+        assert len(record.details.online_hadamard) == 30
 
 
 def test_rotation_refuses_layer_selection():

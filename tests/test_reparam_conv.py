@@ -136,7 +136,7 @@ def test_fold_into_conv_before_hf_image_models(name):
     batch_norms = _count(graph, "batch_norm")
     assert batch_norms > 0
     report, rel = _apply(graph, inputs, {"pass": "fold_batchnorm"}, {"pass": "merge_branches"})
-    folded = report.records[0].details["folded"]
+    folded = report.records[0].details.folded
     assert report.records[0].matches == batch_norms == len(folded)
     assert all(f["where"] == "before" for f in folded)
     assert _count(graph, "batch_norm") == 0
@@ -157,7 +157,7 @@ def test_fold_into_linear_before_and_after():
     inputs = _inputs(5, 12)
     graph = trace(model, *inputs)
     report, rel = _apply(graph, inputs, {"pass": "fold_batchnorm"})
-    folded = {f["batch_norm"]: (f["where"], f["into"]) for f in report.records[0].details["folded"]}
+    folded = {f["batch_norm"]: (f["where"], f["into"]) for f in report.records[0].details.folded}
     assert folded == {"bn_in": ("after", ["fc1"]), "bn_mid": ("before", ["fc1"])}
     assert _count(graph, "batch_norm") == 0 and _count(graph, "linear") == 2
     assert rel <= TOLERANCE
@@ -169,7 +169,7 @@ def test_fold_token_batchnorm_into_following_linear():
     graph = trace(model, *inputs)
     assert _count(graph, "transpose") == 2
     report, rel = _apply(graph, inputs, {"pass": "fold_batchnorm"})
-    assert report.records[0].details["folded"] == [{"batch_norm": "norm", "where": "after", "into": ["fc1"]}]
+    assert report.records[0].details.folded == [{"batch_norm": "norm", "where": "after", "into": ["fc1"]}]
     # bn(x.transpose(1, 2)).transpose(1, 2) without the BatchNorm is x: the transposes go too
     assert _count(graph, "batch_norm") == 0 and _count(graph, "transpose") == 0
     assert rel <= TOLERANCE
@@ -180,7 +180,7 @@ def test_fold_into_unpadded_convs_after():
     inputs = _inputs(1, 4, 9, 9)
     graph = trace(model, *inputs)
     report, rel = _apply(graph, inputs, {"pass": "fold_batchnorm"})
-    assert report.records[0].details["folded"] == [{"batch_norm": "bn", "where": "after", "into": ["pointwise", "strided"]}]
+    assert report.records[0].details.folded == [{"batch_norm": "bn", "where": "after", "into": ["pointwise", "strided"]}]
     assert _count(graph, "batch_norm") == 0
     assert rel <= TOLERANCE
 
@@ -192,8 +192,8 @@ def test_conv_after_with_padding_is_left_alone_with_a_warning():
     with pytest.warns(UserWarning, match="pads its input"):
         report, rel = _apply(graph, inputs, {"pass": "fold_batchnorm"})
     record = report.records[0]
-    assert record.matches == 0 and record.details["folded"] == []
-    assert "pads its input" in record.details["skipped"][0]["reason"]
+    assert record.matches == 0 and record.details.folded == []
+    assert "pads its input" in record.details.skipped[0]["reason"]
     # the unpadded 1x1 conv must not have been changed alone: both convs still read the BatchNorm
     assert _count(graph, "batch_norm") == 1 and rel == 0.0
 
@@ -203,7 +203,7 @@ def test_training_mode_and_shared_outputs_are_left_alone():
     inputs = _inputs(2, 3, 8, 8)
     graph = trace(train, *inputs)
     record = PassManager([{"pass": "fold_batchnorm"}]).run(graph).records[0]
-    assert record.matches == 0 and "training mode" in record.details["skipped"][0]["reason"]
+    assert record.matches == 0 and "training mode" in record.details.skipped[0]["reason"]
     assert _count(graph, "batch_norm") == 1
 
     class Shared(nn.Module):  # the conv's output is also read by the add: folding would change it
@@ -218,7 +218,7 @@ def test_training_mode_and_shared_outputs_are_left_alone():
     model = _randomize_batchnorms(Shared()).eval()
     graph = trace(model, *inputs)
     report, rel = _apply(graph, inputs, {"pass": "fold_batchnorm"})
-    assert report.records[0].matches == 0 and "other users" in report.records[0].details["skipped"][0]["reason"]
+    assert report.records[0].matches == 0 and "other users" in report.records[0].details.skipped[0]["reason"]
     assert _count(graph, "batch_norm") == 1 and rel == 0.0
 
 
@@ -233,9 +233,9 @@ def test_repvgg_blocks_become_one_conv_each():
     report, rel = _apply(graph, inputs, {"pass": "fold_batchnorm"}, {"pass": "merge_branches"})
     fold, merge = report.records
     # the identity BatchNorms have nothing to fold into: merge_branches takes them
-    assert fold.matches == 6 and len(fold.details["skipped"]) == 2
+    assert fold.matches == 6 and len(fold.details.skipped) == 2
     assert merge.matches == 3
-    assert [len(m["branches"]) for m in merge.details["merged"]] == [2, 3, 3]
+    assert [len(m["branches"]) for m in merge.details.merged] == [2, 3, 3]
     assert _count(graph, "conv2d") == 3 and _count(graph, "batch_norm") == 0 and _count(graph, "add") == 0
     assert all(graph.constant(n.args[1]).shape[-2:] == (3, 3) for n in graph.nodes if op_name(n) == "conv2d")
     assert rel <= TOLERANCE
@@ -284,7 +284,7 @@ def test_merge_conv1d_same_padding_with_batchnorm_identity():
     graph = trace(model, *inputs)
     report, rel = _apply(graph, inputs, {"pass": "fold_batchnorm"}, {"pass": "merge_branches"})
     assert report.records[0].matches == 0  # nothing before or after the BatchNorm but the sum
-    assert report.records[1].details["merged"][0]["into"] == "conv1d (6, 6, 5) padding (2,)"
+    assert report.records[1].details.merged[0]["into"] == "conv1d (6, 6, 5) padding (2,)"
     assert [op_name(n) for n in graph.nodes if n.op == "call_function"] == ["conv1d"]
     assert rel <= TOLERANCE
 
@@ -306,7 +306,7 @@ def test_unmergeable_branches_are_left_alone():
     report, rel = _apply(graph, inputs, {"pass": "merge_branches"})
     record = report.records[0]
     assert record.matches == 0
-    assert any("dilation" in s["reason"] for s in record.details["skipped"])
+    assert any("dilation" in s["reason"] for s in record.details.skipped)
     assert _count(graph, "conv2d") == 3 and rel == 0.0
 
 

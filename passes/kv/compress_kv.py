@@ -72,6 +72,14 @@ class CompressKVOptions(PassOptions):
 
 
 @dataclass
+class CompressKVReport:
+    rewritten: list[str]  # attention layers (module paths) that read a compressed cache
+    skipped: dict[str, str]  # attention layer -> why it keeps its float cache
+    unread_caches: list[str]  # layers whose cache nobody reads (attention dropped): a placeholder instead
+    ops: list[str]  # the lqc KV ops in the graph after the pass
+
+
+@dataclass
 class _CacheUpdate:
     """Where one layer's new keys and values meet its cache."""
 
@@ -244,7 +252,7 @@ class CompressKV(Pass):
             warnings.warn(f"lqc compress_kv: the attention in {where} keeps its float cache: {reason}", stacklevel=2)
         kinds = sorted({op_name(n) for n in graph.nodes if op_name(n).startswith("lqc::kv_")})
         return PassResult(matches=len(rewritten),
-                          details={"rewritten": rewritten, "skipped": skipped, "unread_caches": placeholders, "ops": kinds},
+                          details=CompressKVReport(rewritten=rewritten, skipped=skipped, unread_caches=placeholders, ops=kinds),
                           message=f"{len(rewritten)} attention layers read a compressed cache" if rewritten else "")
 
     def _drop_unread_caches(self, graph: Graph) -> list[str]:

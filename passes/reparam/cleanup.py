@@ -58,6 +58,12 @@ def _written_in_place(node: fx.Node) -> bool:
     return any(is_inplace(user) and user.args and user.args[0] is node for user in node.users)
 
 
+@dataclass
+class CleanupReport:
+    identities: int  # no-op nodes replaced by their input
+    dead: int  # nodes without users deleted
+
+
 @register_pass
 class Cleanup(Pass):
     name = "cleanup"
@@ -80,7 +86,7 @@ class Cleanup(Pass):
                 removed_dead += 1
         return PassResult(
             matches=removed_identities + removed_dead,
-            details={"identities": removed_identities, "dead": removed_dead},
+            details=CleanupReport(identities=removed_identities, dead=removed_dead),
         )
 
     @staticmethod

@@ -35,6 +35,11 @@ class ConcatLinearsOptions(PassOptions):
     min_group: int = field(default=2, metadata={"help": "stack groups of at least this many linears"})
 
 
+@dataclass
+class ConcatLinearsReport:
+    stacked: list[dict]  # {"layers": the linears stacked, "into": the stacked linear's name}
+
+
 def stacked_name(names: list[str]) -> str:
     """``a.b.q_proj``, ``a.b.k_proj`` -> ``a.b.q_proj+k_proj``."""
     prefix = names[0].rsplit(".", 1)[0] + "." if "." in names[0] else ""
@@ -111,4 +116,4 @@ class ConcatLinears(Pass):
             names = [site.name(graph) for site in sites]
             concat_group(graph, sites, lambda key, sources, fn: ctx.transform(graph, key, sources, fn))
             rows.append({"layers": names, "into": stacked_name(names)})
-        return PassResult(matches=len(rows), details={"stacked": rows})
+        return PassResult(matches=len(rows), details=ConcatLinearsReport(stacked=rows))

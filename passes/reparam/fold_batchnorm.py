@@ -212,6 +212,12 @@ class FoldBatchNormOptions(PassOptions):
     )
 
 
+@dataclass
+class FoldBatchNormReport:
+    folded: list[dict]  # {"batch_norm", "where": "before" or "after", "into": the layers that absorbed it}
+    skipped: list[dict]  # {"batch_norm", "reason"}
+
+
 @register_pass
 class FoldBatchNorm(Pass):
     name = "fold_batchnorm"
@@ -235,9 +241,7 @@ class FoldBatchNorm(Pass):
                     folded.append({"batch_norm": name, "where": where, "into": into})
                     continue
             skipped.append({"batch_norm": name, "reason": reason})
-        return PassResult(
-            matches=len(folded), details={"folded": folded, "skipped": skipped}
-        )
+        return PassResult(matches=len(folded), details=FoldBatchNormReport(folded=folded, skipped=skipped))
 
     # -- into the producer ----------------------------------------------------------------------
     def _fold_before(self, graph: Graph, bn: BatchNormAffine) -> tuple[list[str] | None, str]:

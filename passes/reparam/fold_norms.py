@@ -38,6 +38,11 @@ class FoldNormsOptions(PassOptions):
 
 
 @dataclass
+class FoldNormsReport:
+    folded: list[dict]  # {"norm": what the norm was, "into": the linears that took its weight}
+
+
+@dataclass
 class NormFold:
     producer: Producer  # kind "norm": a ``gamma * h`` product, or a layer_norm with weight (and bias)
     consumers: list[LinearSite]
@@ -141,6 +146,6 @@ class FoldNorms(Pass):
             norm = fold.producer.describe(graph)
             consumers = fold_norm(graph, fold, lambda key, sources, fn: ctx.transform(graph, key, sources, fn))
             rows.append({"norm": norm, "into": consumers})
-        return PassResult(matches=len(rows), details={"folded": rows})
+        return PassResult(matches=len(rows), details=FoldNormsReport(folded=rows))
 
 

@@ -62,6 +62,12 @@ class MergeBranchesOptions(PassOptions):
 
 
 @dataclass
+class MergeBranchesReport:
+    merged: list[dict]  # {"sum", "input", "branches", "into": the merged op}
+    skipped: list[dict]  # {"sum", "input", "reason"}
+
+
+@dataclass
 class _Branch:
     """One term of a sum that reads ``x``: a conv, a linear, ``x`` itself, or a BatchNorm of ``x``."""
 
@@ -123,7 +129,7 @@ class MergeBranches(Pass):
                     "branches": [f"{b.kind}:{_describe(graph, b.node)}" for b in branches], "into": plan["describe"],
                 })
             self._rewrite(graph, node, terms, rewrites)
-        return PassResult(matches=len(merged), details={"merged": merged, "skipped": skipped})
+        return PassResult(matches=len(merged), details=MergeBranchesReport(merged=merged, skipped=skipped))
 
     # -- which terms are branches ----------------------------------------------------------------
     def _branches(self, graph: Graph, term) -> list[tuple[fx.Node, _Branch]]:

@@ -64,6 +64,20 @@ class RotateOptions(PassOptions):
 
 
 @dataclass
+class RotateReport:
+    rotated: bool
+    folded_norms: int  # norms folded into their readers (done even when the stream is not rotated)
+    reason: str = ""  # why the stream was not rotated
+    width: int | None = None
+    rotation: str = ""  # how Q was built
+    embeddings: int = 0
+    readers: list[str] = field(default_factory=list)
+    writers: list[str] = field(default_factory=list)
+    online_hadamard: list[str] = field(default_factory=list)  # down projections with an online Hadamard
+    online_hadamard_matrix: str | None = None  # how that Hadamard was built, when there is one
+
+
+@dataclass
 class StreamPlan:
     width: int
     embeddings: list[tuple[fx.Node, fx.Node]]  # (embedding node, its table constant)
@@ -114,28 +128,41 @@ def plan_rotation(graph: Graph) -> StreamPlan:
             if name in ("mean", "sum") and _reduces_last_dim(node):
                 continue  # sum of squares over the channels: rotation-invariant
             raise NotRotatable(f"{where} uses a squared stream value other than summing it over the channels")
-        source = node.args[0] if node.args else None
-        if name in _SAME and source in rotated:
+        carried = _carried(node, name, rotated, width)
+        if carried == "rotated":
             rotated.add(node)
-        elif name in _RESHAPES and source in rotated and _last_dim(node) == width:
-            rotated.add(node)
-        elif name == "getitem" and source in rotated and _keeps_last_dim_index(node, width):
-            rotated.add(node)
-        elif name == "pow" and source in rotated and node.args[1] == 2:
+        elif carried == "squared":
             squared.add(node)
-        elif name == "mul" and len(node.args) == 2 and node.args[0] is node.args[1]:
-            squared.add(node)
-        elif name in ("mul", "div") and len(node.args) == 2 and node.args[0] in rotated and _per_token(node.args[1], rotated):
-            rotated.add(node)
-        elif name == "mul" and len(node.args) == 2 and node.args[1] in rotated and _per_token(node.args[0], rotated):
-            rotated.add(node)
+        elif name == "layer_norm":
+            raise NotRotatable(f"{where} is a LayerNorm: it subtracts the mean, which a rotation does not preserve (rotate needs RMSNorm models)")
         else:
-            if name == "layer_norm":
-                raise NotRotatable(f"{where} is a LayerNorm: it subtracts the mean, which a rotation does not preserve (rotate needs RMSNorm models)")
             raise NotRotatable(f"{where} reads the residual stream in a way a rotation does not commute with")
     if not embeddings:
         raise NotRotatable("no embedding lookup of a constant table starts a residual stream")
     return StreamPlan(width, embeddings, readers, writers)
+
+
+def _carried(node: fx.Node, name: str, rotated: set[fx.Node], width) -> str | None:
+    """What ``node`` makes of a rotated input that it neither reads as a linear nor adds to the
+    stream: still a rotated value ("rotated"), its square ("squared"), or None when the rotation
+    does not commute with it."""
+    source = node.args[0] if node.args else None
+    binary = len(node.args) == 2
+    if name in _SAME and source in rotated:
+        return "rotated"
+    if name in _RESHAPES and source in rotated and _last_dim(node) == width:
+        return "rotated"
+    if name == "getitem" and source in rotated and _keeps_last_dim_index(node, width):
+        return "rotated"
+    if name == "pow" and source in rotated and node.args[1] == 2:
+        return "squared"
+    if name == "mul" and binary and node.args[0] is node.args[1]:
+        return "squared"
+    if name in ("mul", "div") and binary and node.args[0] in rotated and _per_token(node.args[1], rotated):
+        return "rotated"
+    if name == "mul" and binary and node.args[1] in rotated and _per_token(node.args[0], rotated):
+        return "rotated"
+    return None
 
 
 def _writer(node: fx.Node) -> LinearSite | None:
@@ -220,7 +247,7 @@ class Rotate(Pass):
             plan = plan_rotation(graph)
         except NotRotatable as exc:
             warnings.warn(f"rotate: not rotating: {exc}. Norms were folded (exact); the graph is otherwise unchanged.", stacklevel=2)
-            return PassResult(details={"rotated": False, "reason": str(exc), "folded_norms": len(folded)})
+            return PassResult(details=RotateReport(rotated=False, reason=str(exc), folded_norms=len(folded)))
         q, description = rotation_matrix(plan.width, opts.rotation, opts.seed)
 
         for node, table in plan.embeddings:
@@ -250,13 +277,11 @@ class Rotate(Pass):
             if site.bias is not None:
                 self._set_bias(graph, ctx, site, lambda b: q.T @ b)
 
-        details = {
-            "rotated": True, "width": plan.width, "rotation": description, "folded_norms": len(folded),
-            "embeddings": len(plan.embeddings), "readers": [s.name(graph) for s in plan.readers],
-            "writers": [s.name(graph) for s in plan.writers], "online_hadamard": online,
-        }
-        if online:
-            details["online_hadamard_matrix"] = online_matrix
+        details = RotateReport(
+            rotated=True, width=plan.width, rotation=description, folded_norms=len(folded),
+            embeddings=len(plan.embeddings), readers=[s.name(graph) for s in plan.readers],
+            writers=[s.name(graph) for s in plan.writers], online_hadamard=online, online_hadamard_matrix=online_matrix,
+        )
         return PassResult(matches=len(plan.readers) + len(plan.writers), details=details)
 
     @staticmethod

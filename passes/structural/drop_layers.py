@@ -50,6 +50,20 @@ class DropLayersOptions(PassOptions):
 
 
 @dataclass
+class DropLayersReport:
+    what: str  # "attention", "mlp", "block" or "span"
+    dropped: list[int]  # block indices
+    dropped_paths: list[str]  # their module paths
+    scores: list[dict]  # the score tables the blocks were chosen from, one per round (none when given)
+    params_removed: int
+    bytes_removed: int
+    flops_per_token_removed: int
+    cache_kept: list[str]  # "<block path> <part>" whose cache states are still computed (no shape to zero them)
+    dropped_modules: dict[str, dict]  # module path -> {"kind", "block"}: what a runtime must not run
+    dropped_attention_layers: list[int]  # blocks whose attention is gone (their cache is never read)
+
+
+@dataclass
 class _Removed:
     params: int = 0
     bytes: int = 0
@@ -82,8 +96,10 @@ class DropLayers(Pass):
             raise LqcConfigError(
                 f"pass 'drop_layers': span layers {o.layers} are not consecutive; use what: block to drop scattered blocks"
             )
-        # explicit layers need no calibration
-        self.requires = frozenset() if o.layers else frozenset({"calibration"})
+
+    def requirements(self) -> frozenset[str]:
+        # explicit layers need no calibration: only choosing them does
+        return frozenset() if self.options.layers else self.requires
 
     def run(self, graph: Graph, ctx) -> PassResult:
         try:
@@ -129,18 +145,18 @@ class DropLayers(Pass):
         dropped_modules = _sublayer_modules(graph, [boundaries[index_of[b]] for b in chosen], self.options.what)
         removed, cache_kept = self._drop(graph, boundaries, [index_of[b] for b in chosen], self.options.what)
         dropped_paths = [boundaries[index_of[b]].path for b in chosen]
-        details = {
-            "what": self.options.what,
-            "dropped": chosen,
-            "dropped_paths": dropped_paths,
-            "scores": scores,
-            "params_removed": removed.params,
-            "bytes_removed": removed.bytes,
-            "flops_per_token_removed": removed.flops_per_token,
-            "cache_kept": cache_kept,
-            "dropped_modules": dropped_modules,
-            "dropped_attention_layers": sorted({m["block"] for m in dropped_modules.values() if m["kind"] == "attention"}),
-        }
+        details = DropLayersReport(
+            what=self.options.what,
+            dropped=chosen,
+            dropped_paths=dropped_paths,
+            scores=scores,
+            params_removed=removed.params,
+            bytes_removed=removed.bytes,
+            flops_per_token_removed=removed.flops_per_token,
+            cache_kept=cache_kept,
+            dropped_modules=dropped_modules,
+            dropped_attention_layers=sorted({m["block"] for m in dropped_modules.values() if m["kind"] == "attention"}),
+        )
         message = f"dropped {self.options.what} of blocks {chosen}: {removed.params} parameters, {removed.flops_per_token} FLOPs/token"
         return PassResult(matches=len(chosen), details=details, message=message)
 

@@ -69,6 +69,14 @@ class FfnToMoeOptions(PassOptions):
 
 
 @dataclass
+class FfnToMoeReport:
+    layers: list[dict]  # per FFN carved: {"layer", and its carve's figures (router recall, FLOPs, ...)}
+    active_fraction: float  # (shared + top_k) / experts
+    ffn_flops_per_token_dense: int  # summed over the carved FFNs
+    ffn_flops_per_token_moe: int
+
+
+@dataclass
 class FfnSite:
     """One FFN in the graph: ``down(hidden)``, hidden = ``act(gate(x)) * up(x)`` or ``act(up(x))``."""
 
@@ -150,8 +158,8 @@ class FfnToMoe(Pass):
             rows.append({"layer": site.name, **carve.report})
         dense = sum(r["ffn_flops_per_token_dense"] for r in rows)
         moe = sum(r["ffn_flops_per_token_moe"] for r in rows)
-        details = {"layers": rows, "active_fraction": self.active_fraction,
-                   "ffn_flops_per_token_dense": dense, "ffn_flops_per_token_moe": moe}
+        details = FfnToMoeReport(layers=rows, active_fraction=self.active_fraction,
+                                 ffn_flops_per_token_dense=dense, ffn_flops_per_token_moe=moe)
         message = (f"carved {len(rows)} FFNs into {self.options.experts} experts ({self.options.shared} shared, "
                    f"top {self.options.top_k}): {self.active_fraction:.0%} of neurons active, FFN FLOPs/token {dense:,} -> {moe:,}")
         return PassResult(matches=len(rows), details=details, message=message)
