@@ -5,15 +5,14 @@
   run inside Inductor's code as extern calls. A static graph of four or more decoder blocks is
   compiled a block at a time, each distinct block once (``codegen.shared_blocks``), unless the
   caller asks for the whole graph (``share_blocks=False``).
-- ``triton``: generated Triton kernels for the fusion groups (lqc.codegen.triton_target), the
-  rest of the graph compiled by Inductor around them; on CPU under ``TRITON_INTERPRET=1`` only
-  (for checking).
+- ``triton``: generated Triton kernels for the fusion groups (the lowering pass lower_triton put
+  them in the graph: lqc.codegen.triton_target), the rest compiled by Inductor around them; on
+  CPU under ``TRITON_INTERPRET=1`` only (for checking).
 - ``auto``: the best target that exists for this graph's device: Inductor today.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from lqc.ir import Graph
@@ -28,22 +27,22 @@ def resolve_target(target: str) -> str:
     return "inductor" if target == "auto" else target
 
 
-def compile_graph(graph: Graph, target: str, example_inputs: Sequence[Any], debug_dir: str | Path | None = None,
-                  autotune: bool | None = None, inductor: bool = True, share_blocks: bool = True) -> Callable:
-    """A function of the graph's user inputs that runs it on ``target``. ``debug_dir``: where
-    target="triton" writes its kernels' sources; ``autotune``: whether its kernels tune their
-    launch configs (None: on a GPU, not under the interpreter); ``inductor=False``: at target
-    triton, the nodes outside the kernels run eagerly instead of through Inductor."""
+def compile_graph(graph: Graph, target: str, example_inputs: Sequence[Any], lowering: Any = None,
+                  inductor: bool = True, share_blocks: bool = True) -> Callable:
+    """A function of the graph's user inputs that runs the lowered ``graph`` on ``target``.
+    ``lowering``: at target triton, what its lowering pass did (triton_target.Lowering);
+    ``inductor=False``: at target triton, the nodes outside the kernels run eagerly instead of
+    through Inductor."""
     target = resolve_target(target)
     if target == "eager":
         return graph.gm.forward
     if target == "triton":
-        from .triton_target import TritonProgram, check_triton_runs_here, lower_to_triton
+        from .triton_target import TritonProgram
 
-        on_cpu = check_triton_runs_here(example_inputs)
-        lowered = graph.copy()  # the compressed graph itself stays as the passes left it (lqc.save reads it)
-        lowering = lower_to_triton(lowered, debug_dir, autotune=not on_cpu if autotune is None else autotune)
-        return TritonProgram(lowered.gm, lowering, example_inputs, inductor=inductor)
+        if lowering is None:
+            raise LqcConfigError(f"{graph.name}: target='triton' runs a graph its lowering pass (lower_triton) rewrote; "
+                                 f"this one was not lowered")
+        return TritonProgram(graph.gm, lowering, example_inputs, inductor=inductor)
     from torch._inductor.compile_fx import compile_fx
 
     if share_blocks:

@@ -1,9 +1,10 @@
 """``target="triton"``: a graph's fusion groups run as Triton kernels.
 
-``lower_to_triton(graph)`` partitions the graph (lqc.codegen.partition) and rewrites each group:
+``lower_to_triton(graph)`` (the lowering pass lower_triton, lqc.lowering) partitions the graph
+(lqc.codegen.partition) and rewrites each group:
 
-- ``lqc::qlinear`` with a dequant-GEMM format (int8 / int4 / fp8 / w8a8 / fp8_dyn; the packed CPU
-  layouts are rebuilt from the canonical weight the quantize pass recorded): the RMSNorm
+- ``lqc::qlinear`` with a dequant-GEMM format (int8 / int4 / fp8 / w8a8 / fp8_dyn, the canonical
+  layouts the quantize pass emits): the RMSNorm
   prologue (lqc.codegen.prologue), the anchor and the epilogue nodes the kernel can compute
   become one ``lqc::fused_qlinear`` call naming the kernel generated for them
   (lqc.codegen.qlinear_kernels, cached by lqc.codegen.kernel_cache);
@@ -33,10 +34,10 @@ from lqc.ir import Graph, op_name
 from lqc.ir.errors import LqcConfigError
 from lqc.ir.lqc_ops import qlinear_args
 from lqc.ir.printer import format_call
-from lqc.runtime.quantization.qlinear import kernel_layout
 
 from . import kernel_cache
 from .epilogue import epilogue_program
+from .groups import GroupDescription, describe_groups
 from .partition import partition
 from .prologue import norm_prologue
 from .qlinear_kernels import kernel_for, qlinear_source
@@ -52,6 +53,7 @@ class Lowering:
     left: Counter = field(default_factory=Counter)  # why groups (or parts of them) were not lowered
     sources: dict[str, str] = field(default_factory=dict)  # kernel key -> its source, annotated for debug_dir
     kv_attention: list[str] = field(default_factory=list)  # KV attention nodes that attend with the flash-decoding kernel
+    groups: GroupDescription = field(default_factory=GroupDescription)  # the partition, before the rewrite (lqc.viz)
 
 
 def check_triton_runs_here(example_inputs) -> bool:
@@ -78,7 +80,9 @@ def lower_to_triton(graph: Graph, debug_dir: str | Path | None = None, autotune:
     kernel and shape, then read from its cache)."""
     lowering = Lowering()
     g = graph.gm.graph
-    for group in partition(graph):
+    groups = partition(graph)
+    lowering.groups = describe_groups(groups)
+    for group in groups:
         if group.kind == "moe_ffn":
             _lower_moe(graph, group, lowering)
             continue
@@ -90,25 +94,16 @@ def lower_to_triton(graph: Graph, debug_dir: str | Path | None = None, autotune:
             continue
         args = qlinear_args(group.anchor)
         fmt = args["fmt"]
-        base = CPU_LAYOUT_BASE.get(fmt, fmt)
-        if base not in DEQUANT_GEMM_FORMATS:
+        if fmt in CPU_LAYOUT_BASE:
+            # torch's packed CPU layouts (the eager/Inductor lowering pack_cpu_layouts) compute in
+            # bfloat16; the kernels here read the canonical layout the quantize pass emits, and the
+            # triton target does not run that lowering. Only a hand-made pipeline gets here.
+            lowering.left[f"qlinear {fmt}: a packed CPU layout; target triton reads the canonical {CPU_LAYOUT_BASE[fmt]}"] += 1
+            continue
+        if fmt not in DEQUANT_GEMM_FORMATS:
             lowering.left[f"qlinear {fmt}: no dequant-GEMM template (runs lqc::qlinear)"] += 1
             continue
         qweight, scales, zeros = args["qweight"], args["scales"], args["zeros"]
-        if fmt != base:
-            # int8_cpu / int4_cpu are the quantize pass's `kernels: true` choice for torch's packed
-            # CPU matmuls, which compute in bfloat16 (activations cast to bf16, scales and zeros
-            # stored in bf16). That is a property of those ATen kernels, not of lqc::qlinear: the
-            # kernels here compute the canonical weight, float32 activations with float32 products
-            # (dot_input_precision: "ieee" unless the user allowed TF32), i.e. what target="eager"
-            # computes with `kernels: false`. Against eager with the packed layouts a float32 model
-            # differs by their bf16 rounding (2.3e-3 relative on the tiny Llama, int4 g32); against
-            # `kernels: false`, by float32 summation order (2e-7).
-            canonical = group.anchor.meta.get("lqc_quantized", {}).get("canonical")
-            if canonical is None:
-                lowering.left[f"qlinear {fmt}: no canonical weight recorded to rebuild the {base} layout"] += 1
-                continue
-            qweight, scales, zeros = _generic_layout(graph, group.anchor, canonical, base)
         x, norm_weight, norm_eps, prologue_nodes = args["x"], None, None, []
         if group.prologue:
             norm, why = norm_prologue(group.prologue, group.roles[group.prologue[0]], args["x"])
@@ -127,7 +122,7 @@ def lower_to_triton(graph: Graph, debug_dir: str | Path | None = None, autotune:
         with g.inserting_before(last):
             fused = g.call_function(
                 torch.ops.lqc.fused_qlinear.default,
-                (x, qweight, scales, zeros, args["bias"], norm_weight, norm_eps, list(program.inputs), key, base,
+                (x, qweight, scales, zeros, args["bias"], norm_weight, norm_eps, list(program.inputs), key, fmt,
                  args["group_size"], args["in_features"], args["out_features"], value.dtype, autotune),
             )
         fused.meta.update({k: v for k, v in last.meta.items() if k != "lqc_provenance"})
@@ -221,16 +216,6 @@ class TritonProgram:
 
         with attention_kernel(attend_triton):
             return self._run(*args)
-
-
-def _generic_layout(graph: Graph, anchor: fx.Node, canonical, base: str):
-    """get_attr nodes for the canonical int8/int4 tensors of a weight stored in a packed CPU layout."""
-    qweight, scales, zeros = kernel_layout(canonical, base)
-    fqns = graph.fqns(anchor.args[1])
-    name = graph.module_path(anchor) or anchor.name
-    nodes = [graph.add_constant(t, f"{name}.{what}_{base}", fqns, before=anchor) if t is not None else None
-             for t, what in ((qweight, "qweight"), (scales, "scales"), (zeros, "zeros"))]
-    return tuple(nodes)
 
 
 def write_kernel_sources(lowering: Lowering, debug_dir: Path) -> None:

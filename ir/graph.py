@@ -134,7 +134,7 @@ class Graph:
             if not node.users:
                 self.gm.graph.erase_node(node)
         used = {n.target for n in self.gm.graph.find_nodes(op="get_attr")}
-        dropped = [name for name, _ in self.gm.named_buffers() if name not in used and "." not in name]
+        dropped = [name for name, _ in self.gm.named_buffers(remove_duplicate=False) if name not in used and "." not in name]
         for name in dropped:
             delattr(self.gm, name)
             self.constant_fqns.pop(name, None)
@@ -191,7 +191,7 @@ class Graph:
     def copy(self, name: str | None = None) -> "Graph":
         """A structurally independent copy: nodes copied, constant tensors shared."""
         root = torch.nn.Module()
-        for attr, tensor in self.gm.named_buffers():
+        for attr, tensor in self.gm.named_buffers(remove_duplicate=False):
             root.register_buffer(attr, tensor)
         gm = fx.GraphModule(root, copy.deepcopy(self.gm.graph))
         new = Graph(

@@ -7,15 +7,17 @@ loading, evaluation and benchmarking, and re-exports the pass-development API.
 
 from lqc.version import __version__  # noqa: E402, F401
 from lqc import models  # noqa: E402
-from lqc.backend import clear_reports, lqc_backend, reports  # noqa: E402
+from lqc.backend import lqc_backend, session_of  # noqa: E402
 from lqc.compress import compress  # noqa: E402
 from lqc.generate import generate  # noqa: E402
 from lqc.ir import Graph, LqcConfigError, LqcError, LqcGraphError  # noqa: E402
 from lqc.options import CompileOptions  # noqa: E402
+from lqc.pipeline import Compilation, Session  # noqa: E402
 from lqc.passes import Pass, PassContext, PassManager, PassResult, register_pass  # noqa: E402
 from lqc.serialize import load, save  # noqa: E402
 
 __all__ = [
+    "Compilation",
     "CompileOptions",
     "Graph",
     "LqcConfigError",
@@ -25,13 +27,13 @@ __all__ = [
     "PassContext",
     "PassManager",
     "PassResult",
-    "clear_reports",
     "compress",
     "generate",
     "load",
     "lqc_backend",
     "models",
     "register_pass",
-    "reports",
     "save",
+    "Session",
+    "session_of",
 ]

@@ -21,6 +21,9 @@ from lqc.passes import DEFAULT_CACHE
 from lqc.passes.report import format_table
 from lqc.runtime.structural.dropped_layers import kv_cache_nbytes
 
+from .compress import dropped_attention_layers, dropped_modules
+from .pipeline import Session
+
 VARIANTS = ("eager", "inductor", "lqc")
 
 
@@ -83,6 +86,7 @@ class Runner:
         self.forward = forward
         # attention layers a drop_layers pass removed: their cache slots hold nothing
         self.dropped_attention = list(dropped_attention or [])
+        self.session = None  # for an lqc forward: the Session whose compilations it runs
 
     def new_cache(self, length: int):
         from transformers import StaticCache
@@ -116,24 +120,20 @@ class Runner:
         return prompt_s, time.perf_counter() - start, cache
 
 
-def _make_forward(model: torch.nn.Module, variant: str, recipe: Any, target: str) -> Callable:
+def make_runner(model: torch.nn.Module, variant: str, recipe: Any = "default", target: str = "auto") -> Runner:
+    """``variant``'s forward in a Runner; for "lqc", ``runner.session`` holds its compilations."""
     # dynamic=False: every variant runs the same three static graphs (prefill, prompt, decode step);
     # automatic dynamic shapes would otherwise depend on which variant saw which shape first.
     if variant == "eager":
-        return model.forward
+        return Runner(model, model.forward)
     if variant == "inductor":
-        return torch.compile(model.forward, dynamic=False)
+        return Runner(model, torch.compile(model.forward, dynamic=False))
     if variant == "lqc":
-        options = {"recipe": recipe, "target": target, "progress": False}
-        return torch.compile(model.forward, backend="lqc", options=options, dynamic=False)
+        session = Session({"recipe": recipe, "target": target, "progress": False})
+        runner = Runner(model, torch.compile(model.forward, backend=session, dynamic=False))
+        runner.session = session
+        return runner
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-
-
-def _dropped_attention() -> list[int]:
-    from .backend import reports
-
-    return sorted({i for r in reports() for rec in r.records if rec.name == "drop_layers"
-                   for i in rec.details.get("dropped_attention_layers", [])})
 
 
 def benchmark_calibration(loaded):
@@ -155,10 +155,8 @@ def write_results(out: str | Path, payload: dict, table: str) -> None:
     out.with_suffix(".md").write_text(table)
 
 
-def _lqc_weight_bytes() -> int | None:
-    from .backend import reports
-
-    done = [r for r in reports() if not r.fallback]
+def _lqc_weight_bytes(session: Session) -> int | None:
+    done = [r for r in session.reports if not r.fallback]
     return done[-1].bytes_after if done else None
 
 
@@ -182,76 +180,22 @@ def run_bench(
     "warm" right after, with Inductor's and lqc's caches kept). Then every variant is compiled
     side by side and the timed runs are interleaved, so drift in the machine's speed (several
     percent on a 2-core machine) hits all variants alike."""
-    from torch._inductor.utils import fresh_cache
-
     torch.set_num_threads(threads)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
-    prefill_ids = torch.randint(0, vocab, (1, prefill_tokens), generator=gen)
-    prompt_ids = torch.randint(0, vocab, (1, prompt_tokens), generator=gen)
-    cache_length = prompt_tokens + decode_tokens
+    shapes = _Shapes(torch.randint(0, vocab, (1, prefill_tokens), generator=gen),
+                     torch.randint(0, vocab, (1, prompt_tokens), generator=gen), prompt_tokens + decode_tokens)
     result = BenchResult(
         model=model_name, recipe=recipe if isinstance(recipe, (str, list, dict)) else str(recipe), target=target,
         threads=threads, prefill_tokens=prefill_tokens, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
         runs=runs, torch_version=torch.__version__,
     )
-    first_cold: dict[str, float] = {}
-    first_warm: dict[str, float] = {}
-    weight_bytes: dict[str, int] = {}
-    for variant in variants:
-        log(f"compiling {variant} (cold, then warm) ...")
-        # Cold: empty Inductor caches (on disk and in memory), lqc's transform cache emptied too.
-        # Warm: dynamo reset, both caches as the cold compile left them.
-        with fresh_cache():
-            DEFAULT_CACHE.clear()
-            torch._dynamo.reset()
-            first_cold[variant] = _first_calls(Runner(model, _make_forward(model, variant, recipe, target)), prefill_ids, prompt_ids, cache_length)
-            weight_bytes[variant] = (_lqc_weight_bytes() if variant == "lqc" else None) or model_weight_bytes(model)
-            torch._dynamo.reset()
-            first_warm[variant] = _first_calls(Runner(model, _make_forward(model, variant, recipe, target)), prefill_ids, prompt_ids, cache_length)
-
+    compiles = {v: _compile_times(model, v, recipe, target, shapes, log) for v in variants}
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=64):
-        runners = {v: Runner(model, _make_forward(model, v, recipe, target)) for v in variants}
-        for v, runner in runners.items():
-            _first_calls(runner, prefill_ids, prompt_ids, cache_length)  # compile (warm caches) and warm up
-            if v == "lqc" and (dropped := _dropped_attention()):
-                # the graphs say which attention layers are gone: time with their cache slots freed
-                # (another cache structure is another graph: compile it now, not in a timed run)
-                runner.dropped_attention = dropped
-                _first_calls(runner, prefill_ids, prompt_ids, cache_length)
-        graphs_before = _graphs_compiled()
-        prefill_times: dict[str, list[float]] = {v: [] for v in variants}
-        decode_runs: dict[str, list] = {v: [] for v in variants}
-        for run in range(runs):
-            log(f"timed run {run + 1}/{runs} ...")
-            for v in variants:
-                prefill_times[v].append(runners[v].prefill(prefill_ids))
-            for v in variants:
-                decode_runs[v].append(runners[v].decode(prompt_ids, decode_tokens, cache_length))
-        result.graphs_compiled_while_timing = _graphs_compiled() - graphs_before
-        if result.graphs_compiled_while_timing:
-            log(f"warning: {result.graphs_compiled_while_timing} graphs were compiled during timed runs")
-
+        prefill_times, decode_runs = _timed_runs(model, variants, recipe, target, shapes, runs, decode_tokens, result, log)
     for v in variants:
-        prompt_s = statistics.median(r[0] for r in decode_runs[v])
-        decode_s = statistics.median(r[1] for r in decode_runs[v])
-        prefill_s = statistics.median(prefill_times[v])
-        steady_first = prefill_s + prompt_s + 2 * decode_s / decode_tokens
-        cache = decode_runs[v][-1][2]
-        kv_bytes = kv_cache_nbytes(cache)  # as stored: a freed slot's zero view counts one position
-        compiled = v != "eager"
-        item = VariantResult(
-            variant=v,
-            prefill_ms=prefill_s * 1e3,
-            decode_tokens_per_s=decode_tokens / decode_s,
-            weight_bytes=weight_bytes[v],
-            kv_bytes_per_token=kv_bytes / cache.layers[0].max_cache_len,
-            compile_cold_s=max(first_cold[v] - steady_first, 0.0) if compiled else 0.0,
-            compile_warm_s=max(first_warm[v] - steady_first, 0.0) if compiled else 0.0,
-            prefill_runs_ms=[t * 1e3 for t in prefill_times[v]],
-            decode_runs_tokens_per_s=[decode_tokens / r[1] for r in decode_runs[v]],
-        )
+        item = _variant_result(v, compiles[v], prefill_times[v], decode_runs[v], decode_tokens)
         result.variants.append(item)
         log(
             f"  {v}: prefill {item.prefill_ms:.1f} ms, decode {item.decode_tokens_per_s:.2f} tok/s, "
@@ -259,6 +203,80 @@ def run_bench(
         )
     torch._dynamo.reset()
     return result
+
+
+@dataclass
+class _Shapes:
+    prefill_ids: torch.Tensor
+    prompt_ids: torch.Tensor
+    cache_length: int
+
+    def first_calls(self, runner: Runner) -> float:
+        return _first_calls(runner, self.prefill_ids, self.prompt_ids, self.cache_length)
+
+
+def _compile_times(model, variant: str, recipe: Any, target: str, shapes: _Shapes, log) -> tuple[float, float, int]:
+    """(first calls cold, first calls warm, weight bytes) of one variant. Cold: empty Inductor
+    caches (on disk and in memory), lqc's transform cache emptied too. Warm: dynamo reset, both
+    caches as the cold compile left them."""
+    from torch._inductor.utils import fresh_cache
+
+    log(f"compiling {variant} (cold, then warm) ...")
+    with fresh_cache():
+        DEFAULT_CACHE.clear()
+        torch._dynamo.reset()
+        runner = make_runner(model, variant, recipe, target)
+        cold = shapes.first_calls(runner)
+        weight_bytes = (_lqc_weight_bytes(runner.session) if variant == "lqc" else None) or model_weight_bytes(model)
+        torch._dynamo.reset()
+        warm = shapes.first_calls(make_runner(model, variant, recipe, target))
+    return cold, warm, weight_bytes
+
+
+def _timed_runs(model, variants, recipe, target, shapes: _Shapes, runs: int, decode_tokens: int, result: BenchResult, log):
+    runners = {v: make_runner(model, v, recipe, target) for v in variants}
+    for v, runner in runners.items():
+        shapes.first_calls(runner)  # compile (warm caches) and warm up
+        if v == "lqc" and (dropped := dropped_attention_layers(dropped_modules(runner.session.reports))):
+            # the graphs say which attention layers are gone: time with their cache slots freed
+            # (another cache structure is another graph: compile it now, not in a timed run)
+            runner.dropped_attention = dropped
+            shapes.first_calls(runner)
+    graphs_before = _graphs_compiled()
+    prefill_times: dict[str, list[float]] = {v: [] for v in variants}
+    decode_runs: dict[str, list] = {v: [] for v in variants}
+    for run in range(runs):
+        log(f"timed run {run + 1}/{runs} ...")
+        for v in variants:
+            prefill_times[v].append(runners[v].prefill(shapes.prefill_ids))
+        for v in variants:
+            decode_runs[v].append(runners[v].decode(shapes.prompt_ids, decode_tokens, shapes.cache_length))
+    result.graphs_compiled_while_timing = _graphs_compiled() - graphs_before
+    if result.graphs_compiled_while_timing:
+        log(f"warning: {result.graphs_compiled_while_timing} graphs were compiled during timed runs")
+    return prefill_times, decode_runs
+
+
+def _variant_result(v: str, compiles: tuple[float, float, int], prefill_times: list[float], decode_runs: list,
+                    decode_tokens: int) -> VariantResult:
+    cold, warm, weight_bytes = compiles
+    prompt_s = statistics.median(r[0] for r in decode_runs)
+    decode_s = statistics.median(r[1] for r in decode_runs)
+    prefill_s = statistics.median(prefill_times)
+    steady_first = prefill_s + prompt_s + 2 * decode_s / decode_tokens
+    cache = decode_runs[-1][2]
+    compiled = v != "eager"
+    return VariantResult(
+        variant=v,
+        prefill_ms=prefill_s * 1e3,
+        decode_tokens_per_s=decode_tokens / decode_s,
+        weight_bytes=weight_bytes,
+        kv_bytes_per_token=kv_cache_nbytes(cache) / cache.layers[0].max_cache_len,  # a freed slot's zero view counts one position
+        compile_cold_s=max(cold - steady_first, 0.0) if compiled else 0.0,
+        compile_warm_s=max(warm - steady_first, 0.0) if compiled else 0.0,
+        prefill_runs_ms=[t * 1e3 for t in prefill_times],
+        decode_runs_tokens_per_s=[decode_tokens / r[1] for r in decode_runs],
+    )
 
 
 def format_bench(result: BenchResult) -> str:

@@ -106,12 +106,12 @@ def cmd_eval(args) -> int:
 def _profile_decode(model, args) -> int:
     import torch
 
-    from lqc.bench import _make_forward
+    from lqc.bench import make_runner
     from lqc.decode_profile import format_profile, profile_decode
 
     torch.set_num_threads(args.threads)
     recipe = _load_recipe_arg(args.recipe)
-    profile = profile_decode(model, lambda: _make_forward(model, "lqc", recipe, args.target), recipe=str(args.recipe),
+    profile = profile_decode(model, lambda: make_runner(model, "lqc", recipe, args.target).forward, recipe=str(args.recipe),
                              prompt_tokens=args.prompt_tokens, steps=args.profile_steps)
     print()
     print(format_profile(profile), end="")
@@ -241,15 +241,15 @@ def cmd_viz(args) -> int:
     model, tokenizer, name = lqc.models.load(args.model)
     print(f"loaded {name} in {time.perf_counter() - started:.1f}s")
     started = time.perf_counter()
-    first = len(lqc.reports())
     calibration = args.calibration
     if tokenizer is None and calibration == "calib":
         print(f"{name} has no tokenizer: capturing on {args.tokens} random token ids")
         calibration = None
-    out = lqc.viz.report(model, _load_recipe_arg(args.recipe), args.out, calibration=calibration, tokenizer=tokenizer,
-                         tokens=args.tokens, title=f"lqc: {name}, recipe {args.recipe}")
+    made = lqc.viz.compressed_reports(model, _load_recipe_arg(args.recipe), calibration=calibration, tokenizer=tokenizer,
+                                      tokens=args.tokens)
+    out = lqc.viz.write_html(made, args.out, title=f"lqc: {name}, recipe {args.recipe}")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f}s")
-    made = [r for r in lqc.reports()[first:] if r.snapshots]
+    made = [r for r in made if r.snapshots]
     if args.dot:
         dot = lqc.viz.export_dot(made[0], args.dot)
         print(f"wrote {dot}")

@@ -12,7 +12,7 @@ dropped attention layers, the caches it builds hold nothing for them.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,9 +20,9 @@ import torch
 from lqc.ir.errors import LqcConfigError, LqcError
 from lqc.runtime.structural.dropped_layers import keep_dropped_layers_out_of_caches
 
-from .backend import compiled_graph_count, compiled_graphs_since, reports
 from .data import calibration_from, example_token_ids
 from .options import CompileOptions
+from .pipeline import Session
 
 
 def compress(
@@ -51,12 +51,12 @@ def compress(
         dict(recipe=recipe, calibration=calibration_data, tokenizer=tokenizer, target=target,
              verify=verify, debug_dir=debug_dir, progress=progress, viz=viz, autotune=autotune)
     )
+    session = Session(options)
     compressed = copy.copy(model)  # shares modules and parameters; only `forward` differs
-    compressed.forward = torch.compile(model.forward, backend="lqc", options=options)
+    compressed.forward = torch.compile(model.forward, backend=session)
     if example_inputs is None:
         tokens = calibration_data.default_length if calibration_data is not None else 16
         example_inputs = example_token_ids(model, calibration_data, tokens, "lqc.compress")
-    first, first_report = compiled_graph_count(), len(reports())
     with torch.no_grad():
         try:
             compressed(example_inputs)  # compile now: calibrate and transform weights ahead of time
@@ -64,22 +64,14 @@ def compress(
             if isinstance(exc.inner_exception, LqcConfigError):
                 raise exc.inner_exception from None  # a configuration error reads best without dynamo's wrapping
             raise
-    if len(reports()) == first_report:
+    if not session.compilations:
         # dynamo ran the forward without calling the backend: it gave up on compiling it
         raise LqcError(
             f"lqc.compress: dynamo compiled no graph for this model's forward, so nothing was compressed. It stops "
             f"after torch._dynamo.config.recompile_limit ({torch._dynamo.config.recompile_limit}) compilations of one "
             f"function: call torch._dynamo.reset() between compressions in one process, or raise the limit"
         )
-    # what lqc.save writes: the recipe, the graph(s) this capture produced, and the dropped modules
-    dropped: dict[str, dict] = {}
-    for report in reports()[first_report:]:
-        for record in report.records:
-            if record.name == "drop_layers":
-                dropped.update(record.details.get("dropped_modules", {}))
-    compressed._lqc_compression = Compression(recipe=options.recipe, target=target, graphs=[
-        c.graph for c in compiled_graphs_since(first) if c.graph is not None
-    ], dropped_modules=dropped)
+    compressed._lqc_compression = Compression(recipe=options.recipe, target=target, session=session)
     # a dropped attention layer needs no KV cache: generate() builds its caches without those slots
     keep_dropped_layers_out_of_caches(compressed, compressed._lqc_compression.dropped_attention_layers)
     return compressed
@@ -87,13 +79,33 @@ def compress(
 
 @dataclass
 class Compression:
-    """How a module returned by ``compress`` was made."""
+    """How a module returned by ``compress`` was made: the recipe, and the session whose
+    compilations hold the graphs (the first capture's is what lqc.save writes)."""
 
     recipe: Any
     target: str
-    graphs: list = field(default_factory=list)
-    dropped_modules: dict = field(default_factory=dict)  # module path -> {kind, block} (drop_layers)
+    session: Session | None = None
+
+    @property
+    def graphs(self) -> list:
+        return self.session.graphs if self.session is not None else []
+
+    @property
+    def dropped_modules(self) -> dict:
+        """Module path -> {kind, block}: what drop_layers dropped, in any graph of the session."""
+        return dropped_modules(self.session.reports) if self.session is not None else {}
 
     @property
     def dropped_attention_layers(self) -> list[int]:
-        return sorted({m["block"] for m in self.dropped_modules.values() if m["kind"] == "attention"})
+        return dropped_attention_layers(self.dropped_modules)
+
+
+def dropped_modules(reports) -> dict[str, dict]:
+    """Module path -> {kind, block} of everything drop_layers dropped in these graph reports."""
+    return {path: info for report in reports for record in report.records if record.name == "drop_layers"
+            for path, info in record.details.dropped_modules.items()}
+
+
+def dropped_attention_layers(dropped: dict[str, dict]) -> list[int]:
+    """The blocks whose attention was dropped: their KV cache slots need no memory."""
+    return sorted({info["block"] for info in dropped.values() if info["kind"] == "attention"})

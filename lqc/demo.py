@@ -40,9 +40,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
+
+from .pipeline import Session
 
 RECIPES = ("default", "max")
 HELPER_RECIPE = "max"  # the longest to compile (calibration + GPTQ): the helper process's share
@@ -64,6 +66,7 @@ class Variant:
     sample: str = ""
     first_calls: tuple[float, float] = (0.0, 0.0)  # (first prefill, first decode step) seconds: compiling
     steady_step: float = 0.0
+    session: Any = None  # an lqc variant's Session: its compilations' reports give the stored bytes
 
 
 def use_cache_dir(cache_dir: str | Path) -> Path:
@@ -155,7 +158,8 @@ def _recipe_variant(recipe: str, model, calibration, tokenizer) -> Variant:
     # default needs no calibration data (and shows what a user gets without it); max calibrates
     options = {"recipe": recipe, "target": "auto", "progress": True, "tokenizer": tokenizer,  # calibration bars
                "calibration": calibration if recipe == "max" else None}
-    return Variant(f"lqc {recipe}", model, torch.compile(model.forward, backend="lqc", options=options, dynamic=False))
+    session = Session(options)
+    return Variant(f"lqc {recipe}", model, torch.compile(model.forward, backend=session, dynamic=False), session=session)
 
 
 def _new_cache(model, length: int):
@@ -168,10 +172,8 @@ def _score(v: Variant, window_ids: list[torch.Tensor], cache_length: int) -> Non
     """Every window prefilled into a fresh static cache; its logits score it. The first prefill
     and the first decode step compile (their times are kept); nothing else here is timed, since
     the helper process may be running."""
-    import lqc
     from lqc.evaluate import window_nll
 
-    first = len(lqc.reports())
     cache = None
     for i, window in enumerate(window_ids):
         cache = _new_cache(v.model, cache_length)
@@ -185,8 +187,8 @@ def _score(v: Variant, window_ids: list[torch.Tensor], cache_length: int) -> Non
             v.first_calls = (prefill, _step(v, cache, token, window.shape[1]))
             v.steady_step = _step(v, cache, token, window.shape[1] + 1)
     v.kv_bytes_per_token = _kv_bytes_per_token(v, cache, cache_length)
-    done = [r for r in lqc.reports()[first:] if not r.fallback]
-    if v.name.startswith("lqc") and done:
+    done = [r for r in v.session.reports if not r.fallback] if v.session is not None else []
+    if done:
         v.weight_bytes = done[-1].bytes_after
 
 

@@ -42,6 +42,7 @@ class Pass(abc.ABC):
     Options: ClassVar[type[PassOptions]] = PassOptions
     requires: ClassVar[frozenset[str]] = frozenset()
     preserves: ClassVar[frozenset[str]] = frozenset()
+    stage: ClassVar[str] = "recipe"  # "lowering": picked by the target after the recipe, not a recipe entry
 
     def __init__(self, options: PassOptions | None = None, **values: Any):
         if options is not None and values:

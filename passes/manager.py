@@ -44,21 +44,24 @@ class PassManager:
         self.debug_dir = Path(debug_dir) if debug_dir is not None else None
         self.snapshots = snapshots
 
-    def run(self, graph: Graph, ctx: PassContext | None = None) -> GraphReport:
+    def run(self, graph: Graph, ctx: PassContext | None = None, report: GraphReport | None = None) -> GraphReport:
+        """Run the passes over ``graph``. ``report``: a report to continue (the lowering after the
+        recipe: its records follow the recipe's, on the timeline of the same graph)."""
         ctx = ctx or PassContext()
-        report = GraphReport(graph=graph.name, capture_nodes=len(graph.gm.graph.nodes), capture_bytes=graph.param_bytes())
         expected_outputs = output_signature(graph)
         if ctx.reference is None:
             ctx.reference = graph.copy(name=f"{graph.name}-reference")
         reference_outputs = []
         if self.verify and ctx.check_inputs:
             reference_outputs = [run_graph(ctx.reference, inputs) for inputs in ctx.check_inputs]
-        if self.debug_dir is not None:
-            write_pass_dump(self.debug_dir, None, graph)
-        if self.snapshots:
-            report.snapshots.append(snapshot(graph))
+        if report is None:
+            report = GraphReport(graph=graph.name, capture_nodes=len(graph.gm.graph.nodes), capture_bytes=graph.param_bytes())
+            if self.debug_dir is not None:
+                write_pass_dump(self.debug_dir, None, graph)
+            if self.snapshots:
+                report.snapshots.append(snapshot(graph))
 
-        for index, p in enumerate(self.passes, start=1):
+        for index, p in enumerate(self.passes, start=len(report.records) + 1):
             self._check_requirements(p, ctx)
             record = self._run_one(index, p, graph, ctx, expected_outputs)
             ctx.passes_before.append(options_digest(p))
@@ -87,6 +90,7 @@ class PassManager:
         record = PassRecord(
             index=index,
             name=p.name,
+            stage=p.stage,
             options=dataclasses.asdict(p.options),
             nodes_before=len(before),
             bytes_before=graph.param_bytes(),

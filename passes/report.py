@@ -19,6 +19,7 @@ class PassRecord:
     index: int
     name: str
     options: dict[str, Any]
+    stage: str = "recipe"  # or "lowering": chosen by the target, after the recipe
     seconds: float = 0.0
     matches: int = 0
     nodes_before: int = 0
@@ -52,6 +53,7 @@ class GraphReport:
     kernel_sources: dict[str, str] = field(default_factory=dict)  # generated kernel key -> its source
     node_errors: dict[str, dict[str, Any]] = field(default_factory=dict)  # final node -> error vs the reference
     error_inputs: str = ""  # what node_errors were measured on, or why they were not
+    annotated_step: int = -1  # the snapshot kernels and node_errors describe (-1: the last)
 
     @property
     def bytes_after(self) -> int:

@@ -100,7 +100,6 @@ def test_entry_point_works_without_importing_lqc():
 
 def test_weight_transforms_computed_once_across_recompiles(registered, tiny_llama):
     CloneLinearWeights.calls = 0
-    lqc.clear_reports()
     linear_weights = 14  # 7 per block; lm_head is tied to the embedding and counts as its own linear
     ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -110,7 +109,7 @@ def test_weight_transforms_computed_once_across_recompiles(registered, tiny_llam
             options={"recipe": [{"pass": "test_clone_linear_weights"}], "target": "eager"},
         )
         out = tiny_llama.generate(ids, max_new_tokens=6, do_sample=False)
-    graphs = [r for r in lqc.reports() if not r.fallback]
+    graphs = [r for r in lqc.session_of(tiny_llama.forward).reports if not r.fallback]
     assert len(graphs) == 3  # prefill, first decode, dynamic decode: three recompilations
     assert all(r.records[0].matches == linear_weights + 1 for r in graphs)
     assert CloneLinearWeights.calls == linear_weights + 1  # once per weight, not once per graph
@@ -135,7 +134,7 @@ def test_graph_the_passes_cannot_handle_falls_back_with_a_warning(registered, ti
         out = compiled(token_ids).logits
         reference = tiny_llama(token_ids).logits
     torch.testing.assert_close(out, reference)
-    assert lqc.reports()[-1].fallback
+    assert lqc.session_of(compiled).reports[-1].fallback
 
 
 def test_bad_options_raise_with_the_fix(tiny_llama, token_ids):
@@ -177,11 +176,10 @@ def test_verify_checks_a_graph_with_a_symbolic_length(tiny_llama, token_ids):
     compiled = torch.compile(tiny_llama, backend="lqc", options={"target": "eager", "recipe": "int8", "verify": True, "progress": False})
     token_ids = token_ids.clone()
     torch._dynamo.mark_dynamic(token_ids, 1)
-    first = len(lqc.reports())
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # a fallback warns
         compiled(token_ids)
-    (report,) = lqc.reports()[first:]
+    (report,) = lqc.session_of(compiled).reports
     assert not report.fallback and report.records[-1].rel_error is not None
 
 

@@ -132,12 +132,11 @@ def _eager_and_triton(model, recipe, ids, **options):
     with torch.no_grad():
         expected = reference(ids).logits
     torch._dynamo.reset()
-    first = lqc.backend.compiled_graph_count()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         compiled = lqc.compress(model, recipe, example_inputs=ids, progress=False, target="triton", **options)
     assert not [str(w.message) for w in caught if "target='triton'" in str(w.message)]  # every group a kernel
-    (lowered,) = lqc.backend.compiled_graphs_since(first)
+    (lowered,) = [c.fn for c in lqc.session_of(compiled).compilations]  # the CompiledGraph: .fn is the TritonProgram
     return reference, expected, compiled, lowered
 
 

@@ -26,7 +26,7 @@ def test_empty_recipe_logits_match_eager(smollm2, prompt):
     with torch.no_grad():
         diff = (compiled(prompt).logits - model(prompt).logits).abs().max().item()
     assert diff <= 1e-5
-    report = lqc.reports()[-1]
+    report = lqc.session_of(compiled).reports[-1]
     assert not report.fallback and report.capture_bytes > 500e6  # 134.5M float32 weights, frozen
 
 
@@ -203,7 +203,7 @@ def test_compress_kv_pass_on_transformers_own_caches(smollm2, eval_ids):
 
     compiled = copy.copy(model)
     compiled.forward = torch.compile(model.forward, backend="lqc", options={"recipe": "kv-int4", "target": "eager"})
-    previous, first = config._attn_implementation, len(lqc.reports())
+    previous = config._attn_implementation
     try:
         with torch.no_grad():
             cache = DynamicCache(config=config)
@@ -213,7 +213,7 @@ def test_compress_kv_pass_on_transformers_own_caches(smollm2, eval_ids):
             reference = cached_logits(model, lambda: CompressedKVCache(config, bits=4), 128)(window)
     finally:
         config._attn_implementation = previous
-    graphs = lqc.reports()[first:]
+    graphs = lqc.session_of(compiled.forward).reports
     assert graphs and not any(r.fallback for r in graphs)
     assert ((logits - reference).abs().max() / reference.abs().max()).item() < 1e-4
     assert stored is not None and stored.quantized[0].tokens == 512 - 4 - 128 - (512 - 4 - 128) % 64

@@ -45,10 +45,10 @@ def _prefill_and_steps(forward, model, ids, steps=3):
 
 def _compiled_graphs(model, ids, options):
     """The programs lqc builds for the prefill and the decode graph (and the graphs they run)."""
-    first = lqc.backend.compiled_graph_count()
-    forward = torch.compile(model.forward, backend="lqc", options={"progress": False, **options}, dynamic=False)
+    session = lqc.Session({"progress": False, **options})
+    forward = torch.compile(model.forward, backend=session, dynamic=False)
     logits = _prefill_and_steps(forward, model, ids)
-    return logits, lqc.backend.compiled_graphs_since(first)
+    return logits, [c.fn for c in session.compilations]
 
 
 def test_each_distinct_block_compiles_once_and_matches_eager(five_block_llama):

@@ -24,9 +24,9 @@ needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz dot
 @pytest.fixture
 def int8_report(tiny_llama, token_ids, tmp_path):
     """The tiny Llama compressed with int8 through lqc.viz.report: (page path, GraphReport, final Graph)."""
-    first = len(lqc.reports())
-    path = lqc.viz.report(tiny_llama, "int8", tmp_path / "report.html", calibration=None, example_inputs=token_ids)
-    return path, lqc.reports()[first], tiny_llama
+    (report,) = lqc.viz.compressed_reports(tiny_llama, "int8", calibration=None, example_inputs=token_ids)
+    path = lqc.viz.write_html([report], tmp_path / "report.html", title="lqc: tiny Llama, recipe int8")
+    return path, report, tiny_llama
 
 
 def _snapshot_nodes(snapshot):
@@ -35,9 +35,10 @@ def _snapshot_nodes(snapshot):
 
 def test_snapshots_record_each_pass_with_provenance_and_bytes(int8_report):
     _path, report, _ = int8_report
-    assert [r.name for r in report.records] == ["cleanup", "quantize"]
-    assert len(report.snapshots) == 3  # capture, then one per pass
-    captured, final = (_snapshot_nodes(s) for s in (report.snapshots[0], report.snapshots[-1]))
+    assert [(r.name, r.stage) for r in report.records] == [("cleanup", "recipe"), ("quantize", "recipe"),
+                                                          ("pack_cpu_layouts", "lowering")]
+    assert len(report.snapshots) == 4  # capture, then one per pass, the target's lowering included
+    captured, final = (_snapshot_nodes(s) for s in (report.snapshots[0], report.snapshots[2]))
     qlinears = [n for n in final.values() if n["target"] == "lqc::qlinear"]
     assert len(qlinears) == 14  # 7 linears in each of 2 blocks; lm_head stays float
     for node in qlinears:
@@ -53,6 +54,13 @@ def test_snapshots_record_each_pass_with_provenance_and_bytes(int8_report):
     # removed nodes are the replaced linears (and constants they read, now unused)
     quantize = report.records[1]
     assert {n["provenance"]["from"][0] for n in qlinears} <= set(quantize.nodes_removed)
+    # the lowering is a step of its own: each int8 qlinear becomes one in torch's packed CPU layout
+    lowered = _snapshot_nodes(report.snapshots[3])
+    packed = [n for n in lowered.values() if n["target"] == "lqc::qlinear"]
+    assert len(packed) == 14 and all(n["provenance"]["pass"] == "pack_cpu_layouts" for n in packed)
+    assert {n["provenance"]["from"][0] for n in packed} == {n["name"] for n in qlinears}
+    assert set(report.records[2].nodes_removed) >= {n["name"] for n in qlinears}
+    assert report.records[2].details.layers and len(report.records[2].details.layers) == 14
 
 
 def test_qlinear_groups_show_the_kernel_target_triton_generates(int8_report):
@@ -71,15 +79,16 @@ def test_qlinear_groups_show_the_kernel_target_triton_generates(int8_report):
 
 def test_node_errors_follow_provenance_and_match_the_output_error(int8_report):
     _path, report, _ = int8_report
-    final = _snapshot_nodes(report.snapshots[-1])
+    final = _snapshot_nodes(report.snapshots[-1])  # what runs: the errors describe the lowered graph
     errors = report.node_errors
     # before the first quantized linear nothing has changed: exact
     embedding = next(n for n in final.values() if n["target"] == "embedding")
     assert errors[embedding["name"]]["sqnr_db"] is None and errors[embedding["name"]]["cosine"] == 1.0
     # a qlinear is compared with the linear it replaced; int8 per-channel is far from float but close
+    compressed = _snapshot_nodes(report.snapshots[2])
     for node in (n for n in final.values() if n["target"] == "lqc::qlinear"):
-        error = errors[node["name"]]
-        assert error["reference"] == node["provenance"]["from"][0]
+        error = errors[node["name"]]  # packed by the lowering, from quantize's qlinear, from the captured linear
+        assert error["reference"] == compressed[node["provenance"]["from"][0]]["provenance"]["from"][0]
         assert 20 < error["sqnr_db"] < 80 and error["cosine"] > 0.99
     # the logits' entry is the error compare_outputs measures on the whole graph's output
     logits = next(n for n in final["output"]["inputs"] if final[n]["shape"].endswith(", 256]"))
@@ -90,7 +99,7 @@ def test_node_errors_follow_provenance_and_match_the_output_error(int8_report):
 def test_per_node_error_equals_the_output_comparison(tiny_llama, token_ids):
     torch._dynamo.reset()
     compressed = lqc.compress(tiny_llama, "int8", example_inputs=token_ids, viz=True, progress=False)
-    report = lqc.reports()[-1]
+    report = lqc.session_of(compressed).reports[-1]
     (graph,) = compressed._lqc_compression.graphs
     # the graph also returns the KV cache: pick the output with one score per vocabulary entry
     logits = next(n.name for n in graph.output_node().args[0] if n.meta["val"].shape[-1] == tiny_llama.config.vocab_size)
@@ -196,8 +205,8 @@ def test_report_page_is_one_self_contained_file(int8_report):
     assert "<link" not in page and "@import" not in page
     data = read_page_data(path)
     (graph,) = data["graphs"]
-    assert [p["name"] for p in graph["passes"]] == ["cleanup", "quantize"]
-    assert len(graph["snapshots"]) == 3
+    assert [p["name"] for p in graph["passes"]] == ["cleanup", "quantize", "pack_cpu_layouts"]
+    assert len(graph["snapshots"]) == 4
     final = graph["snapshots"][-1]
     blocks = {"model.layers.0", "model.layers.1"}
     folded = {f"{b}|{c}" for b in blocks for c in (f"{b}.mlp", f"{b}.self_attn", f"{b}.mlp,{b}.self_attn")}
@@ -218,9 +227,9 @@ def test_views_are_laid_out_once_per_distinct_drawing(int8_report):
         for folded in child_combinations(collapsible_children(captured, g))
     }
     assert len(data["layouts"]) == len(distinct)
-    # quantize changed only the blocks' insides: the collapsed top view is the same drawing before and after
-    after_cleanup, after_quantize = data["graphs"][0]["snapshots"][1:]
-    assert after_cleanup["views"][""] == after_quantize["views"][""]
+    # quantize and the lowering changed only the blocks' insides: the collapsed top view is one drawing
+    after_cleanup, after_quantize, after_lowering = data["graphs"][0]["snapshots"][1:]
+    assert after_cleanup["views"][""] == after_quantize["views"][""] == after_lowering["views"][""]
     assert after_cleanup["views"]["model.layers.0"] != after_quantize["views"]["model.layers.0"]
 
 
@@ -243,18 +252,19 @@ def test_debug_dir_writes_the_report_by_itself(tiny_llama, token_ids, tmp_path):
     (page,) = tmp_path.glob("graph*/report.html")
     assert (page.parent / "summary.txt").exists()
     data = read_page_data(page)
-    assert [p["name"] for p in data["graphs"][0]["passes"]] == ["cleanup", "quantize"]
+    assert [(p["name"], p["stage"]) for p in data["graphs"][0]["passes"]] == [
+        ("cleanup", "recipe"), ("quantize", "recipe"), ("pack_cpu_layouts", "lowering")]
+    assert data["graphs"][0]["annotated_step"] == 3  # groups and errors describe the graph that runs
 
 
 def test_a_graph_with_a_symbolic_length_gets_snapshots_and_errors(tiny_llama, token_ids):
     compiled = torch.compile(tiny_llama, backend="lqc", options={"target": "eager", "recipe": "int8", "viz": True, "progress": False})
     token_ids = token_ids.clone()
     torch._dynamo.mark_dynamic(token_ids, 1)
-    first = len(lqc.reports())
     with torch.no_grad():
         compiled(token_ids)
-    (report,) = lqc.reports()[first:]
-    assert not report.fallback and len(report.snapshots) == 3
+    (report,) = lqc.session_of(compiled).reports
+    assert not report.fallback and len(report.snapshots) == 4
     assert any("s" in n["shape"] for n in report.snapshots[-1]["nodes"])  # shapes stay symbolic in the page
     assert "[1, 12]" in report.error_inputs and len(report.node_errors) > 100  # measured on the actual 12 tokens
 

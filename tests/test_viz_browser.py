@@ -46,9 +46,8 @@ def test_report_in_chromium(tiny_llama, token_ids, tmp_path):
     require_browser()
     from selenium.webdriver.common.by import By
 
-    first = len(lqc.reports())
-    page = lqc.viz.report(tiny_llama, "int8", tmp_path / "report.html", calibration=None, example_inputs=token_ids)
-    report = lqc.reports()[first]
+    (report,) = lqc.viz.compressed_reports(tiny_llama, "int8", calibration=None, example_inputs=token_ids)
+    page = lqc.viz.write_html([report], tmp_path / "report.html", title="lqc: tiny Llama, recipe int8")
     record = report.records[-1]
     assert record.name == "quantize"
     with chromium() as driver:
@@ -127,9 +126,8 @@ def test_smollm2_report_is_small_and_usable(smollm2, tmp_path):
     """The 30-layer model (about 2,000 nodes): the page stays under 20 MB, opens collapsed (one box
     per decoder block), a block expands, search reaches a node in another block."""
     torch._dynamo.reset()
-    first = len(lqc.reports())
-    page = lqc.viz.report(smollm2.model, "int8", tmp_path / "smollm2.html", calibration="calib", tokenizer=smollm2.tokenizer)
-    report = lqc.reports()[first]
+    (report,) = lqc.viz.compressed_reports(smollm2.model, "int8", calibration="calib", tokenizer=smollm2.tokenizer)
+    page = lqc.viz.write_html([report], tmp_path / "smollm2.html", title="lqc: SmolLM2-135M, recipe int8")
     assert len(report.snapshots[0]["nodes"]) > 1500
     assert page.stat().st_size < 20_000_000
     require_browser()

@@ -27,7 +27,7 @@ from .views import build_view, groups, to_dot
 
 DEFAULT_TOKENS = 64  # calibration tokens the per-node errors are measured on
 
-__all__ = ["report", "write_html", "render_html", "report_data", "read_page_data", "export_dot", "export_svg"]
+__all__ = ["report", "compressed_reports", "write_html", "render_html", "report_data", "read_page_data", "export_dot", "export_svg"]
 
 
 def report(
@@ -47,19 +47,25 @@ def report(
     which needs ``tokenizer`` for text calibration; with ``calibration=None``, ``tokens`` random
     ids), and each node's error against the uncompressed graph is measured on them.
     """
-    from lqc.backend import reports
+    made = compressed_reports(model, recipe, calibration=calibration, tokenizer=tokenizer,
+                              example_inputs=example_inputs, tokens=tokens)
+    name = title or f"lqc: {type(model).__name__}, recipe {recipe if isinstance(recipe, str) else 'custom'}"
+    return write_html(made, out, title=name)
+
+
+def compressed_reports(model: torch.nn.Module, recipe: Any = "default", *, calibration: Any = "calib", tokenizer: Any = None,
+                       example_inputs: torch.Tensor | None = None, tokens: int = DEFAULT_TOKENS) -> list[GraphReport]:
+    """``lqc.compress`` with what the page draws kept (snapshots, fusion groups, per-node error):
+    the reports of its session's graphs."""
     from lqc.compress import compress
     from lqc.data import calibration_from, example_token_ids
 
     calibration_data = calibration_from(calibration, tokenizer)
     if example_inputs is None:
         example_inputs = example_token_ids(model, calibration_data, tokens, "lqc.viz.report")
-    first = len(reports())
-    compress(model, recipe, calibration=calibration_data, tokenizer=tokenizer, example_inputs=example_inputs,
-             progress=False, viz=True)
-    made = reports()[first:]
-    name = title or f"lqc: {type(model).__name__}, recipe {recipe if isinstance(recipe, str) else 'custom'}"
-    return write_html(made, out, title=name)
+    compressed = compress(model, recipe, calibration=calibration_data, tokenizer=tokenizer, example_inputs=example_inputs,
+                          progress=False, viz=True)
+    return compressed._lqc_compression.session.reports
 
 
 def export_dot(graph_report: GraphReport, out: str | Path, *, step: int = -1) -> Path:

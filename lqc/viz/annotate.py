@@ -1,69 +1,58 @@
 """What the report adds to a compiled graph's pass records: fusion groups and per-node error.
 
-Called by the backend after the pass manager, on the final graph, while the reference graph and
-the graph's inputs are still at hand (``viz=True`` or a ``debug_dir``).
+Called by the pipeline (lqc.pipeline) after the recipe and the lowering, on the compressed graph,
+while the graph's inputs are at hand (``viz=True`` or a ``debug_dir``).
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
+from pathlib import Path
 from typing import Any, Sequence
 
-from lqc.codegen.epilogue import epilogue_program
-from lqc.codegen.kernel_cache import source_key
+import torch
+
+from lqc.codegen.groups import describe_groups
 from lqc.codegen.partition import partition
-from lqc.codegen.qlinear_kernels import qlinear_source
-from lqc.codegen.templates import kernel_template
 from lqc.ir import Graph
-from lqc.ir.lqc_ops import STATEFUL_OPS, qlinear_args
+from lqc.ir.lqc_ops import STATEFUL_OPS
 from lqc.passes.numerics import node_errors
 from lqc.passes.report import GraphReport
 
 log = logging.getLogger("lqc")
 
 
+def annotate_for_viz(compilation, inputs: Sequence[Any], debug_dir: Path | None) -> None:
+    """Fusion groups and per-node error for lqc.viz; with a debug_dir, the report page itself.
+
+    They describe the graph the target runs (after the lowering), except where lower_triton
+    replaced the groups by kernel calls: there the compressed graph, whose nodes the groups name."""
+    report = compilation.report
+    triton = any(r.name == "lower_triton" for r in report.records)
+    graph = compilation.graph if triton else compilation.lowered
+    report.annotated_step = sum(1 for r in report.records if r.stage == "recipe") if triton else len(report.records)
+    annotate_kernels(report, graph)
+    shapes = ", ".join(f"{i.name} {list(x.shape)}" for i, x in zip(graph.inputs, inputs)
+                       if isinstance(x, torch.Tensor) and i.role != "size")
+    annotate_errors(report, graph, compilation.reference, inputs, f"measured on the inputs this graph was compiled with ({shapes})")
+    if debug_dir is not None:
+        from .html import write_html
+
+        try:
+            write_html([report], debug_dir / "report.html", title=f"lqc: {graph.name}")
+        except Exception as exc:  # noqa: BLE001 - a debugging aid must not fail the compile
+            warnings.warn(f"lqc: could not write {debug_dir / 'report.html'}: {type(exc).__name__}: {exc}", stacklevel=2)
+
+
 def annotate_kernels(report: GraphReport, graph: Graph) -> None:
-    """``report.kernels``: for every node in a fusion group, the group, its role and its kernel
-    template; for qlinear groups also the kernel target="triton" generates for it (its cache key,
-    the source in ``report.kernel_sources``: the same text whichever target this graph runs on)."""
-    for index, group in enumerate(partition(graph)):
-        template = _template(group)
-        generated = _generated_source(group)
-        if generated is not None:
-            key, source, steps = generated
-            report.kernel_sources.setdefault(key, source)
-        for node in group.nodes:
-            role = "anchor" if node is group.anchor else group.roles.get(node, "fused")
-            entry = {
-                "group": index,
-                "kind": group.kind,
-                "anchor": group.anchor.name,
-                "role": role,
-                "members": [n.name for n in group.nodes],
-                "template": template,
-            }
-            if generated is not None:
-                entry["source"] = key
-                entry["in_kernel"] = node is group.anchor or node.name in steps
-            report.kernels[node.name] = entry
-
-
-def _template(group) -> str:
-    fmt = size = None
-    if group.kind == "qlinear":
-        args = qlinear_args(group.anchor)
-        fmt, size = args["fmt"], args["group_size"]
-    template = kernel_template(group.kind, fmt, size)
-    return template or f"no lqc template yet for {group.kind}{f' {fmt}' if fmt else ''}: Inductor compiles it"
-
-
-def _generated_source(group) -> tuple[str, str, set[str]] | None:
-    """(cache key, source, names of the epilogue nodes it computes) of a qlinear group's kernel."""
-    if group.kind != "qlinear" or kernel_template(group.kind, qlinear_args(group.anchor)["fmt"]) is None:
-        return None
-    program = epilogue_program(group.anchor, [n for n in group.epilogue if group.roles.get(n) != "unpack"])
-    source = qlinear_source(program)
-    return source_key(source), source, {n.name for n in program.nodes}
+    """``report.kernels``: each node's fusion group (codegen.groups). Taken from the lowering's
+    record where lower_triton partitioned the graph already, else partitioned here: once either way."""
+    lowered = next((r.details for r in report.records if r.name == "lower_triton"), None)
+    described = lowered.groups if lowered is not None else describe_groups(partition(graph))
+    report.kernels.update(described.kernels)
+    for key, source in described.sources.items():
+        report.kernel_sources.setdefault(key, source)
 
 
 def annotate_errors(report: GraphReport, graph: Graph, reference: Graph, inputs: Sequence[Any], described: str) -> None:

@@ -54,7 +54,7 @@ def _graph_data(report: GraphReport, layouts: Layouts) -> dict[str, Any]:
             "index": r.index, "name": r.name, "ms": r.seconds * 1e3, "added": r.nodes_added, "removed": r.nodes_removed,
             "changed": r.nodes_changed, "bytes_before": r.bytes_before, "bytes_after": r.bytes_after,
             "rel_error": _finite(r.rel_error), "cosine": _finite(r.cosine), "message": r.message,
-            "options": json.loads(json.dumps(r.options, default=str)),
+            "options": json.loads(json.dumps(r.options, default=str)), "stage": r.stage,
         }
         for r in report.records[: len(report.snapshots) - 1]
     ]
@@ -64,6 +64,8 @@ def _graph_data(report: GraphReport, layouts: Layouts) -> dict[str, Any]:
         "capture_bytes": report.capture_bytes,
         "passes": passes,
         "snapshots": snapshots,
+        # the snapshot fusion groups and per-node errors describe (lqc.viz.annotate)
+        "annotated_step": report.annotated_step % len(report.snapshots),
         "kernels": report.kernels,
         "kernel_sources": report.kernel_sources,
         "errors": {k: {**v, "sqnr_db": _finite(v["sqnr_db"]), "cosine": _finite(v["cosine"]) or 0.0,

@@ -45,6 +45,18 @@ def cpu_layout(q: QuantizedWeight) -> str | None:
     return None
 
 
+def packed_layout(graph: Graph, node: fx.Node) -> str | None:
+    """The packed CPU format pack_cpu_layouts gives an ``lqc::qlinear`` node, or None where it
+    keeps its layout (``kernels: false``, not a weight quantize made, not on the CPU, no such layout)."""
+    info = node.meta.get("lqc_quantized")
+    if info is None or not info.get("kernels") or info.get("canonical") is None:
+        return None
+    args = qlinear_args(node)
+    if args["fmt"] != info["canonical"].format or graph.constant(args["qweight"]).device.type != "cpu":
+        return None
+    return cpu_layout(info["canonical"])
+
+
 @dataclass
 class PackReport:
     layers: list[str] = field(default_factory=list)  # qlinears now in int8_cpu / int4_cpu
@@ -53,6 +65,7 @@ class PackReport:
 
 class PackCpuLayouts(Pass):
     name = "pack_cpu_layouts"
+    stage = "lowering"
     description = "quantized weights on the CPU -> torch's packed CPU layouts (int8_cpu, int4_cpu, bf16 expert scales)"
 
     def run(self, graph: Graph, ctx) -> PassResult:
@@ -68,11 +81,10 @@ class PackCpuLayouts(Pass):
         return PassResult(matches=len(report.layers) + len(report.experts), details=report)
 
     def _pack_qlinear(self, graph: Graph, ctx, node: fx.Node, info: dict) -> bool:
-        args = qlinear_args(node)
-        canonical: QuantizedWeight = info["canonical"]
-        layout = cpu_layout(canonical)
-        if args["fmt"] != canonical.format or layout is None or graph.constant(args["qweight"]).device.type != "cpu":
+        layout = packed_layout(graph, node)
+        if layout is None:
             return False
+        args, canonical = qlinear_args(node), info["canonical"]
         sources = [args["qweight"], args["scales"]] + ([args["zeros"]] if args["zeros"] is not None else [])
         qweight, scales, zeros = ctx.transform(graph, ("cpu_layout", info["layer"], layout), sources,
                                                lambda: kernel_layout(canonical, layout))

@@ -56,7 +56,8 @@ async function loadReportData() {
       changed: new Set(record ? record.changed : []),
     };
   }
-  function isFinal(snapshot) { const g = graph(); return snapshot === g.snapshots[g.snapshots.length - 1]; }
+  // the compressed graph (the recipe's last step): where fusion groups and per-node errors are known
+  function isFinal(snapshot) { const g = graph(); return snapshot === g.snapshots[g.annotated_step]; }
 
   // ---- header, timeline -------------------------------------------------------------------------
   function initHeader() {
@@ -80,7 +81,7 @@ async function loadReportData() {
     const steps = [{ name: "capture", nodes: g.snapshots[0].nodes.length, bytes: g.capture_bytes }].concat(g.passes);
     steps.forEach((p, i) => {
       const button = el("button", { class: "pass-step" + (i === state.step ? " active" : ""), "data-step": i, "data-pass": p.name });
-      button.appendChild(el("div", { class: "name" }, i === 0 ? "0 · capture" : `${i} · ${p.name}`));
+      button.appendChild(el("div", { class: "name" }, i === 0 ? "0 · capture" : `${i} · ${p.name}${p.stage === "lowering" ? " (lowering)" : ""}`));
       const stats = el("div", { class: "stats" });
       if (i === 0) stats.textContent = `${p.nodes} nodes · ${fmtBytes(p.bytes)}`;
       else {
@@ -472,7 +473,7 @@ async function loadReportData() {
 
   function renderAll() {
     const g = graph();
-    if (state.step < 0 || state.step > g.passes.length) state.step = g.passes.length;
+    if (state.step < 0 || state.step > g.passes.length) state.step = g.annotated_step;  // opens on the compressed graph
     renderTimeline();
     renderTree();
     renderPanes();

@@ -1,0 +1,220 @@
+"""One ``torch.compile`` call, as data: a ``Session`` and the ``Compilation`` of each graph.
+
+A session is what dynamo calls for every graph it captures (prefill, decode, each new shape). It
+resolves its recipe once, when it is made; then, per graph:
+
+    capture -> the recipe's passes -> the target's lowering passes -> the target's code
+
+all in lqc's pass manager (verify-each, provenance, snapshots for lqc.viz), and it keeps a
+``Compilation`` record of each graph: the captured reference, the compressed graph (what
+``lqc.save`` writes), the lowered one, every pass's report and the callable handed to dynamo.
+``lqc.compress``, ``lqc.viz``, ``lqc bench`` and the CLI read ``session.compilations``.
+
+Errors: a bad recipe or option raises (a fallback would hide the mistake). A graph lqc cannot
+handle falls back to Inductor with a warning, and if Inductor fails too, to the graph as dynamo
+captured it: compiling never crashes on a graph lqc does not understand.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from lqc.codegen.targets import compile_graph, resolve_target
+from lqc.ir import Graph, capture
+from lqc.ir.errors import LqcConfigError
+from lqc.ir.inputs import CalibrationUnavailable
+from lqc.ir.lqc_ops import STATEFUL_OPS
+from lqc.passes import GraphReport, PassContext, PassManager, load_recipe
+from lqc.recipes import resolve_recipe
+from lqc.runtime.compiled import CompiledGraph
+from lqc.runtime.kv.graph_cache import is_handle
+
+from .data import calibration_from
+from .lowering import lowering_passes
+from .options import CompileOptions
+
+log = logging.getLogger("lqc")
+
+
+@dataclass(eq=False)
+class Compilation:
+    """One captured graph, from capture to the callable dynamo runs."""
+
+    name: str
+    report: GraphReport  # capture, then one record per pass: the recipe's, then the lowering's
+    reference: Graph | None = None  # the graph as captured (the passes' numeric reference)
+    graph: Graph | None = None  # after the recipe: what lqc.save writes
+    lowered: Graph | None = None  # after the lowering passes: what the target compiled
+    target: str = ""
+    fn: Callable | None = None  # what dynamo calls (a CompiledGraph, or the fallback)
+
+    @property
+    def fallback(self) -> str:
+        return self.report.fallback
+
+
+class Session:
+    """A dynamo backend with a memory: ``torch.compile(model, backend=lqc.Session(recipe="int8"))``.
+
+    Options are those of ``torch.compile(..., backend="lqc", options={...})`` (lqc.options), given
+    as a dict, a CompileOptions or keywords. The recipe is resolved and validated here, once.
+    """
+
+    __name__ = "lqc"  # dynamo names backends in its logs
+
+    def __init__(self, options: Any = None, **values: Any):
+        if values:
+            options = {**(options or {}), **values} if not isinstance(options, CompileOptions) else \
+                CompileOptions.parse({**vars(options), **values})
+        self.options = CompileOptions.parse(options)
+        self.recipe = load_recipe(resolve_recipe(self.options.recipe))  # raises on unknown passes or options
+        self.calibration = calibration_from(self.options.calibration, self.options.tokenizer)
+        self.compilations: list[Compilation] = []
+        self.source_options: Any = None  # the options object torch.compile passed (lqc.backend)
+        self._names = itertools.count()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"lqc.Session(recipe={self.options.recipe!r}, {len(self.compilations)} graphs)"
+
+    @property
+    def reports(self) -> list[GraphReport]:
+        return [c.report for c in self.compilations]
+
+    @property
+    def graphs(self) -> list[Graph]:
+        """The compressed graphs (after the recipe), oldest first."""
+        return [c.graph for c in self.compilations if c.graph is not None]
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        """Dynamo's entry: compile one captured graph."""
+        name = f"graph{next(self._names)}"
+        if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
+            return self._fallback(
+                gm, example_inputs, name,
+                "lqc compiles inference graphs and this one is traced with autograd on; call the model under "
+                "torch.no_grad() or torch.inference_mode() to compress it",
+            )
+        try:
+            compilation = self.compile(gm, list(example_inputs), name)
+        except LqcConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure on a graph becomes a warned fallback
+            log.debug("lqc failed on %s", name, exc_info=True)
+            return self._fallback(gm, example_inputs, name, f"{type(exc).__name__}: {exc}")
+        self._add(compilation)
+        return compilation.fn
+
+    def compile(self, gm: fx.GraphModule, args: Sequence[Any], name: str, rebuilding: bool = False) -> Compilation:
+        """Capture, compress, lower and compile one graph (``rebuilding``: its weights changed)."""
+        opts = self.options
+        start = time.perf_counter()
+        graph = capture(gm, args, name=name)
+        capture_seconds = time.perf_counter() - start
+        ctx = self._context(graph, args, name)
+        debug_dir = Path(opts.debug_dir) / name if opts.debug_dir else None
+        viz = opts.viz or debug_dir is not None
+        report = PassManager([copy.copy(p) for p in self.recipe], verify=opts.verify, debug_dir=debug_dir,
+                             snapshots=viz).run(graph, ctx)
+        report.capture_seconds = capture_seconds
+        compilation = Compilation(name=name, report=report, reference=ctx.reference, graph=graph)
+
+        # Outside dynamo's tracing context Inductor would specialize a dynamic graph to these shapes:
+        # such a rebuild runs eagerly (at target triton: its kernels, the rest eagerly).
+        inputs = [args[i.index] for i in graph.inputs]
+        inductor = not (rebuilding and any(i.role == "size" for i in graph.inputs))
+        target = resolve_target(opts.target)
+        if not inductor and target != "triton":
+            target = "eager"
+        compilation.target = target
+        lowering = lowering_passes(target, inputs, debug_dir, opts.autotune)
+        lowered = graph.copy() if lowering else graph  # the compressed graph stays as the recipe left it
+        if lowering:
+            PassManager(lowering, verify=opts.verify, debug_dir=debug_dir, snapshots=viz).run(lowered, ctx, report=report)
+        compilation.lowered = lowered
+        if viz:
+            from .viz.annotate import annotate_for_viz
+
+            annotate_for_viz(compilation, [_concrete(args[i.index]) for i in graph.inputs], debug_dir)
+        start = time.perf_counter()
+        lowering_record = report.records[-1].details if target == "triton" else None  # lower_triton's Lowering
+        fn = compile_graph(lowered, target, inputs, lowering_record, inductor=inductor, share_blocks=opts.share_blocks)
+        report.codegen_seconds = time.perf_counter() - start
+        frozen = [(f.index, f.tensor, f.version) for f in graph.frozen]
+        compilation.fn = CompiledGraph(fn, [i.index for i in graph.inputs], frozen, name=name, graph=graph,
+                                       rebuild=lambda a: self._rebuild(gm, a, name))
+        return compilation
+
+    def _rebuild(self, gm: fx.GraphModule, args: Sequence[Any], name: str) -> CompiledGraph:
+        compilation = self.compile(gm, args, name, rebuilding=True)
+        self._add(compilation)
+        return compilation.fn
+
+    def _add(self, compilation: Compilation) -> None:
+        with self._lock:
+            self.compilations.append(compilation)
+
+    def _context(self, graph: Graph, args: Sequence[Any], name: str) -> PassContext:
+        ctx = PassContext(calibration=self.calibration, progress=self.options.progress)
+        if self.options.verify and any(n.target in STATEFUL_OPS for n in graph.gm.graph.nodes):
+            warnings.warn(f"lqc: {name} is not verified: it updates a compressed KV cache (lqc::kv_attention), so "
+                          f"running it again to check a pass would store its tokens twice", stacklevel=3)
+        elif self.options.verify:
+            # a size input of a dynamic graph is a SymInt here: the check runs on the value it stands for
+            ctx.check_inputs = [tuple(_concrete(args[i.index]) for i in graph.inputs)]
+            if self.calibration is not None:
+                try:
+                    ctx.check_inputs += self.calibration.inputs_for(graph, max_windows=2)
+                except CalibrationUnavailable:
+                    pass  # decode graphs: the example inputs are the check
+        return ctx
+
+    def _fallback(self, gm: fx.GraphModule, example_inputs: Sequence[Any], name: str, reason: str) -> Callable:
+        warnings.warn(f"lqc: {name} falls back to Inductor, uncompressed: {reason}", stacklevel=3)
+        report = GraphReport(graph=name, capture_nodes=len(gm.graph.nodes), fallback=reason)
+        try:
+            from torch._inductor.compile_fx import compile_fx
+
+            fn = compile_fx(gm, list(example_inputs))
+        except Exception as exc:  # noqa: BLE001
+            warnings.warn(f"lqc: Inductor also failed on {name} ({type(exc).__name__}: {exc}); running it eagerly")
+            fn = gm.forward
+        fn = _refusing_compressed_cache(fn, name, reason)
+        fn.lqc_session = self  # the compiled graphs hold their session (lqc.backend finds it while they live)
+        compilation = Compilation(name=name, report=report, target="fallback", fn=fn)
+        self._add(compilation)
+        return compilation.fn
+
+
+def _concrete(value: Any) -> Any:
+    return value.node.hint if isinstance(value, torch.SymInt) and value.node.hint is not None else value
+
+
+def _refusing_compressed_cache(fn, name: str, reason: str):
+    """``fn``, unless it is handed a dynamic cache that an earlier graph compressed (compress_kv):
+    the cache then holds lqc's handles, not keys, and an unrewritten attention would read them."""
+
+    def run(*args):
+        inputs = args[0] if len(args) == 1 and isinstance(args[0], list) else args  # boxed or not
+        if any(is_handle(a) for a in inputs):
+            raise RuntimeError(
+                f"lqc: {name} could not be compressed ({reason}), but the KV cache it was given was compressed by an "
+                f"earlier graph (compress_kv), so it cannot attend over it. Fix what the warning for {name} names, "
+                f"or drop compress_kv from the recipe"
+            )
+        return fn(*args)
+
+    if getattr(fn, "_boxed_call", False):
+        run._boxed_call = True
+    return run
