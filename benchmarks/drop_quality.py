@@ -51,10 +51,10 @@ def measure(model, tokenizer, recipe, calibration, ids, windows) -> dict:
     result = perplexity(causal_lm_logits(compressed), ids, max_windows=windows, progress=False)
     details = record.details
     return {
-        "dropped": details["dropped"], "perplexity": result.perplexity, "scored_tokens": result.scored_tokens,
-        "params_removed": details["params_removed"], "flops_per_token_removed": details["flops_per_token_removed"],
+        "dropped": details.dropped, "perplexity": result.perplexity, "scored_tokens": result.scored_tokens,
+        "params_removed": details.params_removed, "flops_per_token_removed": details.flops_per_token_removed,
         "compress_seconds": round(seconds, 1), "eval_seconds": round(result.seconds, 1),
-        "scores": details["scores"][0]["blocks"] if details["scores"] else None,
+        "scores": details.scores[0]["blocks"] if details.scores else None,
     }
 
 

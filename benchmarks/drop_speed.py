@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                     # model); its record says which layers the cache can leave out
                     forward(input_ids=prompt, use_cache=False)
                     record = next(r for rep in lqc.reports() for r in rep.records if r.name == "drop_layers")
-                    dropped[:] = record.details["dropped_attention_layers"]
+                    dropped[:] = record.details.dropped_attention_layers
                     lqc.clear_reports()
                 runner = Runner(model, forward, dropped_attention=dropped if name == drop_name else None)
                 _, _, cache = runner.decode(prompt, min(3, args.decode), cache_length)

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
                 rows[name].setdefault("nodes_captured", report.capture_nodes)
                 rows[name].setdefault("nodes_after", report.records[-1].nodes_after if report.records else report.capture_nodes)
                 if report.records:
-                    rows[name].setdefault("merged", sorted(report.records[-1].details["merged"]))
+                    rows[name].setdefault("merged", sorted(report.records[-1].details.merged))
                 rows[name][f"rel_error_T{tokens}"] = compare_outputs([logits], [eager])[0]
 
         for forward in variants.values():  # warm-up

@@ -62,13 +62,13 @@ def main(argv=None) -> int:
             seconds = time.perf_counter() - start
             record = next(r for r in reports()[-1].records if r.name == "ffn_to_moe")
             result = perplexity(causal_lm_logits(compressed), ids, max_windows=args.windows, progress=False)
-            layers = record.details["layers"]
+            layers = record.details.layers
             row = {
                 "top_k": top_k, "partition": partition, "int8": int8, "weight_bytes": reports()[-1].bytes_after,
-                "active_fraction": record.details["active_fraction"],
+                "active_fraction": record.details.active_fraction,
                 "perplexity": result.perplexity, "delta_pct": 100 * (result.perplexity / reference["perplexity"] - 1),
-                "ffn_flops_per_token_dense": record.details["ffn_flops_per_token_dense"],
-                "ffn_flops_per_token_moe": record.details["ffn_flops_per_token_moe"],
+                "ffn_flops_per_token_dense": record.details.ffn_flops_per_token_dense,
+                "ffn_flops_per_token_moe": record.details.ffn_flops_per_token_moe,
                 "router_recall_mean": sum(layer["router_recall"] for layer in layers) / len(layers),
                 "router_recall_initial_mean": sum(layer["router_recall_initial"] for layer in layers) / len(layers),
                 "compress_seconds": round(seconds, 1), "eval_seconds": round(result.seconds, 1), "recipe": recipe,

@@ -78,8 +78,8 @@ def main(argv=None) -> int:
             carve, quantize = records.get("ffn_to_moe"), records.get("quantize")
             expert_bytes = active = None
             if carve is not None:
-                active = carve.details["active_fraction"]
-                expert_bytes = carve.details["ffn_flops_per_token_dense"] // 2 * 4  # 2 FLOPs per float32 weight
+                active = carve.details.active_fraction
+                expert_bytes = carve.details.ffn_flops_per_token_dense // 2 * 4  # 2 FLOPs per float32 weight
                 if quantize is not None:
                     expert_bytes = sum(row.bytes_after for row in quantize.details.layers if row.kind == "experts")
             runners[name] = runner
