@@ -33,6 +33,7 @@ import torch
 from lqc.ir import op_name
 from lqc.ir.errors import LqcConfigError, LqcError
 from lqc.passes import load_recipe
+from lqc.passes.lowering import packed_layout
 from lqc.recipes import resolve_recipe
 from lqc.runtime.structural.dropped_layers import DroppedAttention, DroppedMLP, keep_dropped_layers_out_of_caches
 from lqc.runtime.kv.cache import attention_head_dim
@@ -66,7 +67,7 @@ def save(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None) -
     if any(entry.get("include_embedding") for entry in recipe):
         raise LqcConfigError("lqc.save does not store int8 embedding tables yet: compress without include_embedding to save")
 
-    floats, layers = _compressed_state(compression.graphs[0])
+    floats, layers = _compressed_state(compression.graphs[0], packed=compression.target != "triton")
     dropped = dict(compression.dropped_modules)
     state = _state_to_write(model, floats, layers, dropped)
     tensors, aliases = _unique_tensors(state)
@@ -221,8 +222,10 @@ def read_manifest(directory: str | Path) -> dict:
     return manifest
 
 
-def _compressed_state(graph) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """(float constants by module path, quantized layers) of a graph after its passes."""
+def _compressed_state(graph, packed: bool) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """(float constants by module path, quantized layers) of a graph after the recipe's passes.
+    A layer's kernel is the qlinear format the model ran: with ``packed`` (targets eager and
+    inductor) the packed CPU layout the pack_cpu_layouts lowering gave it, if any."""
     layers: dict[str, dict] = {}
     quantized_inputs = set()
     for node in graph.nodes:
@@ -230,7 +233,7 @@ def _compressed_state(graph) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
             info = node.meta["lqc_quantized"]
             bias = node.args[4]
             layers[info["layer"]] = {
-                "canonical": info["canonical"], "kernel": node.args[5],
+                "canonical": info["canonical"], "kernel": (packed and packed_layout(graph, node)) or node.args[5],
                 "bias": bias is not None and bool(graph.fqns(bias)),
             }
             quantized_inputs.update(a.target for a in node.args[1:4] if graph.is_constant(a))
