@@ -7,17 +7,24 @@ dtype, shape and device, and nothing later writes into the result in place (a no
 returns its input itself, but ``x * 1.0`` returns a copy, and an in-place write to the copy
 must not reach ``x``). Then pure nodes without users are deleted. Ops that write into their
 inputs (the static cache's ``index_copy_``) are never deleted.
+
+Regions are preserved: the pass only deletes nodes, so it drops their names from the regions
+(``ir.regions``) instead of having the manager re-annotate the graph. When a deleted node could
+change what annotate_regions finds (an op it classifies regions by, a module left with no nodes,
+or a graph with softmax attention, which it finds within a few nodes of a matmul) the pass
+re-annotates itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from lqc.ir import Graph, op_name
-from lqc.ir.ops import is_inplace
+from lqc.ir import Graph, annotate_regions, op_name
+from lqc.ir.ops import ACTIVATION_OPS, LINEAR_OPS, is_inplace
 
 from lqc.passes.base import Pass, PassResult
 from lqc.passes.options import PassOptions
@@ -64,13 +71,46 @@ class CleanupReport:
     dead: int  # nodes without users deleted
 
 
+# ops annotate_regions classifies regions by: deleting one may move a region boundary
+_REGION_OPS = LINEAR_OPS | ACTIVATION_OPS | {
+    "embedding", "rsqrt", "mean", "layer_norm", "rms_norm", "group_norm", "batch_norm",
+    "scaled_dot_product_attention", "softmax", "_softmax", "matmul", "bmm", "baddbmm",
+}
+
+
+def _forget_deleted(graph: Graph, deleted: list[fx.Node]) -> None:
+    """Make the region annotations those annotate_regions would compute after ``deleted`` left the graph."""
+    if not deleted:
+        return
+    alive = set(graph.nodes)
+    gone_paths = {path for node in deleted for path, _ in graph.module_stack(node)}
+    still_there = {path for node in alive for path, _ in graph.module_stack(node)}
+    if (
+        any(op_name(node) in _REGION_OPS for node in deleted)
+        or not gone_paths <= still_there
+        or any(op_name(node) in ("softmax", "_softmax") for node in alive)
+    ):
+        annotate_regions(graph)
+        return
+    names = {node.name for node in deleted}
+    current = {region: dataclasses.replace(region, nodes=tuple(n for n in region.nodes if n not in names))
+               for region in graph.regions}
+    graph.regions = [region for region in current.values() if region.nodes]
+    for node in alive:
+        region = node.meta.get("lqc_region")
+        if region is not None:
+            node.meta["lqc_region"] = current.get(region, region)
+
+
 @register_pass
 class Cleanup(Pass):
     name = "cleanup"
     description = "remove no-op conversions and arithmetic (x.to(same dtype), x*1.0, x+0) and dead code"
     Options = CleanupOptions
+    preserves = frozenset({"regions"})
 
     def run(self, graph: Graph, ctx) -> PassResult:
+        before = list(graph.nodes)
         removed_identities = 0
         for node in list(graph.nodes):
             if node.op not in ("call_function", "call_method") or not self.selects(node):
@@ -84,6 +124,9 @@ class Cleanup(Pass):
             if node.op in ("call_function", "call_method") and not node.users and self._is_droppable(node):
                 graph.gm.graph.erase_node(node)
                 removed_dead += 1
+        graph.prune_constants()  # what the manager prunes next: its names leave the regions too
+        alive = set(graph.nodes)
+        _forget_deleted(graph, [node for node in before if node not in alive])
         return PassResult(
             matches=removed_identities + removed_dead,
             details=CleanupReport(identities=removed_identities, dead=removed_dead),

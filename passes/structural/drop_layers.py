@@ -146,15 +146,9 @@ class DropLayers(Pass):
         removed, cache_kept = self._drop(graph, boundaries, [index_of[b] for b in chosen], self.options.what)
         dropped_paths = [boundaries[index_of[b]].path for b in chosen]
         details = DropLayersReport(
-            what=self.options.what,
-            dropped=chosen,
-            dropped_paths=dropped_paths,
-            scores=scores,
-            params_removed=removed.params,
-            bytes_removed=removed.bytes,
-            flops_per_token_removed=removed.flops_per_token,
-            cache_kept=cache_kept,
-            dropped_modules=dropped_modules,
+            what=self.options.what, dropped=chosen, dropped_paths=dropped_paths, scores=scores,
+            params_removed=removed.params, bytes_removed=removed.bytes, flops_per_token_removed=removed.flops_per_token,
+            cache_kept=cache_kept, dropped_modules=dropped_modules,
             dropped_attention_layers=sorted({m["block"] for m in dropped_modules.values() if m["kind"] == "attention"}),
         )
         message = f"dropped {self.options.what} of blocks {chosen}: {removed.params} parameters, {removed.flops_per_token} FLOPs/token"
