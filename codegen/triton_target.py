@@ -79,61 +79,17 @@ def lower_to_triton(graph: Graph, debug_dir: str | Path | None = None, autotune:
     ``autotune``: the calls pick their launch config with lqc.codegen.autotune (measured once per
     kernel and shape, then read from its cache)."""
     lowering = Lowering()
-    g = graph.gm.graph
     groups = partition(graph)
     lowering.groups = describe_groups(groups)
     for group in groups:
         if group.kind == "moe_ffn":
             _lower_moe(graph, group, lowering)
-            continue
-        if group.kind == "kv_attention":
+        elif group.kind == "kv_attention":
             _lower_kv_attention(graph, group, lowering)
-            continue
-        if group.kind != "qlinear":
+        elif group.kind == "qlinear":
+            _lower_qlinear(graph, group, lowering, autotune)
+        else:
             lowering.left[f"{group.kind}: no Triton template yet (runs its lqc op)"] += 1
-            continue
-        args = qlinear_args(group.anchor)
-        fmt = args["fmt"]
-        if fmt in CPU_LAYOUT_BASE:
-            # torch's packed CPU layouts (the eager/Inductor lowering pack_cpu_layouts) compute in
-            # bfloat16; the kernels here read the canonical layout the quantize pass emits, and the
-            # triton target does not run that lowering. Only a hand-made pipeline gets here.
-            lowering.left[f"qlinear {fmt}: a packed CPU layout; target triton reads the canonical {CPU_LAYOUT_BASE[fmt]}"] += 1
-            continue
-        if fmt not in DEQUANT_GEMM_FORMATS:
-            lowering.left[f"qlinear {fmt}: no dequant-GEMM template (runs lqc::qlinear)"] += 1
-            continue
-        qweight, scales, zeros = args["qweight"], args["scales"], args["zeros"]
-        x, norm_weight, norm_eps, prologue_nodes = args["x"], None, None, []
-        if group.prologue:
-            norm, why = norm_prologue(group.prologue, group.roles[group.prologue[0]], args["x"])
-            if norm is None:
-                lowering.left[why] += 1
-            else:
-                x, norm_weight, norm_eps, prologue_nodes = norm.x, norm.weight, norm.eps, list(group.prologue)
-        epilogue = [n for n in group.epilogue if group.roles.get(n) != "unpack"]
-        program = epilogue_program(group.anchor, epilogue)
-        if program.stopped_at is not None:
-            lowering.left[f"epilogue stops at {op_name(program.stopped_at)}: {program.stop_reason}"] += 1
-        last = program.output or group.anchor
-        value = last.meta["val"]
-        key = kernel_for(program)
-        replaced = [*prologue_nodes, group.anchor, *program.nodes]
-        with g.inserting_before(last):
-            fused = g.call_function(
-                torch.ops.lqc.fused_qlinear.default,
-                (x, qweight, scales, zeros, args["bias"], norm_weight, norm_eps, list(program.inputs), key, fmt,
-                 args["group_size"], args["in_features"], args["out_features"], value.dtype, autotune),
-            )
-        fused.meta.update({k: v for k, v in last.meta.items() if k != "lqc_provenance"})
-        fused.meta["lqc_kernel"] = key
-        last.replace_all_uses_with(fused)
-        for node in reversed(replaced):
-            g.erase_node(node)
-        lowering.kernels.setdefault(key, []).append(fused.name)
-        lowering.fused_nodes[fused.name] = [n.name for n in replaced]
-        lowering.sources.setdefault(key, "")
-        lowering.sources[key] += "".join(f"# {fused.name}: {format_call(n)}  [{graph.module_path(n)}]\n" for n in replaced)
     graph.prune_constants()
     graph.recompile()
     if lowering.left:
@@ -145,6 +101,51 @@ def lower_to_triton(graph: Graph, debug_dir: str | Path | None = None, autotune:
     if debug_dir is not None:
         write_kernel_sources(lowering, Path(debug_dir))
     return lowering
+
+
+def _lower_qlinear(graph: Graph, group, lowering: Lowering, autotune: bool) -> None:
+    """A qlinear group -> one ``lqc::fused_qlinear`` call: its RMSNorm prologue, the anchor and the
+    epilogue nodes the kernel computes."""
+    args = qlinear_args(group.anchor)
+    fmt = args["fmt"]
+    if fmt in CPU_LAYOUT_BASE:
+        # torch's packed CPU layouts (the eager/Inductor lowering pack_cpu_layouts) compute in
+        # bfloat16; the kernels here read the canonical layout the quantize pass emits, and the
+        # triton target does not run that lowering. Only a hand-made pipeline gets here.
+        lowering.left[f"qlinear {fmt}: a packed CPU layout; target triton reads the canonical {CPU_LAYOUT_BASE[fmt]}"] += 1
+        return
+    if fmt not in DEQUANT_GEMM_FORMATS:
+        lowering.left[f"qlinear {fmt}: no dequant-GEMM template (runs lqc::qlinear)"] += 1
+        return
+    x, norm_weight, norm_eps, prologue_nodes = args["x"], None, None, []
+    if group.prologue:
+        norm, why = norm_prologue(group.prologue, group.roles[group.prologue[0]], args["x"])
+        if norm is None:
+            lowering.left[why] += 1
+        else:
+            x, norm_weight, norm_eps, prologue_nodes = norm.x, norm.weight, norm.eps, list(group.prologue)
+    program = epilogue_program(group.anchor, [n for n in group.epilogue if group.roles.get(n) != "unpack"])
+    if program.stopped_at is not None:
+        lowering.left[f"epilogue stops at {op_name(program.stopped_at)}: {program.stop_reason}"] += 1
+    last = program.output or group.anchor
+    key = kernel_for(program)
+    replaced = [*prologue_nodes, group.anchor, *program.nodes]
+    g = graph.gm.graph
+    with g.inserting_before(last):
+        fused = g.call_function(
+            torch.ops.lqc.fused_qlinear.default,
+            (x, args["qweight"], args["scales"], args["zeros"], args["bias"], norm_weight, norm_eps, list(program.inputs),
+             key, fmt, args["group_size"], args["in_features"], args["out_features"], last.meta["val"].dtype, autotune),
+        )
+    fused.meta.update({k: v for k, v in last.meta.items() if k != "lqc_provenance"})
+    fused.meta["lqc_kernel"] = key
+    last.replace_all_uses_with(fused)
+    for node in reversed(replaced):
+        g.erase_node(node)
+    lowering.kernels.setdefault(key, []).append(fused.name)
+    lowering.fused_nodes[fused.name] = [n.name for n in replaced]
+    lowering.sources[key] = lowering.sources.get(key, "") + "".join(
+        f"# {fused.name}: {format_call(n)}  [{graph.module_path(n)}]\n" for n in replaced)
 
 
 def _lower_moe(graph: Graph, group, lowering: Lowering) -> None:

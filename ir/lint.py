@@ -58,5 +58,9 @@ def verify_graph(graph: Graph, expected_outputs: list[str] | None = None, *, aft
             )
     for node in graph.nodes:
         check = _OP_VERIFIERS.get(op_name(node))
-        if check is not None:
+        if check is None:
+            continue
+        try:
             check(graph, node)
+        except VerificationError as exc:
+            raise VerificationError(f"invalid lqc op{where}: {exc}") from exc

@@ -177,7 +177,7 @@ def cmd_sensitivity(args) -> int:
         entry = {"pass": "quantize", "format": args.format, "group_size": args.group_size, "keep_sensitive": 1,
                  "sensitivity_tokens": args.tokens, "include_lm_head": args.include_lm_head, "targets": args.targets}
         record = PassManager([entry]).run(graph, PassContext(calibration=calibration)).records[0]
-    ranking = record.details["sensitivity"]
+    ranking = record.details.sensitivity
     print(f"\n{name}: relative error of the logits when one layer alone is quantized ({args.format}"
           f"{f', g{args.group_size}' if args.format == 'int4' else ''}; {args.tokens} calibration tokens)")
     rows = [[str(i + 1), row["layer"], f"{row['rel_error']:.5f}"] for i, row in enumerate(ranking[: args.top])]

@@ -180,7 +180,7 @@ def test_norm_prologue_matches_torch(fmt, norm_has_weight, shape, dtype, split_k
 def test_tiny_llama_end_to_end_at_target_triton(tiny_llama, token_ids, tmp_path):
     # The reference path: the same int4 weights through lqc::qlinear's float32 reference (kernels:
     # false; the int4 recipe's packed CPU layout computes in bfloat16). At target="triton" the int4
-    # recipe's int4_cpu weights are rebuilt in the kernel's layout from the canonical codes.
+    # recipe's canonical codes go to the kernel as they are (the CPU packing is the eager/Inductor lowering).
     torch._dynamo.reset()
     recipe = [{"pass": "cleanup"}, {"pass": "quantize", "format": "int4", "group_size": 32, "method": "hqq", "kernels": False}]
     reference = lqc.compress(tiny_llama, recipe, example_inputs=token_ids, progress=False)
@@ -346,3 +346,24 @@ def test_cpu_without_the_interpreter_is_a_clear_error(tiny_llama, token_ids, mon
     torch._dynamo.reset()
     with pytest.raises(lqc.LqcConfigError, match="set TRITON_INTERPRET=1 before importing lqc"):
         lqc.compress(tiny_llama, "int4", example_inputs=token_ids, progress=False, target="triton")
+
+
+def test_triton_lowering_is_a_step_and_the_graph_is_partitioned_once(tiny_llama, token_ids, monkeypatch):
+    """At target triton the lowering pass partitions the graph and lqc.viz reads its groups from
+    the pass's record: one partition per graph. The lowering is a step of the report's timeline."""
+    import lqc.codegen.triton_target as triton_target
+    import lqc.viz.annotate as annotate
+
+    calls = []
+    for module in (triton_target, annotate):
+        monkeypatch.setattr(module, "partition", lambda graph, _f=module.partition: calls.append(graph.name) or _f(graph))
+    torch._dynamo.reset()
+    compressed = lqc.compress(tiny_llama, "int8", example_inputs=token_ids, progress=False, target="triton", viz=True)
+    (compilation,) = lqc.session_of(compressed).compilations
+    report = compilation.report
+    assert calls == [compilation.name]
+    assert [(r.name, r.stage) for r in report.records][-1] == ("lower_triton", "lowering")
+    assert len(report.snapshots) == len(report.records) + 1 and report.records[-1].nodes_added  # fused calls
+    assert report.annotated_step == len(report.records) - 1  # groups name the compressed graph's nodes
+    up = next(name for name, k in report.kernels.items() if k["role"] == "swiglu" and k["kind"] == "qlinear")
+    assert report.kernels[up]["source"] in report.kernel_sources
