@@ -24,10 +24,13 @@ dequant_gemm's docstring: builtins only in the kernels).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
+from lqc.codegen.interpreter import decorated_for_interpreter
 from lqc.codegen.templates import dot_input_precision
 import lqc.ir.kernel_ops  # noqa: F401  (the schema this module implements)
 from lqc.ir.lqc_ops import MOE_ACTIVATIONS, check_moe_ffn_shapes
@@ -183,10 +186,7 @@ def moe_ffn_triton(x, router_weight, router_bias, w_in, w_gate, b_in, w_out, sha
     return out.to(x.dtype).reshape(*x.shape[:-1], d_out)
 
 
-def interpreted() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_grouped_gemm_kernel, InterpretedFunction)
+interpreted = functools.partial(decorated_for_interpreter, _grouped_gemm_kernel)
 
 
 def _check_residual(residual, x, d_out) -> None:
