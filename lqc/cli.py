@@ -263,13 +263,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import MODULE first (registers your own passes); repeatable")
     sub = parser.add_subparsers(dest="command", required=True)
-
     sub.add_parser("passes", help="list registered passes with their options and defaults").set_defaults(func=cmd_passes)
+    _recipes_parser(sub)
+    _eval_parser(sub)
+    _compress_parser(sub)
+    _sensitivity_parser(sub)
+    _kv_parser(sub)
+    _bench_parser(sub)
+    _demo_parser(sub)
+    _viz_parser(sub)
+    return parser
 
+
+def _recipes_parser(sub) -> None:
     recipes = sub.add_parser("recipes", help="list the named recipes, or print one (or a composition: 'moe+int8')")
     recipes.add_argument("name", nargs="?")
     recipes.set_defaults(func=cmd_recipes)
 
+
+def _eval_parser(sub) -> None:
     evaluate = sub.add_parser("eval", help="perplexity and greedy-generation agreement against float32 eager")
     evaluate.add_argument("--model", default="smollm2-135m")
     evaluate.add_argument("--recipe", default="default", help="named recipe, YAML file, or inline YAML")
@@ -286,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", default=None, help="also write the results here")
     evaluate.set_defaults(func=cmd_eval)
 
+
+def _compress_parser(sub) -> None:
     compress = sub.add_parser("compress", help="compress a model and save it (lqc.save): safetensors + a JSON manifest")
     compress.add_argument("--model", default="smollm2-135m")
     compress.add_argument("--recipe", required=True, help="named recipe, YAML file, or inline YAML (cleanup and quantize passes)")
@@ -294,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--threads", type=int, default=2)
     compress.set_defaults(func=cmd_compress)
 
+
+def _sensitivity_parser(sub) -> None:
     sensitivity = sub.add_parser("sensitivity", help="rank linear layers by the output error of quantizing each alone")
     sensitivity.add_argument("--model", default="smollm2-135m")
     sensitivity.add_argument("--format", default="int4")
@@ -308,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     sensitivity.add_argument("--json", default=None)
     sensitivity.set_defaults(func=cmd_sensitivity)
 
+
+def _kv_parser(sub) -> None:
     kv = sub.add_parser("kv", help="KV-cache bytes per token and in total at a context length, compressed vs float16")
     kv.add_argument("--model", default="smollm2-135m")
     kv.add_argument("--context", type=int, nargs="+", default=[2048])
@@ -319,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--json", default=None)
     kv.set_defaults(func=cmd_kv)
 
+
+def _bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="prefill/decode speed, sizes and compile times: eager, Inductor, lqc")
     bench.add_argument("--model", default="smollm2-135m")
     bench.add_argument("--recipe", default="default")
@@ -335,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="also write the results here")
     bench.set_defaults(func=cmd_bench)
 
+
+def _demo_parser(sub) -> None:
     demo = sub.add_parser("demo", help="SmolLM2-135M: float32, Inductor bf16, lqc default and max in one table, and a trade-off page")
     demo.add_argument("--model", default="smollm2-135m")
     demo.add_argument("--cache-dir", default=".lqc-cache", help="Inductor's and lqc's caches, results and the trade-off page")
@@ -344,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=2)
     demo.set_defaults(func=cmd_demo)
 
+
+def _viz_parser(sub) -> None:
     viz = sub.add_parser("viz", help="one static HTML page: every pass's graph before/after, diff, provenance, per-node error")
     viz.add_argument("--model", default="smollm2-135m")
     viz.add_argument("--recipe", default="default", help="named recipe, YAML file, or inline YAML")
@@ -354,7 +378,6 @@ def build_parser() -> argparse.ArgumentParser:
     viz.add_argument("--svg", default=None, help="and render that DOT to SVG here (needs Graphviz's dot)")
     viz.add_argument("--threads", type=int, default=2)
     viz.set_defaults(func=cmd_viz)
-    return parser
 
 
 def _shown(path) -> str:

@@ -14,7 +14,6 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 import lqc
-from lqc.backend import compiled_graph_count, compiled_graphs_since
 from lqc.ir.errors import LqcConfigError
 from lqc.passes import Pass, PassResult, load_recipe, register_pass, unregister_pass
 from lqc.runtime.kv import graph_cache as kv_graph_cache
@@ -69,13 +68,13 @@ def test_dynamic_cache_compresses_like_the_compressed_cache(target):
     model = _model()
     reference = _reference_logits(model, _prompt())
     float_logits = _step_logits(model, DynamicCache(config=model.config), _prompt())
-    first = compiled_graph_count()
     cache = DynamicCache(config=model.config)
-    logits = _step_logits(_compiled(model, target), cache, _prompt())
+    compiled = _compiled(model, target)
+    logits = _step_logits(compiled, cache, _prompt())
 
     assert (logits - reference).abs().max().item() < 1e-5
     assert (logits - float_logits).abs().max().item() > 1e-3  # the cache really is 2-bit
-    graphs = compiled_graphs_since(first)
+    graphs = lqc.session_of(compiled.forward).compilations
     assert len(graphs) == 3  # prefill, first decode, dynamic decode: as without lqc
     for graph in graphs:
         names = {str(n.target) for n in graph.graph.gm.graph.nodes}
@@ -91,12 +90,12 @@ def test_dynamic_cache_compresses_like_the_compressed_cache(target):
 def test_static_cache_compresses_like_the_compressed_cache(target):
     model = _model()
     reference = _reference_logits(model, _prompt())
-    first = compiled_graph_count()
     cache = StaticCache(config=model.config, max_cache_len=48)
-    logits = _step_logits(_compiled(model, target), cache, _prompt())
+    compiled = _compiled(model, target)
+    logits = _step_logits(compiled, cache, _prompt())
 
     assert (logits - reference).abs().max().item() < 1e-5
-    graphs = compiled_graphs_since(first)
+    graphs = lqc.session_of(compiled.forward).compilations
     assert len(graphs) == 2  # prefill and decode
     for graph in graphs:
         assert _lqc_nodes(graph) == ["lqc.kv_static_attention.default"] * 2
@@ -139,14 +138,14 @@ def test_compressed_layers_die_with_the_cache():
 
 def test_a_model_run_without_a_cache_is_left_alone():
     model = _model()
-    first = compiled_graph_count()
+    compiled = _compiled(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         with torch.no_grad():
-            out = _compiled(model)(_prompt(), use_cache=False).logits
+            out = compiled(_prompt(), use_cache=False).logits
             expected = model(_prompt(), use_cache=False).logits
     assert torch.allclose(out, expected, atol=1e-6)
-    (graph,) = compiled_graphs_since(first)
+    (graph,) = lqc.session_of(compiled.forward).compilations
     assert _lqc_nodes(graph) == []
 
 
@@ -221,7 +220,7 @@ def test_chunked_prefill_through_repeat_kv():
     reference_model = copy.deepcopy(model)
     with torch.no_grad():
         reference = cached_logits(reference_model, lambda: CompressedKVCache(reference_model.config, **OPTIONS), 8)(ids)
-        first = compiled_graph_count()
-        logits = cached_logits(_compiled(model), lambda: DynamicCache(config=model.config), 8)(ids)
+        compiled = _compiled(model)
+        logits = cached_logits(compiled, lambda: DynamicCache(config=model.config), 8)(ids)
     assert (logits - reference).abs().max().item() < 1e-5
-    assert all(_lqc_nodes(g) == ["lqc.kv_dynamic_attention.default"] * 2 for g in compiled_graphs_since(first))
+    assert all(_lqc_nodes(g) == ["lqc.kv_dynamic_attention.default"] * 2 for g in lqc.session_of(compiled.forward).compilations)

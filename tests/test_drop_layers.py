@@ -153,7 +153,6 @@ def test_generate_with_compiled_forward_matches_eager_with_attention_zeroed(tiny
     reference = _zero_out(model, "attention", 1)
     recipe = [{"pass": "drop_layers", "what": "attention", "layers": [1]}]
     kwargs = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True, **extra)
-    lqc.clear_reports()  # earlier tests' graphs are in the process-wide report list too
     with torch.no_grad():
         expected = reference.generate(token_ids, **kwargs)
         unchanged = model.generate(token_ids, **kwargs)
@@ -166,8 +165,8 @@ def test_generate_with_compiled_forward_matches_eager_with_attention_zeroed(tiny
     assert error <= 1e-5, error
     # the dropped attention mattered: the unchanged model's logits differ at every step
     assert min((a - b).abs().max().item() for a, b in zip(unchanged.logits, expected.logits)) > 1e-3
-    reports = [r for r in lqc.reports() if r.records]
-    assert reports and all(r.records[-1].details.dropped == [1] for r in reports)
+    reports = [r for r in lqc.session_of(compiled.forward).reports if r.records]
+    assert reports and all(r.records[0].details.dropped == [1] for r in reports)
 
 
 @pytest.mark.parametrize(
@@ -209,16 +208,15 @@ def test_symbolic_sequence_length(tiny_llama, token_ids):
 def test_calibrated_choice_is_shared_by_prefill_and_decode_graphs(tiny_llama, token_ids):
     calibration = torch.randint(0, 256, (600,), generator=torch.Generator().manual_seed(4))
     recipe = [{"pass": "drop_layers", "what": "block", "count": 1, "tokens": 240}]
-    before = len(lqc.reports())
     compiled = copy.copy(tiny_llama)
     compiled.forward = torch.compile(
         tiny_llama.forward, backend="lqc", options={"recipe": recipe, "target": "eager", "calibration": [calibration]}
     )
     with torch.no_grad():
         generated = compiled.generate(token_ids, max_new_tokens=4, do_sample=False)
-    reports = [r for r in lqc.reports()[before:] if r.records]
+    reports = [r for r in lqc.session_of(compiled.forward).reports if r.records]
     assert len(reports) >= 2  # prefill and at least one decode graph
-    dropped = {tuple(r.records[-1].details.dropped) for r in reports}
+    dropped = {tuple(r.records[0].details.dropped) for r in reports}
     assert len(dropped) == 1 and len(next(iter(dropped))) == 1
     with torch.no_grad():
         expected = _zero_out(tiny_llama, "block", next(iter(dropped))[0]).generate(token_ids, max_new_tokens=4, do_sample=False)

@@ -202,7 +202,7 @@ def test_backend_matches_eager(tiny_llama, token_ids):
         eager = tiny_llama(token_ids).logits
         compiled = torch.compile(tiny_llama, backend="lqc", options={"recipe": [{"pass": "merge_adapters"}]})
         logits = compiled(token_ids).logits
-    report = lqc.reports()[-1]
+    report = lqc.session_of(compiled).reports[-1]
     assert not report.fallback and report.records[0].matches == len(MIXED_PLAN)
     rel, _ = compare_outputs([logits], [eager])
     assert rel <= 1e-5

@@ -16,7 +16,6 @@ from transformers import DynamicCache
 
 import lqc
 import lqc.models
-from lqc.backend import compiled_graph_count, compiled_graphs_since
 from lqc.codegen.partition import creates_cycle, dataflow_graph, describe, partition
 from lqc.ir import Graph, op_name, trace
 from lqc.ir.graph import GraphInput
@@ -189,10 +188,9 @@ def test_kv_attention_groups_own_their_outputs():
               {"pass": "compress_kv", "bits": 4, "group": 4, "residual": 4, "sinks": 1}]
     compiled.forward = torch.compile(model.forward, backend="lqc",
                                      options={"recipe": recipe, "target": "eager", "progress": False})
-    first = compiled_graph_count()
     with torch.no_grad():
         compiled(_ids(), cache=DynamicCache(config=model.config))
-    (graph,) = [c.graph for c in compiled_graphs_since(first)]
+    (graph,) = lqc.session_of(compiled.forward).graphs
     part = partition(graph)
     _check_invariants(graph, part)
     attention = [g for g in part if g.kind == "kv_attention"]

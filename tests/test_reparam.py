@@ -167,9 +167,10 @@ def test_reparam_recipe_through_the_backend(token_ids):
         reference = model(token_ids).logits
         out = compiled(token_ids).logits
     assert float((out - reference).abs().max() / reference.abs().max()) <= 1e-5
-    report = lqc.reports()[-1]
-    assert not report.fallback and [r.name for r in report.records][-2:] == ["concat_linears", "rotate"]
-    assert report.records[-1].details.rotated and report.records[-2].matches == 4
+    report = lqc.session_of(compiled).reports[-1]
+    recipe = [r for r in report.records if r.stage == "recipe"]
+    assert not report.fallback and [r.name for r in recipe][-2:] == ["concat_linears", "rotate"]
+    assert recipe[-1].details.rotated and recipe[-2].matches == 4
 
 
 # -- the real model ---------------------------------------------------------------------------------

@@ -320,16 +320,15 @@ def test_backend_recipe_matches_eager(name):
     (x,) = _inputs(1, 3, 32, 32)
     recipe = [{"pass": "fold_batchnorm"}, {"pass": "merge_branches"}]
     compiled = torch.compile(model, backend="lqc", options={"recipe": recipe, "target": "eager"})
-    before = lqc.backend.compiled_graph_count()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback to Inductor warns
         eager = model(x)
         out = compiled(x)
     eager = eager.logits if hasattr(eager, "logits") else eager
     out = out.logits if hasattr(out, "logits") else out
-    report = lqc.reports()[-1]
+    (compilation,) = lqc.session_of(compiled).compilations
+    report, graph = compilation.report, compilation.graph
     assert not report.fallback and report.records[0].matches > 0
-    (graph,) = [c.graph for c in lqc.backend.compiled_graphs_since(before)]
     assert _count(graph, "batch_norm") == 0
     rel, _ = compare_outputs([out], [eager])
     print(f"{name} through the backend: rel error {rel:.2e}")
