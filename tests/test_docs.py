@@ -74,4 +74,4 @@ def test_codegen_guide_runs(capsys):
 def test_visualization_guide_runs(capsys):
     assert run_doc_blocks(DOC.parent / "visualization.md", {}) == 1
     out = capsys.readouterr().out
-    assert "['cleanup', 'quantize'] 3 True\nqlinear_default ['linear', 'model_layers_0_self_attn_q_proj_weight'] linear" in out
+    assert "[('cleanup', 'recipe'), ('quantize', 'recipe'), ('pack_cpu_layouts', 'lowering')] 4 True\nqlinear_default ['linear', 'model_layers_0_self_attn_q_proj_weight']\nqlinear_default_14 {'pass': 'pack_cpu_layouts', 'from': ['qlinear_default', 'model_layers_0_self_attn_q_proj_qweight', 'model_layers_0_self_attn_q_proj_scales']} linear" in out
