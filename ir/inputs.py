@@ -68,3 +68,15 @@ def inputs_from_tokens(graph: Graph, token_ids: torch.Tensor) -> tuple:
 
 def _dims(example) -> int | None:
     return example.dim() if isinstance(example, torch.Tensor) else None
+
+
+def token_windows(stream: torch.Tensor, length: int, max_windows: int | None = None, *, what: str = "the text",
+                  fix: str = "") -> torch.Tensor:
+    """Non-overlapping [n, length] windows from the start of a 1-D token stream (evaluation and
+    calibration both cut their text this way)."""
+    count = len(stream) // length
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count == 0:
+        raise LqcConfigError(f"{what} has {len(stream)} tokens, fewer than one window of {length}{fix}")
+    return stream[: count * length].view(count, length)

@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import MODULE first (registers your own passes); repeatable")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("passes", help="list registered passes with their options and defaults").set_defaults(func=cmd_passes)
+    sub.add_parser("passes", help="list registered passes with their options and defaults")
     _recipes_parser(sub)
     _eval_parser(sub)
     _compress_parser(sub)
@@ -278,7 +278,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _recipes_parser(sub) -> None:
     recipes = sub.add_parser("recipes", help="list the named recipes, or print one (or a composition: 'moe+int8')")
     recipes.add_argument("name", nargs="?")
-    recipes.set_defaults(func=cmd_recipes)
 
 
 def _eval_parser(sub) -> None:
@@ -296,7 +295,6 @@ def _eval_parser(sub) -> None:
     evaluate.add_argument("--threads", type=int, default=2)
     evaluate.add_argument("--debug-dir", default=None)
     evaluate.add_argument("--json", default=None, help="also write the results here")
-    evaluate.set_defaults(func=cmd_eval)
 
 
 def _compress_parser(sub) -> None:
@@ -306,7 +304,6 @@ def _compress_parser(sub) -> None:
     compress.add_argument("--calibration", default=None, help="'calib' (shared calib.txt) or a text file")
     compress.add_argument("--out", required=True, help="directory to write")
     compress.add_argument("--threads", type=int, default=2)
-    compress.set_defaults(func=cmd_compress)
 
 
 def _sensitivity_parser(sub) -> None:
@@ -322,7 +319,6 @@ def _sensitivity_parser(sub) -> None:
     sensitivity.add_argument("--top", type=int, default=20)
     sensitivity.add_argument("--threads", type=int, default=2)
     sensitivity.add_argument("--json", default=None)
-    sensitivity.set_defaults(func=cmd_sensitivity)
 
 
 def _kv_parser(sub) -> None:
@@ -335,7 +331,6 @@ def _kv_parser(sub) -> None:
     kv.add_argument("--sinks", type=int, default=4)
     kv.add_argument("--window", type=int, default=None, help="StreamingLLM: keep the sinks and the last WINDOW tokens")
     kv.add_argument("--json", default=None)
-    kv.set_defaults(func=cmd_kv)
 
 
 def _bench_parser(sub) -> None:
@@ -353,7 +348,6 @@ def _bench_parser(sub) -> None:
                        help="instead of the speed table: where one decode step of the lqc variant spends its time")
     bench.add_argument("--profile-steps", type=int, default=32, help="decode steps profiled (--profile)")
     bench.add_argument("--json", default=None, help="also write the results here")
-    bench.set_defaults(func=cmd_bench)
 
 
 def _demo_parser(sub) -> None:
@@ -364,7 +358,6 @@ def _demo_parser(sub) -> None:
     demo.add_argument("--decode-tokens", type=int, default=32)
     demo.add_argument("--runs", type=int, default=2)
     demo.add_argument("--threads", type=int, default=2)
-    demo.set_defaults(func=cmd_demo)
 
 
 def _viz_parser(sub) -> None:
@@ -377,7 +370,6 @@ def _viz_parser(sub) -> None:
     viz.add_argument("--dot", default=None, help="also write the final graph as Graphviz DOT here")
     viz.add_argument("--svg", default=None, help="and render that DOT to SVG here (needs Graphviz's dot)")
     viz.add_argument("--threads", type=int, default=2)
-    viz.set_defaults(func=cmd_viz)
 
 
 def _shown(path) -> str:
@@ -393,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     for module in args.imports:
         importlib.import_module(module)
     try:
-        return args.func(args)
+        return globals()[f"cmd_{args.command}"](args)  # each subcommand NAME runs cmd_NAME
     except LqcError as exc:  # LqcConfigError among them
         print(f"lqc: error: {exc}", file=sys.stderr)
         return 2

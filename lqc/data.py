@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from lqc.ir.errors import LqcConfigError
+from lqc.ir.inputs import token_windows
 from lqc.passes import Calibration
 
 _REPO = Path(__file__).resolve().parents[1]
@@ -68,12 +69,7 @@ def tokenize_file(path: str | Path, tokenizer: Any) -> torch.Tensor:
 
 def windows(ids: torch.Tensor, length: int = 512, max_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping [n, length] windows from the start of a 1-D token stream."""
-    count = len(ids) // length
-    if max_windows is not None:
-        count = min(count, max_windows)
-    if count == 0:
-        raise LqcConfigError(f"the text has {len(ids)} tokens, fewer than one window of {length}")
-    return ids[: count * length].view(count, length)
+    return token_windows(ids, length, max_windows)
 
 
 def calibration_from(value: Any, tokenizer: Any = None, *, max_windows: int = 32) -> Calibration | None:

@@ -28,13 +28,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
-import hashlib
-import importlib
 import json
 import math
-import multiprocessing
 import os
-import queue
 import statistics
 import sys
 import time
@@ -44,6 +40,7 @@ from typing import Any, Callable
 
 import torch
 
+from .demo_helper import clock, code_fingerprint, helper_answered, helper_marker, start_helper, stop_helper, wait_for_helper
 from .pipeline import Session
 
 RECIPES = ("default", "max")
@@ -84,25 +81,21 @@ def run_demo(*, model_name: str = "smollm2-135m", cache_dir: str | Path = ".lqc-
     import lqc
     from lqc.data import calibration_from, tokenize_file
 
-    for option, value, least in (("windows", windows, 1), ("decode_tokens", decode_tokens, 1), ("runs", runs, 1),
-                                 ("threads", threads, 1), ("sample_tokens", sample_tokens, 0)):
-        if value < least:  # checked before a helper process or a model load starts
-            raise lqc.LqcConfigError(f"lqc demo: {option} must be at least {least}; got {value}")
+    _check_options(windows=windows, decode_tokens=decode_tokens, runs=runs, threads=threads, sample_tokens=sample_tokens)
     cache_dir = use_cache_dir(cache_dir)
 
     torch.set_num_threads(threads)
-    started = time.perf_counter()
+    started, helper = time.perf_counter(), None
     cache_length = 512 + max(decode_tokens, sample_tokens) + 1
-    helper = None
-    if _helper_marker(cache_dir, model_name) != _code_fingerprint():  # else its caches are warm: it would only compete
-        helper = _start_helper(model_name, cache_dir, cache_length, threads, started)  # it imports while this one loads
-        log(f"[{_clock(started)}] helper process: compiling lqc {HELPER_RECIPE} on the other core (log: {cache_dir / 'helper.log'})")
+    if helper_marker(cache_dir, model_name) != code_fingerprint():  # else its caches are warm: it would only compete
+        helper = start_helper(_helper_main, model_name, str(cache_dir), cache_length, threads, started)  # it imports while this one loads
+        log(f"[{clock(started)}] helper process: compiling lqc {HELPER_RECIPE} on the other core (log: {cache_dir / 'helper.log'})")
     try:
         model, tokenizer, name = lqc.models.load(model_name)
         if tokenizer is None:
             raise lqc.LqcConfigError(f"lqc demo scores text and {name} has no tokenizer: give a model that has one "
                                      f"(smollm2-135m, a Hugging Face model directory or a .gguf file)")
-        log(f"[{_clock(started)}] loaded {name}")
+        log(f"[{clock(started)}] loaded {name}")
         if helper:
             helper.loaded.set()
         ids = tokenize_file("eval", tokenizer)
@@ -114,35 +107,44 @@ def run_demo(*, model_name: str = "smollm2-135m", cache_dir: str | Path = ".lqc-
             order = {"inductor bf16": 0, "lqc default": 1, "float32 eager": 2, f"lqc {HELPER_RECIPE}": 3}
             for v in sorted(variants, key=lambda v: order.get(v.name, 2)):
                 if helper and v.name == f"lqc {HELPER_RECIPE}":
-                    helped = _wait_for_helper(helper, log, started)
-                    _helper_marker(cache_dir, model_name, write=_code_fingerprint() if helped else "")
-                log(f"[{_clock(started)}] {v.name}: compiling and scoring {windows} windows ...")
+                    helped = wait_for_helper(helper, log, started)
+                    helper_marker(cache_dir, model_name, write=code_fingerprint() if helped else "")
+                log(f"[{clock(started)}] {v.name}: compiling and scoring {windows} windows ...")
                 # the eager model compiles nothing: while the helper runs, one thread (two OpenMP pools
                 # on two cores spin against each other; compiled variants keep the count they run with)
-                eager_alone = v.name == "float32 eager" and helper is not None and not _helper_answered(helper)
+                eager_alone = v.name == "float32 eager" and helper is not None and not helper_answered(helper)
                 torch.set_num_threads(1 if eager_alone else threads)
                 with _helper_threads(threads) if v.name == f"lqc {HELPER_RECIPE}" else contextlib.nullcontext():
                     _score(v, window_ids, cache_length)
                 torch.set_num_threads(threads)
                 if helper and v.name == f"lqc {HELPER_RECIPE}" and helped:
                     v.first_calls = helped  # its cold compile happened in the helper
-                log(f"[{_clock(started)}] {v.name}: perplexity {math.exp(v.nll / v.scored):.3f}")
+                log(f"[{clock(started)}] {v.name}: perplexity {math.exp(v.nll / v.scored):.3f}")
             for run in range(runs):
-                log(f"[{_clock(started)}] timed run {run + 1}/{runs}: prefill a window, decode {decode_tokens} tokens, per variant ...")
+                log(f"[{clock(started)}] timed run {run + 1}/{runs}: prefill a window, decode {decode_tokens} tokens, per variant ...")
                 for v in variants:
-                    _timed_run(v, window_ids, cache_length, decode_tokens)
-                    v.sample = tokenizer.decode(v.sample_tokens[0, :sample_tokens])  # greedy, after the window's last words
+                    _timed_run(v, window_ids, cache_length, decode_tokens, tokenizer, sample_tokens)
     finally:
         if helper:
-            _stop_helper(helper)
+            stop_helper(helper)
     for v in variants:
         v.compile_s = _compile_seconds(v)
     rows = _rows(variants, name, windows, decode_tokens)
     for row in rows:
         row["sample_prompt"] = tokenizer.decode(window_ids[0][0, -12:])
     _write_results(rows, cache_dir / "results")
-    log(f"[{_clock(started)}] done")
+    log(f"[{clock(started)}] done")
     return {"rows": rows, "seconds": time.perf_counter() - started, "cache_dir": str(cache_dir)}
+
+
+def _check_options(**values: int) -> None:
+    """Checked before a helper process or a model load starts."""
+    from lqc.ir.errors import LqcConfigError
+
+    for option, value in values.items():
+        least = 0 if option == "sample_tokens" else 1
+        if value < least:
+            raise LqcConfigError(f"lqc demo: {option} must be at least {least}; got {value}")
 
 
 def _variants(model, calibration, tokenizer) -> list[Variant]:
@@ -198,9 +200,10 @@ def _step(v: Variant, cache, token: torch.Tensor, position: int) -> float:
     return time.perf_counter() - start
 
 
-def _timed_run(v: Variant, window_ids: list[torch.Tensor], cache_length: int, steps: int) -> None:
+def _timed_run(v: Variant, window_ids: list[torch.Tensor], cache_length: int, steps: int, tokenizer,
+               sample_tokens: int) -> None:
     """Prefill the first window into a fresh cache, then ``steps`` greedy tokens after it: each
-    step one call of the decode graph."""
+    step one call of the decode graph. The sample is the greedy text after the window's last words."""
     cache = _new_cache(v.model, cache_length)
     start = time.perf_counter()
     logits = v.forward(input_ids=window_ids[0], cache=cache, use_cache=True).logits
@@ -214,6 +217,7 @@ def _timed_run(v: Variant, window_ids: list[torch.Tensor], cache_length: int, st
         tokens.append(token)
     v.decode_s.append(time.perf_counter() - start)
     v.sample_tokens = torch.cat(tokens, dim=1)
+    v.sample = tokenizer.decode(v.sample_tokens[0, :sample_tokens])
 
 
 def _compile_seconds(v: Variant) -> float:
@@ -222,62 +226,6 @@ def _compile_seconds(v: Variant) -> float:
         return 0.0
     first_prefill, first_step = v.first_calls
     return max(first_prefill - statistics.median(v.prefill_s), 0.0) + max(first_step - v.steady_step, 0.0)
-
-
-@dataclass
-class Helper:
-    process: multiprocessing.Process
-    loaded: "multiprocessing.synchronize.Event"  # set once the main process has loaded (and converted) the model
-    results: multiprocessing.Queue  # one ("ok", first_calls) or ("error", message)
-    answer: tuple | None = None  # what it put on ``results``
-
-
-def _start_helper(model_name: str, cache_dir: Path, cache_length: int, threads: int, started: float) -> Helper:
-    """A process that compiles lqc ``HELPER_RECIPE`` into the shared caches. It starts now, so its
-    imports overlap the main process's model load, and loads the model once that is done (on a
-    first run the load converts the GGUF file and keeps the copy in the cache: once is enough)."""
-    context = multiprocessing.get_context("spawn")
-    loaded, results = context.Event(), context.Queue()
-    process = context.Process(target=_helper_main, args=(model_name, str(cache_dir), cache_length, threads, loaded, results, started),
-                              daemon=True)
-    process.start()
-    return Helper(process, loaded, results)
-
-
-def _helper_answered(helper: Helper, timeout: float = 0.0) -> bool:
-    """Whether the helper has answered (or died), waiting at most ``timeout`` seconds; the answer
-    is kept in ``helper.answer``."""
-    if helper.answer is None:
-        try:
-            helper.answer = helper.results.get(timeout=timeout) if timeout else helper.results.get_nowait()
-        except queue.Empty:
-            if helper.process.is_alive():
-                return False
-            helper.answer = ("error", f"it exited with code {helper.process.exitcode}")
-    return True
-
-
-def _wait_for_helper(helper: Helper, log: Callable[[str], None], started: float) -> tuple[float, float] | None:
-    """The helper's (first prefill, first decode step) seconds, or None when it failed: then this
-    process compiles from scratch, only slower."""
-    if not _helper_answered(helper):
-        log(f"[{_clock(started)}] waiting for the helper process ...")
-        while not _helper_answered(helper, timeout=1.0):
-            pass
-    kind, value = helper.answer
-    if kind == "ok":
-        return value
-    log(f"[{_clock(started)}] the helper process failed ({value}); compiling here")
-    return None
-
-
-def _stop_helper(helper: Helper) -> None:
-    if helper.answer is not None:  # it is exiting
-        helper.process.join(timeout=10)
-    if helper.process.is_alive():
-        helper.process.terminate()
-        helper.process.join()
-    helper.results.close()
 
 
 def _helper_main(model_name: str, cache_dir: str, cache_length: int, threads: int, loaded, results,
@@ -289,34 +237,15 @@ def _helper_main(model_name: str, cache_dir: str, cache_length: int, threads: in
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         sys.stdout = sys.stderr = log
-        print(f"[{_clock(started)}] helper started; waiting for the main process to load {model_name}")
+        print(f"[{clock(started)}] helper started; waiting for the main process to load {model_name}")
         if not loaded.wait(timeout=1800):  # the main process died before loading the model
             raise TimeoutError("the main process never loaded the model")
-        print(f"[{_clock(started)}] compiling lqc {HELPER_RECIPE}")
+        print(f"[{clock(started)}] compiling lqc {HELPER_RECIPE}")
         first_calls = _helper_compile(model_name, cache_dir, cache_length, threads)
-        print(f"\n[{_clock(started)}] done: first prefill {first_calls[0]:.1f} s, first decode step {first_calls[1]:.1f} s")
+        print(f"\n[{clock(started)}] done: first prefill {first_calls[0]:.1f} s, first decode step {first_calls[1]:.1f} s")
         results.put(("ok", first_calls))
     except BaseException as exc:  # noqa: BLE001  (the main process compiles instead; the message says why)
         results.put(("error", f"{type(exc).__name__}: {exc}"))
-
-
-def _helper_marker(cache_dir: Path, model_name: str, write: str | None = None) -> str:
-    """The code fingerprint of the last helper that compiled ``model_name`` into ``cache_dir``
-    (or "" when none did); ``write``: record one."""
-    path = cache_dir / f"helper-{Path(model_name).name}.done"
-    if write is not None:
-        path.write_text(write)
-    return path.read_text() if path.exists() else ""
-
-
-def _code_fingerprint() -> str:
-    """A digest of torch's version and lqc's code and recipes: what built the caches."""
-    digest = hashlib.sha256(torch.__version__.encode())
-    for package in ("lqc", "lqc.passes", "lqc.ir", "lqc.codegen", "lqc.runtime"):
-        for root in importlib.import_module(package).__path__:
-            for path in sorted([*Path(root).rglob("*.py"), *Path(root).rglob("*.yaml")]):
-                digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def _helper_compile(model_name: str, cache_dir: str, cache_length: int, threads: int) -> tuple[float, float]:
@@ -410,7 +339,3 @@ def format_demo(result: dict) -> str:
          f"{r['compile_cold_s']:.1f}"] for r in rows])
     samples = "\n".join(f"  {r['recipe']:>14}: ...{r['sample']!r}" for r in rows)
     return f"{head}\n{table}\ngreedy continuations of eval.txt's first window (...{rows[0]['sample_prompt']!r}):\n{samples}\n"
-
-
-def _clock(started: float) -> str:
-    return f"{time.perf_counter() - started:6.1f}s"

@@ -23,7 +23,6 @@ identity for the norm that fed it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -32,14 +31,14 @@ import torch
 
 from lqc.ir import op_name
 from lqc.ir.errors import LqcConfigError, LqcError
-from lqc.passes import load_recipe
+from lqc.passes import recipe_entries
 from lqc.passes.lowering import packed_layout
-from lqc.recipes import resolve_recipe
 from lqc.runtime.structural.dropped_layers import DroppedAttention, DroppedMLP, keep_dropped_layers_out_of_caches
 from lqc.runtime.kv.cache import attention_head_dim
 from lqc.runtime.quantization.qlinear import KERNEL_LAYOUTS, QLinear
 from lqc.runtime.quantization.formats import QuantizedWeight
 
+from .compress import dropped_attention_layers
 from .version import __version__
 
 FORMAT = "lqc-compressed-model"
@@ -58,7 +57,7 @@ def save(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None) -
     compression = getattr(model, "_lqc_compression", None)
     if compression is None or not compression.graphs:
         raise LqcConfigError("lqc.save needs a model returned by lqc.compress(model, recipe, ...); compress it first")
-    recipe = [{"pass": p.name, **dataclasses.asdict(p.options)} for p in load_recipe(resolve_recipe(compression.recipe))]
+    recipe = recipe_entries(compression.session.recipe)  # as the session resolved it, once
     unsupported = sorted({entry["pass"] for entry in recipe} - set(SAVABLE_PASSES))
     if unsupported:
         raise LqcConfigError(
@@ -176,7 +175,7 @@ def load(directory: str | Path) -> torch.nn.Module:
     missing = [k for k in missing if k.rpartition(".")[0] not in manifest["layers"]]  # QLinear buffers: set above
     if missing or unexpected:
         raise LqcError(f"{directory}: the saved tensors do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    keep_dropped_layers_out_of_caches(model, [info["block"] for info in dropped.values() if info["kind"] == "attention"])
+    keep_dropped_layers_out_of_caches(model, dropped_attention_layers(dropped))
     return model
 
 

@@ -4,8 +4,9 @@ A pass has a registered name, a typed options dataclass, and ``run(graph, ctx) -
 It declares what it ``requires`` ("calibration": the manager refuses to run it without
 calibration data, naming the fix; a pass whose needs depend on its options overrides
 ``requirements()``, the class attribute stays as declared) and which analyses it ``preserves``
-("regions": every node it creates carries the region annotations of the nodes it replaced and
-block boundaries stay where they were, so the manager does not re-annotate regions after it).
+("regions": after the pass, the graph's regions (``graph.regions``, each ``Region.nodes``, every
+node's ``lqc_region``) equal what a fresh ``ir.annotate_regions`` would compute, so the manager
+skips re-annotating; tests/test_pass_contracts.py holds every pass that declares it to that).
 """
 
 from __future__ import annotations

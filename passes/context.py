@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from lqc.ir import Graph
 from lqc.ir.errors import LqcConfigError
-from lqc.ir.inputs import inputs_from_tokens, token_shape
+from lqc.ir.inputs import inputs_from_tokens, token_shape, token_windows
 
 from lqc.passes.base import Pass
 from lqc.passes.recipe import options_digest
@@ -46,15 +46,9 @@ class Calibration:
 
     def windows(self, batch: int, length: int, max_windows: int | None = None) -> list[torch.Tensor]:
         """Non-overlapping [batch, length] windows of the concatenated sequences."""
-        stream = torch.cat(self.sequences)
-        per_window = batch * length
-        count = min(len(stream) // per_window, max_windows or self.max_windows)
-        if count == 0:
-            raise LqcConfigError(
-                f"calibration data has {len(stream)} tokens; a window for this graph needs {per_window}. "
-                f"Give more calibration text."
-            )
-        return [stream[i * per_window : (i + 1) * per_window].view(batch, length) for i in range(count)]
+        rows = token_windows(torch.cat(self.sequences), batch * length, max_windows or self.max_windows,
+                             what="calibration data", fix=" (this graph's inputs): give more calibration text")
+        return list(rows.view(-1, batch, length))
 
     def inputs_for(self, graph: Graph, max_windows: int | None = None, *, tokens: int | None = None) -> list[tuple]:
         """Inputs for ``graph``: windows of the token shape it was captured with. ``tokens`` asks for

@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from lqc.demo import Helper, Variant, _compile_seconds, _helper_answered, _wait_for_helper, run_demo
+from lqc.demo import Variant, _compile_seconds, run_demo
+from lqc.demo_helper import Helper, helper_answered, wait_for_helper
 from lqc.ir import LqcConfigError
 
 
@@ -29,26 +30,26 @@ def _helper(process: _Process, *answers) -> Helper:
 def test_a_failed_helper_is_logged_and_the_main_process_compiles_itself():
     lines = []
     helper = _helper(_Process(alive=False, exitcode=1), ("error", "RuntimeError: out of memory"))
-    assert _wait_for_helper(helper, lines.append, 0.0) is None
+    assert wait_for_helper(helper, lines.append, 0.0) is None
     assert "the helper process failed (RuntimeError: out of memory); compiling here" in lines[-1]
 
 
 def test_a_helper_that_died_without_a_word_is_not_waited_for_forever():
     lines = []
-    assert _wait_for_helper(_helper(_Process(alive=False, exitcode=-9)), lines.append, 0.0) is None
+    assert wait_for_helper(_helper(_Process(alive=False, exitcode=-9)), lines.append, 0.0) is None
     assert "the helper process failed (it exited with code -9); compiling here" in lines[-1]
 
 
 def test_a_finished_helper_hands_over_its_cold_first_calls():
     helper = _helper(_Process(alive=True), ("ok", (90.0, 3.0)))
-    assert _wait_for_helper(helper, [].append, 0.0) == (90.0, 3.0) and helper.answer == ("ok", (90.0, 3.0))
+    assert wait_for_helper(helper, [].append, 0.0) == (90.0, 3.0) and helper.answer == ("ok", (90.0, 3.0))
 
 
 def test_a_busy_helper_is_not_waited_for_when_only_asked():
     helper = _helper(_Process(alive=True))
-    assert not _helper_answered(helper) and helper.answer is None  # the eager model then scores on one thread
+    assert not helper_answered(helper) and helper.answer is None  # the eager model then scores on one thread
     helper.results.put(("ok", (1.0, 2.0)))
-    assert _helper_answered(helper) and _wait_for_helper(helper, [].append, 0.0) == (1.0, 2.0)
+    assert helper_answered(helper) and wait_for_helper(helper, [].append, 0.0) == (1.0, 2.0)
 
 
 def test_compile_seconds_are_what_the_first_calls_took_beyond_steady_ones():
