@@ -152,14 +152,8 @@ class Session:
         fn = compile_graph(lowered, target, inputs, lowering_record, inductor=inductor, share_blocks=opts.share_blocks)
         report.codegen_seconds = time.perf_counter() - start
         frozen = [(f.index, f.tensor, f.version) for f in graph.frozen]
-        compilation.fn = CompiledGraph(fn, [i.index for i in graph.inputs], frozen, name=name, graph=graph,
-                                       rebuild=lambda a: self._rebuild(gm, a, name))
+        compilation.fn = _SessionGraph(fn, [i.index for i in graph.inputs], frozen, name, self, gm)
         return compilation
-
-    def _rebuild(self, gm: fx.GraphModule, args: Sequence[Any], name: str) -> CompiledGraph:
-        compilation = self.compile(gm, args, name, rebuilding=True)
-        self._add(compilation)
-        return compilation.fn
 
     def _add(self, compilation: Compilation) -> None:
         with self._lock:
@@ -195,6 +189,24 @@ class Session:
         compilation = Compilation(name=name, report=report, target="fallback", fn=fn)
         self._add(compilation)
         return compilation.fn
+
+
+class _SessionGraph(CompiledGraph):
+    """What dynamo calls for one graph: a CompiledGraph that, when a frozen weight changed after
+    compilation (dynamo passes parameters unguarded and will not recompile), compiles the graph
+    again through its session, warned, instead of serving the old weights."""
+
+    def __init__(self, fn, user_indices, frozen, name: str, session: Session, gm: fx.GraphModule):
+        super().__init__(fn, user_indices, frozen, name)
+        self.session, self.gm = session, gm
+
+    def weights_changed(self, args: Sequence[Any]) -> None:
+        warnings.warn(f"lqc: weights of {self.name} changed after compilation (in-place update or new tensors); "
+                      f"recompressing them", stacklevel=3)
+        compilation = self.session.compile(self.gm, args, self.name, rebuilding=True)
+        self.session._add(compilation)
+        fresh = compilation.fn
+        self.fn, self.user_indices, self.frozen = fresh.fn, fresh.user_indices, fresh.frozen
 
 
 def _concrete(value: Any) -> Any:

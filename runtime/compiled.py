@@ -9,28 +9,18 @@ so without this check a model updated after compilation would silently run its o
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Sequence
 
 import torch
 
 
 class CompiledGraph:
-    def __init__(
-        self,
-        fn: Callable,
-        user_indices: Sequence[int],
-        frozen: Sequence[tuple[int, torch.Tensor, int]],
-        rebuild: Callable[[Sequence[Any]], "CompiledGraph"] | None = None,
-        name: str = "graph",
-        graph: Any = None,
-    ):
+    def __init__(self, fn: Callable, user_indices: Sequence[int], frozen: Sequence[tuple[int, torch.Tensor, int]],
+                 name: str = "graph"):
         self.fn = fn
         self.user_indices = tuple(user_indices)
         self.frozen = tuple(frozen)  # (argument index, tensor, its _version at compile time)
-        self.rebuild = rebuild
         self.name = name
-        self.graph = graph  # the lqc Graph after the passes: what lqc.save writes
 
     def weights_unchanged(self, args: Sequence[Any]) -> bool:
         for index, tensor, version in self.frozen:
@@ -39,15 +29,12 @@ class CompiledGraph:
                 return False
         return True
 
+    def weights_changed(self, args: Sequence[Any]) -> None:
+        """Called when a frozen weight is no longer the tensor (or version) it was at compile time.
+        Here that is an error; the pipeline's subclass recompresses instead (lqc.pipeline)."""
+        raise RuntimeError(f"lqc: the weights of {self.name} changed after compilation; recompile the model")
+
     def __call__(self, *args: Any) -> Any:
         if not self.weights_unchanged(args):
-            if self.rebuild is None:
-                raise RuntimeError(f"lqc: the weights of {self.name} changed after compilation; recompile the model")
-            warnings.warn(
-                f"lqc: weights of {self.name} changed after compilation (in-place update or new tensors); "
-                f"recompressing them",
-                stacklevel=2,
-            )
-            fresh = self.rebuild(args)
-            self.fn, self.user_indices, self.frozen, self.graph = fresh.fn, fresh.user_indices, fresh.frozen, fresh.graph
+            self.weights_changed(args)
         return self.fn(*[args[i] for i in self.user_indices])
