@@ -74,9 +74,8 @@ class Session:
     __name__ = "lqc"  # dynamo names backends in its logs
 
     def __init__(self, options: Any = None, **values: Any):
-        if values:
-            options = {**(options or {}), **values} if not isinstance(options, CompileOptions) else \
-                CompileOptions.parse({**vars(options), **values})
+        if values:  # keywords on top of the options given
+            options = {**(vars(options) if isinstance(options, CompileOptions) else options or {}), **values}
         self.options = CompileOptions.parse(options)
         self.recipe = load_recipe(resolve_recipe(self.options.recipe))  # raises on unknown passes or options
         self.calibration = calibration_from(self.options.calibration, self.options.tokenizer)
