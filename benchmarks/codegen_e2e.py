@@ -57,7 +57,6 @@ def main() -> None:
     torch._dynamo.reset()
     before = (kernel_cache.stats.written, kernel_cache.stats.loaded, kernel_cache.stats.reused)
     start = time.perf_counter()
-    first = lqc.backend.compiled_graph_count()
     compiled = lqc.compress(model, recipe(args.format, args.concat, False), example_inputs=ids, progress=False,
                             target="triton")
     compile_s = time.perf_counter() - start
@@ -65,7 +64,9 @@ def main() -> None:
     with torch.no_grad():
         logits = compiled(ids).logits
     run_s = time.perf_counter() - start
-    lowered = [n for graph in lqc.backend.compiled_graphs_since(first) for n in graph.fn.graph_module.graph.nodes
+    # each compiled graph's TritonProgram (the CompiledGraph's fn), as lowered to generated kernels
+    programs = [c.fn.fn for c in lqc.session_of(compiled).compilations if not c.fallback]
+    lowered = [n for program in programs for n in program.graph_module.graph.nodes
                if n.target is torch.ops.lqc.fused_qlinear.default]
     result = {
         "model": name, "format": args.format, "concat_linears": args.concat,

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 import lqc
-from lqc.backend import clear_reports, reports
 from lqc.bench import write_results
 from lqc.data import calibration_from, data_file, tokenize_file
 from lqc.evaluate import causal_lm_logits, perplexity
@@ -42,12 +41,11 @@ def drop_recipe(what: str, **choice) -> list[dict]:
 
 
 def measure(model, tokenizer, recipe, calibration, ids, windows) -> dict:
-    clear_reports()
     torch._dynamo.reset()  # every row compiles the same forward: start from an empty dynamo cache
     start = time.perf_counter()
     compressed = lqc.compress(model, recipe, calibration=calibration, tokenizer=tokenizer, progress=False)
     seconds = time.perf_counter() - start
-    record = next(r for r in reports()[-1].records if r.name == "drop_layers")
+    record = next(r for r in lqc.session_of(compressed).reports[-1].records if r.name == "drop_layers")
     result = perplexity(causal_lm_logits(compressed), ids, max_windows=windows, progress=False)
     details = record.details
     return {

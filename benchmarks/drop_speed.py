@@ -1,6 +1,6 @@
 """Decode speed and KV-cache size of SmolLM2-135M after dropping attention sublayers.
 
-Variants, all through backend="lqc" with target auto (Inductor for the graph), float32, static
+Variants, all through an lqc.Session backend with target auto (Inductor for the graph), float32, static
 KV cache, ``dynamic=False``, batch 1, 2 threads (DESIGN.md's decode protocol, as
 benchmarks/quant_speed.py):
 
@@ -57,11 +57,13 @@ def main(argv=None) -> int:
     drop = [{"pass": "cleanup"}, {"pass": "drop_layers", "what": "attention", "count": args.count}]
 
     def compiled(recipe):
-        options = {"recipe": recipe, "target": "auto", "progress": False, "calibration": calibration}
-        return torch.compile(model.forward, backend="lqc", options=options, dynamic=False)
+        session = lqc.Session({"recipe": recipe, "target": "auto", "progress": False, "calibration": calibration})
+        return torch.compile(model.forward, backend=session, dynamic=False), session
 
     drop_name = f"drop-attn-{args.count}"
-    forwards = {"full": compiled([{"pass": "cleanup"}]), drop_name: compiled(drop)}
+    forwards, sessions = {}, {}
+    for key, recipe in (("full", [{"pass": "cleanup"}]), (drop_name, drop)):
+        forwards[key], sessions[key] = compiled(recipe)
     rows, dropped = [], []
     with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
         for prompt_length in args.prompts:
@@ -70,18 +72,19 @@ def main(argv=None) -> int:
             runners, weight_bytes = {}, {}
             for name in ("full", drop_name, f"{drop_name}-full-cache"):
                 print(f"[{prompt_length}] compiling and warming up {name} ...", flush=True)
-                lqc.clear_reports()
-                forward = forwards[drop_name if name.startswith("drop") else "full"]
+                key = drop_name if name.startswith("drop") else "full"
+                forward, session = forwards[key], sessions[key]
                 if name == drop_name and not dropped:
                     # a graph without a cache calibrates (the choice is then cached for every graph of the
                     # model); its record says which layers the cache can leave out
+                    first = len(session.compilations)
                     forward(input_ids=prompt, use_cache=False)
-                    record = next(r for rep in lqc.reports() for r in rep.records if r.name == "drop_layers")
+                    record = next(r for rep in session.reports[first:] for r in rep.records if r.name == "drop_layers")
                     dropped[:] = record.details.dropped_attention_layers
-                    lqc.clear_reports()
+                first = len(session.compilations)  # the graphs this variant's warm-up compiles
                 runner = Runner(model, forward, dropped_attention=dropped if name == drop_name else None)
                 _, _, cache = runner.decode(prompt, min(3, args.decode), cache_length)
-                done = [r for r in lqc.reports() if not r.fallback]
+                done = [r for r in session.reports[first:] if not r.fallback]
                 weight_bytes[name] = done[-1].bytes_after if done else weight_bytes.get(drop_name)
                 runners[name] = (runner, kv_cache_nbytes(cache))
             times = {name: [] for name in runners}

@@ -4,8 +4,8 @@ The model is ``tests/adapters.py``'s ``MIXED_PLAN``: seven adapted linears of th
 Llama (hidden 64). Variants, all compiled with ``dynamic=False``:
 
 - ``eager``: the adapted model, not compiled;
-- ``lqc-adapters``: backend="lqc", empty recipe, target inductor: the adapters compiled as they are;
-- ``lqc-merged``: backend="lqc", recipe ``[merge_adapters]``, target inductor.
+- ``lqc-adapters``: an lqc.Session backend, empty recipe, target inductor: the adapters compiled as they are;
+- ``lqc-merged``: an lqc.Session backend, recipe ``[merge_adapters]``, target inductor.
 
 Per variant: nodes of the lqc graph (at capture, after the recipe), relative error of the logits
 against eager, and the forward latency of a [1, T] prompt for each T in ``--tokens`` (no cache passed in):
@@ -35,12 +35,14 @@ from tests.adapters import MIXED_PLAN, wrap  # noqa: E402
 RECIPES = {"lqc-adapters": [], "lqc-merged": [{"pass": "merge_adapters"}]}
 
 
-def build(model: torch.nn.Module) -> dict:
-    variants = {"eager": model.forward}
+def build(model: torch.nn.Module) -> tuple[dict, dict]:
+    """name -> forward, and name -> the lqc.Session of each compiled variant."""
+    variants, sessions = {"eager": model.forward}, {}
     for name, recipe in RECIPES.items():
-        options = {"recipe": recipe, "target": "inductor", "progress": False}
-        variants[name] = torch.compile(model.forward, backend="lqc", options=options, dynamic=False)
-    return variants
+        session = lqc.Session({"recipe": recipe, "target": "inductor", "progress": False})
+        variants[name] = torch.compile(model.forward, backend=session, dynamic=False)
+        sessions[name] = session
+    return variants, sessions
 
 
 @torch.no_grad()
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
 
     model = wrap(lqc.models.load("tiny-llama").model, MIXED_PLAN)
-    variants = build(model)
+    variants, sessions = build(model)
     gen = torch.Generator().manual_seed(0)
     inputs = {t: torch.randint(0, model.config.vocab_size, (1, t), generator=gen) for t in args.tokens}
 
@@ -72,14 +74,15 @@ def main(argv=None) -> int:
             for name, forward in variants.items():
                 if name == "eager":
                     continue
-                count = len(lqc.reports())
+                count = len(sessions[name].compilations)
                 logits = forward(ids).logits  # compiles this shape
-                report = lqc.reports()[count]
+                report = sessions[name].reports[count]
                 assert not report.fallback, f"{name}: fell back to Inductor: {report.fallback}"
+                recipe_records = [r for r in report.records if r.stage == "recipe"]  # lowering passes follow them
                 rows[name].setdefault("nodes_captured", report.capture_nodes)
-                rows[name].setdefault("nodes_after", report.records[-1].nodes_after if report.records else report.capture_nodes)
-                if report.records:
-                    rows[name].setdefault("merged", sorted(report.records[-1].details.merged))
+                rows[name].setdefault("nodes_after", recipe_records[-1].nodes_after if recipe_records else report.capture_nodes)
+                if recipe_records:
+                    rows[name].setdefault("merged", sorted(recipe_records[-1].details.merged))
                 rows[name][f"rel_error_T{tokens}"] = compare_outputs([logits], [eager])[0]
 
         for forward in variants.values():  # warm-up

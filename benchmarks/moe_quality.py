@@ -20,7 +20,6 @@ import time
 import torch
 
 import lqc
-from lqc.backend import clear_reports, reports
 from lqc.bench import write_results
 from lqc.data import calibration_from, data_file, tokenize_file
 from lqc.evaluate import causal_lm_logits, perplexity
@@ -55,16 +54,16 @@ def main(argv=None) -> int:
             recipe = [{"pass": "cleanup"}, {"pass": "ffn_to_moe", "experts": args.experts, "shared": args.shared,
                                             "top_k": top_k, "partition": partition, "tokens": args.tokens}]
             recipe += [{"pass": "quantize", "format": "int8"}] if int8 else []
-            clear_reports()
             torch._dynamo.reset()
             start = time.perf_counter()
             compressed = lqc.compress(model, recipe, calibration=calibration, tokenizer=tokenizer, progress=False)
             seconds = time.perf_counter() - start
-            record = next(r for r in reports()[-1].records if r.name == "ffn_to_moe")
+            report = lqc.session_of(compressed).reports[-1]
+            record = next(r for r in report.records if r.name == "ffn_to_moe")
             result = perplexity(causal_lm_logits(compressed), ids, max_windows=args.windows, progress=False)
             layers = record.details.layers
             row = {
-                "top_k": top_k, "partition": partition, "int8": int8, "weight_bytes": reports()[-1].bytes_after,
+                "top_k": top_k, "partition": partition, "int8": int8, "weight_bytes": report.bytes_after,
                 "active_fraction": record.details.active_fraction,
                 "perplexity": result.perplexity, "delta_pct": 100 * (result.perplexity / reference["perplexity"] - 1),
                 "ffn_flops_per_token_dense": record.details.ffn_flops_per_token_dense,

@@ -1,6 +1,6 @@
 """Decode speed of SmolLM2-135M with its FFNs carved into experts (ffn_to_moe), against dense.
 
-Variants, all through backend="lqc" with target auto (Inductor for the graph around the lqc
+Variants, all through an lqc.Session backend with target auto (Inductor for the graph around the lqc
 ops), ``dynamic=False``, static KV cache, batch 1, 2 threads (DESIGN.md's decode protocol, as
 benchmarks/drop_speed.py):
 
@@ -69,12 +69,11 @@ def main(argv=None) -> int:
     with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
         for name, recipe in recipes.items():
             print(f"compiling and warming up {name} ...", flush=True)
-            lqc.clear_reports()
-            options = {"recipe": recipe, "target": "auto", "progress": False, "calibration": calibration}
-            runner = Runner(model, torch.compile(model.forward, backend="lqc", options=options, dynamic=False))
+            session = lqc.Session({"recipe": recipe, "target": "auto", "progress": False, "calibration": calibration})
+            runner = Runner(model, torch.compile(model.forward, backend=session, dynamic=False))
             _, _, cache = runner.decode(prompt, min(3, args.decode), cache_length)
-            done = [r for r in lqc.reports() if not r.fallback]
-            records = {rec.name: rec for rec in done[-1].records}
+            done = [r for r in session.reports if not r.fallback]
+            records = {rec.name: rec for rec in done[-1].records if rec.stage == "recipe"}
             carve, quantize = records.get("ffn_to_moe"), records.get("quantize")
             expert_bytes = active = None
             if carve is not None:

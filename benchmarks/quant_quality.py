@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 
 import lqc
-from lqc.backend import clear_reports, reports
 from lqc.bench import stored_nbytes, write_results
 from lqc.data import calibration_from, data_file, tokenize_file
 from lqc.evaluate import causal_lm_logits, perplexity
@@ -107,12 +106,12 @@ def block_linears(model) -> list[tuple[str, torch.nn.Linear]]:
 
 
 def run_lqc(model, tokenizer, recipe, calibration, ids, windows):
-    clear_reports()
     torch._dynamo.reset()  # every config compiles the same forward: start from an empty dynamo cache
     start = time.perf_counter()
     compressed = lqc.compress(model, recipe, calibration=calibration, tokenizer=tokenizer, progress=False)
     seconds = time.perf_counter() - start
-    record = next(r for r in reversed(reports()[-1].records) if r.name == "quantize")  # lowering steps follow it
+    report = lqc.session_of(compressed).reports[-1]
+    record = next(r for r in reversed(report.records) if r.name == "quantize" and r.stage == "recipe")  # lowering follows
     layers = record.details.layers
     result = perplexity(causal_lm_logits(compressed), ids, max_windows=windows, progress=False)
     return result, {

@@ -10,7 +10,7 @@ median is reported. Variants:
   weight-only configs on the bf16 model (its CPU int8/int4 paths want bf16 activations; the int4
   config is IntxWeightOnlyConfig, torchao 0.18's only CPU int4 weight-only one);
 - ``lqc-int8``, ``lqc-int4-g64``: ``lqc::qlinear`` on torch's packed CPU kernels, through
-  backend="lqc" with target auto (the rest of the graph through Inductor), on the float32 model
+  an lqc.Session backend with target auto (the rest of the graph through Inductor), on the float32 model
   (the kernels compute in bf16, the rest in float32); ``-bf16``: on the bf16 model, as torchao's
   rows are; ``-lm-head``: the lm_head quantized too (int4), which decode reads every step;
   ``-concat``: q/k/v and gate/up stacked first (``concat_linears``), 4 matmuls per block, not 7;
@@ -54,8 +54,8 @@ BF16_VARIANTS = ("bf16-inductor", "torchao-int8-wo-eager", "torchao-int8-wo-comp
                  *(name for name, (dtype, _) in LQC_RECIPES.items() if dtype == torch.bfloat16))
 
 
-def build_variants(model: torch.nn.Module, names: list[str] | None) -> dict[str, tuple[torch.nn.Module, object]]:
-    """name -> (model, forward)."""
+def build_variants(model: torch.nn.Module, names: list[str] | None) -> dict[str, tuple[torch.nn.Module, object, object]]:
+    """name -> (model, forward, its lqc.Session or None)."""
     variants = {}
 
     def want(name):
@@ -63,9 +63,9 @@ def build_variants(model: torch.nn.Module, names: list[str] | None) -> dict[str,
 
     bf16 = copy.deepcopy(model).to(torch.bfloat16) if any(want(n) for n in BF16_VARIANTS) else None
     if want("fp32-inductor"):
-        variants["fp32-inductor"] = (model, torch.compile(model.forward, dynamic=False))
+        variants["fp32-inductor"] = (model, torch.compile(model.forward, dynamic=False), None)
     if want("bf16-inductor"):
-        variants["bf16-inductor"] = (bf16, torch.compile(bf16.forward, dynamic=False))
+        variants["bf16-inductor"] = (bf16, torch.compile(bf16.forward, dynamic=False), None)
     for tag, config in torchao_configs().items():
         if want(f"torchao-{tag}-eager") or want(f"torchao-{tag}-compiled"):
             from torchao.quantization import quantize_
@@ -75,14 +75,14 @@ def build_variants(model: torch.nn.Module, names: list[str] | None) -> dict[str,
             blocks_only = lambda m, fqn: isinstance(m, torch.nn.Linear) and ".layers." in f".{fqn}"  # noqa: E731
             quantize_(quantized, config, filter_fn=None if tag.endswith("-all") else blocks_only)
             if want(f"torchao-{tag}-eager"):
-                variants[f"torchao-{tag}-eager"] = (quantized, quantized.forward)
+                variants[f"torchao-{tag}-eager"] = (quantized, quantized.forward, None)
             if want(f"torchao-{tag}-compiled"):
-                variants[f"torchao-{tag}-compiled"] = (quantized, torch.compile(quantized.forward, dynamic=False))
+                variants[f"torchao-{tag}-compiled"] = (quantized, torch.compile(quantized.forward, dynamic=False), None)
     for name, (dtype, recipe) in LQC_RECIPES.items():
         if want(name):
             base = model if dtype == torch.float32 else bf16
-            options = {"recipe": recipe, "target": "auto", "progress": False}
-            variants[name] = (base, torch.compile(base.forward, backend="lqc", options=options, dynamic=False))
+            session = lqc.Session({"recipe": recipe, "target": "auto", "progress": False})
+            variants[name] = (base, torch.compile(base.forward, backend=session, dynamic=False), session)
     return variants
 
 
@@ -115,12 +115,11 @@ def main(argv=None) -> int:
     variants = build_variants(model, args.only)
     runners = {}
     with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
-        for name, (module, forward) in variants.items():
+        for name, (module, forward, session) in variants.items():
             print(f"compiling and warming up {name} ...", flush=True)
-            lqc.clear_reports()
             runners[name] = Runner(module, forward)
             runners[name].decode(prompt, min(3, args.decode), cache_length)
-            done = [r for r in lqc.reports() if not r.fallback]
+            done = [r for r in session.reports if not r.fallback] if session is not None else []
             runners[name].weight_bytes = done[-1].bytes_after if name.startswith("lqc") and done else model_weight_bytes(module)
         times = {name: [] for name in runners}
         for run in range(args.runs):

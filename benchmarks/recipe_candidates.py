@@ -89,11 +89,10 @@ def main(argv=None) -> int:
             recipe, calibrated = CANDIDATES[name]
             started = time.perf_counter()
             torch._dynamo.reset()
-            lqc.clear_reports()
             compressed = lqc.compress(model, recipe, calibration=calibration if calibrated else None, tokenizer=tokenizer,
                                       example_inputs=ids[:512][None], progress=False)
             seconds = time.perf_counter() - started
-            done = [r for r in lqc.reports() if not r.fallback]
+            done = [r for r in lqc.session_of(compressed).reports if not r.fallback]
             result = perplexity(causal_lm_logits(compressed), ids, max_windows=args.windows, desc=name)
             rows[name] = {"recipe": recipe, "calibrated": calibrated, "compress_s": seconds,
                           "weight_bytes": done[-1].bytes_after, "perplexity": result.perplexity}
@@ -128,19 +127,19 @@ def decode_speeds(model, bf16, names, calibration, tokenizer, rows, args) -> Non
     prompt = torch.randint(0, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
     cache_length = 128 + args.decode
     runners = {"bf16": Runner(bf16, torch.compile(bf16.forward, dynamic=False))}
+    sessions = {}
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=64):
         for name in names:
             recipe, calibrated = CANDIDATES[name]
-            options = {"recipe": recipe, "target": "auto", "progress": False,
-                       "calibration": calibration if calibrated else None, "tokenizer": tokenizer}
-            runners[name] = Runner(model, torch.compile(model.forward, backend="lqc", options=options, dynamic=False))
+            sessions[name] = lqc.Session({"recipe": recipe, "target": "auto", "progress": False,
+                                          "calibration": calibration if calibrated else None, "tokenizer": tokenizer})
+            runners[name] = Runner(model, torch.compile(model.forward, backend=sessions[name], dynamic=False))
         for name, runner in runners.items():
             print(f"compiling and warming up {name} ...", flush=True)
-            lqc.clear_reports()
             runner.decode(prompt, 3, cache_length)
-            done = [r for r in lqc.reports() if not r.fallback]
             if name != "bf16" and not rows[name]["weight_bytes"]:
+                done = [r for r in sessions[name].reports if not r.fallback]
                 rows[name]["weight_bytes"] = done[-1].bytes_after
         times = {name: [] for name in runners}
         for run in range(args.runs):

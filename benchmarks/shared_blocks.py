@@ -28,8 +28,8 @@ import lqc
 
 
 def _forward(model, recipe: str, share_blocks: bool, target: str = "inductor"):
-    options = {"recipe": recipe, "target": target, "share_blocks": share_blocks, "progress": False}
-    return torch.compile(model.forward, backend="lqc", options=options, dynamic=False)
+    session = lqc.Session({"recipe": recipe, "target": target, "share_blocks": share_blocks, "progress": False})
+    return torch.compile(model.forward, backend=session, dynamic=False)
 
 
 def _new_cache(model, length: int):
@@ -60,7 +60,8 @@ def cold_compile(args) -> dict:
     forward = _forward(model, args.recipe, args.one == "shared")
     first = _prefill_then_steps(forward, model, ids, 1)
     steady = _prefill_then_steps(forward, model, ids, 1)
-    programs = [getattr(c.fn, "compiled", None) for c in lqc.backend.compiled_graphs_since(0)]
+    # each graph's program (the CompiledGraph's fn): a SharedBlockProgram counts the pieces it compiled
+    programs = [getattr(c.fn.fn, "compiled", None) for c in lqc.session_of(forward).compilations if not c.fallback]
     return {"prefill_s": first[0] - steady[0], "decode_s": first[1] - steady[1], "compiled_pieces": programs}
 
 
