@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch.fx as fx
 
 from lqc.ir import Graph
+from lqc.ir.errors import LqcConfigError
 
 from lqc.passes.options import PassOptions, parse_options
 
@@ -49,8 +50,19 @@ class Pass(abc.ABC):
         if options is not None and values:
             raise TypeError("pass either an options object or keyword options, not both")
         self.options = options if options is not None else parse_options(self.Options, values, pass_name=self.name)
-        self._targets = [re.compile(p) for p in self.options.targets]
-        self._ignore = [re.compile(p) for p in self.options.ignore]
+        self._targets = [self._compile(p, "targets") for p in self.options.targets]
+        self._ignore = [self._compile(p, "ignore") for p in self.options.ignore]
+        self.selected_paths: set[str] = set()  # every module path selects() was asked about, in one run
+
+    def _compile(self, pattern: str, option: str) -> re.Pattern:
+        try:
+            return re.compile(pattern)
+        except re.error as exc:
+            raise LqcConfigError(
+                f"pass {self.name!r}: {option} entry {pattern!r} is not a valid regular expression ({exc}). "
+                f"Patterns are Python regexes searched in module paths (re.search): fix the pattern, or escape "
+                f"characters meant literally, such as ( [ * + ?, with a backslash"
+            ) from None
 
     def requirements(self) -> frozenset[str]:
         """What this instance needs from the manager: ``requires``, unless the options change it."""
@@ -66,6 +78,19 @@ class Pass(abc.ABC):
     def selects(self, where: fx.Node | str) -> bool:
         """Whether ``targets``/``ignore`` let this pass touch a node (by its module path) or a path."""
         path = Graph.module_path(where) if isinstance(where, fx.Node) else where
+        self.selected_paths.add(path)  # the manager checks every pattern matched one of these
         if self._targets and not any(p.search(path) for p in self._targets):
             return False
         return not any(p.search(path) for p in self._ignore)
+
+    def unmatched_patterns(self) -> list[tuple[str, str]]:
+        """(option, pattern) of every ``targets``/``ignore`` pattern that matched none of the module
+        paths this run asked ``selects`` about: a pattern that selects nothing is a typo, not a choice.
+        Each pattern is tried on every path (not only on those ``targets`` let through), so an
+        ``ignore`` inside the targets' modules counts as matching."""
+        return [
+            (option, p.pattern)
+            for option, patterns in (("targets", self._targets), ("ignore", self._ignore))
+            for p in patterns
+            if not any(p.search(path) for path in self.selected_paths)
+        ]

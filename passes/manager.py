@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,7 @@ class PassManager:
         )
         tracker = _ChangeTracker(graph.gm)
         ctx.current_pass = p
+        p.selected_paths = set()  # a fresh set: the pass may be a shallow copy sharing its original's
         start = time.perf_counter()
         try:
             with tracker:
@@ -106,6 +108,7 @@ class PassManager:
         record.seconds = time.perf_counter() - start
         if not isinstance(result, PassResult):
             raise TypeError(f"pass {p.name!r} returned {type(result).__name__}; run() must return a PassResult")
+        _check_patterns(p, graph)
 
         graph.prune_constants()
         try:
@@ -132,6 +135,29 @@ class PassManager:
                 node.meta.pop("lqc_derived_from", None)
                 record.provenance[node.name] = sources
         return record
+
+
+def _check_patterns(p: Pass, graph: Graph) -> None:
+    """A ``targets``/``ignore`` pattern that matched no module path the pass looked at is a mistake
+    (a typo, or a name from another model family): an error, or a warning under ``strict: false``.
+    Every graph of one model (prefill, decode...) holds the same modules, so no graph is exempt."""
+    unmatched = p.unmatched_patterns()
+    if not unmatched:
+        return
+    paths = sorted(path for path in p.selected_paths if path)
+    if paths:
+        shown = ", ".join(paths[:: max(1, len(paths) // 6)][:6])  # spread over the model, not six of layer 0
+        seen = f"module paths it looked at ({len(paths)}) include: {shown}"
+    else:
+        seen = "it found nothing it could rewrite in this graph"
+    patterns = "; ".join(f"{option} pattern {pattern!r}" for option, pattern in unmatched)
+    verb = "matches" if len(unmatched) == 1 else "match"
+    message = (f"pass {p.name!r}: {patterns} {verb} no module ({seen}). Patterns are regexes searched in module "
+               f"paths: fix the pattern")
+    if p.options.strict:
+        raise LqcConfigError(f"{message}, or set `strict: false` on this entry to only warn")
+    # the same text for every graph of the model, so Python's warning filter shows it once
+    warnings.warn(f"lqc: {message} (strict: false, so the pass ran on what its other patterns selected)", stacklevel=2)
 
 
 class _ChangeTracker:

@@ -28,6 +28,13 @@ class PassOptions:
     ignore: list[str] = field(
         default_factory=list, metadata={"help": "regexes (re.search) over module paths to leave alone"}
     )
+    strict: bool = field(
+        default=True,
+        metadata={
+            "help": "a targets/ignore pattern that matches no module of a graph is an error; false: only a warning "
+            "(for recipes meant for several model families, whose module names differ)"
+        },
+    )
 
 
 def parse_options(cls: type[PassOptions], values: dict[str, Any], *, pass_name: str) -> PassOptions:

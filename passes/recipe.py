@@ -83,5 +83,7 @@ def options_digest(p: Pass) -> str:
     """A stable digest of a pass's name and options: the part of a cache key a recipe controls."""
     import dataclasses
 
-    text = json.dumps({"pass": p.name, **dataclasses.asdict(p.options)}, sort_keys=True, default=str)
+    options = dataclasses.asdict(p.options)
+    options.pop("strict")  # whether a pattern matching nothing errors or warns changes no weight: same cache key
+    text = json.dumps({"pass": p.name, **options}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -41,10 +41,15 @@ def recipe_file(name: str) -> dict:
     """A shipped recipe's YAML as written."""
     entry = _FOLDER / f"{name.strip()}.yaml"
     if not entry.is_file():
+        import difflib
+
         from lqc.ir.errors import LqcConfigError
 
+        shipped = list(named_recipes())
+        close = difflib.get_close_matches(name.strip(), shipped, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
         raise LqcConfigError(
-            f"no named recipe {name!r}; shipped recipes: {', '.join(named_recipes())}. "
+            f"no named recipe {name!r}.{hint} Shipped recipes: {', '.join(shipped)}. "
             f"A recipe can also be a composition ('moe+int8'), a YAML file path, a dict or a list of passes."
         )
     return yaml.safe_load(entry.read_text())
