@@ -4,6 +4,8 @@ Per variant: prefill latency of a 512-token prompt (ms), decode throughput of 12
 128-token prompt with a static KV cache (tokens/s), median of ``runs`` runs after warm-up; weight
 bytes as stored; KV-cache bytes per token; compile time cold (fresh caches) and warm (dynamo
 reset, Inductor's and lqc's caches kept). Ratios are against Inductor, measured in the same run.
+"lqc-unchecked" is lqc with ``check_inputs=False`` (no per-call token-id range check): run it
+beside "lqc" to measure what the check costs on decode.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from lqc.runtime.structural.dropped_layers import kv_cache_nbytes
 from .compress import dropped_attention_layers, dropped_modules
 from .pipeline import Session
 
-VARIANTS = ("eager", "inductor", "lqc")
+VARIANTS = ("eager", "inductor", "lqc", "lqc-unchecked")
+DEFAULT_VARIANTS = ("eager", "inductor", "lqc")
 
 
 @dataclass
@@ -121,15 +124,16 @@ class Runner:
 
 
 def make_runner(model: torch.nn.Module, variant: str, recipe: Any = "default", target: str = "auto") -> Runner:
-    """``variant``'s forward in a Runner; for "lqc", ``runner.session`` holds its compilations."""
+    """``variant``'s forward in a Runner; for the lqc variants, ``runner.session`` holds its compilations."""
     # dynamic=False: every variant runs the same three static graphs (prefill, prompt, decode step);
     # automatic dynamic shapes would otherwise depend on which variant saw which shape first.
     if variant == "eager":
         return Runner(model, model.forward)
     if variant == "inductor":
         return Runner(model, torch.compile(model.forward, dynamic=False))
-    if variant == "lqc":
-        session = Session({"recipe": recipe, "target": target, "progress": False})
+    if variant in ("lqc", "lqc-unchecked"):
+        session = Session({"recipe": recipe, "target": target, "progress": False,
+                           "check_inputs": variant == "lqc"})
         runner = Runner(model, torch.compile(model.forward, backend=session, dynamic=False))
         runner.session = session
         return runner
@@ -173,7 +177,7 @@ def _first_calls(runner: Runner, prefill_ids: torch.Tensor, prompt_ids: torch.Te
 
 def run_bench(
     model: torch.nn.Module, *, model_name: str, recipe: Any = "default", target: str = "auto",
-    variants=VARIANTS, prefill_tokens: int = 512, prompt_tokens: int = 128, decode_tokens: int = 128,
+    variants=DEFAULT_VARIANTS, prefill_tokens: int = 512, prompt_tokens: int = 128, decode_tokens: int = 128,
     runs: int = 5, threads: int = 2, seed: int = 0, log: Callable[[str], None] = print,
 ) -> BenchResult:
     """Compile times first, variant by variant (dynamo reset before each; "cold" on fresh caches,
@@ -227,7 +231,7 @@ def _compile_times(model, variant: str, recipe: Any, target: str, shapes: _Shape
         torch._dynamo.reset()
         runner = make_runner(model, variant, recipe, target)
         cold = shapes.first_calls(runner)
-        weight_bytes = (_lqc_weight_bytes(runner.session) if variant == "lqc" else None) or model_weight_bytes(model)
+        weight_bytes = (_lqc_weight_bytes(runner.session) if runner.session is not None else None) or model_weight_bytes(model)
         torch._dynamo.reset()
         warm = shapes.first_calls(make_runner(model, variant, recipe, target))
     return cold, warm, weight_bytes
@@ -237,7 +241,7 @@ def _timed_runs(model, variants, recipe, target, shapes: _Shapes, runs: int, dec
     runners = {v: make_runner(model, v, recipe, target) for v in variants}
     for v, runner in runners.items():
         shapes.first_calls(runner)  # compile (warm caches) and warm up
-        if v == "lqc" and (dropped := dropped_attention_layers(dropped_modules(runner.session.reports))):
+        if runner.session is not None and (dropped := dropped_attention_layers(dropped_modules(runner.session.reports))):
             # the graphs say which attention layers are gone: time with their cache slots freed
             # (another cache structure is another graph: compile it now, not in a timed run)
             runner.dropped_attention = dropped

@@ -10,6 +10,11 @@ token per step: greedy at ``temperature=0``, else sampled from the softmax at th
 (optionally restricted to the ``top_k`` most likely tokens). Rows that produced ``eos_token_id``
 keep producing it. Returns the prompt and the new tokens, [batch, prompt + max_new_tokens] (fewer
 when every row stopped early).
+
+Its arguments are checked before the model runs (lqc.compress.check_prompt): the prompt must be
+non-empty integer ids [batch, tokens] inside the vocabulary and on the model's device, and the
+prompt plus ``max_new_tokens`` must fit the model's positions; the model must not be on the meta
+device. The ids the loop feeds back come from the logits, so they are in range by construction.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from transformers import DynamicCache
 
 from lqc.ir.errors import LqcConfigError
 from lqc.runtime.kv.cache import CompressedKVCache
+
+from .compress import check_model, check_prompt
 
 
 def kv_cache_for(model: torch.nn.Module, **options) -> CompressedKVCache:
@@ -42,13 +49,21 @@ def generate(
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise LqcConfigError(f"lqc.generate takes token ids [batch, tokens] with at least one token; got shape {tuple(input_ids.shape)}")
     if kv is not None and cache is not None:
         raise LqcConfigError("lqc.generate: pass kv= (options for a CompressedKVCache) or cache= (a cache you built), not both")
-    if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
-        raise LqcConfigError(f"lqc.generate: max_new_tokens and temperature must be >= 0 and top_k >= 1; "
-                             f"got {max_new_tokens}, {temperature}, {top_k}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
+        raise LqcConfigError(f"lqc.generate: max_new_tokens (an int) and temperature must be >= 0 and top_k >= 1; "
+                             f"got {max_new_tokens!r}, {temperature!r}, {top_k!r}")
+    if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+        raise LqcConfigError(f"lqc.generate: prefill_chunk must be a number of tokens >= 1, or None for the whole "
+                             f"prompt at once; got {prefill_chunk!r}")
+    check_model(model, "lqc.generate")
+    check_prompt(model, input_ids, "lqc.generate(input_ids=...)", new_tokens=max_new_tokens)
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                       or attention_mask.shape != input_ids.shape):
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise LqcConfigError(f"lqc.generate: attention_mask must have the shape of input_ids {tuple(input_ids.shape)}; "
+                             f"got {got}. Pass the mask the tokenizer returned with these ids, or none")
     if cache is None:
         cache = kv_cache_for(model, **kv) if kv is not None else DynamicCache(config=model.config)
     chunk = prefill_chunk or input_ids.shape[1]

@@ -23,6 +23,7 @@ class CompileOptions:
     viz: bool = False  # keep per-pass snapshots, fusion groups and per-node errors for lqc.viz
     autotune: bool | None = None  # target="triton": tune launch configs (None: on a GPU, off under the interpreter)
     share_blocks: bool = True  # target="inductor": compile each distinct decoder block once
+    check_inputs: bool = True  # check the token ids' range on every call (one reduction), not only the first
 
     HELP = {
         "recipe": "named recipe (see `lqc recipes`), YAML file, dict, or list of {'pass': NAME, ...options}",
@@ -36,6 +37,9 @@ class CompileOptions:
                     "(cached on disk beside the kernels); default: on for a GPU, off under the interpreter",
         "share_blocks": "target='inductor': compile each distinct decoder block once and run it for every block like "
                         "it (static graphs of 4+ blocks; SmolLM2's cold compile ~2x faster); false: the whole graph at once",
+        "check_inputs": "check on every call that token ids lie inside the embedding table (one min/max per call, "
+                        "a few microseconds); the first call of each graph checks them in full either way. false: "
+                        "skip the per-call check (an id outside the table then reads out of bounds in generated code)",
         "viz": "keep what lqc.viz draws (graph snapshots per pass, fusion groups, per-node error); a debug_dir turns it on",
     }
 
@@ -55,7 +59,7 @@ class CompileOptions:
                 raise LqcConfigError(f"unknown lqc option {key!r}.{hint} Valid options: {', '.join(names)}")
         parsed = cls(**options)
         resolve_target(parsed.target)
-        for flag in ("verify", "viz", "share_blocks"):
+        for flag in ("verify", "viz", "share_blocks", "check_inputs"):
             if not isinstance(getattr(parsed, flag), bool):
                 raise LqcConfigError(f"{flag} must be true or false; got {getattr(parsed, flag)!r}")
         if parsed.autotune not in (None, True, False):

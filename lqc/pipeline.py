@@ -10,9 +10,12 @@ all in lqc's pass manager (verify-each, provenance, snapshots for lqc.viz), and 
 ``lqc.save`` writes), the lowered one, every pass's report and the callable handed to dynamo.
 ``lqc.compress``, ``lqc.viz``, ``lqc bench`` and the CLI read ``session.compilations``.
 
-Errors: a bad recipe or option raises (a fallback would hide the mistake). A graph lqc cannot
-handle falls back to Inductor with a warning, and if Inductor fails too, to the graph as dynamo
-captured it: compiling never crashes on a graph lqc does not understand.
+Errors: a bad recipe or option raises (a fallback would hide the mistake). So do bad token ids
+(non-integer, empty, outside the embedding table): the first call checks them right after capture,
+before any pass runs, and every later call checks their range in one reduction (``check_inputs``;
+see lqc.runtime.compiled). A graph lqc cannot handle falls back to Inductor with a warning, and if
+Inductor fails too, to the graph as dynamo captured it: compiling never crashes on a graph lqc does
+not understand.
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ from lqc.ir import Graph, capture
 from lqc.ir.errors import LqcConfigError
 from lqc.ir.inputs import CalibrationUnavailable
 from lqc.ir.lqc_ops import STATEFUL_OPS
+from lqc.ir.ops import SHAPE_ONLY_OPS, op_name
 from lqc.passes import GraphReport, PassContext, PassManager, load_recipe
 from lqc.recipes import resolve_recipe
-from lqc.runtime.compiled import CompiledGraph
+from lqc.runtime.compiled import CompiledGraph, check_token_ids
 from lqc.runtime.kv.graph_cache import is_handle
 
 from .data import calibration_from
@@ -121,6 +125,12 @@ class Session:
         start = time.perf_counter()
         graph = capture(gm, args, name=name)
         capture_seconds = time.perf_counter() - start
+        # Token ids are checked before any pass runs: an id outside the embedding table would
+        # otherwise fail inside calibration or a generated kernel, far from its cause.
+        token_inputs = embedding_inputs(graph)
+        for index, rows in token_inputs.items():
+            if not is_fake(args[index]):  # dynamo passes real tensors; a fake one has no values to check
+                check_token_ids(args[index], rows, f"lqc ({name})")
         ctx = self._context(graph, args, name)
         debug_dir = Path(opts.debug_dir) / name if opts.debug_dir else None
         viz = opts.viz or debug_dir is not None
@@ -151,7 +161,8 @@ class Session:
         fn = compile_graph(lowered, target, inputs, lowering_record, inductor=inductor, share_blocks=opts.share_blocks)
         report.codegen_seconds = time.perf_counter() - start
         frozen = [(f.index, f.tensor, f.version) for f in graph.frozen]
-        compilation.fn = _SessionGraph(fn, [i.index for i in graph.inputs], frozen, name, self, gm)
+        token_checks = list(token_inputs.items()) if opts.check_inputs else []
+        compilation.fn = _SessionGraph(fn, [i.index for i in graph.inputs], frozen, name, self, gm, token_checks)
         return compilation
 
     def _add(self, compilation: Compilation) -> None:
@@ -195,8 +206,8 @@ class _SessionGraph(CompiledGraph):
     compilation (dynamo passes parameters unguarded and will not recompile), compiles the graph
     again through its session, warned, instead of serving the old weights."""
 
-    def __init__(self, fn, user_indices, frozen, name: str, session: Session, gm: fx.GraphModule):
-        super().__init__(fn, user_indices, frozen, name)
+    def __init__(self, fn, user_indices, frozen, name: str, session: Session, gm: fx.GraphModule, token_checks=()):
+        super().__init__(fn, user_indices, frozen, name, token_checks)
         self.session, self.gm = session, gm
 
     def weights_changed(self, args: Sequence[Any]) -> None:
@@ -205,7 +216,31 @@ class _SessionGraph(CompiledGraph):
         compilation = self.session.compile(self.gm, args, self.name, rebuilding=True)
         self.session._add(compilation)
         fresh = compilation.fn
-        self.fn, self.user_indices, self.frozen = fresh.fn, fresh.user_indices, fresh.frozen
+        self.fn, self.user_indices, self.frozen, self.token_checks = fresh.fn, fresh.user_indices, fresh.frozen, fresh.token_checks
+
+
+def embedding_inputs(graph: Graph) -> dict[int, int]:
+    """Dynamo argument index -> rows of the embedding table, for each integer input of ``graph``
+    that indexes a frozen embedding (token ids; a reshape on the way, as GPT-2 does, is allowed)."""
+    placeholders = {inp.name: inp.index for inp in graph.inputs}
+    found: dict[int, int] = {}
+    for node in graph.nodes:
+        if op_name(node) != "embedding" or len(node.args) < 2 or not graph.is_constant(node.args[1]):
+            continue
+        indices = node.args[0]
+        while isinstance(indices, fx.Node) and op_name(indices) in SHAPE_ONLY_OPS and indices.args:
+            indices = indices.args[0]
+        if isinstance(indices, fx.Node) and indices.op == "placeholder" and indices.name in placeholders:
+            rows = graph.constant(node.args[1]).shape[0]
+            index = placeholders[indices.name]
+            found[index] = min(rows, found.get(index, rows))  # ids feeding two tables must fit the smaller
+    return found
+
+
+def is_fake(value: Any) -> bool:
+    from torch._subclasses.fake_tensor import is_fake as _is_fake
+
+    return isinstance(value, torch.Tensor) and _is_fake(value)
 
 
 def _concrete(value: Any) -> Any:
