@@ -127,6 +127,26 @@ def format_summary(report: GraphReport) -> str:
     return head + "\n" + format_table(SUMMARY_COLUMNS, summary_rows(report))
 
 
+def format_pass_changes(reports: list[GraphReport]) -> str:
+    """What the CLI prints after compressing: one line per pass of the first compiled graph (the
+    ahead-of-time capture, what lqc.save writes) with the modules it changed (its ``matches``,
+    the rewrite sites it reported), so a recipe that changed nothing shows it. A later graph whose
+    counts differ (another shape) gets its own lines; a graph that fell back says why."""
+    lines: list[str] = []
+    shown: list[list[tuple[str, int]]] = []
+    for report in reports:
+        if report.fallback:
+            lines.append(f"{report.graph} fell back to Inductor, uncompressed: {report.fallback}")
+            continue
+        counts = [(r.name + (" (lowering)" if r.stage == "lowering" else ""), r.matches) for r in report.records]
+        if counts in shown:
+            continue  # prefill at another length, decode steps: the same passes changed the same modules
+        shown.append(counts)
+        lines.append(f"passes on {report.graph}:" if counts else f"passes on {report.graph}: none ran")
+        lines += [f"  {name}: {matches} modules changed" for name, matches in counts]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 def write_pass_dump(debug_dir: Path, record: PassRecord | None, graph: Graph) -> Path:
     """``NN_<pass>.txt``: what the pass did, then the whole graph after it."""
     debug_dir.mkdir(parents=True, exist_ok=True)
