@@ -59,7 +59,7 @@ class Pass(abc.ABC):
             return re.compile(pattern)
         except re.error as exc:
             raise LqcConfigError(
-                f"pass {self.name!r}: {option} entry {pattern!r} is not a valid regular expression ({exc}). "
+                f"pass {self.name!r}: {option} entry '{pattern}' is not a valid regular expression ({exc}). "
                 f"Patterns are Python regexes searched in module paths (re.search): fix the pattern, or escape "
                 f"characters meant literally, such as ( [ * + ?, with a backslash"
             ) from None

@@ -150,7 +150,7 @@ def _check_patterns(p: Pass, graph: Graph) -> None:
         seen = f"module paths it looked at ({len(paths)}) include: {shown}"
     else:
         seen = "it found nothing it could rewrite in this graph"
-    patterns = "; ".join(f"{option} pattern {pattern!r}" for option, pattern in unmatched)
+    patterns = "; ".join(f"{option} pattern '{pattern}'" for option, pattern in unmatched)
     verb = "matches" if len(unmatched) == 1 else "match"
     message = (f"pass {p.name!r}: {patterns} {verb} no module ({seen}). Patterns are regexes searched in module "
                f"paths: fix the pattern")
