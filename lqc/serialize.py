@@ -19,11 +19,26 @@ the graph in ways a state dict does not hold), and only models returned by ``lqc
 A dropped sublayer's weights are not written; the manifest lists its modules (``dropped``), and
 ``load`` puts stand-ins there (lqc.runtime.structural.dropped_layers): zeros for an attention or FFN, the
 identity for the norm that fed it.
+
+A checkpoint cannot lie about its content. The manifest records the SHA-256 and size of every file
+beside it (``files``), the name, dtype and shape of every stored tensor (``tensors``), and the
+SHA-256 of its own content (``manifest_sha256``, over its keys sorted, without that one);
+``format_version`` is the manifest's schema version. ``save`` writes everything into a new
+hidden folder next to the target and renames it into place, so a save that crashes half-way
+leaves the previous checkpoint where it was (a leftover folder of a killed save is removed by the
+next save to the same target). ``load`` checks the manifest's schema and version, each file's size
+and checksum, and the tensors against the manifest and against the model its configuration
+builds; any mismatch raises :class:`CheckpointError` naming the file and what to do.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
+import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +57,15 @@ from .compress import dropped_attention_layers
 from .version import __version__
 
 FORMAT = "lqc-compressed-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the manifest's schema: 2 added the file checksums, the tensor table and the manifest's own checksum
+MANIFEST_CHECKSUM = "manifest_sha256"
+RESAVE = "re-save the model with lqc.save"
+RECOPY = f"copy the checkpoint again from where it came from, or {RESAVE}"
+# Keys every manifest has, with their JSON types; version 2 added the second set.
+REQUIRED_KEYS = {"format": str, "format_version": int, "lqc_version": str, "recipe": list, "target": str,
+                 "model": dict, "aliases": dict, "layers": dict}
+REQUIRED_KEYS_V2 = {"dropped": dict, "files": dict, "tensors": dict, MANIFEST_CHECKSUM: str}
+LAYER_KEYS = {"format": str, "group_size": int, "in_features": int, "out_features": int, "kernel": str, "bias": bool}
 MANIFEST = "lqc.json"
 TENSORS = "model.safetensors"
 SAVABLE_PASSES = ("cleanup", "drop_layers", "quantize")
@@ -51,9 +74,10 @@ DROPPED_KINDS = ("attention", "mlp", "norm")
 
 
 def save(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
-    """Write a model returned by ``lqc.compress`` to ``directory`` (created if needed)."""
-    from safetensors.torch import save_file
-
+    """Write a model returned by ``lqc.compress`` to the folder ``directory``, atomically: the
+    checkpoint appears complete or not at all, and a folder lqc.save wrote before is replaced (as a
+    whole) only once the new one is complete. A folder holding anything else is refused. Nothing is
+    pickled."""
     compression = getattr(model, "_lqc_compression", None)
     if compression is None or not compression.graphs:
         raise LqcConfigError("lqc.save needs a model returned by lqc.compress(model, recipe, ...); compress it first")
@@ -90,13 +114,136 @@ def save(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None) -
         "model": {"architecture": type(model).__name__, "config": config.to_dict()},
         "aliases": aliases, "layers": manifest_layers, "dropped": dropped,
     }
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / TENSORS), metadata={"format": FORMAT})
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json_default) + "\n")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
-    return directory
+    manifest["tensors"] = {name: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)} for name, t in tensors.items()}
+
+    target = Path(directory).resolve()  # a symlinked target: replace the folder it points to, not the link
+    _check_save_target(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / _sibling_name(target, "saving")
+    os.mkdir(staging)
+    try:
+        _write_tensors(tensors, staging / TENSORS)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+        manifest["files"] = {name: _file_record(staging / name) for name in _files_under(staging)}
+        _write_manifest(manifest, staging / MANIFEST)
+        _fsync(staging)
+        _move_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # the previous checkpoint, if any, is untouched
+        raise
+    _remove_interrupted_saves(target)
+    return Path(directory)
+
+
+def _check_save_target(target: Path) -> None:
+    """save replaces the whole folder: refuse one that holds anything lqc.save did not write."""
+    if target.exists() and not target.is_dir():
+        raise LqcConfigError(f"lqc.save: {target} is a file; give the path of a folder (new, empty, or written by lqc.save)")
+    if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
+        # the folder is replaced by a rename: this process (and a shell) would be left in a deleted folder
+        raise LqcConfigError(f"lqc.save: {target} is the current folder or holds it; give a folder path below it")
+    if target.is_dir() and not (target / MANIFEST).is_file() and any(target.iterdir()):
+        raise LqcConfigError(
+            f"lqc.save: {target} holds files lqc.save did not write, and saving replaces the whole folder; "
+            f"give a new or empty folder, or one lqc.save wrote"
+        )
+
+
+def _write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": FORMAT})  # flushed to disk with the other files (_file_record)
+
+
+def _write_manifest(manifest: dict, path: Path) -> None:
+    """The manifest as JSON, with the checksum of its own content (as load will read it back)."""
+    plain = json.loads(json.dumps(manifest, default=_json_default))
+    plain[MANIFEST_CHECKSUM] = _manifest_digest(plain)
+    path.write_text(json.dumps(plain, indent=1) + "\n")
+    _fsync(path)
+
+
+def _manifest_digest(manifest: dict) -> str:
+    """SHA-256 of the manifest's content without its checksum key: keys sorted, no whitespace, so the
+    digest does not depend on how the file was indented."""
+    content = {key: value for key, value in manifest.items() if key != MANIFEST_CHECKSUM}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _files_under(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def _file_record(path: Path) -> dict:
+    _fsync(path)  # the tokenizer's files too: on disk before the folder is renamed into place
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or folder to disk, so a rename never publishes data still in the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sibling_name(target: Path, kind: str) -> str:
+    """A hidden folder beside the target, named after it, the kind of leftover and this process."""
+    return f".{target.name}.lqc-{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    """Rename the complete new checkpoint to ``target``; an existing one is moved aside first and
+    deleted only once the new one is in place (put back if the rename fails)."""
+    if not target.exists():
+        os.rename(staging, target)
+    else:
+        aside = target.parent / _sibling_name(target, "old")
+        os.rename(target, aside)
+        try:
+            os.rename(staging, target)
+        except BaseException:
+            os.rename(aside, target)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+    _fsync(target.parent)
+
+
+def _leftovers(target: Path, kinds: str = "saving|old") -> list[tuple[Path, int]]:
+    """(folder, pid of the process that made it) for each leftover of an interrupted save to ``target``."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.lqc-({kinds})-(\d+)-[0-9a-f]+")
+    if not target.parent.is_dir():
+        return []
+    found = [(p, pattern.fullmatch(p.name)) for p in target.parent.iterdir()]
+    return sorted((p, int(m.group(2))) for p, m in found if m and p.is_dir())
+
+
+def _remove_interrupted_saves(target: Path) -> None:
+    """Delete what saves to ``target`` by processes that no longer run left behind (killed mid-save).
+    A live process's folders may be a save in progress, so they stay."""
+    for path, pid in _leftovers(target):
+        if pid != os.getpid() and not _process_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _state_to_write(model: torch.nn.Module, floats: dict[str, torch.Tensor], layers: dict, dropped: dict) -> dict[str, torch.Tensor]:
@@ -138,45 +285,169 @@ def _unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     return tensors, aliases
 
 
-def load(directory: str | Path) -> torch.nn.Module:
-    """The model ``save`` wrote, as an eager module; compile it like any other."""
-    import transformers
+class CheckpointError(LqcConfigError):
+    """A checkpoint ``lqc.load`` cannot trust or read: damaged, truncated, edited, incomplete or from a
+    newer lqc. The message names the file and what to do."""
+
+
+def load(directory: str | Path, verify: bool = True) -> torch.nn.Module:
+    """The model ``save`` wrote, as an eager module; compile it like any other.
+
+    Before building anything, ``load`` checks the manifest (``lqc.json``: its schema, its version, its
+    own checksum), that every file it lists is there with the size it records, the SHA-256 of each
+    file, and that the stored tensors' names, dtypes and shapes are those the manifest lists and the
+    model its configuration builds expects. Any failure raises :class:`CheckpointError` (an
+    ``lqc.LqcError``) naming the file and what to do.
+
+    ``verify=False`` skips the checksums, which read every byte of every file (about a second per GB):
+    for a checkpoint you trust. Sizes, the schema and the tensors' names, dtypes and shapes are still
+    checked, but a damaged byte inside a weight then loads silently.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory, verify=verify)
+    _check_files(directory, manifest, verify)
+    tensors = _read_tensors(directory, manifest)
+    return _build_model(directory, manifest, tensors)
+
+
+def _check_files(directory: Path, manifest: dict, verify: bool) -> None:
+    """Every file the manifest lists is there, as long as it was written, with the same SHA-256."""
+    files = manifest.get("files", {TENSORS: None})  # format version 1 lists none: only the tensors must be there
+    for name, record in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing, though {MANIFEST} lists it; the checkpoint is incomplete: {RECOPY}")
+        if record is None:
+            continue
+        size = path.stat().st_size
+        if size < record["bytes"]:
+            raise CheckpointError(f"{path}: the file is truncated: {size:,} of {record['bytes']:,} bytes; {RECOPY}")
+        if size > record["bytes"]:
+            raise CheckpointError(
+                f"{path}: {size:,} bytes, but lqc.save wrote {record['bytes']:,}: the file changed after it was saved; {RECOPY}"
+            )
+        if verify:
+            actual = _sha256(path)
+            if actual != record["sha256"]:
+                raise CheckpointError(
+                    f"{path}: its SHA-256 is {actual[:16]}…, but lqc.save recorded {record['sha256'][:16]}…: the file is "
+                    f"damaged or was changed after it was saved; {RECOPY}"
+                )
+
+
+def _read_tensors(directory: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    """The stored tensors, after checking their names, dtypes and shapes against the manifest's table."""
     from safetensors.torch import load_file
 
-    directory = Path(directory)
-    manifest = read_manifest(directory)
+    path = directory / TENSORS
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own SafetensorError (or OSError) for a damaged header
+        raise CheckpointError(f"{path}: safetensors cannot read it ({e}); the file is damaged: {RECOPY}") from e
+    expected = manifest.get("tensors")
+    if expected is None:  # format version 1 has no table; the model's own check below still runs
+        return tensors
+    extra, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
+    if extra or missing:
+        differences = ([f"holds tensors {MANIFEST} does not list {extra[:5]}"] if extra else []) + (
+            [f"lacks tensors {MANIFEST} lists {missing[:5]}"] if missing else [])
+        raise CheckpointError(
+            f"{path}: {' and '.join(differences)}: the two files come from different saves or were edited; {RESAVE}"
+        )
+    for name, tensor in tensors.items():
+        found = {"dtype": _dtype_name(tensor.dtype), "shape": list(tensor.shape)}
+        if found != expected[name]:
+            raise CheckpointError(
+                f"{path}: tensor {name} is {found['dtype']} {found['shape']}, but {MANIFEST} says "
+                f"{expected[name]['dtype']} {expected[name]['shape']}: the file was edited after it was saved; {RESAVE}"
+            )
+    return tensors
+
+
+def _build_model(directory: Path, manifest: dict, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The model the manifest's configuration builds, with QLinear modules, stand-ins for dropped
+    sublayers, and the tensors loaded; each tensor checked against the module it goes into."""
+    import transformers
+
+    manifest_path, tensors_path = directory / MANIFEST, directory / TENSORS
     model_info = manifest["model"]
     architecture = getattr(transformers, model_info["architecture"], None)
     if architecture is None:
-        raise LqcConfigError(
-            f"{directory}: architecture {model_info['architecture']!r} is not in transformers {transformers.__version__}"
+        raise CheckpointError(
+            f"{manifest_path}: architecture {model_info['architecture']!r} is not in transformers {transformers.__version__}; "
+            f"install the transformers version the model was saved with ({model_info['config'].get('transformers_version')})"
         )
-    config_dict = dict(model_info["config"])
-    config = transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
-    model = architecture(config).eval()
+    try:
+        config_dict = dict(model_info["config"])
+        config = transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+        model = architecture(config).eval()
+    except Exception as e:  # transformers raises many kinds for a configuration it cannot build
+        raise CheckpointError(
+            f"{manifest_path}: its model configuration does not build a {model_info['architecture']} "
+            f"({type(e).__name__}: {e}); the manifest is damaged: {RESAVE}"
+        ) from e
 
-    tensors = load_file(str(directory / TENSORS))
     for layer, info in manifest["layers"].items():
+        parts = ("qweight", "scales", "zeros") if info["format"] == "int4" else ("qweight", "scales")
+        lacking = [f"{layer}.{part}" for part in parts if f"{layer}.{part}" not in tensors]
+        if lacking:
+            raise CheckpointError(f"{tensors_path}: quantized layer {layer} lacks {lacking}; {RESAVE}")
         q = QuantizedWeight(
             info["format"], tensors.pop(f"{layer}.qweight"), tensors.pop(f"{layer}.scales"),
             tensors.pop(f"{layer}.zeros", None), info["group_size"], info["in_features"],
         )
+        problem = _quantized_layer_problem(model, layer, q, info)
+        if problem:
+            raise CheckpointError(f"{tensors_path}: quantized layer {layer}: {problem}; the checkpoint is damaged: {RESAVE}")
         bias = tensors.get(f"{layer}.bias")
         parent_name, _, child = layer.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, QLinear(q, info["kernel"], bias))
-    dropped = manifest.get("dropped", {})  # absent from files written before layer dropping could be saved
+        try:
+            setattr(model.get_submodule(parent_name), child, QLinear(q, info["kernel"], bias))
+        except Exception as e:  # a kernel layout that cannot hold these tensors
+            raise CheckpointError(f"{tensors_path}: quantized layer {layer} does not load ({type(e).__name__}: {e}); {RESAVE}") from e
+    dropped = manifest["dropped"]
     for path, info in dropped.items():
         parent_name, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, _stand_in(info, config))
+        try:
+            parent = model.get_submodule(parent_name)
+        except AttributeError:
+            raise CheckpointError(f"{manifest_path}: dropped module {path} is not in a {type(model).__name__}; {RESAVE}") from None
+        setattr(parent, child, _stand_in(info, config))
     for alias, name in manifest["aliases"].items():
+        if name not in tensors:
+            raise CheckpointError(f"{manifest_path}: {alias} is stored as {name}, which {TENSORS} does not hold; {RESAVE}")
         tensors[alias] = tensors[name]
+
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    for name, tensor in tensors.items():
+        if name in shapes and tuple(tensor.shape) != shapes[name]:
+            raise CheckpointError(
+                f"{tensors_path}: {name} is {list(tensor.shape)}, but the {type(model).__name__} its configuration builds "
+                f"has {list(shapes[name])}; {RESAVE}"
+            )
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     missing = [k for k in missing if k.rpartition(".")[0] not in manifest["layers"]]  # QLinear buffers: set above
     if missing or unexpected:
-        raise LqcError(f"{directory}: the saved tensors do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise CheckpointError(
+            f"{tensors_path}: the saved tensors do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]}); {RESAVE}"
+        )
     keep_dropped_layers_out_of_caches(model, dropped_attention_layers(dropped))
     return model
+
+
+def _quantized_layer_problem(model: torch.nn.Module, layer: str, q: QuantizedWeight, info: dict) -> str | None:
+    """What is wrong with a quantized layer's tensors, for the module they replace; None if nothing."""
+    try:
+        module = model.get_submodule(layer)
+    except AttributeError:
+        return f"the model has no module {layer}"
+    if q.qweight.dim() != 2 or q.scales.dim() < 1 or {q.qweight.shape[0], q.scales.shape[0]} != {info["out_features"]}:
+        return f"qweight {list(q.qweight.shape)} and scales {list(q.scales.shape)} do not have {info['out_features']} rows"
+    if q.padded_in_features < info["in_features"]:
+        return f"qweight holds {q.padded_in_features} inputs, fewer than its {info['in_features']} in_features"
+    if isinstance(module, torch.nn.Linear) and (module.in_features, module.out_features) != (info["in_features"], info["out_features"]):
+        return f"{MANIFEST} says {info['in_features']}→{info['out_features']}, the model's Linear is {module.in_features}→{module.out_features}"
+    return None
 
 
 def _stand_in(info: dict, config) -> torch.nn.Module:
@@ -190,35 +461,97 @@ def _stand_in(info: dict, config) -> torch.nn.Module:
     return torch.nn.Identity()
 
 
-def read_manifest(directory: str | Path) -> dict:
-    """The manifest of a saved model, checked: a clear error for anything this lqc cannot read."""
-    path = Path(directory) / MANIFEST
+def read_manifest(directory: str | Path, verify: bool = True) -> dict:
+    """The manifest of a saved model, checked: its format, version, own checksum (with ``verify``)
+    and schema. A :class:`CheckpointError` names what this lqc cannot read and what to do."""
+    directory = Path(directory)
+    path = directory / MANIFEST
     if not path.is_file():
-        raise LqcConfigError(f"{directory} holds no {MANIFEST}: not a model written by lqc.save")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise LqcConfigError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise LqcConfigError(
-            f"{path}: written by lqc {manifest.get('lqc_version')} in format version {manifest.get('format_version')}; "
-            f"lqc {__version__} reads version {FORMAT_VERSION}. Load it with that lqc version, or compress and save again"
+        raise CheckpointError(_no_manifest_message(directory))
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); the manifest is damaged: {RECOPY}") from e
+    found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+    if found != FORMAT:
+        raise CheckpointError(f"{path}: format {found!r} is not {FORMAT!r}: not a manifest lqc.save wrote, or a damaged one; {RESAVE}")
+    version = manifest.get("format_version")
+    if type(version) is not int or version < 1:
+        raise CheckpointError(f"{path}: format_version {version!r} is not a version number; the manifest is damaged: {RECOPY}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: written by lqc {manifest.get('lqc_version')} in format version {version}; lqc {__version__} "
+            f"reads versions up to {FORMAT_VERSION}. Upgrade lqc to load it, or {RESAVE} of this version"
         )
-    missing = [key for key in ("model", "layers", "aliases") if key not in manifest]
-    if missing or not {"architecture", "config"} <= set(manifest.get("model", {})):
-        raise LqcConfigError(f"{path}: the manifest lacks {missing or ['model.architecture/config']}; it is damaged: save the model again")
-    for module, info in manifest.get("dropped", {}).items():
-        if not isinstance(info, dict) or info.get("kind") not in DROPPED_KINDS or not isinstance(info.get("block"), int):
-            raise LqcConfigError(
+    if version == 1 and verify:
+        raise CheckpointError(
+            f"{path}: format version 1 records no checksums, so lqc.load cannot verify it; load it unverified with "
+            f"lqc.load(path, verify=False), or {RESAVE} for a checkpoint that can be verified"
+        )
+    if verify:
+        actual = _manifest_digest(manifest)
+        if manifest.get(MANIFEST_CHECKSUM) != actual:
+            raise CheckpointError(
+                f"{path}: its content does not match the checksum lqc.save recorded in it ({MANIFEST_CHECKSUM}): "
+                f"the manifest is damaged or was edited; {RECOPY}"
+            )
+    _check_schema(path, manifest, version)
+    return manifest
+
+
+def _check_schema(path: Path, manifest: dict, version: int) -> None:
+    """Every key this lqc reads is there, with the JSON type it expects."""
+    if version == 1:
+        manifest.setdefault("dropped", {})  # absent from files written before layer dropping could be saved
+    required = {**REQUIRED_KEYS, **(REQUIRED_KEYS_V2 if version >= 2 else {})}
+    missing = [key for key in required if key not in manifest]
+    if missing:
+        raise CheckpointError(f"{path}: the manifest lacks {missing}; it is damaged: {RESAVE}")
+    wrong = [f"{key} is {type(manifest[key]).__name__}, not {kind.__name__}" for key, kind in required.items()
+             if not isinstance(manifest[key], kind)]
+    model = manifest["model"]
+    if not {"architecture", "config"} <= set(model) or not isinstance(model["config"], dict) or "model_type" not in model["config"]:
+        wrong.append("model lacks architecture, config or config.model_type")
+    if not all(isinstance(name, str) for name in manifest["aliases"].values()):
+        wrong.append("aliases name other things than tensors")
+    for name, record in manifest.get("files", {}).items():
+        parts = Path(name).parts
+        if Path(name).is_absolute() or ".." in parts or name == MANIFEST:
+            wrong.append(f"files lists {name!r}, which is not a file beside it")  # never read outside the folder
+        elif not isinstance(record, dict) or type(record.get("bytes")) is not int or not isinstance(record.get("sha256"), str):
+            wrong.append(f"files[{name!r}] is {record!r}, not a size and a sha256")
+    if version >= 2 and TENSORS not in manifest["files"]:
+        wrong.append(f"files does not list {TENSORS}")
+    for name, record in manifest.get("tensors", {}).items():
+        if not isinstance(record, dict) or not isinstance(record.get("dtype"), str) or not isinstance(record.get("shape"), list):
+            wrong.append(f"tensors[{name!r}] is {record!r}, not a dtype and a shape")
+    if wrong:
+        raise CheckpointError(f"{path}: the manifest is damaged ({'; '.join(wrong[:3])}): {RESAVE}")
+    for module, info in manifest["dropped"].items():
+        if not isinstance(info, dict) or info.get("kind") not in DROPPED_KINDS or type(info.get("block")) is not int:
+            raise CheckpointError(
                 f"{path}: dropped module {module} is {info!r}; this lqc knows dropped kinds {', '.join(DROPPED_KINDS)} "
-                f"with a block index. The manifest is damaged: save the model again"
+                f"with a block index. The manifest is damaged: {RESAVE}"
             )
     for layer, info in manifest["layers"].items():
-        if info.get("format") not in QUANT_FORMATS or info.get("kernel") not in KERNEL_LAYOUTS:
-            raise LqcConfigError(
-                f"{path}: layer {layer} has format {info.get('format')!r} / kernel {info.get('kernel')!r}; "
-                f"this lqc knows formats {', '.join(QUANT_FORMATS)} and kernels {', '.join(KERNEL_LAYOUTS)}"
+        bad = [key for key, kind in LAYER_KEYS.items() if not isinstance(info, dict) or not isinstance(info.get(key), kind)]
+        if bad:
+            raise CheckpointError(f"{path}: layer {layer} lacks a valid {', '.join(bad)}; the manifest is damaged: {RESAVE}")
+        if info["format"] not in QUANT_FORMATS or info["kernel"] not in KERNEL_LAYOUTS:
+            raise CheckpointError(
+                f"{path}: layer {layer} has format {info['format']!r} / kernel {info['kernel']!r}; "
+                f"this lqc knows formats {', '.join(QUANT_FORMATS)} and kernels {', '.join(KERNEL_LAYOUTS)}: {RESAVE}"
             )
-    return manifest
+
+
+def _no_manifest_message(directory: Path) -> str:
+    if not directory.exists():
+        aside = _leftovers(directory.resolve(), "old")
+        if aside:
+            return (f"{directory} does not exist: a save to it was interrupted, and the previous checkpoint is in "
+                    f"{aside[-1][0]}; rename that folder to {directory.name}, or {RESAVE}")
+        return f"{directory} does not exist; give the folder lqc.save wrote"
+    return f"{directory} holds no {MANIFEST}: not a model written by lqc.save; give the folder lqc.save wrote, or {RESAVE}"
 
 
 def _compressed_state(graph, packed: bool) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
@@ -245,6 +578,10 @@ def _compressed_state(graph, packed: bool) -> tuple[dict[str, torch.Tensor], dic
                 raise LqcError(f"lqc.save: the compressed graph holds two different values for {fqn}")
             floats[fqn] = tensor
     return floats, layers
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _unchanged_attribute(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> bool:

@@ -12,6 +12,7 @@ import torch
 
 import lqc
 from lqc.ir import LqcConfigError
+from lqc.serialize import _manifest_digest
 
 
 def _compress_and_save(model, recipe, directory, ids, **kwargs):
@@ -29,6 +30,7 @@ def _compress_and_save(model, recipe, directory, ids, **kwargs):
 def test_round_trip_gives_identical_logits(tiny_llama, token_ids, tmp_path, quantize):
     _, logits = _compress_and_save(tiny_llama, [{"pass": "cleanup"}, {"pass": "quantize", **quantize}], tmp_path, token_ids)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lqc.json", "model.safetensors"]  # no pickle anywhere
+    assert [p.name for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.lqc-")] == []  # no leftovers
     loaded = lqc.load(tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(token_ids).logits, logits)
@@ -60,16 +62,19 @@ def test_errors(tiny_llama, token_ids, tmp_path):
     _compress_and_save(tiny_llama, [{"pass": "quantize", "format": "int8"}], tmp_path, token_ids)
     manifest_path = tmp_path / "lqc.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest_path.write_text(json.dumps({**manifest, "format_version": 99, "lqc_version": "9.0"}))
-    with pytest.raises(LqcConfigError, match=r"written by lqc 9.0 in format version 99; lqc .* reads version 1"):
+
+    def write(edited):  # with the manifest's checksum recomputed, so the check under test is what objects
+        manifest_path.write_text(json.dumps({**edited, "manifest_sha256": _manifest_digest(edited)}))
+
+    write({**manifest, "format_version": 99, "lqc_version": "9.0"})
+    with pytest.raises(LqcConfigError, match=r"written by lqc 9.0 in format version 99; lqc .* reads versions up to 2. Upgrade lqc"):
         lqc.load(tmp_path)
     layer = next(iter(manifest["layers"]))
-    broken = {**manifest, "layers": {**manifest["layers"], layer: {**manifest["layers"][layer], "format": "int3"}}}
-    manifest_path.write_text(json.dumps(broken))
+    write({**manifest, "layers": {**manifest["layers"], layer: {**manifest["layers"][layer], "format": "int3"}}})
     with pytest.raises(LqcConfigError, match=r"has format 'int3'.*knows formats int8, int4, w8a8, fp8"):
         lqc.load(tmp_path)
-    manifest_path.write_text(json.dumps({k: v for k, v in manifest.items() if k != "aliases"}))
-    with pytest.raises(LqcConfigError, match=r"lacks \['aliases'\].*save the model again"):
+    write({k: v for k, v in manifest.items() if k != "aliases"})
+    with pytest.raises(LqcConfigError, match=r"lacks \['aliases'\].*re-save the model with lqc.save"):
         lqc.load(tmp_path)
     manifest_path.write_text(json.dumps({**manifest, "format": "something-else"}))
     with pytest.raises(LqcConfigError, match="is not 'lqc-compressed-model'"):
