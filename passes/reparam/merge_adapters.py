@@ -53,6 +53,7 @@ from lqc.passes.options import PassOptions
 from lqc.passes.registry import register_pass
 from lqc.passes.reparam.affine import (
     CASTS,
+    RESHAPES,
     VALUE_IDENTITIES,
     AffineRegion,
     AffineTerm,
@@ -266,7 +267,7 @@ class MergeAdapters(Pass):
         width = tensor_of(region.x, region.graph).shape[-1]
         layers, stack, seen = [], [top], set()
         while stack:
-            root = stack.pop(0)
+            root = MergeAdapters._before_head_split(region, stack.pop(0))
             if root in seen:
                 continue
             seen.add(root)
@@ -280,6 +281,18 @@ class MergeAdapters(Pass):
             layers.append(_Layer(root, nodes, escaping, base, adapted))
             stack.extend(n for n in escaping if n in region.terms)
         return layers
+
+    @staticmethod
+    def _before_head_split(region: AffineRegion, root: fx.Node) -> fx.Node:
+        """The node a trailing reshape of the leading dimensions reads. With one attention head,
+        ``q_proj(x).view(B, S, 1, head_dim)`` keeps the last dimension, so the view is affine in x
+        too and the expression would end there; a layer must keep x's leading shape (one linear
+        replaces it), so it ends before the view, which stays and reads the merged linear."""
+        lead = tuple(tensor_of(region.x, region.graph).shape[:-1])
+        while (op_name(root) in RESHAPES and isinstance(root.args[0], fx.Node) and root.args[0] in region.terms
+               and len(root.args[0].users) == 1 and tuple(tensor_of(root, region.graph).shape[:-1]) != lead):
+            root = root.args[0]
+        return root
 
     def _merge(self, graph: Graph, ctx, folder: ConstantFolder, region: AffineRegion, layer: _Layer, order) -> dict | str:
         """Replace the layer by one linear: its details, or why it stays."""
