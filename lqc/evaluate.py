@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import windows
+from lqc.ir.errors import LqcConfigError
+from lqc.ir.inputs import token_windows
 
 QUICK_WINDOWS = 16
 FULL_WINDOWS = 128
@@ -86,7 +87,11 @@ def perplexity(
     progress: bool = True,
     desc: str = "perplexity",
 ) -> PerplexityResult:
-    chunks = windows(ids, window_length, max_windows)
+    if window_length < 2:  # the first token of a window is never scored: a window of 1 scores nothing
+        raise LqcConfigError(f"perplexity scores every token of a window but the first: window_length must be at least 2; "
+                             f"got {window_length}")
+    chunks = token_windows(ids, window_length, max_windows, what="the evaluation text",
+                           fix=": give a shorter window_length (lqc eval --window-length) or a longer text")
     total_nll = 0.0
     scored = 0
     start = time.perf_counter()
