@@ -327,7 +327,10 @@ def _check_files(directory: Path, manifest: dict, verify: bool) -> None:
                 f"{path}: {size:,} bytes, but lqc.save wrote {record['bytes']:,}: the file changed after it was saved; {RECOPY}"
             )
         if verify:
-            actual = _sha256(path)
+            try:
+                actual = _sha256(path)
+            except OSError as e:
+                raise CheckpointError(f"{path}: cannot be read ({e.strerror}); check its permissions and the disk") from e
             if actual != record["sha256"]:
                 raise CheckpointError(
                     f"{path}: its SHA-256 is {actual[:16]}…, but lqc.save recorded {record['sha256'][:16]}…: the file is "
@@ -472,6 +475,8 @@ def read_manifest(directory: str | Path, verify: bool = True) -> dict:
         manifest = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e}); the manifest is damaged: {RECOPY}") from e
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror}); check its permissions and the disk") from e
     found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
     if found != FORMAT:
         raise CheckpointError(f"{path}: format {found!r} is not {FORMAT!r}: not a manifest lqc.save wrote, or a damaged one; {RESAVE}")
@@ -551,6 +556,8 @@ def _no_manifest_message(directory: Path) -> str:
             return (f"{directory} does not exist: a save to it was interrupted, and the previous checkpoint is in "
                     f"{aside[-1][0]}; rename that folder to {directory.name}, or {RESAVE}")
         return f"{directory} does not exist; give the folder lqc.save wrote"
+    if not directory.is_dir():
+        return f"{directory} is a file; give the folder lqc.save wrote (the one that holds {MANIFEST})"
     return f"{directory} holds no {MANIFEST}: not a model written by lqc.save; give the folder lqc.save wrote, or {RESAVE}"
 
 

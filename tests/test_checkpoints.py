@@ -237,9 +237,27 @@ def test_bad_checkpoints_are_refused_with_the_file_and_the_fix(checkpoint, damag
     assert re.search(fix, message), message
 
 
-def test_a_missing_folder_is_named(tmp_path):
+def test_a_missing_folder_or_a_file_is_named(checkpoint, tmp_path):
     message = _load_error(tmp_path / "nowhere")
     assert f"{tmp_path / 'nowhere'} does not exist; give the folder lqc.save wrote" in message
+    message = _load_error(checkpoint / "model.safetensors")
+    assert f"{checkpoint / 'model.safetensors'} is a file; give the folder lqc.save wrote (the one that holds lqc.json)" in message
+
+
+def test_a_save_cut_between_its_renames_says_where_the_previous_checkpoint_is(checkpoint):
+    """Killed after moving the old checkpoint aside and before renaming the new one in: load says where the old one is."""
+    aside = checkpoint.parent / ".checkpoint.lqc-old-999999999-0123abcd"
+    checkpoint.rename(aside)
+    message = _load_error(checkpoint)
+    assert f"{checkpoint} does not exist: a save to it was interrupted, and the previous checkpoint is in {aside}" in message
+    assert "rename that folder to checkpoint" in message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_an_unreadable_file_is_named(checkpoint):
+    (checkpoint / "tokenizer.json").chmod(0)
+    message = _load_error(checkpoint)
+    assert f"{checkpoint / 'tokenizer.json'}: cannot be read (Permission denied); check its permissions" in message
 
 
 def test_verify_false_reads_no_checksums(saved, checkpoint, monkeypatch):
