@@ -350,7 +350,12 @@ def check_viz(args) -> None:
         _refuse("--svg renders the --dot file: pass --dot too")
     _check_numbers(args, positive=("tokens", "threads"))
     _check_recipe(args.recipe)  # calibration: "calib" unless given, dropped for a model without a tokenizer
-    _check_text(args.calibration, "--calibration")
+    from lqc.models import TINY_CONFIGS
+
+    if args.model not in TINY_CONFIGS:
+        _check_text(args.calibration, "--calibration")
+    elif args.calibration != "calib":  # the default is dropped for a tiny model (random ids); a text given is not
+        _check_tokenizer(args.model, "--calibration is text")
     for value, flag in ((args.out, "--out"), (args.dot, "--dot"), (args.svg, "--svg")):
         _check_writable(value, flag)
     _check_model(args.model)

@@ -151,3 +151,7 @@ def test_text_on_a_model_without_a_tokenizer(capsys, text_file):
     err = _refused(["compress", "--model", "tiny-llama", "--recipe", "int8", "--calibration", text_file, "--out", "x"], capsys)
     assert "text needs a tokenizer" in err and "smollm2-135m" in err
     assert "lqc demo scores text and tiny-llama has no tokenizer" in _refused(["demo", "--model", "tiny-llama"], capsys)
+    err = _refused(["viz", "--model", "tiny-gpt2", "--calibration", text_file, "--tokens", "0"], capsys)
+    assert "--tokens must be a positive integer" in err  # numbers first
+    err = _refused(["viz", "--model", "tiny-gpt2", "--calibration", text_file], capsys)
+    assert "--calibration is text and tiny-gpt2 has no tokenizer" in err

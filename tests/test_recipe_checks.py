@@ -111,3 +111,20 @@ def test_shipped_recipes_with_patterns_compile_on_tiny_models(family):
     else:  # GPT-2's embedding is `wte`: the entry's strict: false makes that a warning
         assert len(unmatched) == 1 and "'embed_tokens$'" in unmatched[0]
         assert lm_head_pass.matches >= 1
+
+
+def test_pass_changes_summary():
+    from lqc.passes.report import GraphReport, PassRecord, format_pass_changes
+
+    def report(name, quantized, fallback=""):
+        records = [PassRecord(1, "cleanup", {}, matches=3), PassRecord(2, "quantize", {}, matches=quantized),
+                   PassRecord(3, "pack_cpu_layouts", {}, stage="lowering", matches=quantized)]
+        return GraphReport(graph=name, records=[] if fallback else records, fallback=fallback)
+
+    text = format_pass_changes([report("graph0", 14), report("graph1", 14), report("graph2", 0, "TypeError: x"),
+                                report("graph3", 12)])
+    assert text == ("passes on graph0:\n  cleanup: 3 modules changed\n  quantize: 14 modules changed\n"
+                    "  pack_cpu_layouts (lowering): 14 modules changed\n"
+                    "graph2 fell back to Inductor, uncompressed: TypeError: x\n"
+                    "passes on graph3:\n  cleanup: 3 modules changed\n  quantize: 12 modules changed\n"
+                    "  pack_cpu_layouts (lowering): 12 modules changed\n")  # graph1 counts as graph0: not repeated
