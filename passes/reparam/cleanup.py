@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from lqc.ir import Graph, annotate_regions, op_name
 from lqc.ir.ops import ACTIVATION_OPS, LINEAR_OPS, is_inplace
@@ -44,7 +45,7 @@ def _is_identity(node: fx.Node) -> bool:
     out, inp = node.meta.get("val"), source.meta.get("val")
     if not isinstance(out, torch.Tensor) or not isinstance(inp, torch.Tensor):
         return False
-    same = out.dtype == inp.dtype and out.device == inp.device and tuple(out.shape) == tuple(inp.shape)
+    same = out.dtype == inp.dtype and out.device == inp.device and _same_shape(out.shape, inp.shape)
     if not same:
         return False
     if name == "to":
@@ -59,6 +60,13 @@ def _is_identity(node: fx.Node) -> bool:
     if name == "div" and len(node.args) == 2:
         return node.args[1] == 1 and not isinstance(node.args[1], bool)
     return False
+
+
+def _same_shape(a, b) -> bool:
+    """Equal for every value of the graph's symbolic sizes. ``s0 == 2`` on a SymInt is decided by
+    its example value and guarded on it: a dynamic graph traced at sequence length 2 had its
+    length specialized to 2 (the number of KV heads of a broadcast operand), and fell back."""
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
 def _written_in_place(node: fx.Node) -> bool:
