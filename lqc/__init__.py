@@ -14,9 +14,10 @@ from lqc.ir import Graph, LqcConfigError, LqcError, LqcGraphError  # noqa: E402
 from lqc.options import CompileOptions  # noqa: E402
 from lqc.pipeline import Compilation, Session  # noqa: E402
 from lqc.passes import Pass, PassContext, PassManager, PassResult, register_pass  # noqa: E402
-from lqc.serialize import load, save  # noqa: E402
+from lqc.serialize import CheckpointError, load, save  # noqa: E402
 
 __all__ = [
+    "CheckpointError",
     "Compilation",
     "CompileOptions",
     "Graph",

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 
 import lqc
 import lqc.serialize as serialize
-from lqc.serialize import CheckpointError
+import lqc.checkpoint as ckpt
+from lqc.checkpoint import CheckpointError
 
 # Every file of the checkpoint the fixture writes: the corruption test runs over each of them.
 FILES = ["lqc.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
@@ -73,7 +74,7 @@ def _rewrite_manifest(checkpoint: Path, edit, rehash: bool = True) -> None:
     manifest = json.loads((checkpoint / "lqc.json").read_text())
     edit(manifest)
     if rehash:
-        manifest["manifest_sha256"] = serialize._manifest_digest(manifest)
+        manifest["manifest_sha256"] = ckpt.manifest_digest(manifest)
     (checkpoint / "lqc.json").write_text(json.dumps(manifest, indent=1))
 
 
@@ -83,7 +84,7 @@ def _rewrite_tensors(checkpoint: Path, edit, table_edit=None) -> None:
     path = checkpoint / "model.safetensors"
     tensors = load_file(str(path))
     edit(tensors)
-    save_file(tensors, str(path), metadata={"format": serialize.FORMAT})
+    save_file(tensors, str(path), metadata={"format": ckpt.FORMAT})
 
     def update(manifest):
         manifest["files"]["model.safetensors"] = {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
@@ -104,14 +105,14 @@ def _overwrite(path: Path, offset: int, count: int = 64) -> None:
 def test_round_trip_records_every_file_and_tensor(saved, checkpoint):
     assert sorted(p.name for p in checkpoint.iterdir()) == FILES  # the corruption test covers each one
     manifest = json.loads((checkpoint / "lqc.json").read_text())
-    assert manifest["format_version"] == serialize.FORMAT_VERSION == 2
+    assert manifest["format_version"] == ckpt.FORMAT_VERSION == 2
     assert sorted(manifest["files"]) == [name for name in FILES if name != "lqc.json"]
     for name, record in manifest["files"].items():
         data = (checkpoint / name).read_bytes()
         assert record == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     stored = load_file(str(checkpoint / "model.safetensors"))
     assert manifest["tensors"] == {n: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)} for n, t in stored.items()}
-    assert manifest["manifest_sha256"] == serialize._manifest_digest(manifest)
+    assert manifest["manifest_sha256"] == ckpt.manifest_digest(manifest)
     assert torch.equal(_logits(lqc.load(checkpoint), saved.ids), saved.logits)
     assert torch.equal(_logits(lqc.load(checkpoint, verify=False), saved.ids), saved.logits)
 
@@ -270,8 +271,8 @@ def test_verify_false_reads_no_checksums(saved, checkpoint, monkeypatch):
     def no_checksums(*args):
         raise AssertionError("verify=False must not compute a checksum")
 
-    monkeypatch.setattr(serialize, "_sha256", no_checksums)
-    monkeypatch.setattr(serialize, "_manifest_digest", no_checksums)
+    monkeypatch.setattr(ckpt, "sha256", no_checksums)
+    monkeypatch.setattr(ckpt, "manifest_digest", no_checksums)
     loaded = lqc.load(checkpoint, verify=False)
     assert not torch.equal(_logits(loaded, saved.ids), saved.logits)  # the damage went through, as documented
     _truncate("model.safetensors")(checkpoint)

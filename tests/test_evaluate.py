@@ -50,7 +50,7 @@ def test_calibration_input_errors():
     with pytest.raises(LqcConfigError, match="does not exist"):
         calibration_from("no/such/file.txt", tokenizer=lambda *a, **k: {"input_ids": []})
     cal = calibration_from(torch.arange(100))
-    with pytest.raises(LqcConfigError, match="needs 512"):
+    with pytest.raises(LqcConfigError, match="fewer than one window of 512.*give more calibration text"):
         cal.windows(1, 512)
 
 

@@ -12,7 +12,7 @@ import torch
 
 import lqc
 from lqc.ir import LqcConfigError
-from lqc.serialize import _manifest_digest
+from lqc.checkpoint import manifest_digest
 
 
 def _compress_and_save(model, recipe, directory, ids, **kwargs):
@@ -64,7 +64,7 @@ def test_errors(tiny_llama, token_ids, tmp_path):
     manifest = json.loads(manifest_path.read_text())
 
     def write(edited):  # with the manifest's checksum recomputed, so the check under test is what objects
-        manifest_path.write_text(json.dumps({**edited, "manifest_sha256": _manifest_digest(edited)}))
+        manifest_path.write_text(json.dumps({**edited, "manifest_sha256": manifest_digest(edited)}))
 
     write({**manifest, "format_version": 99, "lqc_version": "9.0"})
     with pytest.raises(LqcConfigError, match=r"written by lqc 9.0 in format version 99; lqc .* reads versions up to 2. Upgrade lqc"):

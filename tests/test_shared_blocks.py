@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import lqc
-import lqc.backend
+import lqc.pipeline
 from lqc.codegen.shared_blocks import SharedBlockProgram, compile_shared_blocks, signature, split_at_blocks
 from lqc.models import TINY_CONFIGS
 
@@ -77,13 +77,13 @@ def test_share_blocks_false_compiles_the_whole_graph(five_block_llama):
 def _captured(model, ids, options, monkeypatch):
     """(graph, example inputs) as the backend hands them to codegen, compiled eagerly meanwhile."""
     seen = []
-    original = lqc.backend.compile_graph
+    original = lqc.pipeline.compile_graph
 
     def recording(graph, target, example_inputs, *args, **kwargs):
         seen.append((graph, list(example_inputs)))
         return original(graph, "eager", example_inputs, *args, **kwargs)
 
-    monkeypatch.setattr(lqc.backend, "compile_graph", recording)
+    monkeypatch.setattr(lqc.pipeline, "compile_graph", recording)
     forward = torch.compile(model.forward, backend="lqc", options={"progress": False, **options}, dynamic=False)
     with torch.no_grad():
         forward(input_ids=ids, cache=_static_cache(model), use_cache=True)
