@@ -220,9 +220,11 @@ class _SessionGraph(CompiledGraph):
 
 
 def embedding_inputs(graph: Graph) -> dict[int, int]:
-    """Dynamo argument index -> rows of the embedding table, for each integer input of ``graph``
-    that indexes a frozen embedding (token ids; a reshape on the way, as GPT-2 does, is allowed)."""
-    placeholders = {inp.name: inp.index for inp in graph.inputs}
+    """Dynamo argument index -> rows of the embedding table, for each token-id input of ``graph``
+    that indexes a frozen embedding (a reshape on the way, as GPT-2 does, is allowed). Position
+    inputs that index a learned table are left out: the error's fix would be another one, and
+    lqc.compress and lqc.generate check the length against the model's positions up front."""
+    placeholders = {inp.name: inp.index for inp in graph.inputs if inp.role == "token_ids"}
     found: dict[int, int] = {}
     for node in graph.nodes:
         if op_name(node) != "embedding" or len(node.args) < 2 or not graph.is_constant(node.args[1]):
