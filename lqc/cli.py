@@ -334,7 +334,10 @@ def _bench_parser(sub) -> None:
     bench.add_argument("--model", default="smollm2-135m")
     bench.add_argument("--recipe", default="default")
     bench.add_argument("--target", default="auto")
-    bench.add_argument("--variants", nargs="+", default=["eager", "inductor", "lqc"], choices=["eager", "inductor", "lqc"])
+    from lqc.bench import DEFAULT_VARIANTS, VARIANTS
+
+    bench.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
+                       help="lqc-unchecked: lqc without the per-call token-id check (its cost, in the same run)")
     bench.add_argument("--prefill-tokens", type=int, default=512)
     bench.add_argument("--prompt-tokens", type=int, default=128)
     bench.add_argument("--decode-tokens", type=int, default=128)

@@ -67,15 +67,7 @@ def compress(
     session = Session(options)
     compressed = copy.copy(model)  # shares modules and parameters; only `forward` differs
     compressed.forward = torch.compile(model.forward, backend=session)
-    where = "lqc.compress(example_inputs=...)"
-    if example_inputs is None:
-        tokens = calibration_data.default_length if calibration_data is not None else 16
-        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        tokens = min(tokens, positions) if isinstance(positions, int) else tokens  # a window the model can run
-        example_inputs = example_token_ids(model, calibration_data, tokens, "lqc.compress")
-        where = "lqc.compress (its example ids: the first calibration window)" if calibration_data is not None else where
-    if embedding_rows(model) is not None:  # a model of token ids (an image model takes pixel values)
-        check_prompt(model, example_inputs, where)
+    example_inputs = _example_inputs(model, calibration_data, example_inputs)
     with torch.no_grad():
         try:
             compressed(example_inputs)  # compile now: calibrate and transform weights ahead of time
@@ -94,6 +86,21 @@ def compress(
     # a dropped attention layer needs no KV cache: generate() builds its caches without those slots
     keep_dropped_layers_out_of_caches(compressed, compressed._lqc_compression.dropped_attention_layers)
     return compressed
+
+
+def _example_inputs(model: torch.nn.Module, calibration_data, example_inputs: torch.Tensor | None) -> torch.Tensor:
+    """The ids the ahead-of-time capture runs on, checked: the user's, or the first calibration
+    window (at most the model's positions), or 16 random ids."""
+    where = "lqc.compress(example_inputs=...)"
+    if example_inputs is None:
+        tokens = calibration_data.default_length if calibration_data is not None else 16
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        tokens = min(tokens, positions) if isinstance(positions, int) else tokens  # a window the model can run
+        example_inputs = example_token_ids(model, calibration_data, tokens, "lqc.compress")
+        where = "lqc.compress (its example ids: the first calibration window)" if calibration_data is not None else where
+    if embedding_rows(model) is not None:  # a model of token ids (an image model takes pixel values)
+        check_prompt(model, example_inputs, where)
+    return example_inputs
 
 
 # the weight dtypes lqc's passes and kernels handle; float8 and other narrow formats are not compressed further

@@ -209,14 +209,21 @@ class _SessionGraph(CompiledGraph):
     def __init__(self, fn, user_indices, frozen, name: str, session: Session, gm: fx.GraphModule, token_checks=()):
         super().__init__(fn, user_indices, frozen, name, token_checks)
         self.session, self.gm = session, gm
+        # Two threads calling one model after its weights changed would both recompress it, at once,
+        # on the shape-inference state capture shares with dynamo (not thread-safe): one at a time,
+        # and the second finds the weights current again.
+        self._recompressing = threading.Lock()
 
     def weights_changed(self, args: Sequence[Any]) -> None:
-        warnings.warn(f"lqc: weights of {self.name} changed after compilation (in-place update or new tensors); "
-                      f"recompressing them", stacklevel=3)
-        compilation = self.session.compile(self.gm, args, self.name, rebuilding=True)
-        self.session._add(compilation)
-        fresh = compilation.fn
-        self.fn, self.user_indices, self.frozen, self.token_checks = fresh.fn, fresh.user_indices, fresh.frozen, fresh.token_checks
+        with self._recompressing:
+            if self.weights_unchanged(args):  # another thread recompressed them while this one waited
+                return
+            warnings.warn(f"lqc: weights of {self.name} changed after compilation (in-place update or new tensors); "
+                          f"recompressing them", stacklevel=4)
+            compilation = self.session.compile(self.gm, args, self.name, rebuilding=True)
+            self.session._add(compilation)
+            fresh = compilation.fn
+            self.fn, self.user_indices, self.frozen, self.token_checks = fresh.fn, fresh.user_indices, fresh.frozen, fresh.token_checks
 
 
 def embedding_inputs(graph: Graph) -> dict[int, int]:
