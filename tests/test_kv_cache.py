@@ -296,7 +296,7 @@ def test_lqc_generate_errors_name_the_fix(tiny_llama, token_ids):
 
     with pytest.raises(lqc.LqcConfigError, match=r"pass kv= .* or cache= .*, not both"):
         lqc.generate(tiny_llama, token_ids, 4, kv={"bits": 4}, cache=DynamicCache(config=tiny_llama.config))
-    with pytest.raises(lqc.LqcConfigError, match=r"token ids \[batch, tokens\] with at least one token; got shape \(12,\)"):
+    with pytest.raises(lqc.LqcConfigError, match=r"token ids must be \[batch, tokens\]; got shape \(12,\). Pass ids\[None\]"):
         lqc.generate(tiny_llama, token_ids[0], 4)
 
 

@@ -27,13 +27,13 @@ def test_a_new_process_reads_transforms_from_disk(tiny_llama, token_ids, tmp_pat
     monkeypatch.setenv("LQC_CACHE_DIR", str(tmp_path))
     first = _compressed_logits(tiny_llama, token_ids)
     files = _files(tmp_path)
-    assert len(files) == 14  # 7 linears x 2 blocks
+    assert len(files) == 28  # 7 linears x 2 blocks: each quantized, and packed for the CPU (pack_cpu_layouts)
     loads = []
     original = TransformStore.get_or_compute
     monkeypatch.setattr(TransformStore, "get_or_compute",
                         lambda self, key, compute: loads.append(key) or original(self, key, lambda: pytest_fail(key)))
     second = _compressed_logits(tiny_llama, token_ids)
-    assert len(loads) == 14 and torch.equal(first, second)  # every weight from disk, none recomputed
+    assert len(loads) == 28 and torch.equal(first, second)  # every weight from disk, none recomputed
 
 
 def pytest_fail(key):
@@ -43,14 +43,14 @@ def pytest_fail(key):
 def test_changed_weight_or_options_miss(tiny_llama, token_ids, tmp_path, monkeypatch):
     monkeypatch.setenv("LQC_CACHE_DIR", str(tmp_path))
     _compressed_logits(tiny_llama, token_ids)
-    assert len(_files(tmp_path)) == 14
+    assert len(_files(tmp_path)) == 28
     with torch.no_grad():
         tiny_llama.model.layers[1].mlp.down_proj.weight.mul_(2)
     _compressed_logits(tiny_llama, token_ids)
     # every layer depends on the model's weights as a whole (calibrated transforms see them all)
-    assert len(_files(tmp_path)) == 28
+    assert len(_files(tmp_path)) == 56
     _compressed_logits(tiny_llama, token_ids, [RECIPE[0], {**RECIPE[1], "hqq_iters": 3}])
-    assert len(_files(tmp_path)) == 42
+    assert len(_files(tmp_path)) == 84  # new quantized weights, and their packed layouts
 
 
 def test_damaged_file_is_recomputed(tiny_llama, token_ids, tmp_path, monkeypatch):

@@ -48,13 +48,14 @@ def test_report_in_chromium(tiny_llama, token_ids, tmp_path):
 
     (report,) = lqc.viz.compressed_reports(tiny_llama, "int8", calibration=None, example_inputs=token_ids)
     page = lqc.viz.write_html([report], tmp_path / "report.html", title="lqc: tiny Llama, recipe int8")
-    record = report.records[-1]
-    assert record.name == "quantize"
+    record = report.records[-1]  # the page opens on the graph that runs: after the lowering
+    assert (record.name, record.stage) == ("pack_cpu_layouts", "lowering")
     with chromium() as driver:
         _open(driver, page)
         # the pass timeline renders, the last pass selected
         steps = driver.find_elements(By.CSS_SELECTOR, "#timeline .pass-step")
-        assert [s.get_attribute("data-pass") for s in steps] == ["capture", "cleanup", "quantize"]
+        assert [s.get_attribute("data-pass") for s in steps] == ["capture", "cleanup", "quantize", "pack_cpu_layouts"]
+        assert "(lowering)" in steps[-1].text
         assert "active" in steps[-1].get_attribute("class")
         assert f"+{len(record.nodes_added)}" in steps[-1].text and f"−{len(record.nodes_removed)}" in steps[-1].text
 
@@ -76,7 +77,7 @@ def test_report_in_chromium(tiny_llama, token_ids, tmp_path):
         folded[0].click()
         _wait_for(driver, '#pane-after [data-cluster="model.layers.1.mlp"]')
 
-        # the nodes quantize added are highlighted after it, the ones it removed before it
+        # the nodes the lowering added (packed qlinears) are highlighted after it, the ones it removed before it
         added = driver.find_elements(By.CSS_SELECTOR, "#pane-after .box.added")
         added_names = {e.get_attribute("data-node") for e in added}
         assert added_names and added_names <= set(record.nodes_added)
@@ -99,7 +100,7 @@ def test_report_in_chromium(tiny_llama, token_ids, tmp_path):
         selected = _wait_for(driver, f'#pane-after .box.selected[data-node="{target}"]')
         assert selected and "added" in selected[0].get_attribute("class")
         panel = driver.find_element(By.ID, "panel-body").text
-        assert f"%{target}" in panel and "quantize, from" in panel and "added by this pass" in panel
+        assert f"%{target}" in panel and "pack_cpu_layouts, from" in panel and "added by this pass" in panel
         kernel = report.kernels[target]  # its fusion group (the partitioner's), and the group's kernel template
         assert f"fusion group {kernel['group']} (qlinear on %{target})" in panel and kernel["template"] in panel
         # the kernel target="triton" generates for the group: its source, folded until clicked
