@@ -251,9 +251,11 @@ def _timed_runs(model, variants, recipe, target, shapes: _Shapes, runs: int, dec
     decode_runs: dict[str, list] = {v: [] for v in variants}
     for run in range(runs):
         log(f"timed run {run + 1}/{runs} ...")
-        for v in variants:
+        # every other run in reverse order: the variant timed first in a run is not always the same one
+        order = list(variants) if run % 2 == 0 else list(reversed(variants))
+        for v in order:
             prefill_times[v].append(runners[v].prefill(shapes.prefill_ids))
-        for v in variants:
+        for v in order:
             decode_runs[v].append(runners[v].decode(shapes.prompt_ids, decode_tokens, shapes.cache_length))
     result.graphs_compiled_while_timing = _graphs_compiled() - graphs_before
     if result.graphs_compiled_while_timing:
