@@ -18,8 +18,7 @@ import lqc
 import lqc.models
 from lqc.codegen.partition import creates_cycle, dataflow_graph, describe, partition
 from lqc.ir import Graph, op_name, trace
-from lqc.ir.graph import GraphInput
-from lqc.ir.shapes import propagate_shapes
+from tests.graphs import graph_of
 from lqc.passes import Calibration, PassContext, PassManager
 from lqc.runtime.quantization.formats import quantize_int8
 
@@ -205,15 +204,6 @@ def test_kv_attention_groups_own_their_outputs():
 # -- hand-built graphs ------------------------------------------------------------------------------
 
 
-def _graph(module: torch.nn.Module, *examples) -> Graph:
-    gm = fx.symbolic_trace(module)
-    inputs = [GraphInput(node.name, "", "other", i, example)
-              for i, (node, example) in enumerate(zip(gm.graph.find_nodes(op="placeholder"), examples))]
-    graph = Graph(gm=gm, inputs=inputs)
-    propagate_shapes(graph)
-    return graph
-
-
 class _QLinear(torch.nn.Module):
     def __init__(self, width=8, out=8, seed=0):
         super().__init__()
@@ -262,7 +252,7 @@ class InPlaceEpilogue(_QLinear):
 
 
 def test_an_add_that_would_close_a_cycle_is_not_absorbed():
-    graph = _graph(SoftmaxResidual(), torch.randn(2, 8))
+    graph = graph_of(SoftmaxResidual(), torch.randn(2, 8))
     qlinear, softmax, add = (graph.find(name) for name in ("qlinear", "softmax", "add"))
     part = partition(graph)
     _check_invariants(graph, part)
@@ -277,7 +267,7 @@ def test_an_add_that_would_close_a_cycle_is_not_absorbed():
 
 
 def test_bias_activation_and_residual_chain():
-    graph = _graph(BiasGeluResidual(), torch.randn(2, 8), torch.randn(2, 8))
+    graph = graph_of(BiasGeluResidual(), torch.randn(2, 8), torch.randn(2, 8))
     (group,) = partition(graph).groups
     assert [(op_name(n), group.roles[n]) for n in group.epilogue] == [
         ("add", "bias"), ("gelu", "activation"), ("add", "residual")]
@@ -286,7 +276,7 @@ def test_bias_activation_and_residual_chain():
 
 
 def test_rms_norm_with_casts_is_a_prologue():
-    graph = _graph(RMSNormQLinear(), torch.randn(2, 8, dtype=torch.bfloat16))
+    graph = graph_of(RMSNormQLinear(), torch.randn(2, 8, dtype=torch.bfloat16))
     part = partition(graph)
     (group,) = part.groups
     assert [op_name(n) for n in group.prologue] == ["to", "pow", "mean", "add", "rsqrt", "mul", "to", "mul", "to"]
@@ -296,7 +286,7 @@ def test_rms_norm_with_casts_is_a_prologue():
 
 
 def test_in_place_work_is_never_absorbed():
-    graph = _graph(InPlaceEpilogue(), torch.randn(2, 8))
+    graph = graph_of(InPlaceEpilogue(), torch.randn(2, 8))
     part = partition(graph)
     (group,) = part.groups
     assert group.epilogue == [] and [op_name(n) for n in part.rest] == ["relu"]

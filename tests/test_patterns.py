@@ -13,7 +13,6 @@ import torch.nn.functional as F
 import lqc.models
 from lqc.codegen.partition import partition
 from lqc.ir import Graph, op_name, trace
-from lqc.ir.graph import GraphInput
 from lqc.ir.pattern import OneOf, Pattern, ZeroOrMore, explain
 from lqc.ir.patterns import (
     RMS_NORM,
@@ -24,18 +23,9 @@ from lqc.ir.patterns import (
     is_vector_constant,
     match_rms_norm,
 )
-from lqc.ir.shapes import propagate_shapes
+from tests.graphs import graph_of
 from lqc.passes import PassContext, PassManager
 from lqc.runtime.quantization.formats import quantize_int8
-
-
-def _graph(module: torch.nn.Module, *examples) -> Graph:
-    gm = fx.symbolic_trace(module)
-    inputs = [GraphInput(node.name, "", "other", i, example)
-              for i, (node, example) in enumerate(zip(gm.graph.find_nodes(op="placeholder"), examples))]
-    graph = Graph(gm=gm, inputs=inputs)
-    propagate_shapes(graph)
-    return graph
 
 
 def _output(graph: Graph) -> fx.Node:
@@ -116,7 +106,7 @@ def test_one_of_matches_any_listed_op_with_its_options():
 
 
 def test_constraints_are_checked_as_wildcards_bind():
-    graph = _graph(Norm(), _bf16())
+    graph = graph_of(Norm(), _bf16())
     (mul,) = [n for n in graph.nodes if op_name(n) == "mul" and any(a.op == "get_attr" for a in n.args)]
     # the weight is the first operand: the other order binds the constant and passes the constraint
     assert Pattern(lambda w, h: w * h, constraints={"w": is_vector_constant}).match(mul)["w"].op == "get_attr"
@@ -141,12 +131,12 @@ def test_rms_norm_in_tiny_llama_with_and_without_weight():
 
 
 def test_match_rms_norm_binds_the_kernel_arguments():
-    graph = _graph(Norm(), _bf16())
+    graph = graph_of(Norm(), _bf16())
     match = match_rms_norm(_output(graph))
     assert match.pattern is RMS_NORM and match["x"].name == "h" and match["weight"].name == "weight"
     assert [op_name(n) for n in graph.nodes if n in set(match.graph_nodes)] == \
            ["to", "pow", "mean", "add", "rsqrt", "mul", "to", "mul", "to"]
-    unweighted = _graph(Norm(weighted=False, cast=False), torch.randn(2, 8))
+    unweighted = graph_of(Norm(weighted=False, cast=False), torch.randn(2, 8))
     match = match_rms_norm(_output(unweighted))
     assert match.pattern is RMS_NORM_UNWEIGHTED and match["x"].name == "h" and match["eps"] == 1e-6
 
@@ -159,12 +149,12 @@ def test_swiglu_with_any_activation():
 
 def test_a_near_miss_is_explained_and_gets_no_prologue():
     # mean over the first dimension is no RMSNorm: the qlinear gets no prologue, and the pattern says why
-    graph = _graph(NormQLinear(dim=0), _bf16())
+    graph = graph_of(NormQLinear(dim=0), _bf16())
     (group,) = partition(graph).groups
     assert group.prologue == []
     text = explain_rms_norm(group.anchor.args[0])
     assert text.splitlines()[0].startswith("rms_norm does not match at %to_2")
     assert "wildcard 'dim' would bind 0, which fails is_last_dim" in text
     # the same graph with dim=-1 does get it
-    (group,) = partition(_graph(NormQLinear(), _bf16())).groups
+    (group,) = partition(graph_of(NormQLinear(), _bf16())).groups
     assert {group.roles[n] for n in group.prologue} == {"rms_norm"} and len(group.prologue) == 9

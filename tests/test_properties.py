@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import warnings
 
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,6 +35,7 @@ from lqc.passes.numerics import compare_outputs, run_graph
 from lqc.runtime.quantization.formats import QuantizedWeight, quantize_int4, quantize_int8
 
 from .adapters import adapter_constants, wrap
+from .test_reparam_conv import RepVGGBlock  # RepVGG's training-time block
 
 EXACT_PASSES = ["cleanup", "fold_norms", "fold_batchnorm", "merge_branches", "merge_adapters", "concat_linears", "rotate"]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -241,22 +241,6 @@ def test_lora_on_a_single_head_attention_merges():
 
 
 # -- conv nets: fold_batchnorm and merge_branches -------------------------------------------------
-class RepVGGBlock(nn.Module):
-    """RepVGG's training-time block (as in test_reparam_conv): 3x3 conv+BN, 1x1 conv+BN, BN identity."""
-
-    def __init__(self, cin, cout, stride, groups):
-        super().__init__()
-        self.dense = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, groups=groups, bias=False), nn.BatchNorm2d(cout))
-        self.one = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, 0, groups=groups, bias=False), nn.BatchNorm2d(cout))
-        self.identity = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
-
-    def forward(self, x):
-        out = self.dense(x) + self.one(x)
-        if self.identity is not None:
-            out = out + self.identity(x)
-        return F.relu(out)
-
-
 class ConvBN(nn.Module):
     """conv -> BN -> ReLU: the BN folds into the conv before it."""
 
