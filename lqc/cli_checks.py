@@ -186,26 +186,14 @@ def _check_writable(value: str | None, flag: str, folder: bool = False) -> None:
 
 
 def _check_model(name: str) -> None:
-    """What lqc.models.load would load, checked without loading it (the same rules, in its order)."""
-    import difflib
+    """What lqc.models.load would load, checked without loading it (lqc.models.model_kind)."""
+    from lqc.ir.errors import LqcConfigError
+    from lqc.models import model_kind
 
-    from lqc.models import SMOLLM2, TINY_CONFIGS, smollm2_gguf_path
-
-    if name in TINY_CONFIGS:
-        return
-    if name.lower() == SMOLLM2:
-        smollm2_gguf_path()  # raises, naming the package to install, when the GGUF file is missing
-        return
-    path = Path(name)
-    if path.suffix == ".gguf" and path.is_file():
-        return
-    if path.is_dir() and ((path / "lqc.json").is_file() or (path / "config.json").is_file()):
-        return
-    close = difflib.get_close_matches(name, [SMOLLM2, *TINY_CONFIGS], n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    found = "a folder without config.json or lqc.json" if path.is_dir() else "no such model name or path"
-    _refuse(f"--model {name!r}: {found}.{hint} Give {SMOLLM2!r}, one of {', '.join(TINY_CONFIGS)}, a local Hugging "
-            f"Face model folder (with config.json), a folder written by lqc compress, or a .gguf file")
+    try:
+        model_kind(name)
+    except LqcConfigError as exc:
+        _refuse(f"--model: {exc}")
 
 
 def _check_tokenizer(name: str, why: str) -> None:

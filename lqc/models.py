@@ -62,35 +62,57 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
+def model_kind(name_or_path: str) -> str:
+    """What ``load`` would load, found without loading it: "tiny", "smollm2", "gguf", "lqc" (a
+    folder lqc.save wrote) or "hf" (a Hugging Face folder). Anything else is an LqcConfigError
+    that names the close match and every accepted kind (the CLI checks ``--model`` with it)."""
+    import difflib
+
+    if name_or_path in TINY_CONFIGS:
+        return "tiny"
+    if name_or_path.lower() == SMOLLM2:
+        smollm2_gguf_path()  # raises, naming the package to install, when the GGUF file is missing
+        return "smollm2"
+    path = Path(name_or_path)
+    if path.suffix == ".gguf" and path.is_file():
+        return "gguf"
+    if path.is_dir() and (path / "lqc.json").is_file():
+        return "lqc"
+    if path.is_dir() and (path / "config.json").is_file():
+        return "hf"
+    close = difflib.get_close_matches(name_or_path, [SMOLLM2, *TINY_CONFIGS], n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    found = "a folder without config.json or lqc.json" if path.is_dir() else "no such model name or path"
+    raise LqcConfigError(
+        f"cannot load {name_or_path!r}: {found}.{hint} Give {SMOLLM2!r}, one of {', '.join(TINY_CONFIGS)}, a local "
+        f"Hugging Face model folder (with config.json), a folder written by lqc.save, or a .gguf file"
+    )
+
+
 def load(name_or_path: str, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
     """Load a model in eval mode. See the module docstring for what ``name_or_path`` can be."""
+    kind = model_kind(name_or_path)
     transformers = _transformers()
-    if name_or_path in TINY_CONFIGS:
+    if kind == "tiny":
         config_cls, model_cls, kwargs = TINY_CONFIGS[name_or_path]
         config = getattr(transformers, config_cls)(**kwargs)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = getattr(transformers, model_cls)(config)
         return LoadedModel(model.to(dtype).eval(), None, name_or_path)
-    if name_or_path.lower() == SMOLLM2:
+    if kind == "smollm2":
         return _load_gguf(smollm2_gguf_path(), dtype, SMOLLM2)
     path = Path(name_or_path)
-    if path.suffix == ".gguf" and path.is_file():
+    if kind == "gguf":
         return _load_gguf(path, dtype, path.stem)
     has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    if path.is_dir() and (path / "lqc.json").is_file():  # written by lqc.save: already compressed
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+    if kind == "lqc":  # written by lqc.save: already compressed
         from lqc.serialize import load as load_compressed
 
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path) if has_tokenizer else None
         return LoadedModel(load_compressed(path), tokenizer, path.name)
-    if path.is_dir() and (path / "config.json").is_file():
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path) if has_tokenizer else None
-        return LoadedModel(model.eval(), tokenizer, path.name)
-    raise LqcConfigError(
-        f"cannot load {name_or_path!r}: give {SMOLLM2!r}, one of {', '.join(TINY_CONFIGS)}, a local Hugging Face "
-        f"model directory (with config.json), a directory written by lqc.save, or a .gguf file"
-    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return LoadedModel(model.eval(), tokenizer, path.name)
 
 
 def smollm2_gguf_path() -> Path:

@@ -81,7 +81,7 @@ def test_recipe_lqc_save_cannot_store(capsys, tmp_path):
 
 def test_unknown_model_suggests_the_nearest(capsys):
     err = _refused(["eval", "--model", "smolm2-135m", "--recipe", "int8"], capsys)
-    assert "--model 'smolm2-135m': no such model name or path. Did you mean 'smollm2-135m'?" in err
+    assert "--model: cannot load 'smolm2-135m': no such model name or path. Did you mean 'smollm2-135m'?" in err
     assert "tiny-llama" in err and ".gguf" in err
 
 
