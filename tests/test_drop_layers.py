@@ -108,7 +108,7 @@ def test_dropped_attention_keeps_cache_outputs_with_their_shapes(tiny_llama, tok
 def test_calibrated_choice_follows_the_scores(tiny_llama, token_ids, calibration, what):
     graph = trace(tiny_llama, token_ids)
     scores = layer_importance(graph, calibration.inputs_for(graph, tokens=240))
-    report = PassManager([{"pass": "drop_layers", "what": what, "count": 1, "tokens": 240}]).run(
+    report = PassManager([{"pass": "drop_layers", "what": what, "count": 1, "tokens": 240, "choice": "cosine"}]).run(
         graph, PassContext(calibration=calibration, progress=False)
     )
     details = report.records[-1].details
@@ -124,7 +124,7 @@ def test_calibrated_choice_follows_the_scores(tiny_llama, token_ids, calibration
 
 def test_iterative_rescores_after_each_drop(tiny_llama, token_ids, calibration):
     graph = trace(tiny_llama, token_ids)
-    report = PassManager([{"pass": "drop_layers", "what": "attention", "count": 2, "iterative": True, "tokens": 240}]).run(
+    report = PassManager([{"pass": "drop_layers", "what": "attention", "count": 2, "iterative": True, "tokens": 240, "choice": "cosine"}]).run(
         graph, PassContext(calibration=calibration, progress=False)
     )
     details = report.records[-1].details
@@ -140,7 +140,7 @@ def test_fraction_and_calibration_requirement(tiny_llama, token_ids, calibration
     graph = trace(tiny_llama, token_ids)
     with pytest.raises(LqcConfigError, match="needs calibration data"):
         PassManager([{"pass": "drop_layers", "what": "mlp", "fraction": 0.5}]).run(graph, PassContext(progress=False))
-    report = PassManager([{"pass": "drop_layers", "what": "mlp", "fraction": 0.5, "tokens": 240}]).run(
+    report = PassManager([{"pass": "drop_layers", "what": "mlp", "fraction": 0.5, "tokens": 240, "score_tokens": 120}]).run(
         graph, PassContext(calibration=calibration, progress=False)
     )
     assert len(report.records[-1].details.dropped) == 1
@@ -207,7 +207,7 @@ def test_symbolic_sequence_length(tiny_llama, token_ids):
 
 def test_calibrated_choice_is_shared_by_prefill_and_decode_graphs(tiny_llama, token_ids):
     calibration = torch.randint(0, 256, (600,), generator=torch.Generator().manual_seed(4))
-    recipe = [{"pass": "drop_layers", "what": "block", "count": 1, "tokens": 240}]
+    recipe = [{"pass": "drop_layers", "what": "block", "count": 1, "tokens": 240, "score_tokens": 120}]
     compiled = copy.copy(tiny_llama)
     compiled.forward = torch.compile(
         tiny_llama.forward, backend="lqc", options={"recipe": recipe, "target": "eager", "calibration": [calibration]}
@@ -343,3 +343,135 @@ def test_beam_search_with_freed_cache_slots(tiny_llama, token_ids):
     with torch.no_grad():
         expected = _zero_out(tiny_llama, "attention", 0).generate(token_ids, max_new_tokens=6, num_beams=3, do_sample=False)
         assert torch.equal(compressed.generate(token_ids, max_new_tokens=6, num_beams=3, do_sample=False), expected)
+
+
+# -- choice by KL, compensation ----------------------------------------------------------------------
+def _identity_at(model, what: str, layer: int):
+    """A copy of ``model`` whose ``what`` (attention or block) of ``layer`` is an identity map:
+    its output projections are zero, so it adds nothing to the residual stream."""
+    model = copy.deepcopy(model)
+    block = model.model.layers[layer]
+    with torch.no_grad():
+        block.self_attn.o_proj.weight.zero_()
+        if what == "block":
+            block.mlp.down_proj.weight.zero_()
+    return model
+
+
+@pytest.mark.parametrize("what,layer", [("attention", 0), ("block", 1)])
+def test_kl_choice_drops_the_identity(tiny_llama, token_ids, calibration, what, layer):
+    """The first and last blocks are not excluded: the one that changes nothing is chosen, whichever it is."""
+    model = _identity_at(tiny_llama, what, layer)
+    graph = trace(model, token_ids)
+    entry = {"pass": "drop_layers", "what": what, "count": 1, "choice": "kl", "tokens": 120, "score_tokens": 120}
+    details = PassManager([entry]).run(graph, PassContext(calibration=calibration, progress=False)).records[-1].details
+    assert details.dropped == [layer]
+    kl = {tuple(row["blocks"]): row["kl"] for row in details.scores[0]["kl"]}
+    assert kl[(layer,)] < 1e-6 and kl[(1 - layer,)] > 1e-4, kl
+    with torch.no_grad():
+        torch.testing.assert_close(run_graph(graph, (token_ids,))[-1], model(token_ids).logits, atol=1e-5, rtol=0)
+
+
+def _sublayer_activations(model, inputs, layer: int):
+    """(h_in, normed input, attention output) of ``layer`` over the calibration windows, recorded
+    with hooks on the eager model: the reference the fitted compensation is checked against."""
+    block = model.model.layers[layer]
+    seen = {"h_in": [], "normed": [], "y": []}
+
+    def block_input(module, args, kwargs):
+        seen["h_in"].append(args[0] if args else kwargs["hidden_states"])
+
+    def attention_io(module, args, kwargs, out):
+        seen["normed"].append(args[0] if args else kwargs["hidden_states"])
+        seen["y"].append(out[0])
+
+    hooks = [block.register_forward_pre_hook(block_input, with_kwargs=True),
+             block.self_attn.register_forward_hook(attention_io, with_kwargs=True)]
+    with torch.no_grad():
+        for args in inputs:
+            model(*args)
+    for h in hooks:
+        h.remove()
+    return {k: torch.cat([t.reshape(-1, t.shape[-1]) for t in v]).double() for k, v in seen.items()}
+
+
+def _compensation_constants(graph) -> dict[str, torch.Tensor]:
+    found = {}
+    for name, tensor in graph.constants():
+        for fqn in graph.fqns(name):
+            if ".compensation." in fqn:
+                found[fqn.split(".compensation.")[1]] = tensor.double()
+    return found
+
+
+@pytest.mark.parametrize("kind,source", [("bias", "stream"), ("linear", "stream"), ("linear", "normed"), ("diagonal", "stream")])
+def test_compensation_is_the_least_squares_fit(tiny_llama, token_ids, calibration, kind, source):
+    """The fitted stand-in of attention 1 (ridge 0) against a direct least-squares solution on the
+    same calibration tokens, recorded independently with hooks on the eager model."""
+    graph = trace(tiny_llama, token_ids)
+    entry = {"pass": "drop_layers", "what": "attention", "layers": [1], "compensation": kind, "compensation_input": source,
+             "ridge": 0.0, "tokens": 240}
+    PassManager([entry]).run(graph, PassContext(calibration=calibration, progress=False))
+    acts = _sublayer_activations(tiny_llama, calibration.inputs_for(graph, tokens=240), 1)
+    x, y = acts["h_in" if source == "stream" else "normed"], acts["y"]
+    got = _compensation_constants(graph)
+    ones = torch.ones(len(x), 1, dtype=x.dtype)
+    if kind == "bias":
+        torch.testing.assert_close(got["bias"], y.mean(0), atol=1e-6, rtol=1e-5)
+        assert set(got) == {"bias"}
+    elif kind == "linear":
+        solution = torch.linalg.lstsq(torch.cat([x, ones], 1), y).solution  # [d + 1, d]
+        torch.testing.assert_close(got["weight"], solution[:-1].T, atol=2e-4, rtol=1e-3)
+        torch.testing.assert_close(got["bias"], solution[-1], atol=2e-4, rtol=1e-3)
+    else:
+        for j in range(x.shape[1]):
+            solution = torch.linalg.lstsq(torch.stack([x[:, j], ones[:, 0]], 1), y[:, j : j + 1]).solution
+            torch.testing.assert_close(got["scale"][j], solution[0, 0], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(got["bias"][j], solution[1, 0], atol=1e-5, rtol=1e-4)
+    # the graph computes h_in + c(x) where the attention was
+    model = copy.deepcopy(tiny_llama)
+    attention = model.model.layers[1].self_attn
+    if source == "stream":
+        model.model.layers[1].input_layernorm.forward = lambda h: h
+    w = {k: v.float() for k, v in got.items()}
+    fitted = {
+        "bias": lambda h: w["bias"].expand(h.shape),
+        "linear": lambda h: torch.nn.functional.linear(h, w["weight"], w["bias"]),
+        "diagonal": lambda h: h * w["scale"] + w["bias"],
+    }[kind]
+    attention.forward = lambda hidden_states, *args, **kwargs: (fitted(hidden_states), None)
+    with torch.no_grad():
+        torch.testing.assert_close(run_graph(graph, (token_ids,))[-1], model(token_ids).logits, atol=1e-5, rtol=0)
+
+
+def test_low_rank_compensation_is_the_reduced_rank_regression(tiny_llama, token_ids, calibration):
+    """rank r: the full ridge solution projected on the top r principal directions of its fitted outputs."""
+    from lqc.passes.structural.drop_compensation import fit
+
+    x = torch.randn(400, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = x @ torch.randn(16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.3
+    full, low = fit("linear", x, y, ridge=0.0), fit("linear", x, y, ridge=0.0, rank=4)
+    torch.testing.assert_close(full(x.float()).double(), y, atol=1e-4, rtol=1e-4)
+    predicted = full(x.float()).double()
+    centered = predicted - predicted.mean(0)
+    u, s, vh = torch.linalg.svd(centered, full_matrices=False)
+    best = centered @ vh[:4].T @ vh[:4] + predicted.mean(0)  # Eckart-Young: the best rank-4 fit of the fitted outputs
+    torch.testing.assert_close(low(x.float()).double(), best, atol=1e-3, rtol=1e-3)
+    assert low.down.shape == (4, 16) and low.up.shape == (16, 4)
+
+
+@pytest.mark.parametrize("what,kind,source", [("attention", "linear", "normed"), ("block", "bias", "stream"), ("mlp", "diagonal", "stream")])
+def test_compensated_model_saves_and_loads(tiny_llama, token_ids, calibration, tmp_path, what, kind, source):
+    torch._dynamo.reset()
+    recipe = [{"pass": "drop_layers", "what": what, "layers": [1], "compensation": kind, "compensation_input": source, "tokens": 240}]
+    compressed = lqc.compress(tiny_llama, recipe, calibration=calibration.sequences, progress=False)
+    lqc.save(compressed, tmp_path)
+    loaded = lqc.load(tmp_path)
+    stand_in = loaded.model.layers[1].mlp if what == "mlp" else loaded.model.layers[1].self_attn
+    assert type(stand_in.compensation).__name__ == "DroppedCompensation"
+    with torch.no_grad():
+        expected, full = compressed(token_ids).logits, tiny_llama(token_ids).logits
+        assert torch.equal(loaded(token_ids).logits, expected)
+        assert (expected - full).abs().max() > 1e-4  # something was dropped
+        assert torch.equal(loaded.generate(token_ids, max_new_tokens=5, do_sample=False),
+                           compressed.generate(token_ids, max_new_tokens=5, do_sample=False))

@@ -50,14 +50,21 @@ class BlockBoundary:
     ffn_add: fx.Node | None  # h_out = h_mid + ffn output
     attn_region: Any = None  # ir.regions.Region of the attention (None once dropped)
     ffn_region: Any = None
+    # a dropped sublayer's stand-in (stream + compensation), when it has one
+    attn_replacement: fx.Node | None = None
+    ffn_replacement: fx.Node | None = None
 
     @property
     def h_mid(self) -> fx.Node:
-        return self.attn_add if self.attn_add is not None else self.h_in
+        if self.attn_add is not None:
+            return self.attn_add
+        return self.attn_replacement if self.attn_replacement is not None else self.h_in
 
     @property
     def h_out(self) -> fx.Node:
-        return self.ffn_add if self.ffn_add is not None else self.h_mid
+        if self.ffn_add is not None:
+            return self.ffn_add
+        return self.ffn_replacement if self.ffn_replacement is not None else self.h_mid
 
     def replace(self, old: fx.Node, new: fx.Node) -> None:
         """Follow a rewrite that replaced ``old`` by ``new`` in the stream."""
@@ -222,3 +229,21 @@ def layer_importance(
         },
         tokens=tokens,
     )
+
+
+def sublayer_nodes(stream: fx.Node, add: fx.Node, region) -> set[fx.Node]:
+    """Nodes computed from ``stream`` inside the sublayer (its region and its block's norms),
+    other than through the residual ``add``."""
+    kind = region.kind
+    tainted: set[fx.Node] = set()
+    frontier = [u for u in stream.users if u is not add]
+    while frontier:
+        node = frontier.pop()
+        if node in tainted or node.op == "output":
+            continue
+        where = node.meta.get("lqc_region")
+        if where is None or where.block != region.block or where.kind not in (kind, "norm"):
+            continue
+        tainted.add(node)
+        frontier.extend(node.users)
+    return tainted

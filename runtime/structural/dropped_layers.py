@@ -214,10 +214,55 @@ def _generate_cache(model_kwargs: dict):
     return model_kwargs.get("cache", model_kwargs.get("past_key_values"))
 
 
-class DroppedAttention(torch.nn.Module):
+class DroppedCompensation(torch.nn.Module):
+    """What a compensated drop adds to the stream instead of the sublayer's output (drop_layers'
+    ``compensation``): ``up(down(x)) + bias``, or ``scale * x + bias``, or ``bias``; its tensors come
+    from the checkpoint (``{module}.compensation.weight`` / ``.bias`` / ``.scale`` / ``.down.weight`` /
+    ``.up.weight``), so it is built empty and takes whatever of them the state dict holds."""
+
+    PARTS = ("weight", "bias", "scale", "down.weight", "up.weight")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = dict(self.named_buffers())
+        if "scale" in parts:
+            return x * parts["scale"] + parts["bias"]
+        if "weight" not in parts and "up.weight" not in parts:
+            return parts["bias"].expand(x.shape)
+        if "down.weight" in parts:
+            x = torch.nn.functional.linear(x, parts["down.weight"])
+        return torch.nn.functional.linear(x, parts.get("weight", parts.get("up.weight")), parts["bias"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for part in self.PARTS:
+            key = prefix + part
+            if key not in state_dict:
+                continue
+            child, _, name = part.rpartition(".")
+            if child and child not in self._modules:
+                self.add_module(child, torch.nn.Module())
+            owner = self._modules[child] if child else self
+            if name not in owner._buffers:
+                owner.register_buffer(name, torch.empty_like(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class _Compensated(torch.nn.Module):
+    """A stand-in that grows a ``compensation`` child when the state dict it loads holds one."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if "compensation" not in self._modules and any(k.startswith(prefix + "compensation.") for k in state_dict):
+            self.compensation = DroppedCompensation()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _output(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        compensation = self._modules.get("compensation")
+        return torch.zeros_like(hidden_states) if compensation is None else compensation(hidden_states)
+
+
+class DroppedAttention(_Compensated):
     """Stands in for a dropped attention module in a loaded model: it contributes zeros to the
-    residual stream. It still hands the cache its (zero) keys and values, so that a cache built
-    without ``free_dropped_layers`` keeps every layer the same length."""
+    residual stream, or its compensation of its input. It still hands the cache its (zero) keys and
+    values, so that a cache built without ``free_dropped_layers`` keeps every layer the same length."""
 
     def __init__(self, layer_idx: int, num_key_value_heads: int, head_dim: int):
         super().__init__()
@@ -232,14 +277,15 @@ class DroppedAttention(torch.nn.Module):
             batch, length = hidden_states.shape[:2]
             zeros = hidden_states.new_zeros(batch, self.num_key_value_heads, length, self.head_dim)
             past_key_values.update(zeros, zeros, self.layer_idx)
-        return torch.zeros_like(hidden_states), None
+        return self._output(hidden_states), None
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}"
 
 
-class DroppedMLP(torch.nn.Module):
-    """Stands in for a dropped FFN module in a loaded model: it contributes zeros."""
+class DroppedMLP(_Compensated):
+    """Stands in for a dropped FFN module in a loaded model: it contributes zeros, or its
+    compensation of its input."""
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        return torch.zeros_like(hidden_states)
+        return self._output(hidden_states)
