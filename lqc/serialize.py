@@ -136,10 +136,12 @@ def _state_to_write(model: torch.nn.Module, floats: dict[str, torch.Tensor], lay
     of quantized layers (stored in their canonical form) and of dropped sublayers."""
     state = {name: t for name, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
     for path in dropped:  # a dropped sublayer's weights are not stored; load puts stand-ins there
-        still_used = [name for name in floats if name.startswith(path + ".")]
+        # except its compensation (drop_layers' stand-in fitted for it), which the stand-in loads
+        compensation = {name: t for name, t in floats.items() if name.startswith(path + ".compensation.")}
+        still_used = [name for name in floats if name.startswith(path + ".") and name not in compensation]
         if still_used:
             raise LqcError(f"lqc.save: {path} was dropped but the compressed graph still uses {still_used[0]}")
-        state = {name: t for name, t in state.items() if not name.startswith(path + ".")}
+        state = {name: t for name, t in state.items() if not name.startswith(path + ".")} | compensation
     for name, tensor in floats.items():
         if name not in state:
             if _unchanged_attribute(model, name, tensor):
