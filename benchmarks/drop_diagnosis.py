@@ -89,6 +89,25 @@ def evaluate(model, rows: list[dict], graphs: list, ids: torch.Tensor, windows: 
             "seconds": time.perf_counter() - start}
 
 
+@torch.no_grad()
+def measure_agreement(model, tokenizer, calibration, rows: list[dict], prompts, new_tokens: int, save) -> None:
+    """Each row's greedy generations against the float model's, through lqc.compress (eager target,
+    KV cache); the choice and fit come from the transform cache the graphs above filled."""
+    float_tokens = greedy_tokens(model, prompts, new_tokens)
+    for row in rows:
+        torch._dynamo.reset()
+        compressed = lqc.compress(model, row["recipe"], calibration=calibration, tokenizer=tokenizer, target="eager",
+                                  progress=False)
+        record = next(r for r in lqc.session_of(compressed).reports[0].records if r.name == "drop_layers")
+        if record.details.dropped != row["dropped"]:  # the choice is cached per model: this should not happen
+            print(f"warning: the generating model dropped {record.details.dropped}, not {row['dropped']}", flush=True)
+            row["agreement_dropped"] = record.details.dropped
+        row["agreement"] = agreement(float_tokens, greedy_tokens(compressed, prompts, new_tokens)).agreement
+        print(f"{row['what']} x{row['count']} {row['choice']}/{row['compensation']}: ppl {row['perplexity']:.4f} "
+              f"({row['delta_pct']:+.2f}%), KL {row['kl']:.4f}, agreement {row['agreement']:.3f}", flush=True)
+        save()
+
+
 def markdown(payload: dict) -> str:
     ref = payload["reference"]
     out = [
@@ -154,26 +173,21 @@ def main(argv=None) -> int:
     print(f"float32 {reference['perplexity']:.4f}; evaluation {quality['seconds']:.0f}s", flush=True)
     del graphs
 
+    meta = {"model": loaded.name, "torch": torch.__version__, "threads": args.threads, "prompts": args.prompts,
+            "new_tokens": args.new_tokens, "reference": reference, "eval_seconds": round(quality["seconds"], 1)}
+
+    def save() -> None:  # after the evaluation and after every agreement row: a long run keeps what it measured
+        if args.out:
+            write_results(args.out, {**meta, "rows": rows}, markdown({**meta, "rows": rows}))
+
+    for row in rows:
+        row["agreement"] = None
+    save()
     prompts = eval_prompts(ids, args.prompts) if args.prompts else []
-    with torch.no_grad():
-        float_tokens = greedy_tokens(model, prompts, args.new_tokens) if prompts else []
-        for row in rows:
-            row["agreement"] = None
-            if not prompts:
-                continue
-            torch._dynamo.reset()
-            compressed = lqc.compress(model, row["recipe"], calibration=calibration, tokenizer=tokenizer, target="eager",
-                                      progress=False)
-            record = next(r for r in lqc.session_of(compressed).reports[0].records if r.name == "drop_layers")
-            assert record.details.dropped == row["dropped"], (record.details.dropped, row["dropped"])
-            row["agreement"] = agreement(float_tokens, greedy_tokens(compressed, prompts, args.new_tokens)).agreement
-            print(f"{row['what']} x{row['count']} {row['choice']}/{row['compensation']}: ppl {row['perplexity']:.4f} "
-                  f"({row['delta_pct']:+.2f}%), KL {row['kl']:.4f}, agreement {row['agreement']:.3f}", flush=True)
-    payload = {"model": loaded.name, "torch": torch.__version__, "threads": args.threads, "prompts": len(prompts),
-               "new_tokens": args.new_tokens, "reference": reference, "eval_seconds": round(quality["seconds"], 1), "rows": rows}
-    table = markdown(payload)
-    if args.out:
-        write_results(args.out, payload, table)
+    if prompts:
+        measure_agreement(model, tokenizer, calibration, rows, prompts, args.new_tokens, save)
+    save()
+    table = markdown({**meta, "rows": rows})
     print(table)
     return 0
 

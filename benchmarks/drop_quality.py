@@ -1,7 +1,7 @@
 """Layer dropping on SmolLM2-135M: the calibration-scored choice against random choices.
 
 For each kind (attention sublayers, whole blocks) and each count N, one row per choice:
-the scored choice of ``drop_layers`` (one-shot scores on 4,096 calibration tokens of calib.txt;
+the scored choice of ``drop_layers`` (``choice: cosine``: one-shot scores on 4,096 calibration tokens of calib.txt;
 ``--iterative`` adds the re-scored variant) and ``--random`` random choices of N of the 30
 blocks (seeded: choice r of count N uses seed 1000 * N + r, so reruns draw the same layers),
 each given to ``drop_layers`` as an explicit list. Perplexity follows DESIGN.md's protocol
@@ -131,9 +131,11 @@ def main(argv=None) -> int:
     plan = []  # (what, count, choice name, drop_layers options)
     for what in args.what:
         for count in args.counts or DEFAULT_COUNTS[what]:
-            plan.append((what, count, "scored", {"count": count}))
+            # the one-shot cosine scores, as measured here before choice: kl became drop_layers' default
+            # (benchmarks/drop_diagnosis.py compares the two)
+            plan.append((what, count, "scored", {"count": count, "choice": "cosine"}))
             if args.iterative:
-                plan.append((what, count, "scored-iterative", {"count": count, "iterative": True}))
+                plan.append((what, count, "scored-iterative", {"count": count, "choice": "cosine", "iterative": True}))
             plan += [(what, count, f"random-{r}", {"layers": random_layers(total, count, r)}) for r in range(args.random)]
 
     with torch.no_grad():

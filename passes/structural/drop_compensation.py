@@ -18,9 +18,11 @@ least-squares solution on those tokens (``tests/test_drop_layers.py`` checks it 
 ``torch.linalg.lstsq``).
 
 In the graph a compensation is ordinary ops on the stream: ``add(h_in, bias)`` or
-``add(h_in, linear(x, W, b))`` (low rank: ``linear(linear(x, A), B, b)``), with constants named
-after the dropped module (``model.layers.3.self_attn.compensation.weight``), so quantization,
-codegen, the viz and save/load see a linear like any other.
+``add(h_in, matmul(x, W.t()) + b)`` (low rank: two matmuls), with constants named after the
+dropped module (``model.layers.3.self_attn.compensation.weight``): codegen, the viz and
+save/load handle them like any other ops and constants. They are matmuls rather than linears so
+that ``quantize`` leaves them in float: a quantized stand-in would be saved as a quantized layer
+inside a module ``lqc.load`` replaces.
 """
 
 from __future__ import annotations
@@ -133,12 +135,16 @@ def insert_compensation(graph: Graph, add: fx.Node, stream: fx.Node, source: fx.
         elif compensation.up is None:
             value = bias
         else:
+            # matmul with the transposed weight, not a linear: quantize leaves the stand-in in float
+            # (it is small, and lqc.save stores it beside the dropped module, where load expects it)
             x = source
             if compensation.down is not None:
-                x = g.call_function(F.linear, (source, constant(compensation.down, "down.weight")))
+                x = g.call_function(torch.matmul, (source, g.call_function(torch.t, (constant(compensation.down, "down.weight"),))))
                 _meta(x, add, stack, channels=compensation.down.shape[0])
             part = "up.weight" if compensation.down is not None else "weight"
-            value = g.call_function(F.linear, (x, constant(compensation.up, part), bias))
+            product = g.call_function(torch.matmul, (x, g.call_function(torch.t, (constant(compensation.up, part),))))
+            _meta(product, add, stack)
+            value = g.call_function(torch.add, (product, bias))
         if value is not bias:
             _meta(value, add, stack)
         out = g.call_function(add.target, (stream, value))

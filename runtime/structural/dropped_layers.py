@@ -216,7 +216,8 @@ def _generate_cache(model_kwargs: dict):
 
 class DroppedCompensation(torch.nn.Module):
     """What a compensated drop adds to the stream instead of the sublayer's output (drop_layers'
-    ``compensation``): ``up(down(x)) + bias``, or ``scale * x + bias``, or ``bias``; its tensors come
+    ``compensation``): ``x W^T + bias`` (low rank: through ``down`` then ``up``), or ``scale * x + bias``,
+    or ``bias``; its tensors come
     from the checkpoint (``{module}.compensation.weight`` / ``.bias`` / ``.scale`` / ``.down.weight`` /
     ``.up.weight``), so it is built empty and takes whatever of them the state dict holds."""
 
@@ -228,9 +229,10 @@ class DroppedCompensation(torch.nn.Module):
             return x * parts["scale"] + parts["bias"]
         if "weight" not in parts and "up.weight" not in parts:
             return parts["bias"].expand(x.shape)
+        # the ops of the compressed graph (drop_compensation.insert_compensation), for the same values
         if "down.weight" in parts:
-            x = torch.nn.functional.linear(x, parts["down.weight"])
-        return torch.nn.functional.linear(x, parts.get("weight", parts.get("up.weight")), parts["bias"])
+            x = torch.matmul(x, torch.t(parts["down.weight"]))
+        return torch.add(torch.matmul(x, torch.t(parts.get("weight", parts.get("up.weight")))), parts["bias"])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for part in self.PARTS:
