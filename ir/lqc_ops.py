@@ -187,6 +187,47 @@ def _check_moe_ffn(graph: Graph, node: fx.Node) -> None:
 register_op_verifier("lqc::moe_ffn", _check_moe_ffn)
 
 
+# ``lqc::keep_top_neurons(hidden, gate, neuron_weight, k)``: an FFN routed neuron by neuron (each
+# neuron an expert of one; the gate projection is the router). ``hidden`` [..., n] is the down
+# projection's input, ``gate`` [..., n] the activated gate (for an ungated FFN, hidden itself),
+# ``neuron_weight`` [n] a calibrated per-neuron scale. Per token, the k neurons with the highest
+# ``|gate| * neuron_weight`` keep their value and the others become 0 (ties go to the lower index).
+# Implementations: lqc.runtime.structural.neuron_routing.
+_lib.define("keep_top_neurons(Tensor hidden, Tensor gate, Tensor neuron_weight, int k) -> Tensor")
+
+
+def check_keep_top_neurons_shapes(hidden_shape, gate_shape, weight_shape, k: int) -> None:
+    """Raise ValueError naming the first inconsistency between the operands."""
+    n = hidden_shape[-1]
+    if tuple(gate_shape) != tuple(hidden_shape):
+        raise ValueError(f"gate is {tuple(gate_shape)}, expected {tuple(hidden_shape)} like hidden")
+    if tuple(weight_shape) != (n,):
+        raise ValueError(f"neuron_weight is {tuple(weight_shape)}, expected [{n}] (one per neuron)")
+    if not 1 <= k <= n:
+        raise ValueError(f"k is {k}; it must be between 1 and the {n} neurons")
+
+
+@torch.library.register_fake("lqc::keep_top_neurons")
+def _keep_top_neurons_fake(hidden, gate, neuron_weight, k):
+    check_keep_top_neurons_shapes(hidden.shape, gate.shape, neuron_weight.shape, k)
+    return torch.empty_like(hidden)
+
+
+def _check_keep_top_neurons(graph: Graph, node: fx.Node) -> None:
+    hidden, gate, weight, k = node.args
+    shapes = [graph.constant(a).shape if graph.is_constant(a) else a.meta.get("val", None) for a in (hidden, gate, weight)]
+    shapes = [s.shape if isinstance(s, torch.Tensor) else s for s in shapes]
+    if any(s is None for s in shapes):
+        return
+    try:
+        check_keep_top_neurons_shapes(*shapes, k)
+    except ValueError as exc:
+        raise VerificationError(f"lqc::keep_top_neurons %{node.name}: {exc}") from None
+
+
+register_op_verifier("lqc::keep_top_neurons", _check_keep_top_neurons)
+
+
 # ``lqc::kv_attention(store, query, keys, values, attention_mask, scaling)``: one attention layer's
 # cache update and attention over a compressed KV cache, as one op. ``store`` is the layer's
 # ``KVStore``: a handle torch.compile passes into the graph as an opaque input, so the cache's

@@ -14,8 +14,10 @@ The directory holds:
 ``load`` builds the model from its configuration, puts a ``QLinear`` module (which calls
 ``lqc::qlinear`` with the same constants the compressed graph used) where each quantized linear
 was, and loads the tensors: no calibration, no quantization, and the same logits. Only recipes
-made of ``cleanup``, ``drop_layers`` and ``quantize`` passes can be saved (other passes change
-the graph in ways a state dict does not hold), and only models returned by ``lqc.compress``.
+made of ``cleanup``, ``drop_layers``, ``quantize`` and ``route_neurons`` passes can be saved (other
+passes change the graph in ways a state dict does not hold), and only models returned by
+``lqc.compress``. A routed FFN's per-neuron weights and skipped-neuron bias are stored beside its
+projections (``routed`` in the manifest); ``load`` puts a RoutedGatedMLP there.
 A dropped sublayer's weights are not written; the manifest lists its modules (``dropped``), and
 ``load`` puts stand-ins there (lqc.runtime.structural.dropped_layers): zeros for an attention or FFN, the
 identity for the norm that fed it.
@@ -45,6 +47,7 @@ from lqc.ir.errors import LqcConfigError, LqcError
 from lqc.passes import recipe_entries
 from lqc.passes.lowering import packed_layout
 from lqc.runtime.structural.dropped_layers import DroppedAttention, DroppedMLP, keep_dropped_layers_out_of_caches
+from lqc.runtime.structural.neuron_routing import RoutedGatedMLP
 from lqc.runtime.kv.cache import attention_head_dim
 from lqc.runtime.quantization.qlinear import QLinear
 from lqc.runtime.quantization.formats import QuantizedWeight
@@ -55,7 +58,7 @@ from .checkpoint import (
 from .compress import dropped_attention_layers
 from .version import __version__
 
-SAVABLE_PASSES = ("cleanup", "drop_layers", "quantize")
+SAVABLE_PASSES = ("cleanup", "drop_layers", "quantize", "route_neurons")
 
 
 def save(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
@@ -73,6 +76,7 @@ def save(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None) -
     dropped = dict(compression.dropped_modules)
     state = _state_to_write(model, floats, layers, dropped)
     tensors, aliases = _unique_tensors(state)
+    routed = _routed_ffns(compression.graphs[0], model, tensors)
     manifest_layers = {}
     for layer, info in layers.items():
         q: QuantizedWeight = info["canonical"]
@@ -91,7 +95,7 @@ def save(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None) -
         "format": FORMAT, "format_version": FORMAT_VERSION, "lqc_version": __version__, "torch_version": torch.__version__,
         "recipe": recipe, "target": compression.target,
         "model": {"architecture": type(model).__name__, "config": config.to_dict()},
-        "aliases": aliases, "layers": manifest_layers, "dropped": dropped,
+        "aliases": aliases, "layers": manifest_layers, "dropped": dropped, "routed": routed,
     }
     manifest["tensors"] = {name: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)} for name, t in tensors.items()}
 
@@ -252,6 +256,13 @@ def _build_model(directory: Path, manifest: dict, tensors: dict[str, torch.Tenso
         except AttributeError:
             raise CheckpointError(f"{manifest_path}: dropped module {path} is not in a {type(model).__name__}; {RESAVE}") from None
         setattr(parent, child, _stand_in(info, config))
+    for path, info in manifest.get("routed", {}).items():  # after the QLinear swaps: the routed MLP keeps them
+        parent_name, _, child = path.rpartition(".")
+        try:
+            mlp = model.get_submodule(path)
+            setattr(model.get_submodule(parent_name), child, RoutedGatedMLP(mlp, info["k"], info["bias"]))
+        except AttributeError:
+            raise CheckpointError(f"{manifest_path}: routed FFN {path} is not a gated MLP of a {type(model).__name__}; {RESAVE}") from None
     for alias, name in manifest["aliases"].items():
         if name not in tensors:
             raise CheckpointError(f"{manifest_path}: {alias} is stored as {name}, which {TENSORS} does not hold; {RESAVE}")
@@ -345,6 +356,27 @@ def _compressed_state(graph, packed: bool) -> tuple[dict[str, torch.Tensor], dic
                 raise LqcError(f"lqc.save: the compressed graph holds two different values for {fqn}")
             floats[fqn] = tensor
     return floats, layers
+
+
+def _routed_ffns(graph, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """{mlp path: {k, bias}} of the FFNs route_neurons routed, their constants added to ``tensors``
+    as ``{mlp}.neuron_weight`` and ``{mlp}.skipped_bias``. Only gated MLPs with gate/up/down
+    projections (the Llama family's) load back; others are refused here, before writing."""
+    routed = {}
+    for node in graph.nodes:
+        info = node.meta.get("lqc_routed")
+        if info is None:
+            continue
+        layer = info["layer"]
+        mlp = model.get_submodule(layer) if layer else None
+        if not info["gated"] or not all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            raise LqcConfigError(f"lqc.save stores route_neurons on gated MLPs with gate_proj, up_proj, down_proj and act_fn "
+                                 f"(the Llama family's); {layer} is a {type(mlp).__name__}: save the model without route_neurons")
+        tensors[f"{layer}.neuron_weight"] = graph.constant(info["neuron_weight"]).contiguous()
+        if info["skipped_bias"] is not None:
+            tensors[f"{layer}.skipped_bias"] = graph.constant(info["skipped_bias"]).contiguous()
+        routed[layer] = {"k": info["k"], "bias": info["skipped_bias"] is not None}
+    return routed
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
