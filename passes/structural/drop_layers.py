@@ -15,8 +15,10 @@ the in-place writes themselves are kept. The k/v projections then die with the r
 shape cannot be built from the stream's sizes, the states are computed as before and the report
 lists that layer under ``cache_kept``.)
 
-Scores are those of lqc.passes.structural.layer_importance. The choice is made once per model and reused
-for every graph dynamo captures from it (prefill, decode), so they all drop the same layers.
+The choice is greedy by KL (lqc.passes.structural.drop_choice, the default) or by the cosine scores of
+lqc.passes.structural.layer_importance; a compensation (lqc.passes.structural.drop_compensation)
+makes the add read ``h_in + c(x)`` instead. Both are made once per model and reused for every graph
+dynamo captures from it (prefill, decode), so they all drop the same layers the same way.
 """
 
 from __future__ import annotations
