@@ -31,7 +31,7 @@ def test_recipes(capsys):
     assert out.index("method: gptq") < out.index("pass: compress_kv") and "bits: 8" in out
     assert main(["recipes", "moe+int8"]) == 0  # a composition, in stage order
     out = capsys.readouterr().out
-    assert out.index("pass: ffn_to_moe") < out.index("pass: quantize")
+    assert out.index("pass: route_neurons") < out.index("pass: quantize")
 
 
 def test_bad_recipe_is_a_clear_error(capsys):

@@ -31,7 +31,7 @@ def test_every_pair_composes_in_stage_order_or_names_the_conflict():
             conflicts += 1
             message = str(exc)
             assert f"'{a}'" in message and f"'{b}'" in message, message
-            assert "'quantize'" in message or "'compress_kv'" in message or "'ffn_to_moe'" in message, message
+            assert any(f"'{p}'" in message for p in ("quantize", "compress_kv", "ffn_to_moe", "route_neurons", "drop_layers")), message
             continue
         composed += 1
         stages = [STAGE_OF[entry["pass"]] for entry in passes]
@@ -42,7 +42,7 @@ def test_every_pair_composes_in_stage_order_or_names_the_conflict():
 
 def test_composition_orders_by_stage_and_runs_shared_passes_once():
     passes = resolve_recipe(["int8", "moe"])["passes"]
-    assert [p["pass"] for p in passes] == ["cleanup", "ffn_to_moe", "quantize"]
+    assert [p["pass"] for p in passes] == ["cleanup", "route_neurons", "quantize"]
     assert resolve_recipe("reparam+kv-int4")["passes"][-1]["pass"] == "compress_kv"
     with pytest.raises(LqcConfigError, match="'int8' and 'int4' conflict: both run 'quantize' on the same layers"):
         resolve_recipe("int8+int4")

@@ -7,6 +7,7 @@ contribution; every neuron active is the dense model; save/load keeps the logits
 from __future__ import annotations
 
 import copy
+import itertools
 import types
 
 import pytest
@@ -135,3 +136,28 @@ def test_routed_and_quantized_model_saves_and_loads(tiny_llama, token_ids, tmp_p
     assert type(loaded.model.layers[0].mlp.gate_proj).__name__ == "QLinear"
     with torch.no_grad():
         assert torch.equal(loaded(token_ids).logits, compressed(token_ids).logits)
+
+
+def test_the_per_layer_split_keeps_the_total_and_is_the_best_additive_split():
+    from lqc.passes.structural.neuron_budget import _knapsack
+
+    g = torch.Generator().manual_seed(0)
+    steps = [-2, -1, 0, 1, 2]
+    widths = [16, 16, 32]
+    ks = [{s: round((0.5 + s * 0.125) * n) for s in steps} for n in widths]
+    losses = [{s: float(v) for s, v in zip(steps, torch.rand(5, generator=g).sort(descending=True).values)} for _ in widths]
+    chosen = _knapsack(losses, widths, ks, steps)
+    best = min(
+        (sum(losses[i][c] for i, c in enumerate(combo)), combo)
+        for combo in itertools.product(steps, repeat=len(widths))
+        if sum(ks[i][c] - ks[i][0] for i, c in enumerate(combo)) == 0
+    )
+    assert sum(losses[i][c] for i, c in enumerate(chosen)) == pytest.approx(best[0])
+
+
+def test_per_layer_routing_keeps_the_total_number_of_neurons(tiny_llama, token_ids, calibration):
+    graph, record = _route(tiny_llama, token_ids, calibration, active=0.5, per_layer=True, per_layer_tokens=48)
+    layers = record.details.layers
+    assert sum(r["active_neurons"] for r in layers) == sum(round(0.5 * r["neurons"]) for r in layers)
+    assert record.details.active_fraction == pytest.approx(0.5, abs=0.01)
+    assert torch.isfinite(_logits(graph(token_ids))).all()

@@ -66,13 +66,13 @@ def _named(name: str) -> dict:
 # quantization, then the KV cache (it rewrites the attention the earlier stages left).
 STAGES = {
     "clean-up": ("cleanup",),
-    "structural": ("drop_layers", "ffn_to_moe"),
+    "structural": ("drop_layers", "ffn_to_moe", "route_neurons"),
     "exact": ("merge_adapters", "fold_batchnorm", "merge_branches", "fold_norms", "concat_linears", "rotate"),
     "quantization": ("quantize",),
     "kv-cache": ("compress_kv",),
 }
 _STAGE_OF = {name: i for i, names in enumerate(STAGES.values()) for name in names}
-_ONCE = ("drop_layers", "ffn_to_moe", "compress_kv")  # a second one would act on what the first made
+_ONCE = ("drop_layers", "ffn_to_moe", "route_neurons", "compress_kv")  # a second one would act on what the first made
 
 
 def compose(names: Sequence[str]) -> dict:
