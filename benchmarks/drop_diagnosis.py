@@ -46,13 +46,15 @@ DROPS = ["attention:8", "block:2"]
 
 def recipe_for(what: str, count: int, choice: str, compensation: str, extra: dict) -> list[dict]:
     entry = {"pass": "drop_layers", "what": what, "count": count, "choice": choice, "compensation": compensation}
+    if "layers" in extra:  # a choice made before, given explicitly (count and layers exclude each other)
+        entry.pop("count")
     return [{"pass": "cleanup"}, {**entry, **extra}]
 
 
 def _row(spec: str) -> tuple:
-    """what:count:choice:compensation[:key=json,key=json]"""
+    """what:count:choice:compensation[:key=json;key=json]"""
     what, count, choice, compensation, *rest = spec.split(":")
-    options = dict(kv.split("=", 1) for kv in rest[0].split(",")) if rest else {}
+    options = dict(kv.split("=", 1) for kv in ":".join(rest).split(";")) if rest else {}
     return what, count, choice, compensation, {k: json.loads(v) for k, v in options.items()}
 
 
@@ -137,7 +139,7 @@ def main(argv=None) -> int:
     parser.add_argument("--choices", nargs="*", default=["cosine", "kl"], choices=["cosine", "kl"])
     parser.add_argument("--compensations", nargs="*", default=["none", "bias", "linear"])
     parser.add_argument("--rows", nargs="*", default=None,
-                        help="explicit rows what:count:choice:compensation[:key=json,...] (instead of the grid)")
+                        help="explicit rows what:count:choice:compensation[:key=json;...] (instead of the grid)")
     parser.add_argument("--option", action="append", default=[], help="a drop_layers option for every row, KEY=JSON")
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=128)
