@@ -25,6 +25,8 @@ Each row, against the float32 model on the same windows of eval.txt (DESIGN.md: 
 agreement (10 prompts of 32 tokens x 128 new tokens, fraction identical to the float model's).
 
     python benchmarks/moe_diagnosis.py --windows 128 --out benchmarks/results/smollm2-moe-diagnosis
+    python benchmarks/moe_diagnosis.py --windows 128 --rows "int4 g64" "route_neurons 50% + int4 g64" \
+        --out benchmarks/results/smollm2-moe-composition
 """
 
 from __future__ import annotations
@@ -55,7 +57,11 @@ PASSES = [
     ("ffn_to_moe 8 experts (1 shared, top 3)", [{"pass": "ffn_to_moe", "experts": 8, "shared": 1, "top_k": 3}]),
     ("route_neurons 50%", [{"pass": "route_neurons", "active": 0.5}]),
     ("route_neurons 75%", [{"pass": "route_neurons", "active": 0.75}]),
+    # composition (run with --rows and another --out): the parts and the whole
+    ("int4 g64", [{"pass": "quantize", "format": "int4", "group_size": 64}]),
+    ("route_neurons 50% + int4 g64", [{"pass": "route_neurons", "active": 0.5}, {"pass": "quantize", "format": "int4", "group_size": 64}]),
 ]
+DEFAULT_ROWS = [name for name, _ in ORACLES] + [name for name, _ in PASSES[:3]]
 
 
 class PatchedFfns:
@@ -166,7 +172,7 @@ def main(argv=None) -> int:
     parser.add_argument("--windows", type=int, default=128)
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--rows", nargs="*", default=None, help="row names to run (default: all)")
+    parser.add_argument("--rows", nargs="*", default=None, help="row names to run (default: the oracles and the three pass rows)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args(argv)
@@ -178,7 +184,7 @@ def main(argv=None) -> int:
     calibration_ids = torch.cat(calibration.sequences)[:4096][None]
     rows = [{"name": n, "kind": "oracle", "mode": m} for n, m in ORACLES]
     rows += [{"name": n, "kind": "pass", "recipe": [{"pass": "cleanup"}, *r]} for n, r in PASSES]
-    rows = [r for r in rows if args.rows is None or r["name"] in args.rows]
+    rows = [r for r in rows if r["name"] in (args.rows or DEFAULT_ROWS)]
     graphs = {}
     for row in rows:
         if row["kind"] == "pass":
