@@ -203,6 +203,10 @@ def _read_tensors(directory: Path, manifest: dict) -> dict[str, torch.Tensor]:
     path = directory / TENSORS
     try:
         tensors = load_file(str(path))
+        # safetensors packs tensors back to back, so a tensor's data can start at any multiple of its
+        # element size; torch's packed CPU kernels (_weight_int8pack_mm) read with aligned vector
+        # loads and crash on a misaligned weight: copy those into fresh (64-byte aligned) memory
+        tensors = {name: t if t.data_ptr() % 64 == 0 else t.clone() for name, t in tensors.items()}
     except Exception as e:  # safetensors raises its own SafetensorError (or OSError) for a damaged header
         raise CheckpointError(f"{path}: safetensors cannot read it ({e}); the file is damaged: {RECOPY}") from e
     expected = manifest.get("tensors")

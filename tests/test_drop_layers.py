@@ -479,3 +479,16 @@ def test_compensated_model_saves_and_loads(tiny_llama, token_ids, calibration, t
         assert (expected - full).abs().max() > 1e-4  # something was dropped
         assert torch.equal(loaded.generate(token_ids, max_new_tokens=5, do_sample=False),
                            compressed.generate(token_ids, max_new_tokens=5, do_sample=False))
+
+
+def test_compensated_and_int8_model_loads_without_crashing(tiny_llama, token_ids, tmp_path):
+    """The compensation's tensors shift the int8 weights' offsets in model.safetensors; torch's
+    int8 CPU kernel crashed (a segfault) on the misaligned loaded weights until load realigned them."""
+    calibration = torch.randint(0, 256, (1, 2048), generator=torch.Generator().manual_seed(5))
+    recipe = [{"pass": "drop_layers", "what": "attention", "count": 1, "compensation": "linear"},
+              {"pass": "quantize", "format": "int8"}]
+    compressed = lqc.compress(tiny_llama, recipe, calibration=calibration, progress=False)
+    lqc.save(compressed, tmp_path)
+    loaded = lqc.load(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(token_ids).logits, compressed(token_ids).logits)
