@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     loaded = lqc.models.load(args.model)
     model, config = loaded.model, loaded.model.config
     calibration = benchmark_calibration(loaded)
-    drop = [{"pass": "cleanup"}, {"pass": "drop_layers", "what": "attention", "count": args.count}]
+    drop = [{"pass": "cleanup"}, {"pass": "drop_layers", "what": "attention", "count": args.count, "choice": "cosine"}]  # the committed table's choice
 
     def compiled(recipe):
         session = lqc.Session({"recipe": recipe, "target": "auto", "progress": False, "calibration": calibration})

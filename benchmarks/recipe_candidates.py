@@ -52,7 +52,7 @@ CANDIDATES = {  # name -> (recipe, needs calibration)
                                               {**GPTQ_G64, "calibration_tokens": 16384, "mse_search": "coordinate"}, LM_HEAD_INT8], True),
     "concat-int4-g64-gptq-8k-coord-int8-head": ([{"pass": "cleanup"}, {"pass": "concat_linears"},
                                                  {**GPTQ_G64, "calibration_tokens": 8192, "mse_search": "coordinate"}, LM_HEAD_INT8], True),
-    "drop1-concat-int4-g64-gptq-int8-head-kv8": ([{"pass": "cleanup"}, {"pass": "drop_layers", "what": "attention", "count": 1},
+    "drop1-concat-int4-g64-gptq-int8-head-kv8": ([{"pass": "cleanup"}, {"pass": "drop_layers", "what": "attention", "count": 1, "choice": "cosine"},
                                                   {"pass": "concat_linears"}, {**GPTQ_G64, "calibration_tokens": 16384},
                                                   LM_HEAD_INT8, KV_INT8], True),
 }
