@@ -60,8 +60,9 @@ def test_kv_cache_guide_runs(capsys):
 
 
 def test_moe_guide_runs(capsys):
-    assert run_doc_blocks(DOC.parent / "moe.md", {}) == 2
+    assert run_doc_blocks(DOC.parent / "moe.md", {}) == 3
     out = capsys.readouterr().out
+    assert "routed 2 FFNs neuron by neuron: 50% of neurons active per token, 67% of FFN weights read" in out
     assert "carved 2 FFNs into 4 experts (1 shared, top 1): 50% of neurons active, FFN FLOPs/token 122,880 -> 62,208" in out
     assert "['model.layers.0.mlp.experts.w_in', 'model.layers.0.mlp.experts.w_gate', 'model.layers.0.mlp.experts.w_out']" in out
 
