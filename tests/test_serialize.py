@@ -91,7 +91,7 @@ def test_recipes_with_other_passes_are_refused(tiny_llama, token_ids, tmp_path):
             return PassResult()
 
     compressed = lqc.compress(tiny_llama, [Nothing(), lqc.passes.get_pass("quantize")()], progress=False)
-    with pytest.raises(LqcConfigError, match="stores recipes of cleanup, drop_layers, quantize passes; this one also has nothing"):
+    with pytest.raises(LqcConfigError, match="stores recipes of cleanup, drop_layers, quantize, route_neurons passes; this one also has nothing"):
         lqc.save(compressed, tmp_path)
     compressed = lqc.compress(tiny_llama, [{"pass": "quantize", "include_embedding": True}], progress=False)
     with pytest.raises(LqcConfigError, match="does not store int8 embedding tables yet"):
