@@ -125,13 +125,7 @@ class FfnToMoe(Pass):
 
     def run(self, graph: Graph, ctx) -> PassResult:
         sites = []
-        for region in graph.regions_of_kind("ffn"):
-            if not self.selects(region.path):
-                continue
-            site, reason = ffn_site(graph, region)
-            if site is None:
-                warnings.warn(f"ffn_to_moe: {region.path} left dense: {reason}", stacklevel=3)
-                continue
+        for site in selected_ffn_sites(graph, self):
             width = graph.constant(site.up.weight).numel() // site.x.meta["val"].shape[-1]
             if width % self.options.experts:
                 raise LqcConfigError(
@@ -229,6 +223,20 @@ def router_recall(x: torch.Tensor, mass: torch.Tensor, weight: torch.Tensor, bia
 
 
 # -- finding FFNs ----------------------------------------------------------------------------------
+def selected_ffn_sites(graph: Graph, p: Pass) -> list[FfnSite]:
+    """The FFNs of the regions pass ``p`` selects; one it cannot recognise stays dense, with a warning."""
+    sites = []
+    for region in graph.regions_of_kind("ffn"):
+        if not p.selects(region.path):
+            continue
+        site, reason = ffn_site(graph, region)
+        if site is None:
+            warnings.warn(f"{p.name}: {region.path} left dense: {reason}", stacklevel=4)
+            continue
+        sites.append(site)
+    return sites
+
+
 def ffn_site(graph: Graph, region) -> tuple[FfnSite | None, str]:
     """The FFN of an ``ffn`` region, or (None, why not)."""
     members = set(region.nodes)

@@ -28,7 +28,6 @@ activation itself is the gate).
 from __future__ import annotations
 
 import operator
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +42,7 @@ from lqc.ir.provenance import derived_from
 from lqc.passes.base import Pass, PassResult
 from lqc.passes.options import PassOptions
 from lqc.passes.registry import register_pass
-from lqc.passes.structural.ffn_to_moe import _PROBES, FfnSite, ffn_site, record_ffns
+from lqc.passes.structural.ffn_to_moe import _PROBES, FfnSite, ffn_site, record_ffns, selected_ffn_sites
 from lqc.passes.structural.neuron_budget import allocate, candidate_steps
 
 
@@ -76,17 +75,11 @@ class RouteNeurons(Pass):
         if not 0 < self.options.active <= 1:
             raise LqcConfigError(f"pass 'route_neurons': active is {self.options.active}; it must be in (0, 1], "
                                  f"e.g. 0.5 for half of each FFN's neurons")
+        if not 0 < self.options.step < 1:
+            raise LqcConfigError(f"pass 'route_neurons': step is {self.options.step}; it must be in (0, 1), e.g. 0.125")
 
     def run(self, graph: Graph, ctx) -> PassResult:
-        sites = []
-        for region in graph.regions_of_kind("ffn"):
-            if not self.selects(region.path):
-                continue
-            site, reason = ffn_site(graph, region)
-            if site is None:
-                warnings.warn(f"route_neurons: {region.path} left dense: {reason}", stacklevel=3)
-                continue
-            sites.append(site)
+        sites = selected_ffn_sites(graph, self)
         if not sites:
             return PassResult(message="no FFN to route")
         sources = [s.weight for site in sites for s in (site.up, site.gate, site.down) if s is not None]
