@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 from lqc.ir import Graph
@@ -28,11 +29,11 @@ def resolve_target(target: str) -> str:
 
 
 def compile_graph(graph: Graph, target: str, example_inputs: Sequence[Any], lowering: Any = None,
-                  inductor: bool = True, share_blocks: bool = True) -> Callable:
+                  inductor: bool = True, share_blocks: bool = True, cpp_wrapper: bool = False) -> Callable:
     """A function of the graph's user inputs that runs the lowered ``graph`` on ``target``.
     ``lowering``: at target triton, what its lowering pass did (triton_target.Lowering);
     ``inductor=False``: at target triton, the nodes outside the kernels run eagerly instead of
-    through Inductor."""
+    through Inductor. ``cpp_wrapper``: Inductor's C++ wrapper (no Python between kernels)."""
     target = resolve_target(target)
     if target == "eager":
         return graph.gm.forward
@@ -43,8 +44,12 @@ def compile_graph(graph: Graph, target: str, example_inputs: Sequence[Any], lowe
             raise LqcConfigError(f"{graph.name}: target='triton' runs a graph its lowering pass (lower_triton) rewrote; "
                                  f"this one was not lowered")
         return TritonProgram(graph.gm, lowering, example_inputs, inductor=inductor)
-    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.compile_fx import compile_fx as inductor_compile
 
+    from .cpu_decompositions import inductor_decompositions
+
+    compile_fx = functools.partial(inductor_compile, decompositions=inductor_decompositions(),
+                                   config_patches={"cpp_wrapper": True} if cpp_wrapper else None)
     if share_blocks:
         from .shared_blocks import compile_shared_blocks
 

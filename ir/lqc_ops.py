@@ -13,6 +13,7 @@ computes ``x @ W.T + bias`` for a quantized weight W. ``fmt`` names the format a
 | ``int8_cpu`` | int8 [N, K] | [N] bf16 | - | ``torch._weight_int8pack_mm`` in bf16 |
 | ``int4`` | uint8 [N, K/2] (two codes a byte) | [N, K/g] | [N, K/g] | reference |
 | ``int4_cpu`` | torch's CPU int4 layout [N, K/2] | [K/g, N, 2] bf16 scales and zeros | - | ``torch._weight_int4pack_mm_for_cpu`` in bf16 |
+| ``int4_vnni`` | uint8 [ceil(N/16), bytes]: codes, fp16 scales and zeros in one stream | empty | - | activations to int8 per token, ``lqc_cpu::int4_int8_mm`` (AVX-512 VNNI) |
 | ``w8a8`` | int8 [N, K] | [N] | - | activations to int8 per token, int8 x int8 matmul |
 | ``fp8`` | float8_e4m3fn [N, K] | [N] | - | reference |
 | ``fp8_dyn`` | float8_e4m3fn [N, K] | [N] | - | activations to fp8 e4m3 per token, ``torch._scaled_mm`` |
@@ -32,7 +33,7 @@ from .errors import VerificationError
 from .graph import Graph
 from .lint import register_op_verifier
 
-QLINEAR_FORMATS = ("int8", "int8_cpu", "int4", "int4_cpu", "w8a8", "fp8", "fp8_dyn")
+QLINEAR_FORMATS = ("int8", "int8_cpu", "int4", "int4_cpu", "int4_vnni", "w8a8", "fp8", "fp8_dyn")
 
 _lib = torch.library.Library("lqc", "FRAGMENT")
 _lib.define(
@@ -61,6 +62,12 @@ def _check_qlinear(graph: Graph, node: fx.Node) -> None:
     if x is not None and x.shape[-1] != k_in:
         raise VerificationError(f"{where}: input has {x.shape[-1]} features, the weight expects {k_in}")
     q = graph.constant(a["qweight"]) if graph.is_constant(a["qweight"]) else a["qweight"].meta.get("val")
+    if fmt == "int4_vnni":  # blocks of 16 rows, each a byte stream of K / g groups (int4_int8_cpu.py)
+        per_group = g // 8 * 64 + 64 if g > 0 and g % 8 == 0 else 0
+        if not per_group or q.shape[0] != -(-n // 16) or q.shape[1] % per_group or q.shape[1] // per_group * g < k_in:
+            raise VerificationError(f"{where}: packed int4_vnni weight {tuple(q.shape)} does not hold [{n}, {k_in}] "
+                                    f"in groups of {g}")
+        return
     packed = fmt.startswith("int4")
     k = q.shape[1] * (2 if packed else 1)
     if q.shape[0] != n or k < k_in:

@@ -24,6 +24,7 @@ class CompileOptions:
     autotune: bool | None = None  # target="triton": tune launch configs (None: on a GPU, off under the interpreter)
     share_blocks: bool = True  # target="inductor": compile each distinct decoder block once
     check_inputs: bool = True  # check the token ids' range on every call (one reduction), not only the first
+    cpp_wrapper: bool = False  # target="inductor": Inductor's C++ wrapper, no Python between kernels
 
     HELP = {
         "recipe": "named recipe (see `lqc recipes`), YAML file, dict, or list of {'pass': NAME, ...options}",
@@ -40,6 +41,8 @@ class CompileOptions:
         "check_inputs": "check on every call that token ids lie inside the embedding table (one min/max per call, "
                         "a few microseconds); the first call of each graph checks them in full either way. false: "
                         "skip the per-call check (an id outside the table then reads out of bounds in generated code)",
+        "cpp_wrapper": "target='inductor': Inductor's C++ wrapper calls the kernels (no Python between them: faster "
+                       "decode steps; the first compile of each graph takes longer)",
         "viz": "keep what lqc.viz draws (graph snapshots per pass, fusion groups, per-node error); a debug_dir turns it on",
     }
 
@@ -59,7 +62,7 @@ class CompileOptions:
                 raise LqcConfigError(f"unknown lqc option {key!r}.{hint} Valid options: {', '.join(names)}")
         parsed = cls(**options)
         resolve_target(parsed.target)
-        for flag in ("verify", "viz", "share_blocks", "check_inputs"):
+        for flag in ("verify", "viz", "share_blocks", "check_inputs", "cpp_wrapper"):
             if not isinstance(getattr(parsed, flag), bool):
                 raise LqcConfigError(f"{flag} must be true or false; got {getattr(parsed, flag)!r}")
         if parsed.autotune not in (None, True, False):

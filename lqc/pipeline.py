@@ -158,7 +158,8 @@ class Session:
             annotate_for_viz(compilation, [_concrete(args[i.index]) for i in graph.inputs], debug_dir)
         start = time.perf_counter()
         lowering_record = report.records[-1].details if target == "triton" else None  # lower_triton's Lowering
-        fn = compile_graph(lowered, target, inputs, lowering_record, inductor=inductor, share_blocks=opts.share_blocks)
+        fn = compile_graph(lowered, target, inputs, lowering_record, inductor=inductor, share_blocks=opts.share_blocks,
+                           cpp_wrapper=opts.cpp_wrapper)
         report.codegen_seconds = time.perf_counter() - start
         frozen = [(f.index, f.tensor, f.version) for f in graph.frozen]
         token_checks = list(token_inputs.items()) if opts.check_inputs else []

@@ -10,6 +10,7 @@ from lqc.ir.lqc_ops import moe_ffn_args, qlinear_args
 from lqc.passes import Calibration, PassContext, PassManager, TransformCache, load_recipe
 from lqc.passes.lowering import PackCpuLayouts
 from lqc.passes.registry import get_pass
+from lqc.runtime.quantization.int4_int8_cpu import load_kernel
 from lqc.runtime.quantization.qlinear import kernel_layout
 
 
@@ -17,9 +18,12 @@ def _qlinears(graph):
     return [n for n in graph.nodes if op_name(n) == "lqc::qlinear"]
 
 
-@pytest.mark.parametrize("fmt,layout", [("int8", "int8_cpu"), ("int4", "int4_cpu")])
-def test_canonical_qlinears_become_packed_cpu_layouts(tiny_llama, token_ids, fmt, layout):
-    entry = {"pass": "quantize", "format": fmt, "group_size": 32}
+@pytest.mark.parametrize("fmt,activations,layout", [("int8", "bf16", "int8_cpu"), ("int4", "bf16", "int4_cpu"),
+                                                    ("int4", "int8", "int4_vnni")])
+def test_canonical_qlinears_become_packed_cpu_layouts(tiny_llama, token_ids, fmt, activations, layout):
+    if layout == "int4_vnni" and load_kernel() is not None:
+        pytest.skip(f"the int4_vnni kernel is unavailable here: {load_kernel()}")
+    entry = {"pass": "quantize", "format": fmt, "group_size": 32, "activations": activations}
     graph = trace(tiny_llama, token_ids)
     report = PassManager([*load_recipe([entry]), PackCpuLayouts()], verify=True).run(graph, PassContext(check_inputs=[(token_ids,)]))
     quantize, pack = report.records

@@ -4,6 +4,8 @@ The quantize pass emits canonical ``lqc::qlinear`` nodes (lqc.runtime.quantizati
 records ``kernels`` in ``meta["lqc_quantized"]``. Where it was on (the default) and the weight
 lives on the CPU, this lowering, run for the eager and Inductor targets, rewrites
 
+- an ``int4`` qlinear quantized with ``activations: int8`` to ``int4_vnni`` (lqc's AVX-512 VNNI
+  kernel: activations to int8 per token, runtime/quantization/int4_int8_cpu.py);
 - an ``int8`` qlinear to ``int8_cpu`` (codes padded to K % 32 == 0, bfloat16 scales:
   ``torch._weight_int8pack_mm``), and an ``int4`` one whose N is a multiple of 16 to ``int4_cpu``
   (torch's packed int4 tiles, bfloat16 scales and zeros: ``_weight_int4pack_mm_for_cpu``);
@@ -19,6 +21,8 @@ builds the same ones from a saved model.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +32,7 @@ from lqc.ir import Graph, op_name
 from lqc.ir.lqc_ops import MOE_FFN_ARGS, MOE_FFN_SCALES, moe_ffn_args, qlinear_args
 from lqc.ir.provenance import derived_from
 from lqc.runtime.quantization.formats import QuantizedWeight
+from lqc.runtime.quantization.int4_int8_cpu import load_kernel
 from lqc.runtime.quantization.qlinear import kernel_layout
 
 from lqc.passes.base import Pass, PassResult
@@ -36,13 +41,25 @@ from lqc.passes.base import Pass, PassResult
 INT4_CPU_N_MULTIPLE = 16
 
 
-def cpu_layout(q: QuantizedWeight) -> str | None:
-    """The packed CPU qlinear format for a canonical weight, or None where torch has none."""
+def cpu_layout(q: QuantizedWeight, activations: str = "bf16") -> str | None:
+    """The packed CPU qlinear format for a canonical weight, or None where there is none. int4 with
+    ``activations="int8"`` takes lqc's VNNI kernel where this CPU and compiler have it (else torch's
+    int4 kernel, warned once)."""
     if q.format == "int8":
         return "int8_cpu"
+    if q.format == "int4" and activations == "int8":
+        if (why := load_kernel()) is None and q.group_size % 8 == 0:
+            return "int4_vnni"
+        _warn_no_vnni(why or f"group size {q.group_size} is not a multiple of 8")
     if q.format == "int4" and q.out_features % INT4_CPU_N_MULTIPLE == 0:
         return "int4_cpu"
     return None
+
+
+@functools.cache
+def _warn_no_vnni(why: str) -> None:
+    warnings.warn(f"quantize activations=int8: lqc's int4 x int8 kernel is unavailable ({why}); "
+                  "int4 layers run torch's int4 kernel with bf16 activations instead", stacklevel=4)
 
 
 def packed_layout(graph: Graph, node: fx.Node) -> str | None:
@@ -54,7 +71,7 @@ def packed_layout(graph: Graph, node: fx.Node) -> str | None:
     args = qlinear_args(node)
     if args["fmt"] != info["canonical"].format or graph.constant(args["qweight"]).device.type != "cpu":
         return None
-    return cpu_layout(info["canonical"])
+    return cpu_layout(info["canonical"], info.get("activations", "bf16"))
 
 
 @dataclass

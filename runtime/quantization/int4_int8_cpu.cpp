@@ -1,0 +1,179 @@
+// int4 weights x int8 activations on AVX-512 VNNI: the decode-shaped matmul of lqc's "int4_vnni" layout.
+//
+// What llama.cpp's q4_1 x q8_1 dot product does, in the layout of lqc's canonical int4 format
+// (runtime/quantization/formats.py: w = (q - 8) * s + z per group of g inputs, q in 0..15):
+//
+//   y[m, n] = d[m] * sum_g ( s[n,g] * (sum_{k in g} q[n,k] * x8[m,k] - 8 * S[m,g]) + z[n,g] * S[m,g] )
+//
+// where x8 = round(x / d) is the token's int8 quantization (d = max|x| / 127) and S[m,g] the sum
+// of x8 over group g. The integer sums are exact (vpdpbusd: unsigned 4-bit codes times signed
+// 8-bit activations, four products per 32-bit lane); only the per-group epilogue is float.
+//
+// Packed layout, one stream per block of 16 output rows so the hardware prefetcher sees one
+// sequential read: for each group, g/8 chunks of 64 bytes, then the group's fp16 scales (16)
+// and zeros (16). Byte r*4+j of a chunk holds rows r's codes for inputs k+j (low nibble) and
+// k+4+j (high nibble), so the low nibbles of one 64-byte load are the four-input dot products of
+// 16 rows with x8[k..k+3], and the high nibbles those with x8[k+4..k+7].
+//
+// int4_int8_reference in int4_int8_cpu.py computes the same from the same packed bytes; the
+// tests hold the two to each other.
+
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t kRows = 16;      // output rows per block: one zmm of int32 / float32 lanes
+constexpr int64_t kChunk = 8;      // inputs per 64-byte chunk
+constexpr int64_t kChunkBytes = 64;
+
+// Per-token symmetric int8: d = max|x| / 127 (at least 1e-8), x8 = round-half-even(x / d).
+// Written out scalar, in float32, in the order the Python reference uses, so the codes match it bit for bit.
+void quantize_row(const float* x, int64_t k, int64_t k_padded, int8_t* x8, float* d) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(x[i]));
+  float scale = std::max(amax / 127.f, 1e-8f);
+  for (int64_t i = 0; i < k; ++i) {
+    float q = std::nearbyint(x[i] / scale);
+    x8[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, q)));
+  }
+  for (int64_t i = k; i < k_padded; ++i) x8[i] = 0;
+  *d = scale;
+}
+
+// y[m, rows of one block] for every token m, reading the block's bytes once per token (they stay in L1).
+void block_matmul(const uint8_t* block, const int8_t* x8, const int32_t* sums, const float* d, int64_t m_rows,
+                  int64_t k_padded, int64_t group, float* out, int64_t out_stride) {
+  const __m512i low_mask = _mm512_set1_epi8(0x0F);
+  const int64_t groups = k_padded / group, chunks = group / kChunk;
+  for (int64_t m = 0; m < m_rows; ++m) {
+    const int8_t* xm = x8 + m * k_padded;
+    const int32_t* sm = sums + m * groups;
+    const uint8_t* p = block;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512i dot = _mm512_setzero_si512();
+      const int8_t* xg = xm + g * group;
+      for (int64_t c = 0; c < chunks; ++c, p += kChunkBytes) {
+        __m512i w = _mm512_loadu_si512(p);
+        __m512i lo = _mm512_and_si512(w, low_mask);
+        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low_mask);
+        int32_t x_lo, x_hi;
+        std::memcpy(&x_lo, xg + c * kChunk, 4);
+        std::memcpy(&x_hi, xg + c * kChunk + 4, 4);
+        dot = _mm512_dpbusd_epi32(dot, lo, _mm512_set1_epi32(x_lo));
+        dot = _mm512_dpbusd_epi32(dot, hi, _mm512_set1_epi32(x_hi));
+      }
+      __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
+      p += 64;
+      const int32_t sum = sm[g];
+      __m512 centered = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot, _mm512_set1_epi32(8 * sum)));
+      acc = _mm512_fmadd_ps(centered, s, acc);
+      acc = _mm512_fmadd_ps(z, _mm512_set1_ps(static_cast<float>(sum)), acc);
+    }
+    _mm512_storeu_ps(out + m * out_stride, _mm512_mul_ps(acc, _mm512_set1_ps(d[m])));
+  }
+}
+
+// x [M, K] float32 or bfloat16 (K <= k_padded), packed uint8 [N_padded / 16, block_bytes] -> y [M, N_padded] float32
+at::Tensor int4_int8_mm(const at::Tensor& x, const at::Tensor& packed, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "int4_int8_mm: x must be float32 or bfloat16 [M, K]");
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte, "int4_int8_mm: packed must be uint8 [N/16, bytes]");
+  TORCH_CHECK(group % kChunk == 0 && group > 0, "int4_int8_mm: the group size must be a multiple of 8");
+  const int64_t bytes_per_group = (group / kChunk) * kChunkBytes + 64;
+  TORCH_CHECK(packed.size(1) % bytes_per_group == 0, "int4_int8_mm: packed rows do not hold whole groups of ", group);
+  const int64_t k_padded = packed.size(1) / bytes_per_group * group;
+  const int64_t m_rows = x.size(0), k = x.size(1), blocks = packed.size(0);
+  TORCH_CHECK(k <= k_padded, "int4_int8_mm: x has ", k, " inputs, the weight ", k_padded);
+  auto xc = x.to(at::kFloat).contiguous();
+  auto pc = packed.contiguous();
+  auto x8 = at::empty({m_rows, k_padded}, x.options().dtype(at::kChar));
+  auto d = at::empty({m_rows}, x.options().dtype(at::kFloat));
+  auto sums = at::empty({m_rows, k_padded / group}, x.options().dtype(at::kInt));
+  for (int64_t m = 0; m < m_rows; ++m) {
+    int8_t* row = x8.data_ptr<int8_t>() + m * k_padded;
+    quantize_row(xc.data_ptr<float>() + m * k, k, k_padded, row, d.data_ptr<float>() + m);
+    for (int64_t g = 0; g < k_padded / group; ++g) {
+      int32_t s = 0;
+      for (int64_t i = 0; i < group; ++i) s += row[g * group + i];
+      sums.data_ptr<int32_t>()[m * (k_padded / group) + g] = s;
+    }
+  }
+  auto y = at::empty({m_rows, blocks * kRows}, x.options().dtype(at::kFloat));
+  const uint8_t* base = pc.data_ptr<uint8_t>();
+  const int64_t stride = pc.size(1);
+  // a block is 16 rows x K: ~5 KB at K=576; 8 blocks per task keeps small matmuls on one thread
+  at::parallel_for(0, blocks, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      block_matmul(base + b * stride, x8.data_ptr<int8_t>(), sums.data_ptr<int32_t>(), d.data_ptr<float>(), m_rows,
+                   k_padded, group, y.data_ptr<float>() + b * kRows, blocks * kRows);
+    }
+  });
+  return y;
+}
+
+// The int8 codes and scales int4_int8_mm computes for x: what the tests compare bit for bit.
+std::tuple<at::Tensor, at::Tensor> quantize_rows_int8(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "quantize_rows_int8: x must be float32 [M, K]");
+  auto xc = x.contiguous();
+  auto x8 = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  auto d = at::empty({x.size(0)}, x.options());
+  for (int64_t m = 0; m < x.size(0); ++m) {
+    quantize_row(xc.data_ptr<float>() + m * x.size(1), x.size(1), x.size(1), x8.data_ptr<int8_t>() + m * x.size(1),
+                 d.data_ptr<float>() + m);
+  }
+  return {x8, d};
+}
+
+
+// The bfloat16 weight [N_padded, K_padded] the packed bytes stand for: prefill-shaped inputs
+// multiply it with one bf16 GEMM (many tokens per weight byte: compute, not bytes, bounds them).
+at::Tensor int4_dequantize(const at::Tensor& packed, int64_t group) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte, "int4_dequantize: packed must be uint8 [N/16, bytes]");
+  const int64_t chunks = group / kChunk, bytes_per_group = chunks * kChunkBytes + 64;
+  const int64_t groups = packed.size(1) / bytes_per_group, blocks = packed.size(0), k_padded = groups * group;
+  auto pc = packed.contiguous();
+  auto w = at::empty({blocks * kRows, k_padded}, packed.options().dtype(at::kBFloat16));
+  const uint8_t* base = pc.data_ptr<uint8_t>();
+  at::BFloat16* out = w.data_ptr<at::BFloat16>();
+  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const uint8_t* p = base + b * pc.size(1);
+      for (int64_t g = 0; g < groups; ++g, p += bytes_per_group) {
+        const at::Half* sz = reinterpret_cast<const at::Half*>(p + chunks * kChunkBytes);
+        for (int64_t r = 0; r < kRows; ++r) {
+          const float s = sz[r], z = sz[kRows + r] - 8.f * s;
+          at::BFloat16* row = out + (b * kRows + r) * k_padded + g * group;
+          for (int64_t c = 0; c < chunks; ++c) {
+            for (int64_t j = 0; j < 4; ++j) {
+              const uint8_t byte = p[c * kChunkBytes + r * 4 + j];
+              row[c * kChunk + j] = static_cast<float>(byte & 0x0F) * s + z;
+              row[c * kChunk + 4 + j] = static_cast<float>(byte >> 4) * s + z;
+            }
+          }
+        }
+      }
+    }
+  });
+  return w;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lqc_cpu, m) {
+  m.def("int4_int8_mm(Tensor x, Tensor packed, int group_size) -> Tensor");
+  m.def("quantize_rows_int8(Tensor x) -> (Tensor, Tensor)");
+  m.def("int4_dequantize(Tensor packed, int group_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lqc_cpu, CPU, m) {
+  m.impl("int4_int8_mm", &int4_int8_mm);
+  m.impl("quantize_rows_int8", &quantize_rows_int8);
+  m.impl("int4_dequantize", &int4_dequantize);
+}
