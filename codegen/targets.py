@@ -46,10 +46,10 @@ def compile_graph(graph: Graph, target: str, example_inputs: Sequence[Any], lowe
         return TritonProgram(graph.gm, lowering, example_inputs, inductor=inductor)
     from torch._inductor.compile_fx import compile_fx as inductor_compile
 
-    from .cpu_decompositions import inductor_decompositions
+    from .cpu_decompositions import inductor_config_patches, inductor_decompositions
 
     compile_fx = functools.partial(inductor_compile, decompositions=inductor_decompositions(),
-                                   config_patches={"cpp_wrapper": True} if cpp_wrapper else None)
+                                   config_patches=inductor_config_patches(cpp_wrapper))
     if share_blocks:
         from .shared_blocks import compile_shared_blocks
 
