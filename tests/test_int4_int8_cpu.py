@@ -35,7 +35,7 @@ def test_packing_round_trips_to_the_canonical_weight(n, k, group):
     assert torch.equal(scales[:n], q.scales) and torch.equal(zeros[:n], q.zeros)
 
 
-@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("m", [1, 3, 4, 13])  # blocks of four tokens and the rest one by one
 @pytest.mark.parametrize("n,k,group", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_matches_reference(m, n, k, group, dtype):
@@ -63,7 +63,7 @@ def test_all_zero_rows_and_extreme_values():
     torch.testing.assert_close(out, int4_int8_reference(x, packed, 32), rtol=1e-5, atol=1e-30)
 
 
-@pytest.mark.parametrize("m", [1, 5, 40])  # 40 rows: the dequantize + bf16 GEMM path
+@pytest.mark.parametrize("m", [1, 5, 40])  # 40 rows: ten blocks of four tokens
 def test_qlinear_int4_vnni_is_close_to_the_float_reference(m):
     n, k, group = 96, 200, 64
     q = _quantized(n, k, group, seed=3)
@@ -73,10 +73,7 @@ def test_qlinear_int4_vnni_is_close_to_the_float_reference(m):
     out = layer(x)
     ref = qlinear_reference(x, q.qweight, q.scales, q.zeros, bias, "int4", group, k, n)
     assert out.shape == ref.shape
-    # int8 activations per token (decode) or bf16 (prefill): about 1% relative
-    assert ((out - ref).norm() / ref.norm()).item() < 0.02
-    deq = torch.ops.lqc_cpu.int4_dequantize(layer.qweight, group)
-    torch.testing.assert_close(deq[:n, :k].float(), q.dequantize(), rtol=8e-3, atol=8e-3)  # bf16 rounding
+    assert ((out - ref).norm() / ref.norm()).item() < 0.02  # int8 activations per token: about 1% relative
 
 
 def test_inductor_calls_the_kernel_not_the_python_op():

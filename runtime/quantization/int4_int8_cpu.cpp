@@ -45,38 +45,56 @@ void quantize_row(const float* x, int64_t k, int64_t k_padded, int8_t* x8, float
   *d = scale;
 }
 
-// y[m, rows of one block] for every token m, reading the block's bytes once per token (they stay in L1).
-void block_matmul(const uint8_t* block, const int8_t* x8, const int32_t* sums, const float* d, int64_t m_rows,
-                  int64_t k_padded, int64_t group, float* out, int64_t out_stride) {
+// y[m0..m0+T, rows of one block]: T tokens at once, so each 64-byte chunk is loaded and unpacked
+// once for T dot products (prefill-shaped inputs run T = 4 at a time; decode, T = 1).
+template <int T>
+void tokens_matmul(const uint8_t* block, const int8_t* x8, const int32_t* sums, const float* d, int64_t k_padded,
+                   int64_t group, float* out, int64_t out_stride) {
   const __m512i low_mask = _mm512_set1_epi8(0x0F);
   const int64_t groups = k_padded / group, chunks = group / kChunk;
-  for (int64_t m = 0; m < m_rows; ++m) {
-    const int8_t* xm = x8 + m * k_padded;
-    const int32_t* sm = sums + m * groups;
-    const uint8_t* p = block;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
-      __m512i dot = _mm512_setzero_si512();
-      const int8_t* xg = xm + g * group;
-      for (int64_t c = 0; c < chunks; ++c, p += kChunkBytes) {
-        __m512i w = _mm512_loadu_si512(p);
-        __m512i lo = _mm512_and_si512(w, low_mask);
-        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low_mask);
+  const uint8_t* p = block;
+  __m512 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i dot[T];
+    for (int t = 0; t < T; ++t) dot[t] = _mm512_setzero_si512();
+    for (int64_t c = 0; c < chunks; ++c, p += kChunkBytes) {
+      const __m512i w = _mm512_loadu_si512(p);
+      const __m512i lo = _mm512_and_si512(w, low_mask);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low_mask);
+      const int64_t k = g * group + c * kChunk;
+      for (int t = 0; t < T; ++t) {
         int32_t x_lo, x_hi;
-        std::memcpy(&x_lo, xg + c * kChunk, 4);
-        std::memcpy(&x_hi, xg + c * kChunk + 4, 4);
-        dot = _mm512_dpbusd_epi32(dot, lo, _mm512_set1_epi32(x_lo));
-        dot = _mm512_dpbusd_epi32(dot, hi, _mm512_set1_epi32(x_hi));
+        std::memcpy(&x_lo, x8 + t * k_padded + k, 4);
+        std::memcpy(&x_hi, x8 + t * k_padded + k + 4, 4);
+        dot[t] = _mm512_dpbusd_epi32(dot[t], lo, _mm512_set1_epi32(x_lo));
+        dot[t] = _mm512_dpbusd_epi32(dot[t], hi, _mm512_set1_epi32(x_hi));
       }
-      __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-      __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
-      p += 64;
-      const int32_t sum = sm[g];
-      __m512 centered = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot, _mm512_set1_epi32(8 * sum)));
-      acc = _mm512_fmadd_ps(centered, s, acc);
-      acc = _mm512_fmadd_ps(z, _mm512_set1_ps(static_cast<float>(sum)), acc);
     }
-    _mm512_storeu_ps(out + m * out_stride, _mm512_mul_ps(acc, _mm512_set1_ps(d[m])));
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
+    p += 64;
+    for (int t = 0; t < T; ++t) {
+      const int32_t sum = sums[t * groups + g];
+      const __m512 centered = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot[t], _mm512_set1_epi32(8 * sum)));
+      acc[t] = _mm512_fmadd_ps(centered, s, acc[t]);
+      acc[t] = _mm512_fmadd_ps(z, _mm512_set1_ps(static_cast<float>(sum)), acc[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) _mm512_storeu_ps(out + t * out_stride, _mm512_mul_ps(acc[t], _mm512_set1_ps(d[t])));
+}
+
+// Every token's 16 outputs of one block: four tokens at a time, then the rest one by one. The
+// block (~5 KB at K = 576) stays in L1 across the tokens.
+void block_matmul(const uint8_t* block, const int8_t* x8, const int32_t* sums, const float* d, int64_t m_rows,
+                  int64_t k_padded, int64_t group, float* out, int64_t out_stride) {
+  const int64_t groups = k_padded / group;
+  int64_t m = 0;
+  for (; m + 4 <= m_rows; m += 4) {
+    tokens_matmul<4>(block, x8 + m * k_padded, sums + m * groups, d + m, k_padded, group, out + m * out_stride, out_stride);
+  }
+  for (; m < m_rows; ++m) {
+    tokens_matmul<1>(block, x8 + m * k_padded, sums + m * groups, d + m, k_padded, group, out + m * out_stride, out_stride);
   }
 }
 
@@ -132,48 +150,14 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_int8(const at::Tensor& x) {
 }
 
 
-// The bfloat16 weight [N_padded, K_padded] the packed bytes stand for: prefill-shaped inputs
-// multiply it with one bf16 GEMM (many tokens per weight byte: compute, not bytes, bounds them).
-at::Tensor int4_dequantize(const at::Tensor& packed, int64_t group) {
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte, "int4_dequantize: packed must be uint8 [N/16, bytes]");
-  const int64_t chunks = group / kChunk, bytes_per_group = chunks * kChunkBytes + 64;
-  const int64_t groups = packed.size(1) / bytes_per_group, blocks = packed.size(0), k_padded = groups * group;
-  auto pc = packed.contiguous();
-  auto w = at::empty({blocks * kRows, k_padded}, packed.options().dtype(at::kBFloat16));
-  const uint8_t* base = pc.data_ptr<uint8_t>();
-  at::BFloat16* out = w.data_ptr<at::BFloat16>();
-  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const uint8_t* p = base + b * pc.size(1);
-      for (int64_t g = 0; g < groups; ++g, p += bytes_per_group) {
-        const at::Half* sz = reinterpret_cast<const at::Half*>(p + chunks * kChunkBytes);
-        for (int64_t r = 0; r < kRows; ++r) {
-          const float s = sz[r], z = sz[kRows + r] - 8.f * s;
-          at::BFloat16* row = out + (b * kRows + r) * k_padded + g * group;
-          for (int64_t c = 0; c < chunks; ++c) {
-            for (int64_t j = 0; j < 4; ++j) {
-              const uint8_t byte = p[c * kChunkBytes + r * 4 + j];
-              row[c * kChunk + j] = static_cast<float>(byte & 0x0F) * s + z;
-              row[c * kChunk + 4 + j] = static_cast<float>(byte >> 4) * s + z;
-            }
-          }
-        }
-      }
-    }
-  });
-  return w;
-}
-
 }  // namespace
 
 TORCH_LIBRARY(lqc_cpu, m) {
   m.def("int4_int8_mm(Tensor x, Tensor packed, int group_size) -> Tensor");
   m.def("quantize_rows_int8(Tensor x) -> (Tensor, Tensor)");
-  m.def("int4_dequantize(Tensor packed, int group_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lqc_cpu, CPU, m) {
   m.impl("int4_int8_mm", &int4_int8_mm);
   m.impl("quantize_rows_int8", &quantize_rows_int8);
-  m.impl("int4_dequantize", &int4_dequantize);
 }
