@@ -1,12 +1,12 @@
-"""What Inductor sees of ``lqc::qlinear`` on the CPU: ATen ops around lqc's C++ kernel, not a Python op.
+"""What Inductor sees of lqc's graphs on the CPU: C++ ops where lqc has them, and decode attention
+as reductions it generates.
 
 ``lqc::qlinear`` is implemented in Python (lqc.runtime.quantization.qlinear): handed to Inductor
 as is, every call of every layer crosses into the interpreter (~10 us each, 211 calls a SmolLM2
-decode step), and with Inductor's C++ wrapper it would take the GIL from C++ too. For the
-``int4_vnni`` layout the op is decomposed here, at Inductor's trace, into the C++ op
-``lqc_cpu::int4_int8_mm``, with the slice, cast and bias as ATen ops Inductor fuses into their
-neighbours. Other layouts keep the op
-(``NotImplemented``: Inductor calls it as before).
+decode step), and Inductor's C++ wrapper would take the GIL to call it. ``use_cpu_kernel_ops``
+points the ``int4_vnni`` qlinears of a graph about to be compiled at the C++ op computing the same
+thing whole (``lqc_cpu::qlinear_int4_vnni``). Not a decomposition: Inductor refuses a table
+entry for an op some nodes keep (the other layouts), and one op per linear is all it needs.
 """
 
 from __future__ import annotations
@@ -16,18 +16,24 @@ import hashlib
 from pathlib import Path
 
 import torch
+import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from lqc.ir import op_name
 
-def _qlinear(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_features):
-    if fmt != "int4_vnni" or not isinstance(x.shape[0], int):
-        return NotImplemented
-    rows = x.numel() // in_features
-    x2 = x.reshape(rows, in_features)
-    y = torch.ops.lqc_cpu.int4_int8_mm(x2, qweight, group_size)[:, :out_features].to(x.dtype)
-    if bias is not None:
-        y = y + bias.to(x.dtype)
-    return y.reshape(*x.shape[:-1], out_features)
+
+def use_cpu_kernel_ops(gm: fx.GraphModule) -> int:
+    """Point ``lqc::qlinear`` nodes in the int4_vnni layout at ``lqc_cpu::qlinear_int4_vnni``; how many."""
+    count = 0
+    for node in gm.graph.nodes:
+        if op_name(node) == "lqc::qlinear" and node.args[5] == "int4_vnni":
+            x, qweight, _, _, bias, _, group_size, in_features, out_features = node.args
+            node.target = torch.ops.lqc_cpu.qlinear_int4_vnni.default
+            node.args = (x, qweight, bias, group_size, in_features, out_features)
+            count += 1
+    if count:
+        gm.recompile()
+    return count
 
 
 # Up to this many query rows (decode steps, speculative drafts), attention runs as the two reductions
@@ -89,5 +95,4 @@ def inductor_decompositions() -> dict:
     """Inductor's default decomposition table plus lqc's."""
     from torch._inductor.decomposition import select_decomp_table
 
-    return {**select_decomp_table(), torch.ops.lqc.qlinear.default: _qlinear,
-            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default: _decode_attention}
+    return {**select_decomp_table(), torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default: _decode_attention}

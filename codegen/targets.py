@@ -46,8 +46,9 @@ def compile_graph(graph: Graph, target: str, example_inputs: Sequence[Any], lowe
         return TritonProgram(graph.gm, lowering, example_inputs, inductor=inductor)
     from torch._inductor.compile_fx import compile_fx as inductor_compile
 
-    from .cpu_decompositions import inductor_config_patches, inductor_decompositions
+    from .cpu_decompositions import inductor_config_patches, inductor_decompositions, use_cpu_kernel_ops
 
+    use_cpu_kernel_ops(graph.gm)
     compile_fx = functools.partial(inductor_compile, decompositions=inductor_decompositions(),
                                    config_patches=inductor_config_patches(cpp_wrapper))
     if share_blocks:

@@ -123,6 +123,15 @@ class Runner:
         return prompt_s, time.perf_counter() - start, cache
 
 
+def compile_for_decode(forward: Callable, backend: Any = "inductor") -> Callable:
+    """``torch.compile`` for a decode loop: static shapes, and no guards on the model's parameters
+    and buffers. Those guards cost ~1.1 ms a step on SmolLM2 (dynamo checks each of ~270 tensors
+    before every call, 10-15% of a fast step); a model being decoded does not change between calls.
+    Every compiled variant of a benchmark gets the same treatment."""
+    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    return torch.compile(forward, backend=backend, dynamic=False, options=options)
+
+
 def make_runner(model: torch.nn.Module, variant: str, recipe: Any = "default", target: str = "auto") -> Runner:
     """``variant``'s forward in a Runner; for the lqc variants, ``runner.session`` holds its compilations."""
     # dynamic=False: every variant runs the same three static graphs (prefill, prompt, decode step);
@@ -130,11 +139,11 @@ def make_runner(model: torch.nn.Module, variant: str, recipe: Any = "default", t
     if variant == "eager":
         return Runner(model, model.forward)
     if variant == "inductor":
-        return Runner(model, torch.compile(model.forward, dynamic=False))
+        return Runner(model, compile_for_decode(model.forward))
     if variant in ("lqc", "lqc-unchecked"):
         session = Session({"recipe": recipe, "target": target, "progress": False,
                            "check_inputs": variant == "lqc"})
-        runner = Runner(model, torch.compile(model.forward, backend=session, dynamic=False))
+        runner = Runner(model, compile_for_decode(model.forward, session))
         runner.session = session
         return runner
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")

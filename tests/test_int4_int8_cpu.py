@@ -77,7 +77,7 @@ def test_qlinear_int4_vnni_is_close_to_the_float_reference(m):
 
 
 def test_inductor_calls_the_kernel_not_the_python_op():
-    """The decomposition (codegen/cpu_decompositions.py): the compiled function matches eager int4_vnni."""
+    """codegen/cpu_decompositions.py's use_cpu_kernel_ops: the compiled function matches eager int4_vnni."""
     import torch._inductor.utils as inductor_utils
 
     from lqc.codegen.targets import compile_graph
@@ -88,7 +88,7 @@ def test_inductor_calls_the_kernel_not_the_python_op():
     x = torch.randn(1, 2, 96)
     graph = trace(layer, x)
     out, code = inductor_utils.run_and_get_code(lambda: compile_graph(graph, "inductor", [x], share_blocks=False)(x))
-    assert "lqc_cpu.int4_int8_mm" in "".join(code) and "torch.ops.lqc.qlinear" not in "".join(code)
+    assert "lqc_cpu.qlinear_int4_vnni" in "".join(code) and "torch.ops.lqc.qlinear" not in "".join(code)
     torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, layer(x), rtol=1e-5, atol=1e-5)
 
 

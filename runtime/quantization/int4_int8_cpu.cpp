@@ -136,6 +136,18 @@ at::Tensor int4_int8_mm(const at::Tensor& x, const at::Tensor& packed, int64_t g
   return y;
 }
 
+// lqc::qlinear in the int4_vnni layout, whole: x [..., in_features] -> [..., out_features] in x's
+// dtype (the product cast first, then the bias added, as the Python reference does). Inductor
+// calls this one op per linear (codegen/cpu_decompositions.py), with no Python in between.
+at::Tensor qlinear_int4_vnni(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                             int64_t group, int64_t in_features, int64_t out_features) {
+  auto y = int4_int8_mm(x.reshape({-1, in_features}), packed, group).narrow(1, 0, out_features).to(x.scalar_type());
+  if (bias.has_value()) y = y + bias->to(x.scalar_type());
+  auto sizes = x.sizes().vec();
+  sizes.back() = out_features;
+  return y.reshape(sizes);
+}
+
 // The int8 codes and scales int4_int8_mm computes for x: what the tests compare bit for bit.
 std::tuple<at::Tensor, at::Tensor> quantize_rows_int8(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "quantize_rows_int8: x must be float32 [M, K]");
@@ -155,9 +167,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_int8(const at::Tensor& x) {
 TORCH_LIBRARY(lqc_cpu, m) {
   m.def("int4_int8_mm(Tensor x, Tensor packed, int group_size) -> Tensor");
   m.def("quantize_rows_int8(Tensor x) -> (Tensor, Tensor)");
+  m.def("qlinear_int4_vnni(Tensor x, Tensor packed, Tensor? bias, int group_size, int in_features, int out_features) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lqc_cpu, CPU, m) {
   m.impl("int4_int8_mm", &int4_int8_mm);
   m.impl("quantize_rows_int8", &quantize_rows_int8);
+  m.impl("qlinear_int4_vnni", &qlinear_int4_vnni);
 }

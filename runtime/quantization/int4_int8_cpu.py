@@ -124,6 +124,10 @@ def int4_vnni_matmul(x2: torch.Tensor, packed: torch.Tensor, group_size: int, ou
 
 
 def _register_fakes() -> None:
+    @torch.library.register_fake("lqc_cpu::qlinear_int4_vnni")
+    def _qlinear(x, packed, bias, group_size, in_features, out_features):
+        return x.new_empty(*x.shape[:-1], out_features)
+
     """Shapes for tracing (dynamo, Inductor): the ops exist only once the library is loaded."""
 
     @torch.library.register_fake("lqc_cpu::int4_int8_mm")
