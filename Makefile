@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.lqc-installed
 
-.PHONY: test test-fast demo bench-quant install system-deps clean
+.PHONY: test test-fast demo bench bench-quant install system-deps clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,13 @@ bench-quant: $(STAMP)
 	$(PIP) install -q --no-deps torchao==0.18.0
 	$(PY) benchmarks/quant_quality.py --windows 128 --out benchmarks/results/smollm2-quant-quality
 	$(PY) benchmarks/quant_speed.py --out benchmarks/results/smollm2-quant-speed
+
+# CPU decode against llama.cpp (issue 25's table, ~40 min on 2 cores): Inductor bf16, torchao, llama.cpp
+# on the model's own Q4_1 GGUF and lqc's fast recipes, in one process run. llama-cpp-python builds
+# from source (~8 min once); it and torchao go in without dependencies (no second torch).
+bench: $(STAMP)
+	$(PIP) install -q --no-deps torchao==0.18.0 llama-cpp-python==0.3.36 diskcache==5.6.3
+	$(PY) benchmarks/cpu_decode.py --rss --out benchmarks/results/cpu-decode
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -123,7 +123,9 @@ def cmd_bench(args) -> int:
     import lqc
     from lqc.bench import format_bench, run_bench
 
-    model, _tokenizer, name = lqc.models.load(args.model)
+    import torch
+
+    model, _tokenizer, name = lqc.models.load(args.model, dtype=getattr(torch, args.dtype))
     if args.profile:
         return _profile_decode(model, args)
     result = run_bench(
@@ -343,6 +345,7 @@ def _bench_parser(sub) -> None:
     bench.add_argument("--decode-tokens", type=int, default=128)
     bench.add_argument("--runs", type=int, default=5)
     bench.add_argument("--threads", type=int, default=2)
+    bench.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="bfloat16 for cpu-fast, int4")
     bench.add_argument("--profile", action="store_true",
                        help="instead of the speed table: where one decode step of the lqc variant spends its time")
     bench.add_argument("--profile-steps", type=int, default=32, help="decode steps profiled (--profile)")
