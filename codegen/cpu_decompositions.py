@@ -4,8 +4,8 @@ as reductions it generates.
 ``lqc::qlinear`` is implemented in Python (lqc.runtime.quantization.qlinear): handed to Inductor
 as is, every call of every layer crosses into the interpreter (~10 us each, 211 calls a SmolLM2
 decode step), and Inductor's C++ wrapper would take the GIL to call it. ``use_cpu_kernel_ops``
-points the ``int4_vnni`` qlinears of a graph about to be compiled at the C++ op computing the same
-thing whole (``lqc_cpu::qlinear_int4_vnni``). Not a decomposition: Inductor refuses a table
+points the ``int4_vnni`` and ``w8a8_vnni`` qlinears of a graph about to be compiled at the C++ ops
+computing the same thing whole (``lqc_cpu::qlinear_int4_vnni``, ``lqc_cpu::qlinear_w8a8_vnni``). Not a decomposition: Inductor refuses a table
 entry for an op some nodes keep (the other layouts), and one op per linear is all it needs.
 """
 
@@ -23,14 +23,19 @@ from lqc.ir import op_name
 
 
 def use_cpu_kernel_ops(gm: fx.GraphModule) -> int:
-    """Point ``lqc::qlinear`` nodes in the int4_vnni layout at ``lqc_cpu::qlinear_int4_vnni``; how many."""
+    """Point ``lqc::qlinear`` nodes in the int4_vnni / w8a8_vnni layouts at lqc's C++ ops; how many."""
     count = 0
     for node in gm.graph.nodes:
-        if op_name(node) == "lqc::qlinear" and node.args[5] == "int4_vnni":
-            x, qweight, _, _, bias, _, group_size, in_features, out_features = node.args
+        if op_name(node) != "lqc::qlinear" or node.args[5] not in ("int4_vnni", "w8a8_vnni"):
+            continue
+        x, qweight, _, _, bias, fmt, group_size, in_features, out_features = node.args
+        if fmt == "int4_vnni":
             node.target = torch.ops.lqc_cpu.qlinear_int4_vnni.default
             node.args = (x, qweight, bias, group_size, in_features, out_features)
-            count += 1
+        else:
+            node.target = torch.ops.lqc_cpu.qlinear_w8a8_vnni.default
+            node.args = (x, qweight, bias, in_features, out_features)
+        count += 1
     if count:
         gm.recompile()
     return count

@@ -15,6 +15,7 @@ computes ``x @ W.T + bias`` for a quantized weight W. ``fmt`` names the format a
 | ``int4_cpu`` | torch's CPU int4 layout [N, K/2] | [K/g, N, 2] bf16 scales and zeros | - | ``torch._weight_int4pack_mm_for_cpu`` in bf16 |
 | ``int4_vnni`` | uint8 [ceil(N/16), bytes]: codes, fp16 scales and zeros in one stream | empty | - | activations to int8 per token, ``lqc_cpu::int4_int8_mm`` (AVX-512 VNNI) |
 | ``w8a8`` | int8 [N, K] | [N] | - | activations to int8 per token, int8 x int8 matmul |
+| ``w8a8_vnni`` | uint8 [ceil(N/16), K/4 * 64 + 128]: codes, row sums, float32 scales | empty | - | as w8a8, ``lqc_cpu::int8_int8_mm`` (AVX-512 VNNI) |
 | ``fp8`` | float8_e4m3fn [N, K] | [N] | - | reference |
 | ``fp8_dyn`` | float8_e4m3fn [N, K] | [N] | - | activations to fp8 e4m3 per token, ``torch._scaled_mm`` |
 
@@ -33,7 +34,7 @@ from .errors import VerificationError
 from .graph import Graph
 from .lint import register_op_verifier
 
-QLINEAR_FORMATS = ("int8", "int8_cpu", "int4", "int4_cpu", "int4_vnni", "w8a8", "fp8", "fp8_dyn")
+QLINEAR_FORMATS = ("int8", "int8_cpu", "int4", "int4_cpu", "int4_vnni", "w8a8", "w8a8_vnni", "fp8", "fp8_dyn")
 
 _lib = torch.library.Library("lqc", "FRAGMENT")
 _lib.define(
@@ -67,6 +68,10 @@ def _check_qlinear(graph: Graph, node: fx.Node) -> None:
         if not per_group or q.shape[0] != -(-n // 16) or q.shape[1] % per_group or q.shape[1] // per_group * g < k_in:
             raise VerificationError(f"{where}: packed int4_vnni weight {tuple(q.shape)} does not hold [{n}, {k_in}] "
                                     f"in groups of {g}")
+        return
+    if fmt == "w8a8_vnni":  # blocks of 16 rows: K/4 chunks of 64 bytes, then row sums and scales
+        if q.shape[0] != -(-n // 16) or (q.shape[1] - 128) % 64 or (q.shape[1] - 128) // 16 < k_in:
+            raise VerificationError(f"{where}: packed w8a8_vnni weight {tuple(q.shape)} does not hold [{n}, {k_in}]")
         return
     packed = fmt.startswith("int4")
     k = q.shape[1] * (2 if packed else 1)

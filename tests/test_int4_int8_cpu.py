@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from lqc.runtime.quantization import int4_int8_cpu
-from lqc.runtime.quantization.formats import quantize_int4, unpack_int4
+from lqc.runtime.quantization.formats import quantize_int4, quantize_int8, unpack_int4
 from lqc.runtime.quantization.int4_int8_cpu import (
-    int4_int8_reference, load_kernel, pack_int4_vnni, quantize_rows_int8_reference, unpack_int4_vnni,
+    int4_int8_reference, int8_int8_reference, load_kernel, pack_int4_vnni, pack_w8a8_vnni, quantize_rows_int8_reference,
+    unpack_int4_vnni,
 )
 from lqc.runtime.quantization.qlinear import QLinear, qlinear_reference
 
@@ -50,6 +51,21 @@ def test_kernel_matches_reference(m, n, k, group, dtype):
     assert out.shape == (m, packed.shape[0] * 16)
     # integer sums exact; the float epilogue (one fma per group) rounds in another order
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("m", [1, 4, 7])
+@pytest.mark.parametrize("n,k", [(1, 4), (33, 202), (192, 576)])  # K not a multiple of 4: padded
+def test_int8_kernel_matches_reference(m, n, k):
+    q = quantize_int8(torch.randn(n, k, generator=torch.Generator().manual_seed(6)), fmt="w8a8")
+    packed = pack_w8a8_vnni(q)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    out, ref = torch.ops.lqc_cpu.int8_int8_mm(x, packed), int8_int8_reference(x, packed)
+    assert out.shape == (m, packed.shape[0] * 16)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    # the w8a8 format's own reference: the same int8 activations and codes
+    layer_out = QLinear(q, "w8a8_vnni")(x.float())
+    expected = qlinear_reference(x.float(), q.qweight, q.scales, None, None, "w8a8", 0, k, n)
+    torch.testing.assert_close(layer_out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 def test_all_zero_rows_and_extreme_values():

@@ -6,6 +6,8 @@ lives on the CPU, this lowering, run for the eager and Inductor targets, rewrite
 
 - an ``int4`` qlinear quantized with ``activations: int8`` to ``int4_vnni`` (lqc's AVX-512 VNNI
   kernel: activations to int8 per token, runtime/quantization/int4_int8_cpu.py);
+- a ``w8a8`` qlinear to ``w8a8_vnni`` where that kernel is available (same math: int8 codes times
+  per-token int8 activations, lqc's AVX-512 VNNI kernel);
 - an ``int8`` qlinear to ``int8_cpu`` (codes padded to K % 32 == 0, bfloat16 scales:
   ``torch._weight_int8pack_mm``), and an ``int4`` one whose N is a multiple of 16 to ``int4_cpu``
   (torch's packed int4 tiles, bfloat16 scales and zeros: ``_weight_int4pack_mm_for_cpu``);
@@ -47,6 +49,8 @@ def cpu_layout(q: QuantizedWeight, activations: str = "bf16") -> str | None:
     int4 kernel, warned once)."""
     if q.format == "int8":
         return "int8_cpu"
+    if q.format == "w8a8":  # the same math as the reference, on VNNI where this CPU has it
+        return "w8a8_vnni" if load_kernel() is None else None
     if q.format == "int4" and activations == "int8":
         if (why := load_kernel()) is None and q.group_size % 8 == 0:
             return "int4_vnni"

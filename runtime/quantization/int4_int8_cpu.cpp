@@ -136,16 +136,92 @@ at::Tensor int4_int8_mm(const at::Tensor& x, const at::Tensor& packed, int64_t g
   return y;
 }
 
+// int8 weights (symmetric, one float32 scale per output row) x int8 activations: the w8a8 format's
+// math, y[m, n] = d[m] * s[n] * sum_k w[n,k] * x8[m,k]. vpdpbusd wants one unsigned operand: the
+// activations go in as x8 + 128 (1..255) and the 128 * sum_k w[n,k] this adds is taken off again
+// (the row sums are stored in the packed stream). Packed per block of 16 rows: K/4 chunks of 64
+// bytes (byte r*4+j: row r's weight for input k+j), 16 int32 row sums, 16 float32 scales.
+template <int T>
+void int8_tokens_matmul(const uint8_t* block, const uint8_t* xu, const float* d, int64_t k_padded, float* out,
+                        int64_t out_stride) {
+  const int64_t chunks = k_padded / 4;
+  __m512i dot[T];
+  for (int t = 0; t < T; ++t) dot[t] = _mm512_setzero_si512();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const __m512i w = _mm512_loadu_si512(block + c * kChunkBytes);
+    for (int t = 0; t < T; ++t) {
+      int32_t x4;
+      std::memcpy(&x4, xu + t * k_padded + c * 4, 4);
+      dot[t] = _mm512_dpbusd_epi32(dot[t], _mm512_set1_epi32(x4), w);
+    }
+  }
+  const __m512i row_sums = _mm512_slli_epi32(_mm512_loadu_si512(block + chunks * kChunkBytes), 7);  // 128 * sum
+  const __m512 scales = _mm512_loadu_ps(block + chunks * kChunkBytes + 64);
+  for (int t = 0; t < T; ++t) {
+    const __m512 exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot[t], row_sums));
+    _mm512_storeu_ps(out + t * out_stride, _mm512_mul_ps(_mm512_mul_ps(exact, scales), _mm512_set1_ps(d[t])));
+  }
+}
+
+// x [M, K] float32 or bfloat16 (K <= k_padded), packed uint8 [N_padded / 16, K_padded / 4 * 64 + 128] -> y [M, N_padded]
+at::Tensor int8_int8_mm(const at::Tensor& x, const at::Tensor& packed) {
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "int8_int8_mm: x must be float32 or bfloat16 [M, K]");
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && (packed.size(1) - 128) % kChunkBytes == 0,
+              "int8_int8_mm: packed must be uint8 [N/16, K/4 * 64 + 128]");
+  const int64_t k_padded = (packed.size(1) - 128) / kChunkBytes * 4;
+  const int64_t m_rows = x.size(0), k = x.size(1), blocks = packed.size(0);
+  TORCH_CHECK(k <= k_padded, "int8_int8_mm: x has ", k, " inputs, the weight ", k_padded);
+  auto xc = x.to(at::kFloat).contiguous();
+  auto pc = packed.contiguous();
+  auto x8 = at::empty({m_rows, k_padded}, x.options().dtype(at::kChar));
+  auto d = at::empty({m_rows}, x.options().dtype(at::kFloat));
+  for (int64_t m = 0; m < m_rows; ++m) {
+    quantize_row(xc.data_ptr<float>() + m * k, k, k_padded, x8.data_ptr<int8_t>() + m * k_padded, d.data_ptr<float>() + m);
+  }
+  auto xu = (x8.to(at::kShort) + 128).to(at::kByte);  // the unsigned operand; padding becomes 128 against zero weights
+  auto y = at::empty({m_rows, blocks * kRows}, x.options().dtype(at::kFloat));
+  const uint8_t* base = pc.data_ptr<uint8_t>();
+  const uint8_t* xs = xu.data_ptr<uint8_t>();
+  at::parallel_for(0, blocks, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const uint8_t* block = base + b * pc.size(1);
+      float* out = y.data_ptr<float>() + b * kRows;
+      int64_t m = 0;
+      for (; m + 4 <= m_rows; m += 4) {
+        int8_tokens_matmul<4>(block, xs + m * k_padded, d.data_ptr<float>() + m, k_padded, out + m * blocks * kRows,
+                              blocks * kRows);
+      }
+      for (; m < m_rows; ++m) {
+        int8_tokens_matmul<1>(block, xs + m * k_padded, d.data_ptr<float>() + m, k_padded, out + m * blocks * kRows,
+                              blocks * kRows);
+      }
+    }
+  });
+  return y;
+}
+
+at::Tensor finish_qlinear(const at::Tensor& y, const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                          int64_t out_features) {
+  auto out = y.narrow(1, 0, out_features).to(x.scalar_type());
+  if (bias.has_value()) out = out + bias->to(x.scalar_type());
+  auto sizes = x.sizes().vec();
+  sizes.back() = out_features;
+  return out.reshape(sizes);
+}
+
+// lqc::qlinear in the w8a8_vnni layout, whole (as qlinear_int4_vnni below).
+at::Tensor qlinear_w8a8_vnni(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                             int64_t in_features, int64_t out_features) {
+  return finish_qlinear(int8_int8_mm(x.reshape({-1, in_features}), packed), x, bias, out_features);
+}
+
 // lqc::qlinear in the int4_vnni layout, whole: x [..., in_features] -> [..., out_features] in x's
 // dtype (the product cast first, then the bias added, as the Python reference does). Inductor
 // calls this one op per linear (codegen/cpu_decompositions.py), with no Python in between.
 at::Tensor qlinear_int4_vnni(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                              int64_t group, int64_t in_features, int64_t out_features) {
-  auto y = int4_int8_mm(x.reshape({-1, in_features}), packed, group).narrow(1, 0, out_features).to(x.scalar_type());
-  if (bias.has_value()) y = y + bias->to(x.scalar_type());
-  auto sizes = x.sizes().vec();
-  sizes.back() = out_features;
-  return y.reshape(sizes);
+  return finish_qlinear(int4_int8_mm(x.reshape({-1, in_features}), packed, group), x, bias, out_features);
 }
 
 // The int8 codes and scales int4_int8_mm computes for x: what the tests compare bit for bit.
@@ -167,6 +243,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_int8(const at::Tensor& x) {
 TORCH_LIBRARY(lqc_cpu, m) {
   m.def("int4_int8_mm(Tensor x, Tensor packed, int group_size) -> Tensor");
   m.def("quantize_rows_int8(Tensor x) -> (Tensor, Tensor)");
+  m.def("int8_int8_mm(Tensor x, Tensor packed) -> Tensor");
+  m.def("qlinear_w8a8_vnni(Tensor x, Tensor packed, Tensor? bias, int in_features, int out_features) -> Tensor");
   m.def("qlinear_int4_vnni(Tensor x, Tensor packed, Tensor? bias, int group_size, int in_features, int out_features) -> Tensor");
 }
 
@@ -174,4 +252,6 @@ TORCH_LIBRARY_IMPL(lqc_cpu, CPU, m) {
   m.impl("int4_int8_mm", &int4_int8_mm);
   m.impl("quantize_rows_int8", &quantize_rows_int8);
   m.impl("qlinear_int4_vnni", &qlinear_int4_vnni);
+  m.impl("int8_int8_mm", &int8_int8_mm);
+  m.impl("qlinear_w8a8_vnni", &qlinear_w8a8_vnni);
 }

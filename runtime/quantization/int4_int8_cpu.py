@@ -1,4 +1,4 @@
-"""The ``int4_vnni`` qlinear layout: int4 weights times per-token int8 activations on AVX-512 VNNI.
+"""lqc's AVX-512 VNNI CPU kernels: int4 (``int4_vnni``) and int8 (``w8a8_vnni``) weights times per-token int8 activations.
 
 torch's ``_weight_int4pack_mm_for_cpu`` dequantizes every weight to float32 and multiplies with
 FMAs; at one token per step it reaches a fraction of this machine's memory bandwidth (SmolLM2's
@@ -94,6 +94,32 @@ def unpack_int4_vnni(packed: torch.Tensor, group_size: int) -> tuple[torch.Tenso
     return codes, as_half(p[..., chunks * 64: chunks * 64 + 32]), as_half(p[..., chunks * 64 + 32:])
 
 
+def pack_w8a8_vnni(weight: QuantizedWeight) -> torch.Tensor:
+    """The packed bytes [ceil(N / 16), K_padded / 4 * 64 + 128] of an int8 weight (w8a8 or int8 format):
+    per block of 16 rows, the codes four inputs at a time, the rows' code sums (int32), the scales (float32)."""
+    if weight.format not in ("w8a8", "int8"):
+        raise ValueError(f"the w8a8_vnni layout packs int8 weights; got {weight.format}")
+    codes, scales = weight.qweight, weight.scales.to(torch.float32)
+    n, k = codes.shape
+    codes = torch.nn.functional.pad(codes, (0, (-k) % 4, 0, (-n) % ROWS))
+    scales = torch.nn.functional.pad(scales, (0, (-n) % ROWS))
+    blocks, k_padded = codes.shape[0] // ROWS, codes.shape[1]
+    chunks = codes.reshape(blocks, ROWS, k_padded // 4, 4).permute(0, 2, 1, 3).reshape(blocks, -1).view(torch.uint8)
+    sums = codes.sum(1, dtype=torch.int32).reshape(blocks, ROWS).contiguous().view(torch.uint8)
+    return torch.cat([chunks, sums, scales.reshape(blocks, ROWS).contiguous().view(torch.uint8)], dim=1).contiguous()
+
+
+def int8_int8_reference(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """What ``lqc_cpu::int8_int8_mm`` computes, [M, N_padded] float32: exact integer dot products, scales in float64."""
+    blocks, k_padded = packed.shape[0], (packed.shape[1] - 128) // 64 * 4
+    body = packed[:, : k_padded * ROWS].contiguous().view(torch.int8).reshape(blocks, k_padded // 4, ROWS, 4)
+    codes = body.permute(0, 2, 1, 3).reshape(blocks * ROWS, k_padded).to(torch.int64)
+    scales = packed[:, k_padded * ROWS + 64:].contiguous().view(torch.float32).reshape(-1)
+    x8, d = quantize_rows_int8_reference(x)
+    x8 = torch.nn.functional.pad(x8, (0, k_padded - x8.shape[1])).to(torch.int64)
+    return ((x8 @ codes.T).double() * scales.double() * d.double()[:, None]).to(torch.float32)
+
+
 def quantize_rows_int8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's activation quantization in torch ops: d = max|x| / 127 (>= 1e-8), x8 = round(x / d)."""
     x = x.to(torch.float32)
@@ -115,18 +141,28 @@ def int4_int8_reference(x: torch.Tensor, packed: torch.Tensor, group_size: int) 
     return (y * d.double()[:, None]).to(torch.float32)
 
 
-def int4_vnni_matmul(x2: torch.Tensor, packed: torch.Tensor, group_size: int, out_features: int) -> torch.Tensor:
-    """x2 [M, K] (float32 or bf16) times the packed weight -> float32 [M, out_features]."""
+def vnni_qlinear(x, packed, bias, fmt: str, group_size: int, in_features: int, out_features: int) -> torch.Tensor:
+    """``lqc::qlinear`` in the int4_vnni or w8a8_vnni layout: x [..., in_features] -> [..., out_features], x's dtype."""
     if (why := load_kernel()) is not None:
-        raise RuntimeError(f"the int4_vnni kernel is unavailable: {why}. Compile or load the model again "
-                           "(pack_cpu_layouts and lqc.load then choose torch's int4 kernel)")
-    return torch.ops.lqc_cpu.int4_int8_mm(x2, packed, group_size)[:, :out_features]
+        raise RuntimeError(f"the {fmt} kernel is unavailable: {why}. Compile or load the model again "
+                           "(pack_cpu_layouts and lqc.load then choose torch's kernels)")
+    if fmt == "int4_vnni":
+        return torch.ops.lqc_cpu.qlinear_int4_vnni(x, packed, bias, group_size, in_features, out_features)
+    return torch.ops.lqc_cpu.qlinear_w8a8_vnni(x, packed, bias, in_features, out_features)
 
 
 def _register_fakes() -> None:
     @torch.library.register_fake("lqc_cpu::qlinear_int4_vnni")
     def _qlinear(x, packed, bias, group_size, in_features, out_features):
         return x.new_empty(*x.shape[:-1], out_features)
+
+    @torch.library.register_fake("lqc_cpu::qlinear_w8a8_vnni")
+    def _qlinear_w8a8(x, packed, bias, in_features, out_features):
+        return x.new_empty(*x.shape[:-1], out_features)
+
+    @torch.library.register_fake("lqc_cpu::int8_int8_mm")
+    def _mm8(x, packed):
+        return x.new_empty(x.shape[0], packed.shape[0] * ROWS, dtype=torch.float32)
 
     """Shapes for tracing (dynamo, Inductor): the ops exist only once the library is loaded."""
 

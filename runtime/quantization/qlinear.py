@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import lqc.ir.lqc_ops  # noqa: F401  (the schema must exist before an implementation registers)
 
 from lqc.runtime.quantization.formats import QuantizedWeight, quantize_per_token_fp8, quantize_per_token_int8
-from lqc.runtime.quantization.int4_int8_cpu import int4_vnni_matmul, load_kernel, pack_int4_vnni
+from lqc.runtime.quantization.int4_int8_cpu import load_kernel, pack_int4_vnni, pack_w8a8_vnni, vnni_qlinear
 
 
 def dequantize_qlinear_weight(qweight, scales, zeros, fmt: str, group_size: int, in_features: int) -> torch.Tensor:
@@ -45,9 +45,9 @@ def qlinear_reference(x, qweight, scales, zeros, bias, fmt, group_size, in_featu
 @torch.library.impl("lqc::qlinear", "CompositeExplicitAutograd")
 def qlinear(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_features):
     x2 = x.reshape(-1, in_features)
-    if fmt == "int4_vnni":
-        y = int4_vnni_matmul(x2, qweight, group_size, out_features)
-    elif fmt == "int4_cpu":
+    if fmt in ("int4_vnni", "w8a8_vnni"):
+        return vnni_qlinear(x, qweight, bias, fmt, group_size, in_features, out_features)
+    if fmt == "int4_cpu":
         k = qweight.shape[1] * 2
         y = torch._weight_int4pack_mm_for_cpu(_pad(x2, k).to(torch.bfloat16), qweight, group_size, scales)
     elif fmt == "int8_cpu" and x2.shape[0] >= INT8_CPU_GEMM_ROWS:
@@ -111,7 +111,7 @@ def int4_cpu_layout(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor
     return packed, scales_and_zeros.to(torch.bfloat16)
 
 
-KERNEL_LAYOUTS = ("int8", "int8_cpu", "int4", "int4_cpu", "int4_vnni", "w8a8", "fp8", "fp8_dyn")
+KERNEL_LAYOUTS = ("int8", "int8_cpu", "int4", "int4_cpu", "int4_vnni", "w8a8", "w8a8_vnni", "fp8", "fp8_dyn")
 
 
 def kernel_layout(weight: QuantizedWeight, kernel: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -123,6 +123,8 @@ def kernel_layout(weight: QuantizedWeight, kernel: str) -> tuple[torch.Tensor, t
         return (*int4_cpu_layout(weight), None)
     if kernel == "int4_vnni" and weight.format == "int4":
         return pack_int4_vnni(weight), weight.scales.new_empty(0), None
+    if kernel == "w8a8_vnni" and weight.format == "w8a8":
+        return pack_w8a8_vnni(weight), weight.scales.new_empty(0), None
     if kernel == weight.format:
         return weight.qweight, weight.scales, weight.zeros
     raise ValueError(f"a {weight.format} weight has no {kernel!r} layout; valid layouts: {', '.join(KERNEL_LAYOUTS)}")
@@ -136,9 +138,9 @@ class QLinear(torch.nn.Module):
 
     def __init__(self, weight: QuantizedWeight, kernel: str, bias: torch.Tensor | None = None):
         super().__init__()
-        if kernel == "int4_vnni" and (why := load_kernel()) is not None:
-            # saved on a machine with AVX-512 VNNI, loaded on one without: torch's int4 kernel instead
-            kernel = "int4_cpu" if weight.out_features % 16 == 0 else "int4"
+        if kernel in ("int4_vnni", "w8a8_vnni") and (why := load_kernel()) is not None:
+            # saved on a machine with AVX-512 VNNI, loaded on one without: torch's kernels instead
+            kernel = "w8a8" if kernel == "w8a8_vnni" else "int4_cpu" if weight.out_features % 16 == 0 else "int4"
             warnings.warn(f"lqc.load: the int4_vnni kernel is unavailable ({why}); layers run {kernel} instead "
                           "(bf16 activations)", stacklevel=3)
         qweight, scales, zeros = kernel_layout(weight, kernel)
