@@ -252,7 +252,7 @@ def table(rows: list[dict], meta: dict) -> str:
         fmt = lambda v, spec: "-" if v is None or v != v else format(v, spec)  # noqa: E731
         lines.append(f"| {r['name']} | {r['decode_tokens_per_s']:.1f} | {ratio} | {fmt(r['decode_tokens_per_s_2048'], '.1f')} | "
                      f"{r['prefill_ms']:.0f} | {r['weight_mb']:.1f} | {r['read_mb_per_token']:.1f} | "
-                     f"{r['roofline_fraction']:.2f} | {fmt(r.get('peak_rss_mb'), '.0f')} | {fmt(r['ppl_delta_pct'], '+.2f')}% |")
+                     f"{r['roofline_fraction']:.2f} | {fmt(r.get('peak_rss_mb'), '.0f')} | {fmt(r['ppl_delta_pct'], '+.2f')}{'%' if r['ppl_delta_pct'] is not None else ''} |")
     return "\n".join(lines) + "\n"
 
 
@@ -267,7 +267,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--windows", type=int, default=128, help="eval.txt windows for perplexity (0 skips it)")
-    parser.add_argument("--rss", action="store_true", help="measure each variant's peak resident memory in a fresh process")
+    parser.add_argument("--rss", nargs="*", default=None,
+                        help="measure peak resident memory in a fresh process: of these variants (no names: all)")
+    parser.add_argument("--ppl-variants", nargs="*", default=None, help="variants whose perplexity is measured (default: all)")
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args(argv)
@@ -314,7 +316,8 @@ def main(argv=None) -> int:
             if name.startswith("llama.cpp"):  # f16 cache, the filled cells padded to 256
                 kv_bytes = kv_read_bytes(model.config, -(-(args.prompt + args.decode // 2) // 256) * 256, 2)
             read = sizes[name][1] + kv_bytes
-            ppl = perplexity_of(runner, name, eval_ids, args.windows)
+            wanted = args.ppl_variants is None or name in args.ppl_variants
+            ppl = perplexity_of(runner, name, eval_ids, args.windows if wanted else 0)
             rows.append({
                 "name": name, "recipe": LQC_VARIANTS.get(name),
                 "decode_tokens_per_s": args.decode / statistics.median(t["decode"]),
@@ -323,13 +326,14 @@ def main(argv=None) -> int:
                 "prefill_ms": statistics.median(t["prefill"]) * 1e3,
                 "weight_mb": sizes[name][0] / 1e6, "read_mb_per_token": read / 1e6,
                 "roofline_fraction": read / step / (bandwidth * 1e9),
-                "ppl": ppl, "ppl_delta_pct": (ppl / ppl_float - 1) * 100,
+                "ppl": ppl if ppl == ppl else None,  # NaN: not measured
+                "ppl_delta_pct": (ppl / ppl_float - 1) * 100 if ppl == ppl else None,
                 "runs": {k: [round(x, 5) for x in v] for k, v in t.items()},
             })
             log(f"  {name}: {rows[-1]['decode_tokens_per_s']:.1f} tok/s, ppl {ppl:.4f}")
-    if args.rss:
+    if args.rss is not None:
         for row in rows:
-            if row.get("decode_tokens_per_s") is not None:
+            if row.get("decode_tokens_per_s") is not None and (not args.rss or row["name"] in args.rss):
                 log(f"peak RSS of {row['name']} in a fresh process ...")
                 row["peak_rss_mb"] = (peak_rss_llama_cpp(args) if row["name"].startswith("llama.cpp")
                                       else peak_rss_child(row["name"], args))
