@@ -91,18 +91,22 @@ def _patterned_recipes() -> list[str]:
             if any(entry.get("targets") or entry.get("ignore") for entry in resolve_recipe(name)["passes"])]
 
 
-def test_only_max_carries_patterns():
-    # a new shipped recipe with patterns should join the test below, checked on every family
-    assert _patterned_recipes() == ["max"]
+PATTERNED = ["cpu-fast", "max"]
 
 
+def test_only_these_recipes_carry_patterns():
+    # a new shipped recipe with patterns should join PATTERNED, checked on every family below
+    assert sorted(_patterned_recipes()) == PATTERNED
+
+
+@pytest.mark.parametrize("recipe", PATTERNED)
 @pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2"])
-def test_shipped_recipes_with_patterns_compile_on_tiny_models(family):
+def test_shipped_recipes_with_patterns_compile_on_tiny_models(family, recipe):
     model = lqc.models.load(family).model
     calibration = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        compressed = lqc.compress(model, "max", calibration=calibration, progress=False)
+        compressed = lqc.compress(model, recipe, calibration=calibration, progress=False)
     unmatched = [str(w.message) for w in caught if "matches no module" in str(w.message)]
     records = lqc.session_of(compressed).reports[0].records
     lm_head_pass = [r for r in records if r.name == "quantize"][1]
