@@ -124,11 +124,17 @@ def build(name: str, model: torch.nn.Module, bf16: torch.nn.Module, threads: int
 
 def lqc_sizes(runner: Runner, embedding: int) -> tuple[int, int]:
     """(weight bytes, bytes a decode step reads): all but the embedding table, gathered a row at a
-    time (the lm_head is quantized as its own copy); the table as stored, int8 where quantized."""
+    time (the lm_head is quantized as its own copy); the table as stored, int8 where quantized.
+    An int8 table sharing the lm_head's canonical codes reports 0 bytes; the packed CPU layout then
+    gave the head a copy of its own, so the shared codes are the table's alone."""
     report = [r for r in runner.session.reports if not r.fallback][-1]
-    tables = [row.bytes_after for record in report.records for row in getattr(record.details, "layers", [])
-              if getattr(row, "kind", None) == "embedding"]
-    return report.bytes_after, report.bytes_after - (tables[-1] if tables else embedding)
+    rows = [row for record in report.records for row in getattr(record.details, "layers", [])
+            if hasattr(row, "kind")]  # quantize's LayerRows (pack_cpu_layouts lists names)
+    tables = [row.bytes_after for row in rows if row.kind == "embedding"]
+    table = tables[-1] if tables else embedding
+    if tables and table == 0:
+        table = next(row.bytes_after for row in reversed(rows) if row.layer == "lm_head")
+    return report.bytes_after, report.bytes_after - table
 
 
 def kv_read_bytes(config, slots: int, bytes_per_value: float) -> float:
