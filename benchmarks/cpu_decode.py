@@ -159,7 +159,7 @@ def _seconds(fn) -> float:
 
 
 def perplexity_of(runner, name: str, eval_ids: torch.Tensor, windows: int) -> float:
-    from lqc.evaluate import causal_lm_logits, perplexity
+    from lqc.evaluate import perplexity
 
     if isinstance(runner, LlamaCppRunner):  # logits for every position need a context that keeps them all
         fn = LlamaCppRunner(torch.get_num_threads(), 512, logits_all=True).window_logits

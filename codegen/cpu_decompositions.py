@@ -4,9 +4,11 @@ as reductions it generates.
 ``lqc::qlinear`` is implemented in Python (lqc.runtime.quantization.qlinear): handed to Inductor
 as is, every call of every layer crosses into the interpreter (~10 us each, 211 calls a SmolLM2
 decode step), and Inductor's C++ wrapper would take the GIL to call it. ``use_cpu_kernel_ops``
-points the ``int4_vnni`` and ``w8a8_vnni`` qlinears of a graph about to be compiled at the C++ ops
-computing the same thing whole (``lqc_cpu::qlinear_int4_vnni``, ``lqc_cpu::qlinear_w8a8_vnni``). Not a decomposition: Inductor refuses a table
-entry for an op some nodes keep (the other layouts), and one op per linear is all it needs.
+points the ``int4_vnni`` and ``w8a8_vnni`` qlinears of a graph about to be compiled (the lowered
+copy: those layouts exist only after pack_cpu_layouts) at the C++ ops computing the same thing
+whole (``lqc_cpu::qlinear_int4_vnni``, ``lqc_cpu::qlinear_w8a8_vnni``). Not a decomposition:
+Inductor refuses a table entry for an op some nodes keep (the other layouts), and one op per
+linear is all it needs.
 """
 
 from __future__ import annotations

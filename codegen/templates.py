@@ -14,7 +14,7 @@ import torch
 # token in the kernel), and the packed CPU layouts, which target="triton" rebuilds in these from
 # the canonical codes
 DEQUANT_GEMM_FORMATS = ("int8", "int4", "fp8", "w8a8", "fp8_dyn")
-CPU_LAYOUT_BASE = {"int8_cpu": "int8", "int4_cpu": "int4", "int4_vnni": "int4"}
+CPU_LAYOUT_BASE = {"int8_cpu": "int8", "int4_cpu": "int4", "int4_vnni": "int4", "w8a8_vnni": "w8a8"}
 
 
 def kernel_template(kind: str, fmt: str | None = None, group_size: int | None = None) -> str | None:

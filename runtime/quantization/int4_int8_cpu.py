@@ -18,15 +18,12 @@ the tests hold the kernel to it (integer parts bit-exact, float epilogue to roun
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from pathlib import Path
 
 import torch
 
 from lqc.runtime.quantization.formats import QuantizedWeight, unpack_int4
-
-log = logging.getLogger(__name__)
 
 ROWS = 16  # output rows per packed block (one AVX-512 register of int32 lanes)
 CHUNK = 8  # inputs per 64-byte chunk: low nibbles k..k+3, high nibbles k+4..k+7 of 16 rows
@@ -63,7 +60,8 @@ def load_kernel() -> str | None:
 
 
 def pack_int4_vnni(weight: QuantizedWeight) -> torch.Tensor:
-    """The packed bytes [ceil(N / 16), per-block bytes] of a canonical int4 weight (rows padded with zeros)."""
+    """The packed bytes [ceil(N / 16), per-block bytes] of a canonical int4 weight (rows padded with zeros).
+    Scales and zeros go in as float16, the quantize pass's dtype for them (other dtypes round to it)."""
     if weight.format != "int4" or weight.group_size % CHUNK:
         raise ValueError(f"int4_vnni packs int4 weights with a group size that is a multiple of {CHUNK}; "
                          f"got {weight.format} with group {weight.group_size}")
