@@ -66,7 +66,7 @@ class QuantizeOptions(PassOptions):
     include_embedding: bool = field(default=False, metadata={"help": "store embedding tables as int8 rows with a per-row scale"})
     kernels: bool = field(default=True, metadata={"help": "use torch's packed CPU kernels (bfloat16 compute) where shapes allow (the pack_cpu_layouts lowering)"})
     activations: Literal["bf16", "int8"] = field(
-        default="bf16", metadata={"help": "int4 on the CPU: bf16 activations (torch's int4 kernel) or int8 per token (lqc's AVX-512 VNNI kernel, llama.cpp's q8 scheme: ~2x faster decode)"}
+        default="bf16", metadata={"help": "int4 on the CPU: bf16 activations (torch's int4 kernel) or int8 with one scale per token (lqc's AVX-512 VNNI kernel: ~2x faster decode)"}
     )
     hqq_iters: int = field(default=20, metadata={"help": "hqq: optimization steps"})
     damp: float = field(default=0.01, metadata={"help": "gptq: Hessian damping, a fraction of its mean diagonal"})

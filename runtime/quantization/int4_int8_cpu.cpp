@@ -1,6 +1,7 @@
 // int4 weights x int8 activations on AVX-512 VNNI: the decode-shaped matmul of lqc's "int4_vnni" layout.
 //
-// What llama.cpp's q4_1 x q8_1 dot product does, in the layout of lqc's canonical int4 format
+// llama.cpp's q4_1 x q8_1 dot product, in the layout of lqc's canonical int4 format and with one
+// activation scale per token (q8_1 keeps one per 32 inputs: finer, a candidate for the quality gap)
 // (runtime/quantization/formats.py: w = (q - 8) * s + z per group of g inputs, q in 0..15):
 //
 //   y[m, n] = d[m] * sum_g ( s[n,g] * (sum_{k in g} q[n,k] * x8[m,k] - 8 * S[m,g]) + z[n,g] * S[m,g] )

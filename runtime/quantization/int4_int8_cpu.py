@@ -6,7 +6,8 @@ int4 linears: ~2.5-5 GB/s of the ~15 GB/s a streaming read gets). llama.cpp quan
 activations to 8 bits once per matmul and takes four products per instruction with VNNI's
 ``vpdpbusd``; this kernel (``int4_int8_cpu.cpp``, built on first use with torch's C++ extension
 toolchain) does the same in lqc's canonical int4 format: same codes, same fp16 scales and zeros.
-Only the activations lose precision (int8 per token, as llama.cpp's q8_1).
+Only the activations lose precision: int8 with one scale per token, where llama.cpp's q8_1 keeps
+one per 32 inputs (finer; not done here yet).
 
 Prefill-shaped inputs run it too, four tokens per loaded chunk: at 512 tokens it beats dequantizing
 to bfloat16 plus a bf16 GEMM (1 thread, SmolLM2's block linears: 408 ms against 647 ms, and 526 ms
