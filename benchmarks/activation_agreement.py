@@ -5,7 +5,8 @@ lm_head as in each recipe) decoded greedily with ``activations: int8`` (lqc's VN
 with ``activations: bf16`` (torch's int4 kernel; a w8a8 lm_head against int8 weight-only), 10
 prompts of 32 tokens from eval.txt x 128 new tokens, static cache, compiled, bf16 model. Agreement
 is the fraction of positions where the two greedy sequences carry the same token (after the first
-divergence the contexts differ, so this is a lower bound on per-step agreement).
+divergence the contexts differ, so this is a lower bound on per-step agreement). Each path is also
+compared with the unquantized bf16 model: how far any 4-bit path is from it on the same measure.
 
     python benchmarks/activation_agreement.py --out benchmarks/results/activation-agreement
 """
@@ -63,6 +64,7 @@ def main(argv=None) -> int:
     from lqc.data import tokenize_file
 
     prompts = eval_prompts(tokenize_file("eval", loaded.tokenizer), args.prompts)
+    unquantized = greedy(model, compile_for_decode(model.forward), prompts, args.new_tokens)
     rows = []
     for head in ("int4", "int8"):
         tokens = {}
@@ -71,14 +73,18 @@ def main(argv=None) -> int:
             session = lqc.Session({"recipe": recipe(activations, head), "progress": False})
             tokens[activations] = greedy(model, compile_for_decode(model.forward, session), prompts, args.new_tokens)
         result = agreement(tokens["bf16"], tokens["int8"])
+        vs_model = {a: agreement(unquantized, tokens[a]).agreement for a in tokens}
         rows.append({"lm_head": head, "agreement": result.agreement, "matched": result.matched_tokens,
-                     "total": result.generated_tokens, "first_divergence": result.first_divergence})
+                     "total": result.generated_tokens, "first_divergence": result.first_divergence,
+                     "bf16_activations_vs_unquantized": vs_model["bf16"], "int8_activations_vs_unquantized": vs_model["int8"]})
         print(f"lm_head {head}: int8 activations agree with bf16 on {result.agreement:.3f} of "
               f"{result.generated_tokens} tokens", flush=True)
     lines = [f"Greedy agreement, int8 activations (lqc's VNNI kernels) against bf16 activations on the same int4 g32 "
              f"weights, SmolLM2-135M bf16, {args.prompts} prompts x {args.new_tokens} tokens.", "",
-             "| lm_head | agreement | tokens | first divergence per prompt |", "|---|---:|---:|---|"]
-    lines += [f"| {r['lm_head']} | {r['agreement']:.3f} | {r['total']} | {r['first_divergence']} |" for r in rows]
+             "| lm_head | int8 vs bf16 activations | tokens | first divergence per prompt | bf16 act. vs unquantized | "
+             "int8 act. vs unquantized |", "|---|---:|---:|---|---:|---:|"]
+    lines += [f"| {r['lm_head']} | {r['agreement']:.3f} | {r['total']} | {r['first_divergence']} | "
+              f"{r['bf16_activations_vs_unquantized']:.3f} | {r['int8_activations_vs_unquantized']:.3f} |" for r in rows]
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
