@@ -117,3 +117,11 @@ def test_without_the_kernel_loading_falls_back_with_a_warning(monkeypatch):
         warnings.simplefilter("always")
         layer = QLinear(_quantized(32, 64, 32), "int4_vnni")
     assert layer.kernel == "int4_cpu" and "lacks avx512_vnni" in str(caught[0].message)
+
+
+def test_int8_activations_on_a_non_int4_format_is_refused_naming_w8a8(tiny_llama, token_ids):
+    import lqc
+    from lqc.ir.errors import LqcConfigError
+
+    with pytest.raises(LqcConfigError, match="use format 'w8a8'"):
+        lqc.compress(tiny_llama, [{"pass": "quantize", "format": "int8", "activations": "int8"}], progress=False)

@@ -97,6 +97,9 @@ class QuantizeOptions(PassOptions):
             raise LqcConfigError(f"method 'gptq' quantizes int4 or int8 weights; got format {self.format!r}")
         if self.method == "awq" and self.format != "int4":
             raise LqcConfigError(f"method 'awq' quantizes int4 weights; got format {self.format!r}")
+        if self.activations == "int8" and self.format != "int4":
+            raise LqcConfigError(f"activations: int8 applies to int4 weights; got format {self.format!r}. For int8 weights "
+                                 f"with int8 activations use format 'w8a8' (lqc's VNNI kernel on the CPU)")
         if self.smoothquant and (self.format != "w8a8" or self.method != "rtn"):
             raise LqcConfigError(
                 f"smoothquant smooths int8 activations: use format 'w8a8' with method 'rtn' (got {self.format!r}, {self.method!r})"

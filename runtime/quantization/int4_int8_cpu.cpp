@@ -46,6 +46,18 @@ void quantize_row(const float* x, int64_t k, int64_t k_padded, int8_t* x8, float
   *d = scale;
 }
 
+// Every row of x [M, K] (float32 or bfloat16) quantized as quantize_row does, padded with zeros to k_padded.
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, int64_t k_padded) {
+  auto xc = x.to(at::kFloat).contiguous();
+  const int64_t m_rows = x.size(0), k = x.size(1);
+  auto x8 = at::empty({m_rows, k_padded}, x.options().dtype(at::kChar));
+  auto d = at::empty({m_rows}, x.options().dtype(at::kFloat));
+  for (int64_t m = 0; m < m_rows; ++m) {
+    quantize_row(xc.data_ptr<float>() + m * k, k, k_padded, x8.data_ptr<int8_t>() + m * k_padded, d.data_ptr<float>() + m);
+  }
+  return {x8, d};
+}
+
 // y[m0..m0+T, rows of one block]: T tokens at once, so each 64-byte chunk is loaded and unpacked
 // once for T dot products (prefill-shaped inputs run T = 4 at a time; decode, T = 1).
 template <int T>
@@ -110,14 +122,11 @@ at::Tensor int4_int8_mm(const at::Tensor& x, const at::Tensor& packed, int64_t g
   const int64_t k_padded = packed.size(1) / bytes_per_group * group;
   const int64_t m_rows = x.size(0), k = x.size(1), blocks = packed.size(0);
   TORCH_CHECK(k <= k_padded, "int4_int8_mm: x has ", k, " inputs, the weight ", k_padded);
-  auto xc = x.to(at::kFloat).contiguous();
   auto pc = packed.contiguous();
-  auto x8 = at::empty({m_rows, k_padded}, x.options().dtype(at::kChar));
-  auto d = at::empty({m_rows}, x.options().dtype(at::kFloat));
+  auto [x8, d] = quantize_rows(x, k_padded);
   auto sums = at::empty({m_rows, k_padded / group}, x.options().dtype(at::kInt));
   for (int64_t m = 0; m < m_rows; ++m) {
-    int8_t* row = x8.data_ptr<int8_t>() + m * k_padded;
-    quantize_row(xc.data_ptr<float>() + m * k, k, k_padded, row, d.data_ptr<float>() + m);
+    const int8_t* row = x8.data_ptr<int8_t>() + m * k_padded;
     for (int64_t g = 0; g < k_padded / group; ++g) {
       int32_t s = 0;
       for (int64_t i = 0; i < group; ++i) s += row[g * group + i];
@@ -173,13 +182,8 @@ at::Tensor int8_int8_mm(const at::Tensor& x, const at::Tensor& packed) {
   const int64_t k_padded = (packed.size(1) - 128) / kChunkBytes * 4;
   const int64_t m_rows = x.size(0), k = x.size(1), blocks = packed.size(0);
   TORCH_CHECK(k <= k_padded, "int8_int8_mm: x has ", k, " inputs, the weight ", k_padded);
-  auto xc = x.to(at::kFloat).contiguous();
   auto pc = packed.contiguous();
-  auto x8 = at::empty({m_rows, k_padded}, x.options().dtype(at::kChar));
-  auto d = at::empty({m_rows}, x.options().dtype(at::kFloat));
-  for (int64_t m = 0; m < m_rows; ++m) {
-    quantize_row(xc.data_ptr<float>() + m * k, k, k_padded, x8.data_ptr<int8_t>() + m * k_padded, d.data_ptr<float>() + m);
-  }
+  auto [x8, d] = quantize_rows(x, k_padded);
   auto xu = (x8.to(at::kShort) + 128).to(at::kByte);  // the unsigned operand; padding becomes 128 against zero weights
   auto y = at::empty({m_rows, blocks * kRows}, x.options().dtype(at::kFloat));
   const uint8_t* base = pc.data_ptr<uint8_t>();
@@ -228,14 +232,7 @@ at::Tensor qlinear_int4_vnni(const at::Tensor& x, const at::Tensor& packed, cons
 // The int8 codes and scales int4_int8_mm computes for x: what the tests compare bit for bit.
 std::tuple<at::Tensor, at::Tensor> quantize_rows_int8(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "quantize_rows_int8: x must be float32 [M, K]");
-  auto xc = x.contiguous();
-  auto x8 = at::empty(x.sizes(), x.options().dtype(at::kChar));
-  auto d = at::empty({x.size(0)}, x.options());
-  for (int64_t m = 0; m < x.size(0); ++m) {
-    quantize_row(xc.data_ptr<float>() + m * x.size(1), x.size(1), x.size(1), x8.data_ptr<int8_t>() + m * x.size(1),
-                 d.data_ptr<float>() + m);
-  }
-  return {x8, d};
+  return quantize_rows(x, x.size(1));
 }
 
 
