@@ -10,7 +10,7 @@ Only the activations lose precision: int8 with one scale per token, where llama.
 one per 32 inputs (finer; not done here yet).
 
 Prefill-shaped inputs run it too, four tokens per loaded chunk: at 512 tokens it beats dequantizing
-to bfloat16 plus a bf16 GEMM (1 thread, SmolLM2's block linears: 408 ms against 647 ms, and 526 ms
+to bfloat16 plus a bf16 GEMM (one-off microbenchmark, 1 thread, SmolLM2's block linears: 408 ms against 647 ms, and 526 ms
 for the bf16 GEMM alone), and perplexity then measures exactly what decode computes.
 ``int4_int8_reference`` computes the kernel's result from the same packed bytes with torch ops:
 the tests hold the kernel to it (integer parts bit-exact, float epilogue to rounding).
