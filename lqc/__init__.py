@@ -2,13 +2,14 @@
 
 ``torch.compile(model, backend="lqc", options={"recipe": ...})`` works without importing lqc
 (entry point ``torch_dynamo_backends``). This package adds the ahead-of-time ``compress``, model
-loading, evaluation and benchmarking, and re-exports the pass-development API.
+loading, export to serving engines' formats, evaluation and benchmarking, and re-exports the pass-development API.
 """
 
 from lqc.version import __version__  # noqa: E402, F401
 from lqc import models  # noqa: E402
 from lqc.backend import lqc_backend, session_of  # noqa: E402
 from lqc.compress import compress  # noqa: E402
+from lqc.exporters import export  # noqa: E402
 from lqc.generate import generate  # noqa: E402
 from lqc.ir import Graph, LqcConfigError, LqcError, LqcGraphError  # noqa: E402
 from lqc.options import CompileOptions  # noqa: E402
@@ -29,6 +30,7 @@ __all__ = [
     "PassManager",
     "PassResult",
     "compress",
+    "export",
     "generate",
     "load",
     "lqc_backend",

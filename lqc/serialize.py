@@ -192,11 +192,11 @@ def load(directory: str | Path, verify: bool = True) -> torch.nn.Module:
     directory = Path(directory)
     manifest = read_manifest(directory, verify=verify)
     check_files(directory, manifest, verify)
-    tensors = _read_tensors(directory, manifest)
+    tensors = read_tensors(directory, manifest)
     return _build_model(directory, manifest, tensors)
 
 
-def _read_tensors(directory: Path, manifest: dict) -> dict[str, torch.Tensor]:
+def read_tensors(directory: Path, manifest: dict) -> dict[str, torch.Tensor]:
     """The stored tensors, after checking their names, dtypes and shapes against the manifest's table."""
     from safetensors.torch import load_file
 

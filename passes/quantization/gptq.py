@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lqc.runtime.quantization.formats import INT4_OFFSET
+from lqc.runtime.quantization.formats import INT4_OFFSET, fit_zero_points
 
 MAX_CODE = 15
 
@@ -77,15 +77,17 @@ def gptq(
     act_order: bool = False,
     param_dtype: torch.dtype = torch.float16,
     group_params: tuple[torch.Tensor, torch.Tensor] | None = None,
+    zero_point: str = "float",
 ) -> GPTQResult:
     """Quantize ``weight`` [N, K] (K a multiple of ``group_size`` for int4) given the mean input
     Hessian [K, K]. ``fmt``: "int4" (group-wise asymmetric) or "int8" (per-channel symmetric).
-    ``group_params``: int4 (scales, zeros) [N, K/g] to use as static groups."""
+    ``group_params``: int4 (scales, zeros) [N, K/g] to use as static groups. ``zero_point``: int4
+    zero points as ``fit_zero_points`` constrains them, applied before any column is rounded."""
     w = weight.to(torch.float32).clone()
     n, k = w.shape
     if fmt != "int8" and (fmt != "int4" or group_size <= 0 or k % group_size):
         raise ValueError(f"gptq supports int4 with a group size dividing {k}, or int8; got {fmt} g{group_size}")
-    params = _Params.initial(w, fmt, group_size, act_order, param_dtype, group_params)
+    params = _Params.initial(w, fmt, group_size, act_order, param_dtype, group_params, zero_point)
 
     # Columns are visited in `order`; the factor is computed for H in that order.
     order = torch.argsort(torch.diag(hessian), descending=True) if act_order else torch.arange(k)
@@ -116,23 +118,29 @@ class _Params:
     scales: torch.Tensor  # [G, N] (int4) or [N] (int8: per row, absmax)
     zeros: torch.Tensor | None  # [G, N] (int4)
     fitted: list[bool]  # int4: which groups have their parameters
+    zero_point: str = "float"
 
     @staticmethod
-    def initial(w, fmt, group_size, act_order, param_dtype, group_params) -> "_Params":
+    def initial(w, fmt, group_size, act_order, param_dtype, group_params, zero_point="float") -> "_Params":
         n, k = w.shape
         if fmt == "int8":
             return _Params(fmt, 0, param_dtype, (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8), None, [])
         groups = k // group_size
-        params = _Params(fmt, group_size, param_dtype, torch.zeros(groups, n), torch.zeros(groups, n), [False] * groups)
+        params = _Params(fmt, group_size, param_dtype, torch.zeros(groups, n), torch.zeros(groups, n), [False] * groups, zero_point)
         if group_params is not None:  # static groups given by the caller
-            params.scales = group_params[0].to(param_dtype).float().T.contiguous()
-            params.zeros = group_params[1].to(param_dtype).float().T.contiguous()
+            scales, zeros = params.fit(*group_params)
+            params.scales, params.zeros = scales.T.contiguous(), zeros.T.contiguous()
             params.fitted = [True] * groups
         elif act_order:  # static groups, fitted before any update
             for g in range(groups):
-                params.scales[g], params.zeros[g] = _int4_params(w[:, g * group_size : (g + 1) * group_size], param_dtype)
+                params.scales[g], params.zeros[g] = params.fit(*_int4_params(w[:, g * group_size : (g + 1) * group_size], param_dtype))
             params.fitted = [True] * groups
         return params
+
+    def fit(self, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """int4 parameters as stored, in the zero-point mode asked for (float32 for the loop)."""
+        scales, zeros = fit_zero_points(scales, zeros, self.zero_point, self.param_dtype)
+        return scales.float(), zeros.float()
 
 
 def _quantize_block(wt, start: int, end: int, hinv, visited: list[int], params: _Params, result) -> torch.Tensor:
@@ -151,7 +159,7 @@ def _quantize_block(wt, start: int, end: int, hinv, visited: list[int], params: 
                 first = start + i
                 span = wt[first : first + group_size].clone()
                 span[: end - first] = block[i : i + (end - first)][: span.shape[0]]
-                params.scales[g], params.zeros[g] = _int4_params(span, params.param_dtype, dim=0)
+                params.scales[g], params.zeros[g] = params.fit(*_int4_params(span, params.param_dtype, dim=0))
                 params.fitted[g] = True
             q = _quant_int4(col, params.scales[g], params.zeros[g])
         else:

@@ -101,4 +101,4 @@ def _quantize_scaled(opts, weight: torch.Tensor, info: dict, clip: bool) -> Quan
         group_scales, group_zeros = search_clipping(pad_columns(info["x"], g), padded, g)
     else:
         group_scales, group_zeros = int4_minmax_params(padded, g)
-    return quantize_int4(weight, g, group_scales, group_zeros)
+    return quantize_int4(weight, g, group_scales, group_zeros, zero_point=opts.zero_point)

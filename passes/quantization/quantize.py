@@ -68,6 +68,9 @@ class QuantizeOptions(PassOptions):
     activations: Literal["bf16", "int8"] = field(
         default="bf16", metadata={"help": "int4 on the CPU: bf16 activations (torch's int4 kernel) or int8 with one scale per token (lqc's AVX-512 VNNI kernel: ~2x faster decode)"}
     )
+    zero_point: Literal["float", "integer", "symmetric"] = field(
+        default="float", metadata={"help": "int4 zero points: any float (lqc's kernels), integer multiples of the scale (what compressed-tensors/vLLM store; lqc export), or none (symmetric)"}
+    )
     hqq_iters: int = field(default=20, metadata={"help": "hqq: optimization steps"})
     damp: float = field(default=0.01, metadata={"help": "gptq: Hessian damping, a fraction of its mean diagonal"})
     act_order: bool = field(default=False, metadata={"help": "gptq: quantize columns by decreasing Hessian diagonal (static groups)"})
@@ -93,6 +96,8 @@ class QuantizeOptions(PassOptions):
             raise LqcConfigError(f"quantize.group_size must be one of {', '.join(map(str, GROUP_SIZES))} for int4; got {self.group_size}")
         if self.method == "hqq" and self.format != "int4":
             raise LqcConfigError(f"method 'hqq' optimizes int4 zero points; use format 'int4' (got {self.format!r})")
+        if self.method == "hqq" and self.zero_point == "symmetric":
+            raise LqcConfigError("method 'hqq' optimizes int4 zero points, which zero_point 'symmetric' removes; use method rtn, gptq or awq")
         if self.method == "gptq" and self.format not in ("int4", "int8"):
             raise LqcConfigError(f"method 'gptq' quantizes int4 or int8 weights; got format {self.format!r}")
         if self.method == "awq" and self.format != "int4":

@@ -26,13 +26,13 @@ def quantize_weight(opts, weight: torch.Tensor, input_stats=None) -> QuantizedWe
         return gptq_weight(opts, weight, input_stats())
     if opts.method == "hqq":
         return hqq_weight(opts, weight)
-    return round_to_nearest(opts.format, weight, opts.group_size)
+    return round_to_nearest(opts.format, weight, opts.group_size, opts.zero_point)
 
 
-def round_to_nearest(fmt: str, weight: torch.Tensor, group_size: int) -> QuantizedWeight:
+def round_to_nearest(fmt: str, weight: torch.Tensor, group_size: int, zero_point: str = "float") -> QuantizedWeight:
     """Min/max (int4) or absmax (int8, w8a8, fp8, fp8_dyn) parameters, codes rounded to nearest."""
     if fmt == "int4":
-        return quantize_int4(weight, group_size)
+        return quantize_int4(weight, group_size, zero_point=zero_point)
     if fmt in ("fp8", "fp8_dyn"):
         return quantize_fp8(weight, fmt=fmt)
     return quantize_int8(weight, fmt=fmt)
@@ -42,7 +42,7 @@ def hqq_weight(opts, weight: torch.Tensor) -> QuantizedWeight:
     """int4 with HQQ's optimized zero points (no data needed)."""
     padded = pad_columns(weight.to(torch.float32), opts.group_size)
     scales, zeros = hqq_int4_params(padded, opts.group_size, iters=opts.hqq_iters)
-    return quantize_int4(weight, opts.group_size, scales, zeros)
+    return quantize_int4(weight, opts.group_size, scales, zeros, zero_point=opts.zero_point)
 
 
 def gptq_weight(opts, weight: torch.Tensor, stats, hessian: torch.Tensor | None = None,
@@ -62,12 +62,12 @@ def gptq_weight(opts, weight: torch.Tensor, stats, hessian: torch.Tensor | None 
     elif group and opts.gptq_params == "mse":
         group_params = search_clipping_hessian(full, padded, group, search=opts.mse_search) if clip else int4_minmax_params(padded, group)
     result = gptq(padded, full, fmt=opts.format, group_size=group, block_size=opts.block_size,
-                  damp=opts.damp, act_order=opts.act_order, group_params=group_params)
+                  damp=opts.damp, act_order=opts.act_order, group_params=group_params, zero_point=opts.zero_point)
     if opts.format == "int4":
-        return quantize_int4(result.weight[:, :k], group, result.scales, result.zeros)
+        return quantize_int4(result.weight[:, :k], group, result.scales, result.zeros, zero_point=opts.zero_point)
     return quantize_int8(result.weight, scales=result.scales)
 
 
 def fake_quantize(opts, weight: torch.Tensor) -> torch.Tensor:
     """Round to nearest in the pass's format, dequantized: the sensitivity proxy."""
-    return round_to_nearest(opts.format, weight, opts.group_size).dequantize()
+    return round_to_nearest(opts.format, weight, opts.group_size, opts.zero_point).dequantize()

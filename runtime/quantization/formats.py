@@ -11,7 +11,9 @@ A quantized weight is stored in a canonical, kernel-independent layout (what ``l
 | ``fp8_dyn`` | float8_e4m3fn [N, K] | [N] | - | as fp8; activations quantized to fp8 per token at run time |
 
 int4 uses torch's CPU int4 convention (``_weight_int4pack_mm_for_cpu``): unsigned codes 0..15,
-offset 8, a float zero point per group. ``K`` may be padded up to a multiple of the group size
+offset 8, a float zero point per group. Engines with integer zero points (compressed-tensors:
+``w = (c - 8 - zp) * s``) hold it exactly when ``z = -zp * s`` for an integer zp in -8..7, or
+``z = 0`` (symmetric): ``fit_zero_points`` constrains a method's parameters to those. ``K`` may be padded up to a multiple of the group size
 with zero columns; ``in_features`` keeps the true width.
 """
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 FORMATS = ("int8", "int4", "w8a8", "fp8", "fp8_dyn")
+ZERO_POINTS = ("float", "integer", "symmetric")  # int4 zero points: lqc's own, integer multiples of the scale, none
 INT4_OFFSET = 8
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -113,16 +116,53 @@ def quantize_int4(
     scales: torch.Tensor | None = None,
     zeros: torch.Tensor | None = None,
     param_dtype: torch.dtype = torch.float16,
+    zero_point: str = "float",
 ) -> QuantizedWeight:
-    """Group-wise asymmetric int4. Scales and zeros default to each group's min/max (RTN); methods
-    such as HQQ, AWQ's clipping search or GPTQ pass their own."""
+    """Group-wise int4. Scales and zeros default to each group's min/max (RTN); methods such as
+    HQQ, AWQ's clipping search or GPTQ pass their own. ``zero_point`` (ZERO_POINTS) constrains them
+    (``fit_zero_points``) before the codes are rounded."""
     in_features = weight.shape[1]
     w = pad_columns(weight.to(torch.float32), group_size)
     if scales is None or zeros is None:
         scales, zeros = int4_minmax_params(w, group_size)
-    scales, zeros = scales.to(param_dtype), zeros.to(param_dtype)
+    scales, zeros = fit_zero_points(scales, zeros, zero_point, param_dtype)
     codes = int4_codes(w, scales, zeros, group_size)
     return QuantizedWeight("int4", pack_int4(codes), scales, zeros, group_size, in_features)
+
+
+def fit_zero_points(
+    scales: torch.Tensor, zeros: torch.Tensor, mode: str, param_dtype: torch.dtype = torch.float16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4 (scales, zeros) in ``param_dtype``, constrained to ``mode``:
+
+    - ``float``: as given (lqc's own kernels take any zero point);
+    - ``integer``: ``z = -zp * s`` with zp = round(-z / s) in -8..7 (the grid moves by at most half a
+      step; what an integer-zero-point engine stores as zp);
+    - ``symmetric``: ``z = 0``, with the smallest scale whose codes -8..7 still cover the range
+      [z - 8s, z + 7s] the method chose (its clipping kept). Parameters already of the mode stay.
+    The result satisfies ``zero_point_problem`` for the mode. Rounded to ``param_dtype`` first, so
+    the zero point is fitted to the scale as stored."""
+    if mode not in ZERO_POINTS:
+        raise ValueError(f"zero_point must be one of {ZERO_POINTS}; got {mode!r}")
+    s, z = scales.to(param_dtype).float(), zeros.to(param_dtype).float()
+    if mode == "integer":
+        zp = torch.round(-z / s).clamp(-INT4_OFFSET, INT4_OFFSET - 1)
+        z = -zp * s
+    elif mode == "symmetric":
+        lo, hi = z - INT4_OFFSET * s, z + (INT4_OFFSET - 1) * s
+        fitted = torch.maximum(-lo / INT4_OFFSET, hi / (INT4_OFFSET - 1)).clamp(min=1e-8)
+        s = torch.where(z == 0, s, fitted).to(param_dtype).float()
+        z = torch.zeros_like(z)
+    return s.to(param_dtype), z.to(param_dtype)
+
+
+def integer_zero_points(q: QuantizedWeight) -> torch.Tensor | None:
+    """int4 zero points zp (int8, -8..7, ``w = (c - 8 - zp) * s``) if every group's float zero is
+    ``-zp * s`` as stored (``fit_zero_points`` with ``integer`` or ``symmetric``); None otherwise."""
+    s, z = q.scales.float(), q.zeros.float()
+    zp = torch.round(-z / s)
+    exact = (zp >= -INT4_OFFSET) & (zp <= INT4_OFFSET - 1) & ((-zp * s).to(q.zeros.dtype) == q.zeros)
+    return zp.to(torch.int8) if bool(exact.all()) else None
 
 
 def quantize_fp8(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32, fmt: str = "fp8") -> QuantizedWeight:

@@ -1,0 +1,94 @@
+"""``lqc.export(model_or_dir, fmt, path)``: a compressed model in the formats serving engines read.
+
+- ``compressed-tensors`` (a folder): what llm-compressor writes and vLLM and transformers load
+  (``AutoModelForCausalLM.from_pretrained(path)`` with the ``compressed-tensors`` package, no lqc);
+  lqc.export.compressed_tensors.
+- ``gguf`` (a file): what llama.cpp, ollama and LM Studio load; lqc.export.gguf.
+
+The source is a model ``lqc.compress`` returned (saved first with ``lqc.save`` into a temporary
+folder) or a folder ``lqc.save`` wrote. Everything that cannot be written exactly is refused before
+anything is written, with what to change; an export writes into a hidden sibling and renames it
+into place, so a failed export leaves nothing at ``path``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lqc.ir.errors import LqcConfigError
+
+from ..checkpoint import fsync, sibling_name
+from .source import ExportSource, read_source
+
+FORMATS = ("compressed-tensors", "gguf")
+
+
+def export(model_or_dir: torch.nn.Module | str | Path, fmt: str, path: str | Path, *, tokenizer: Any = None,
+           requantize: bool = False, tokenizer_gguf: str | Path | None = None) -> dict:
+    """Write ``model_or_dir`` as ``fmt`` to ``path``; returns the exporter's report (per layer what was
+    written, and the largest weight change where the format could not hold lqc's values exactly).
+
+    ``requantize``: where the format cannot hold lqc's parameters exactly (float int4 zero points in
+    compressed-tensors, group sizes GGUF has no block type for), quantize again in the format's own
+    scheme instead of refusing. ``tokenizer_gguf``: a GGUF file whose tokenizer metadata the GGUF
+    export carries over (otherwise it is built from the checkpoint's tokenizer files)."""
+    if fmt not in FORMATS:
+        raise LqcConfigError(f"export: format {fmt!r} is not one of {', '.join(FORMATS)}")
+    target = Path(path).resolve()
+    _check_target(target, fmt)
+    with tempfile.TemporaryDirectory(prefix="lqc-export-") as scratch:
+        if isinstance(model_or_dir, torch.nn.Module):
+            from ..serialize import save
+
+            model_or_dir = save(model_or_dir, Path(scratch) / "checkpoint", tokenizer=tokenizer)
+        source = read_source(model_or_dir)
+        return _write(source, fmt, target, requantize, tokenizer_gguf)
+
+
+def _write(source: ExportSource, fmt: str, target: Path, requantize: bool, tokenizer_gguf) -> dict:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / sibling_name(target, "exporting")
+    try:
+        if fmt == "compressed-tensors":
+            from .compressed_tensors import write_compressed_tensors
+
+            os.mkdir(staging)
+            report = write_compressed_tensors(source, staging, requantize=requantize)
+        else:
+            from .gguf import write_gguf
+
+            report = write_gguf(source, staging, requantize=requantize, tokenizer_gguf=tokenizer_gguf)
+        fsync(staging)
+        _replace(staging, target)
+    except BaseException:
+        if staging.is_dir():
+            shutil.rmtree(staging, ignore_errors=True)
+        elif staging.exists():
+            staging.unlink()
+        raise
+    return report
+
+
+def _check_target(target: Path, fmt: str) -> None:
+    """An export replaces a previous export of the same kind, never anything else."""
+    if not target.exists():
+        return
+    if fmt == "gguf":
+        if target.is_dir() or target.suffix != ".gguf":
+            raise LqcConfigError(f"export: {target} exists and is not a .gguf file; give a new path ending in .gguf")
+        return
+    if not target.is_dir() or (any(target.iterdir()) and not (target / "config.json").is_file()):
+        raise LqcConfigError(f"export: {target} exists and is not an exported model folder; give a new or empty folder")
+
+
+def _replace(staging: Path, target: Path) -> None:
+    if target.is_dir():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    fsync(target.parent)
