@@ -1,5 +1,4 @@
-"""The ``lqc`` command: ``lqc passes``, ``lqc recipes``, ``lqc eval``, ``lqc compress``, ``lqc sensitivity``,
-``lqc kv``, ``lqc bench``, ``lqc viz``."""
+"""The ``lqc`` command: ``lqc passes``, ``recipes``, ``eval``, ``compress``, ``export``, ``sensitivity``, ``kv``, ``bench``, ``viz``."""
 
 from __future__ import annotations
 
@@ -15,6 +14,7 @@ import yaml
 
 from . import cli_checks
 from .cli_checks import recipe_arg
+from .cli_export import add_export_parser, check_export, cmd_export  # noqa: F401 (cmd_export: run by name)
 
 
 # recipes measured by the benchmarks (committed); the demo's own rows replace theirs on the page
@@ -94,9 +94,7 @@ def cmd_eval(args) -> int:
     print(format_table(("variant", "perplexity", "scored tokens", "delta", "gen agreement"), rows), end="")
     print(format_pass_changes(lqc.session_of(compiled).reports), end="")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
-        print(f"wrote {args.json}")
+        _write_json(args.json, results)
     return 0
 
 
@@ -113,9 +111,7 @@ def _profile_decode(model, args) -> int:
     print()
     print(format_profile(profile), end="")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(profile.to_json(), indent=1))
-        print(f"wrote {_shown(Path(args.json))}")
+        _write_json(args.json, profile.to_json())
     return 0
 
 
@@ -136,9 +132,7 @@ def cmd_bench(args) -> int:
     print()
     print(format_bench(result), end="")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result.to_json(), indent=1, default=str))
-        print(f"wrote {args.json}")
+        _write_json(args.json, result.to_json())
     return 0
 
 
@@ -184,9 +178,7 @@ def cmd_sensitivity(args) -> int:
     rows = [[str(i + 1), row["layer"], f"{row['rel_error']:.5f}"] for i, row in enumerate(ranking[: args.top])]
     print(format_table(("rank", "layer", "rel error"), rows), end="")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"model": name, "entry": entry, "ranking": ranking}, indent=1))
-        print(f"wrote {args.json}")
+        _write_json(args.json, {"model": name, "entry": entry, "ranking": ranking})
     return 0
 
 
@@ -265,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     _recipes_parser(sub)
     _eval_parser(sub)
     _compress_parser(sub)
+    add_export_parser(sub)
     _sensitivity_parser(sub)
     _kv_parser(sub)
     _bench_parser(sub)
@@ -374,6 +367,12 @@ def _viz_parser(sub) -> None:
     viz.add_argument("--threads", type=int, default=2)
 
 
+def _write_json(path: str, data) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=1, default=str))
+    print(f"wrote {_shown(path)}")
+
+
 def _shown(path) -> str:
     """``path`` relative to the working directory when it lies under it (what the user typed)."""
     path = Path(path).resolve()
@@ -387,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     for module in args.imports:
         importlib.import_module(module)
     try:
-        check = getattr(cli_checks, f"check_{args.command}", None)  # passes and recipes load no model: nothing to check first
+        # passes and recipes load no model: nothing to check first
+        check = check_export if args.command == "export" else getattr(cli_checks, f"check_{args.command}", None)
         if check is not None:
             check(args)
         return globals()[f"cmd_{args.command}"](args)  # each subcommand NAME runs cmd_NAME

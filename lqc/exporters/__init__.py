@@ -66,6 +66,7 @@ def _write(source: ExportSource, fmt: str, target: Path, requantize: bool, token
             report = write_gguf(source, staging, requantize=requantize, tokenizer_gguf=tokenizer_gguf)
         fsync(staging)
         _replace(staging, target)
+        report["path"] = str(target)
     except BaseException:
         if staging.is_dir():
             shutil.rmtree(staging, ignore_errors=True)
