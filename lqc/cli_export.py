@@ -24,6 +24,7 @@ def add_export_parser(sub) -> None:
     export.add_argument("--requantize", action="store_true",
                         help="re-round what the format cannot hold exactly (float int4 zero points; GGUF block sizes) and report the change")
     export.add_argument("--tokenizer-gguf", default=None, help="GGUF file whose tokenizer the GGUF export carries (default: the source's own)")
+    export.add_argument("--ppl-windows", type=int, default=16, help="with --requantize: eval.txt windows the perplexity change is measured on")
     export.add_argument("--threads", type=int, default=2)
 
 
@@ -42,6 +43,8 @@ def check_export(args) -> None:
 
 
 def cmd_export(args) -> int:
+    import tempfile
+
     import torch
 
     import lqc
@@ -52,19 +55,54 @@ def cmd_export(args) -> int:
     tokenizer_gguf = args.tokenizer_gguf
     if tokenizer_gguf is None and args.fmt == "gguf":  # a model that came from a GGUF file keeps that file's tokenizer
         tokenizer_gguf = smollm2_gguf_path() if kind == "smollm2" else args.source if kind == "gguf" else None
-    source, tokenizer = args.source, None
-    if kind != "lqc":
-        model, tokenizer, name = lqc.models.load(args.source)
-        recipe = export_recipe(recipe_arg(args.recipe), args.fmt)
+    with tempfile.TemporaryDirectory(prefix="lqc-export-") as scratch:
+        checkpoint = args.source
+        if kind != "lqc":
+            model, tokenizer, name = lqc.models.load(args.source)
+            started = time.perf_counter()
+            compressed = lqc.compress(model, export_recipe(recipe_arg(args.recipe), args.fmt), calibration=args.calibration, tokenizer=tokenizer)
+            checkpoint = lqc.save(compressed, Path(scratch) / "checkpoint", tokenizer=tokenizer)
+            print(f"compressed {name} with {args.recipe} in {time.perf_counter() - started:.1f}s")
         started = time.perf_counter()
-        source = lqc.compress(model, recipe, calibration=args.calibration, tokenizer=tokenizer)
-        print(f"compressed {name} with {args.recipe} in {time.perf_counter() - started:.1f}s")
-    started = time.perf_counter()
-    report = lqc.export(source, args.fmt, args.out, tokenizer=tokenizer, requantize=args.requantize, tokenizer_gguf=tokenizer_gguf)
-    print(format_report(report))
-    size = sum(p.stat().st_size for p in Path(args.out).rglob("*") if p.is_file()) if Path(args.out).is_dir() else Path(args.out).stat().st_size
-    print(f"exported to {args.out} ({size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f}s; {next_step(args.fmt, args.out)}")
+        report = lqc.export(checkpoint, args.fmt, args.out, requantize=args.requantize, tokenizer_gguf=tokenizer_gguf)
+        print(format_report(report))
+        out = Path(args.out)
+        size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else out.stat().st_size
+        print(f"exported to {args.out} ({size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f}s; {next_step(args.fmt, args.out)}")
+        if args.requantize and _requantized(report):
+            print(requantized_perplexity(checkpoint, args.fmt, out, args.ppl_windows))
     return 0
+
+
+def _requantized(report: dict) -> bool:
+    entries = (report.get("layers") or report.get("tensors") or {}).values()
+    return any(not info["exact"] and info.get("source", "int4") in ("int4", "int8", "w8a8", "fp8", "fp8_dyn") for info in entries)
+
+
+def requantized_perplexity(checkpoint, fmt: str, out: Path, windows: int) -> str:
+    """What --requantize cost: perplexity on eval.txt of lqc's model and of the export as its engine's
+    transformers loader reads it."""
+    import torch
+    import transformers
+
+    import lqc
+    from lqc.data import data_file, tokenize_file
+    from lqc.evaluate import causal_lm_logits, perplexity
+
+    ours = lqc.load(checkpoint).eval()
+    if fmt == "gguf":
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32)
+    else:
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    except (OSError, ValueError):
+        return f"requantized: {checkpoint} holds no tokenizer, so the perplexity change was not measured"
+    ids = tokenize_file(data_file("eval.txt"), tokenizer)
+    before = perplexity(causal_lm_logits(ours), ids, max_windows=windows, desc="lqc's model").perplexity
+    after = perplexity(causal_lm_logits(theirs.eval()), ids, max_windows=windows, desc="the export").perplexity
+    return (f"requantized: perplexity on eval.txt ({windows} windows) {before:.4f} -> {after:.4f} "
+            f"({100 * (after / before - 1):+.2f}%)")
 
 
 def export_recipe(recipe, fmt: str) -> list[dict]:

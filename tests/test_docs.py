@@ -76,3 +76,10 @@ def test_visualization_guide_runs(capsys):
     assert run_doc_blocks(DOC.parent / "visualization.md", {}) == 1
     out = capsys.readouterr().out
     assert "[('cleanup', 'recipe'), ('quantize', 'recipe'), ('pack_cpu_layouts', 'lowering')] 4 True\nqlinear_default ['linear', 'model_layers_0_self_attn_q_proj_weight']\nqlinear_default_14 {'pass': 'pack_cpu_layouts', 'from': ['qlinear_default', 'model_layers_0_self_attn_q_proj_qweight', 'model_layers_0_self_attn_q_proj_scales']} linear" in out
+
+
+def test_serving_guide_runs(capsys):
+    """docs/serving.md: the Python example exports, and transformers computes what lqc computes."""
+    pytest.importorskip("compressed_tensors")
+    assert run_doc_blocks(DOC.parent / "serving.md", {}) == 1
+    assert capsys.readouterr().out.endswith("{'W4A16 int4 g32 integer zero points'} True\nTrue\n")
