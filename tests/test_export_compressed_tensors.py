@@ -117,3 +117,11 @@ def test_cli_exports_a_saved_folder_requantizing_only_when_asked(tmp_path, capsy
     assert "holds no tokenizer, so the perplexity change was not measured" in printed  # tiny-llama has none
     assert main(["export", checkpoint, "--recipe", "int8", "--to", "gguf", "-o", str(tmp_path / "m.gguf")]) == 2
     assert "export it without --recipe" in capsys.readouterr().err
+
+
+def test_a_pass_no_format_expresses_is_refused_by_name_before_saving(tmp_path):
+    recipe = [{"pass": "concat_linears"}, {"pass": "quantize", "format": "int8"}]
+    compressed = lqc.compress(lqc.models.load("tiny-llama").model, recipe, progress=False)
+    with pytest.raises(LqcConfigError, match="recipe's concat_linears change the model"):
+        lqc.export(compressed, "gguf", tmp_path / "m.gguf")
+    assert not any(tmp_path.iterdir())

@@ -46,6 +46,7 @@ def export(model_or_dir: torch.nn.Module | str | Path, fmt: str, path: str | Pat
         if isinstance(model_or_dir, torch.nn.Module):
             from ..serialize import save
 
+            _check_exportable_recipe(model_or_dir)
             model_or_dir = save(model_or_dir, Path(scratch) / "checkpoint", tokenizer=tokenizer)
         source = read_source(model_or_dir)
         return _write(source, fmt, target, requantize, tokenizer_gguf)
@@ -74,6 +75,22 @@ def _write(source: ExportSource, fmt: str, target: Path, requantize: bool, token
             staging.unlink()
         raise
     return report
+
+
+def _check_exportable_recipe(model: torch.nn.Module) -> None:
+    """Passes whose result no engine's format expresses, refused by name before anything is saved."""
+    from ..serialize import SAVABLE_PASSES
+
+    compression = getattr(model, "_lqc_compression", None)
+    if compression is None:
+        raise LqcConfigError("export needs a model returned by lqc.compress(model, recipe, ...), or a folder lqc.save wrote")
+    names = [p.name for p in compression.session.recipe]
+    unexportable = sorted(set(names) - set(SAVABLE_PASSES) | ({"route_neurons"} & set(names)))
+    if unexportable:
+        raise LqcConfigError(
+            f"export: the recipe's {', '.join(unexportable)} change the model in ways neither compressed-tensors nor GGUF "
+            f"can express (they hold quantized linears and whole dropped blocks); export a recipe without them"
+        )
 
 
 def _check_target(target: Path, fmt: str) -> None:
