@@ -91,6 +91,7 @@ def check_variant(name: str, model_name: str, ids: torch.Tensor, windows: int, w
     row = {"name": name, "format": fmt, "compress_s": round(compress_s, 1), "export_s": round(export_s, 1),
            "export_mb": round(_size(out) / 1e6, 1), "logits_rel_diff": float((a - b).norm() / b.norm()),
            "exact_layers": sum(1 for info in _entries(report) if info["exact"]), "layers": len(_entries(report))}
+    ours = weight_only_as_dense(ours, window, b)
     ppl_ours = perplexity(causal_lm_logits(ours), ids, max_windows=windows, desc=f"{name} lqc").perplexity
     ppl_theirs = perplexity(causal_lm_logits(theirs), ids, max_windows=windows, desc=f"{name} export").perplexity
     row.update(ppl_lqc=round(ppl_ours, 4), ppl_export=round(ppl_theirs, 4), ppl_rel_diff_pct=round(100 * (ppl_theirs / ppl_ours - 1), 4))
@@ -98,6 +99,24 @@ def check_variant(name: str, model_name: str, ids: torch.Tensor, windows: int, w
         row["llama_cpp_greedy_match"] = llama_cpp_match(out, ours, ids)
     print(row, flush=True)
     return row
+
+
+def weight_only_as_dense(model, window: torch.Tensor, logits: torch.Tensor):
+    """lqc's reference weight-only qlinear dequantizes its weight on every call (2.5x a float
+    forward); a Linear holding that dequantized weight computes the same thing once. Checked on the
+    first window; activation-quantizing layers (w8a8, fp8_dyn) stay as they are."""
+    from lqc.runtime.quantization.formats import QuantizedWeight
+    from lqc.runtime.quantization.qlinear import QLinear
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QLinear) and module.kernel in ("int8", "int4", "fp8"):
+            q = QuantizedWeight(module.kernel, module.qweight, module.scales, module.zeros, module.group_size, module.in_features)
+            dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            dense.weight.data, dense.bias = q.dequantize(), module.bias
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, dense)
+    assert torch.allclose(model(input_ids=window).logits, logits, rtol=0, atol=1e-4), "dense copy differs from lqc's qlinear"
+    return model
 
 
 def llama_cpp_match(path: Path, ours, ids: torch.Tensor) -> str:

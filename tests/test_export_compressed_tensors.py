@@ -85,6 +85,13 @@ def test_integer_zero_points_hold_lqc_weights_as_compressed_tensors_stores_them(
         assert torch.allclose(ct, q.dequantize(), atol=float(q.scales.float().max()) * 2**-10)
         assert all(torch.equal(a, b) for a, b in zip(fit_zero_points(q.scales, q.zeros, mode), (q.scales, q.zeros)))
     assert integer_zero_points(quantize_int4(weight, 32)) is None  # lqc's default: float zero points
+    from lqc.passes.quantization.gptq import gptq
+
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(2))
+    for act_order in (False, True):  # groups fitted inside the column loop, or all before it
+        result = gptq(weight, (x.T @ x / 256).double(), fmt="int4", group_size=32, act_order=act_order, zero_point="integer")
+        q = quantize_int4(result.weight, 32, result.scales, result.zeros, zero_point="integer")
+        assert integer_zero_points(q) is not None and torch.allclose(q.dequantize(), result.weight, atol=1e-6)
 
 
 def test_whole_dropped_blocks_export_as_a_smaller_model(tmp_path):
