@@ -22,6 +22,7 @@ the other engines' CPU paths use, so a difference is the format's, not bf16 kern
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -74,6 +75,7 @@ def load_export(fmt: str, path: Path):
 @torch.no_grad()
 def check_variant(name: str, model_name: str, ids: torch.Tensor, windows: int, workdir: Path) -> dict:
     fmt, recipe, calibrated = VARIANTS[name]
+    torch._dynamo.reset()  # each compression captures afresh; dynamo stops after 8 compilations of one forward
     model, tokenizer, _ = lqc.models.load(model_name)
     started = time.perf_counter()
     compressed = lqc.compress(model, recipe, calibration="calib" if calibrated else None, tokenizer=tokenizer)
@@ -170,11 +172,12 @@ def main(argv=None) -> int:
     parser.add_argument("--windows", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--previous", default=None, help="a JSON this script wrote (same model, windows): its rows come first")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     _, tokenizer, _ = lqc.models.load(args.model)
     ids = tokenize_file(data_file("eval.txt"), tokenizer)
-    rows = []
+    rows = json.loads(Path(args.previous).read_text())["variants"] if args.previous else []
     with tempfile.TemporaryDirectory(prefix="lqc-export-check-") as scratch:
         for name in args.only or VARIANTS:
             rows.append(check_variant(name, args.model, ids, args.windows, Path(scratch)))
