@@ -126,7 +126,7 @@ def format_report(report: dict) -> str:
     lines = [f"{report['format']}:"]
     for kind, infos in rows.items():
         moved = [i["max_abs_change"] for i in infos if not i["exact"]]
-        exactness = "exactly lqc's values" if not moved else f"{len(moved)} re-rounded, largest weight change {max(moved):.3g}"
+        exactness = "exactly lqc's values" if not moved else f"{len(moved)} not bit-exact, largest weight change {max(moved):.3g}"
         lines.append(f"  {len(infos):4d} x {kind}: {exactness}")
     if report.get("ignore"):
         lines.append(f"  kept float: {', '.join(report['ignore'])}")
