@@ -132,3 +132,16 @@ def test_a_pass_no_format_expresses_is_refused_by_name_before_saving(tmp_path):
     with pytest.raises(LqcConfigError, match="recipe's concat_linears change the model"):
         lqc.export(compressed, "gguf", tmp_path / "m.gguf")
     assert not any(tmp_path.iterdir())
+
+
+def test_an_export_replaces_its_own_output_and_nothing_else(tmp_path):
+    compressed = lqc.compress(lqc.models.load("tiny-llama").model, [{"pass": "quantize", "format": "int8"}], progress=False)
+    checkpoint = lqc.save(compressed, tmp_path / "checkpoint")
+    lqc.export(checkpoint, "compressed-tensors", tmp_path / "out")
+    lqc.export(checkpoint, "compressed-tensors", tmp_path / "out")  # its own earlier export: replaced
+    theirs = tmp_path / "hf-model"
+    theirs.mkdir()
+    (theirs / "config.json").write_text("{}")  # someone's own model folder
+    with pytest.raises(LqcConfigError, match="was not written by lqc export"):
+        lqc.export(checkpoint, "compressed-tensors", theirs)
+    assert (theirs / "config.json").read_text() == "{}"

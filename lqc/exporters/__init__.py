@@ -94,15 +94,37 @@ def _check_exportable_recipe(model: torch.nn.Module) -> None:
 
 
 def _check_target(target: Path, fmt: str) -> None:
-    """An export replaces a previous export of the same kind, never anything else."""
-    if not target.exists():
+    """An export replaces a previous lqc export at the same path, never anything else (a user's own
+    model folder or GGUF file)."""
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
         return
     if fmt == "gguf":
-        if target.is_dir() or target.suffix != ".gguf":
-            raise LqcConfigError(f"export: {target} exists and is not a .gguf file; give a new path ending in .gguf")
+        if target.is_file() and target.suffix == ".gguf" and _is_lqc_gguf(target):
+            return
+    elif target.is_dir() and (target / "config.json").is_file() and "lqc_export" in _json(target / "config.json"):
         return
-    if not target.is_dir() or (any(target.iterdir()) and not (target / "config.json").is_file()):
-        raise LqcConfigError(f"export: {target} exists and is not an exported model folder; give a new or empty folder")
+    raise LqcConfigError(f"export: {target} exists and was not written by lqc export; give a new path (or an empty folder)")
+
+
+def _is_lqc_gguf(path: Path) -> bool:
+    import gguf
+
+    from .gguf import EXPORT_MARK
+
+    try:
+        return EXPORT_MARK in gguf.GGUFReader(path).fields
+    except Exception:  # not a readable GGUF file: not ours
+        return False
+
+
+def _json(path: Path) -> dict:
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _replace(staging: Path, target: Path) -> None:

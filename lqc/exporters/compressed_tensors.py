@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 
 from lqc.ir.errors import LqcConfigError
-from lqc.runtime.quantization.formats import INT4_OFFSET, QuantizedWeight, integer_zero_points, quantize_int4
+from lqc.runtime.quantization.formats import INT4_OFFSET, QuantizedWeight, integer_zero_points, quantize_int4, unpack_int4
 
 from ..checkpoint import MANIFEST, TENSORS
+from ..version import __version__
 from .source import ExportSource
 
 INSTALL = "pip install 'lqc[export]' (compressed-tensors==0.17.1)"
@@ -148,8 +149,6 @@ def _check_codes(layer: str, q: QuantizedWeight, compressed: dict, scheme) -> No
         from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
         codes = unpack_from_int32(compressed["weight_packed"], 4, torch.Size((q.out_features, q.in_features)))
-        from lqc.runtime.quantization.formats import unpack_int4
-
         expected = unpack_int4(q.qweight)[:, : q.in_features].to(torch.int8) - INT4_OFFSET
     elif q.format in ("fp8", "fp8_dyn"):
         codes, expected = compressed["weight"].view(torch.uint8), q.qweight.view(torch.uint8)
@@ -190,7 +189,8 @@ def _write(source: ExportSource, folder: Path, tensors: dict, quantization) -> N
     from safetensors.torch import save_file
 
     save_file({name: t.contiguous() for name, t in tensors.items()}, str(folder / TENSORS), metadata={"format": "pt"})
-    config = dict(source.config, architectures=[source.architecture])
+    # lqc_export marks the folder as an export, which a later export may replace (and nothing else)
+    config = dict(source.config, architectures=[source.architecture], lqc_export=__version__)
     config["quantization_config"] = {**quantization.model_dump(mode="json"), "quant_method": "compressed-tensors"}
     (folder / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
     for path in source.directory.iterdir():  # the tokenizer's files, as lqc.save stored them

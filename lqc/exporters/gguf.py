@@ -29,7 +29,10 @@ import torch
 from lqc.ir.errors import LqcConfigError
 from lqc.runtime.quantization.formats import QuantizedWeight, unpack_int4
 
+from ..version import __version__
 from .source import ExportSource
+
+EXPORT_MARK = "lqc.export_version"
 
 SUPPORTED = ("llama", "mistral")  # llama.cpp's converter writes MistralForCausalLM as llama too
 QK = 32  # block width of Q4_1 and Q8_0
@@ -117,6 +120,7 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config: dict, file_type: int) 
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_string(EXPORT_MARK, __version__)  # lets a later export replace this file, and nothing else
 
 
 def _file_type(tensors: dict) -> int:
