@@ -43,6 +43,11 @@ def lqc_rotated(**options) -> list[dict]:
     return [{"pass": "cleanup"}, {"pass": "rotate"}, {"pass": "quantize", "kernels": False, **options}]
 
 
+def lqc_eora(rank: int, **options) -> list[dict]:
+    """Quantized, then a rank-r EoRA compensation path on every quantized linear (int8 factors)."""
+    return lqc_quantize(**options) + [{"pass": "lowrank", "rank": rank, "calibration_tokens": 16384}]
+
+
 GPTQ_MSE = dict(format="int4", group_size=64, method="gptq", act_order=True, gptq_params="mse", calibration_tokens=65536)
 
 
@@ -72,6 +77,13 @@ LQC_CONFIGS = {
     "lqc-rot-int4-g128-rtn": lqc_rotated(format="int4", group_size=128),
     "lqc-int4-g256-rtn": lqc_quantize(format="int4", group_size=256),
     "lqc-rot-int4-g256-rtn": lqc_rotated(format="int4", group_size=256),
+    "lqc-int4-g64-rtn-eora16": lqc_eora(16, format="int4", group_size=64),
+    "lqc-int4-g64-rtn-eora32": lqc_eora(32, format="int4", group_size=64),
+    "lqc-int4-g64-rtn-eora64": lqc_eora(64, format="int4", group_size=64),
+    "lqc-int4-g64-hqq-eora16": lqc_eora(16, format="int4", group_size=64, method="hqq"),
+    "lqc-int4-g64-gptq-mse-eora16": lqc_eora(16, **GPTQ_MSE),
+    "lqc-int4-g128-rtn-eora16": lqc_eora(16, format="int4", group_size=128),
+    "lqc-int4-g128-gptq-clip-eora16": lqc_eora(16, format="int4", group_size=128, method="gptq", act_order=True, gptq_params="clip"),
 }
 
 
@@ -84,6 +96,8 @@ ORDER = [
     "lqc-int4-g64-awq-gptq", "lqc-int4-g128-gptq-clip", "lqc-int4-g64-gptq", "lqc-int4-g32-rtn", "lqc-int4-g64-gptq-clip-lm-head",
     "lqc-int4-g64-gptq-mse", "lqc-rot-int4-g64-rtn", "lqc-rot-int4-g64-gptq-mse", "lqc-rot-w8a8",
     "lqc-rot-int4-g128-rtn", "lqc-int4-g256-rtn", "lqc-rot-int4-g256-rtn",
+    "lqc-int4-g64-rtn-eora16", "lqc-int4-g64-rtn-eora32", "lqc-int4-g64-rtn-eora64", "lqc-int4-g64-hqq-eora16",
+    "lqc-int4-g64-gptq-mse-eora16", "lqc-int4-g128-rtn-eora16", "lqc-int4-g128-gptq-clip-eora16",
 ]
 
 
@@ -113,10 +127,12 @@ def run_lqc(model, tokenizer, recipe, calibration, ids, windows):
     report = lqc.session_of(compressed).reports[-1]
     record = next(r for r in reversed(report.records) if r.name == "quantize" and r.stage == "recipe")  # lowering follows
     layers = record.details.layers
+    # EoRA factors are stored beside the quantized weights: counted with them
+    factor_bytes = sum(r.details.factor_bytes for r in report.records if r.name == "lowrank" and r.stage == "recipe")
     result = perplexity(causal_lm_logits(compressed), ids, max_windows=windows, progress=False)
     return result, {
         "linear_bytes_fp32": sum(layer.bytes_before for layer in layers),
-        "linear_bytes_stored": sum(layer.bytes_after for layer in layers),
+        "linear_bytes_stored": sum(layer.bytes_after for layer in layers) + factor_bytes,
         "quantized_layers": len(layers), "compress_seconds": round(seconds, 1),
     }
 
@@ -170,8 +186,13 @@ def main(argv=None) -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
     ids = tokenize_file(data_file("eval.txt"), tokenizer)
     calibration = calibration_from("calib", tokenizer)
-    configs = {**{k: ("lqc", v) for k, v in LQC_CONFIGS.items()}, **{k: ("torchao", v) for k, v in torchao_configs().items()}}
-    configs = {name: configs[name] for name in ORDER}  # each lqc format next to its torchao anchors
+    try:
+        anchors = torchao_configs()
+    except ImportError:  # an optional anchor: pip install --no-deps torchao==0.18.0
+        print("torchao is not installed: its rows are left out", flush=True)
+        anchors = {}
+    configs = {**{k: ("lqc", v) for k, v in LQC_CONFIGS.items()}, **{k: ("torchao", v) for k, v in anchors.items()}}
+    configs = {name: configs[name] for name in ORDER if name in configs}  # each lqc format next to its torchao anchors
     unknown = set(args.only or []) - set(configs)
     if unknown:
         parser.error(f"unknown configs {sorted(unknown)}; valid: {', '.join(configs)}")

@@ -28,8 +28,8 @@ def use_cpu_kernel_ops(gm: fx.GraphModule) -> int:
     """Point ``lqc::qlinear`` nodes in the int4_vnni / w8a8_vnni layouts at lqc's C++ ops; how many."""
     count = 0
     for node in gm.graph.nodes:
-        if op_name(node) != "lqc::qlinear" or node.args[5] not in ("int4_vnni", "w8a8_vnni"):
-            continue
+        if op_name(node) != "lqc::qlinear" or node.args[5] not in ("int4_vnni", "w8a8_vnni") or len(node.args) > 9:
+            continue  # a qlinear with low-rank factors keeps the Python op, which adds them
         x, qweight, _, _, bias, fmt, group_size, in_features, out_features = node.args
         if fmt == "int4_vnni":
             node.target = torch.ops.lqc_cpu.qlinear_int4_vnni.default

@@ -117,6 +117,9 @@ def _lower_qlinear(graph: Graph, group, lowering: Lowering, autotune: bool) -> N
     if fmt not in DEQUANT_GEMM_FORMATS:
         lowering.left[f"qlinear {fmt}: no dequant-GEMM template (runs lqc::qlinear)"] += 1
         return
+    if args["lowrank_a"] is not None:
+        lowering.left["qlinear with low-rank factors: the dequant-GEMM templates have no low-rank epilogue (runs lqc::qlinear)"] += 1
+        return
     x, norm_weight, norm_eps, prologue_nodes = args["x"], None, None, []
     if group.prologue:
         norm, why = norm_prologue(group.prologue, group.roles[group.prologue[0]], args["x"])

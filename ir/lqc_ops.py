@@ -4,8 +4,10 @@ The implementations that compute live in ``lqc.runtime`` (reference math and fas
 here is what a graph needs to be checked and shape-propagated without running anything. The ops
 of target lowerings (``fused_qlinear``, ``moe_ffn_grouped``) are in ``kernel_ops``.
 
-``lqc::qlinear(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_features)``
-computes ``x @ W.T + bias`` for a quantized weight W. ``fmt`` names the format and layout:
+``lqc::qlinear(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_features,
+lowrank_a=None, lowrank_b=None, lowrank_scale=None)`` computes ``x @ W.T + bias`` for a quantized
+weight W, plus ``((x @ A.T) @ B.T) * scale`` where the lowrank pass gave it error-compensation
+factors (lqc.runtime.quantization.lowrank: int8 or bf16). ``fmt`` names the format and layout:
 
 | fmt | qweight | scales | zeros | computed by |
 | --- | --- | --- | --- | --- |
@@ -39,23 +41,39 @@ QLINEAR_FORMATS = ("int8", "int8_cpu", "int4", "int4_cpu", "int4_vnni", "w8a8", 
 _lib = torch.library.Library("lqc", "FRAGMENT")
 _lib.define(
     "qlinear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, str fmt, "
-    "int group_size, int in_features, int out_features) -> Tensor"
+    "int group_size, int in_features, int out_features, Tensor? lowrank_a=None, Tensor? lowrank_b=None, "
+    "Tensor? lowrank_scale=None) -> Tensor"
 )
 
 
 @torch.library.register_fake("lqc::qlinear")
-def _qlinear_fake(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_features):
+def _qlinear_fake(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_features,
+                  lowrank_a=None, lowrank_b=None, lowrank_scale=None):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
+QLINEAR_ARGS = ("x", "qweight", "scales", "zeros", "bias", "fmt", "group_size", "in_features", "out_features",
+                "lowrank_a", "lowrank_b", "lowrank_scale")
+
+
 def qlinear_args(node: fx.Node) -> dict:
-    names = ("x", "qweight", "scales", "zeros", "bias", "fmt", "group_size", "in_features", "out_features")
-    return dict(zip(names, node.args))
+    """The node's arguments by name; the low-rank ones are None where the node has none."""
+    return {**dict.fromkeys(QLINEAR_ARGS[9:]), **dict(zip(QLINEAR_ARGS, node.args)), **node.kwargs}
+
+
+def has_lowrank(node: fx.Node) -> bool:
+    """Whether a qlinear node carries low-rank compensation factors (the lowrank pass)."""
+    return qlinear_args(node)["lowrank_a"] is not None
 
 
 def _check_qlinear(graph: Graph, node: fx.Node) -> None:
     a = qlinear_args(node)
     where = f"lqc::qlinear %{node.name}"
+    _check_weight(graph, a, where)
+    _check_lowrank(graph, a, where)
+
+
+def _check_weight(graph: Graph, a: dict, where: str) -> None:
     fmt, n, k_in, g = a["fmt"], a["out_features"], a["in_features"], a["group_size"]
     if fmt not in QLINEAR_FORMATS:
         raise VerificationError(f"{where}: unknown format {fmt!r}; formats: {', '.join(QLINEAR_FORMATS)}")
@@ -79,6 +97,21 @@ def _check_qlinear(graph: Graph, node: fx.Node) -> None:
         raise VerificationError(f"{where}: qweight {tuple(q.shape)} does not fit [{n}, {k_in}] in format {fmt}")
     if packed and (g <= 0 or k % g):
         raise VerificationError(f"{where}: padded width {k} is not a multiple of the group size {g}")
+
+
+def _check_lowrank(graph: Graph, a: dict, where: str) -> None:
+    """Factors a [r, in_features] and b [out_features, r], both or neither; a scale [out_features] with int8 ones."""
+    if a["lowrank_a"] is None and a["lowrank_b"] is None:
+        return
+    value = lambda n: graph.constant(n) if graph.is_constant(n) else n.meta.get("val")  # noqa: E731
+    fa, fb = value(a["lowrank_a"]), value(a["lowrank_b"]) if a["lowrank_b"] is not None else None
+    if fa is None or fb is None or fa.dim() != 2 or fb.dim() != 2:
+        raise VerificationError(f"{where}: low-rank factors need both a [r, K] and b [N, r]")
+    if fa.shape[1] != a["in_features"] or fb.shape[0] != a["out_features"] or fa.shape[0] != fb.shape[1]:
+        raise VerificationError(f"{where}: low-rank factors a {tuple(fa.shape)} and b {tuple(fb.shape)} do not fit "
+                                f"[{a['out_features']}, {a['in_features']}]")
+    if fa.dtype == torch.int8 and a["lowrank_scale"] is None:
+        raise VerificationError(f"{where}: int8 low-rank factors need their scale [{a['out_features']}]")
 
 
 register_op_verifier("lqc::qlinear", _check_qlinear)

@@ -10,7 +10,7 @@ from lqc.passes.report import GraphReport, PassRecord, format_summary
 from lqc.passes.transform_cache import DEFAULT_CACHE, TransformCache
 
 # Built-in passes register themselves on import.
-from lqc.passes import kv, quantization, reparam, structural  # noqa: E402,F401
+from lqc.passes import kv, lowrank, quantization, reparam, structural  # noqa: E402,F401
 
 __all__ = [
     "Calibration",

@@ -30,14 +30,15 @@ def test_empty_recipe_logits_match_eager(smollm2, prompt):
     assert not report.fallback and report.capture_bytes > 500e6  # 134.5M float32 weights, frozen
 
 
-def test_generate_identical_with_dynamic_and_static_cache(smollm2, prompt):
+def test_generate_identical_with_static_cache(smollm2, prompt):
+    """generate() through the backend with the static cache (prefill and index_copy_ decode graphs).
+    The dynamic cache's three graphs are checked by the `lqc eval` test below: its greedy agreement
+    of 1.0 is the same tokens as eager."""
     model = smollm2.model
     with torch.no_grad():
-        reference = model.generate(prompt, max_new_tokens=8, do_sample=False)
         reference_static = model.generate(prompt, max_new_tokens=8, do_sample=False, cache_implementation="static")
         compiled = copy.copy(model)
         compiled.forward = torch.compile(model.forward, backend="lqc", options={"recipe": "exact", "target": "eager"})
-        assert torch.equal(compiled.generate(prompt, max_new_tokens=8, do_sample=False), reference)
         assert torch.equal(
             compiled.generate(prompt, max_new_tokens=8, do_sample=False, cache_implementation="static"), reference_static
         )
@@ -45,7 +46,8 @@ def test_generate_identical_with_dynamic_and_static_cache(smollm2, prompt):
 
 def test_lqc_eval_quick_frozen_graph_perplexity_equals_eager(smollm2_for_the_cli, tmp_path, capsys):
     """`lqc eval`: float32 eager against the frozen graph, on 4 windows of 512 tokens (the quick
-    mode's 16 windows run the same code four times longer)."""
+    mode's 16 windows run the same code four times longer). Its agreement of 1.0 is generate() with
+    the dynamic cache through the backend giving eager's tokens."""
     import json
 
     from lqc.cli import main

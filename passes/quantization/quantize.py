@@ -145,7 +145,10 @@ class Quantize(Pass):
                 lambda site=site, weight=weight: quantize_weight(opts, weight, lambda: input_stats(site)),
             )
             report.layers.append(LayerRow(name, list(weight.shape), graph.constant(site.weight).nbytes, q.nbytes()))
-            rewrite_qlinear(graph, site, q, name, opts.kernels, opts.activations)
+            node = rewrite_qlinear(graph, site, q, name, opts.kernels, opts.activations)
+            # what the lowrank pass compensates against: the float weight in the coordinates of the
+            # qlinear's input (none for a scale-migrated one, whose scaled float weight is not kept)
+            node.meta["lqc_quantized"]["float_weight"] = None if name in migrated else weight
         for name, (site, q) in kept.items():
             shape, bytes_before = list(site.weight_tensor(graph).shape), graph.constant(site.weight).nbytes
             if q is not None:  # int8 under int4: rewritten like any layer, in its own format

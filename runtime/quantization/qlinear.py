@@ -19,6 +19,7 @@ import lqc.ir.lqc_ops  # noqa: F401  (the schema must exist before an implementa
 
 from lqc.runtime.quantization.formats import QuantizedWeight, quantize_per_token_fp8, quantize_per_token_int8
 from lqc.runtime.quantization.int4_int8_cpu import load_kernel, pack_int4_vnni, pack_w8a8_vnni, vnni_qlinear
+from lqc.runtime.quantization.lowrank import lowrank_residual
 
 
 def dequantize_qlinear_weight(qweight, scales, zeros, fmt: str, group_size: int, in_features: int) -> torch.Tensor:
@@ -30,7 +31,13 @@ def dequantize_qlinear_weight(qweight, scales, zeros, fmt: str, group_size: int,
     return QuantizedWeight(base, qweight, scales, zeros, group_size, padded).dequantize(torch.float32)
 
 
-def qlinear_reference(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_features):
+def qlinear_reference(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_features,
+                      lowrank_a=None, lowrank_b=None, lowrank_scale=None):
+    y = _qlinear_reference(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_features)
+    return _add_lowrank(y, x, in_features, lowrank_a, lowrank_b, lowrank_scale)
+
+
+def _qlinear_reference(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_features):
     x2 = x.reshape(-1, in_features)
     if fmt in ("w8a8", "fp8_dyn"):
         q, s = quantize_per_token_int8(x2) if fmt == "w8a8" else quantize_per_token_fp8(x2)
@@ -43,7 +50,22 @@ def qlinear_reference(x, qweight, scales, zeros, bias, fmt, group_size, in_featu
 
 
 @torch.library.impl("lqc::qlinear", "CompositeExplicitAutograd")
-def qlinear(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_features):
+def qlinear(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_features,
+            lowrank_a=None, lowrank_b=None, lowrank_scale=None):
+    y = _qlinear(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_features)
+    return _add_lowrank(y, x, in_features, lowrank_a, lowrank_b, lowrank_scale)
+
+
+def _add_lowrank(y, x, in_features, a, b, scale):
+    """``y`` plus the low-rank compensation path, added in float32 (the factors are a few percent
+    of the layer's work: r (K + N) multiply-adds a row)."""
+    if a is None:
+        return y
+    residual = lowrank_residual(x.reshape(-1, in_features), a, b, scale)
+    return (y.to(torch.float32) + residual.reshape(y.shape)).to(y.dtype)
+
+
+def _qlinear(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_features):
     x2 = x.reshape(-1, in_features)
     if fmt in ("int4_vnni", "w8a8_vnni"):
         return vnni_qlinear(x, qweight, bias, fmt, group_size, in_features, out_features)
@@ -62,7 +84,7 @@ def qlinear(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_f
         q, s = quantize_per_token_fp8(x2)
         y = torch._scaled_mm(q, qweight.T, scale_a=s, scale_b=scales.to(torch.float32)[None, :], out_dtype=torch.float32)
     else:
-        return qlinear_reference(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_features)
+        return _qlinear_reference(x, qweight, scales, zeros, bias, fmt, group_size, in_features, out_features)
     return _finish(y, bias, x, out_features)
 
 
