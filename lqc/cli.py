@@ -1,4 +1,4 @@
-"""The ``lqc`` command: ``lqc passes``, ``recipes``, ``eval``, ``compress``, ``export``, ``sensitivity``, ``kv``, ``bench``, ``viz``."""
+"""The ``lqc`` command: ``lqc passes``, ``recipes``, ``eval``, ``compress``, ``export``, ``auto``, ``sensitivity``, ``kv``, ``bench``, ``viz``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import yaml
 
 from . import cli_checks
 from .cli_checks import recipe_arg
+from .cli_auto import add_auto_parser, cmd_auto  # noqa: F401 (cmd_auto: run by name)
 from .cli_export import add_export_parser, check_export, cmd_export  # noqa: F401 (cmd_export: run by name)
 
 
@@ -108,8 +109,7 @@ def _profile_decode(model, args) -> int:
     recipe = recipe_arg(args.recipe)
     profile = profile_decode(model, lambda: make_runner(model, "lqc", recipe, args.target).forward, recipe=str(args.recipe),
                              prompt_tokens=args.prompt_tokens, steps=args.profile_steps)
-    print()
-    print(format_profile(profile), end="")
+    print("\n" + format_profile(profile), end="")
     if args.json:
         _write_json(args.json, profile.to_json())
     return 0
@@ -149,8 +149,7 @@ def cmd_compress(args) -> int:
     print(f"compressed {name} with {args.recipe} in {time.perf_counter() - started:.1f}s")
     print(format_pass_changes(lqc.session_of(compressed).reports), end="")
     out = lqc.save(compressed, args.out, tokenizer=tokenizer)
-    stored = sum(f.stat().st_size for f in Path(out).iterdir())
-    print(f"saved to {out} ({stored / 1e6:.1f} MB); load it with lqc.load({str(out)!r}) or lqc.models.load({str(out)!r})")
+    print(f"saved to {out} ({sum(f.stat().st_size for f in Path(out).iterdir()) / 1e6:.1f} MB); load it with lqc.load({str(out)!r}) or lqc.models.load({str(out)!r})")
     return 0
 
 
@@ -258,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _compress_parser(sub)
     add_export_parser(sub)
+    add_auto_parser(sub)
     _sensitivity_parser(sub)
     _kv_parser(sub)
     _bench_parser(sub)

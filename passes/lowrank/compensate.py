@@ -26,7 +26,7 @@ from lqc.ir import Graph, op_name
 from lqc.ir.errors import LqcConfigError
 from lqc.ir.lqc_ops import has_lowrank, qlinear_args
 from lqc.ir.provenance import derived_from
-from lqc.runtime.quantization.lowrank import LowRankFactors, eora_factors, store_factors
+from lqc.runtime.quantization.lowrank import LowRankFactors, eora_factors, input_basis, store_factors
 
 from lqc.passes.base import Pass, PassResult
 from lqc.passes.options import PassOptions
@@ -85,13 +85,18 @@ class LowRank(Pass):
                           f"{', '.join(report.skipped[:4])}{' ...' if len(report.skipped) > 4 else ''}", stacklevel=2)
         if not nodes:
             return PassResult(matches=0, details=report)
-        hessians = self._hessians(graph, ctx, nodes)
+        hessians, bases = self._hessians(graph, ctx, nodes), {}
+
+        def fit(node: fx.Node, info: dict):
+            x = qlinear_args(node)["x"].name
+            if x not in bases:  # q/k/v (and gate/up) share an input: one eigendecomposition
+                bases[x] = input_basis(hessians()[x])
+            return self._fit(info, hessians()[x], bases[x])
+
         for node in nodes:
             info = node.meta["lqc_quantized"]
             factors, before, after = ctx.transform(
-                graph, ("eora", info["layer"]), [qlinear_args(node)["qweight"]],
-                lambda node=node, info=info: self._fit(info, hessians()[qlinear_args(node)["x"].name]),
-            )
+                graph, ("eora", info["layer"]), [qlinear_args(node)["qweight"]], lambda node=node, info=info: fit(node, info))
             self._attach(graph, node, factors, info["layer"])
             report.layers.append({"layer": info["layer"], "rank": factors.rank, "bytes": factors.nbytes(),
                                   "error_before": before, "error_after": after})
@@ -112,14 +117,14 @@ class LowRank(Pass):
 
         return hessians
 
-    def _fit(self, info: dict, hessian: torch.Tensor) -> tuple[LowRankFactors, float, float]:
+    def _fit(self, info: dict, hessian: torch.Tensor, basis) -> tuple[LowRankFactors, float, float]:
         """The stored factors, and the output error energy ``tr(dW H dW^T)`` before and after."""
         weight = info["float_weight"].to(torch.float32)
         delta = weight - info["canonical"].dequantize(torch.float32)
-        b, a = eora_factors(delta, hessian, self.options.rank)
+        b, a = eora_factors(delta, hessian, self.options.rank, basis)
         factors = store_factors(b, a, self.options.storage)
-        h = hessian.to(torch.float64)
-        energy = lambda d: float(torch.einsum("nk,kl,nl->", d.double(), h, d.double()))  # noqa: E731
+        h = hessian.to(torch.float32)
+        energy = lambda d: float(((d @ h) * d).sum())  # noqa: E731
         return factors, energy(delta), energy(delta - factors.product())
 
     @staticmethod

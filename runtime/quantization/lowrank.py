@@ -43,16 +43,20 @@ class LowRankFactors:
         return b @ self.a.to(torch.float32)
 
 
-def eora_factors(delta: torch.Tensor, hessian: torch.Tensor, rank: int, rel_floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B [N, r], A [r, K]) float32 minimizing ``tr((dW - BA) H (dW - BA)^T)`` over rank-r BA.
-
-    ``hessian`` is the inputs' second moment [K, K]. Eigenvalues below ``rel_floor`` times the
-    largest (directions the inputs never take, e.g. padding) are clamped so 1/sqrt stays finite;
-    on those directions any correction costs nothing, and the clamp keeps it small."""
+def input_basis(hessian: torch.Tensor, rel_floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, sqrt l) of the inputs' second moment ``H = Q diag(l) Q^T`` [K, K], float64. Eigenvalues
+    below ``rel_floor`` times the largest (directions the inputs never take, e.g. padding) are
+    clamped so 1/sqrt stays finite; on those directions any correction costs nothing."""
     h = hessian.to(torch.float64)
     evals, evecs = torch.linalg.eigh((h + h.T) / 2)
-    evals = evals.clamp(min=float(evals.max()) * rel_floor)
-    root = evals.sqrt()
+    return evecs, evals.clamp(min=float(evals.max()) * rel_floor).sqrt()
+
+
+def eora_factors(delta: torch.Tensor, hessian: torch.Tensor, rank: int,
+                 basis: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B [N, r], A [r, K]) float32 minimizing ``tr((dW - BA) H (dW - BA)^T)`` over rank-r BA.
+    ``basis``: ``input_basis(hessian)`` when the caller has it (linears sharing an input)."""
+    evecs, root = basis if basis is not None else input_basis(hessian)
     projected = delta.to(torch.float64) @ evecs * root  # dW Q diag(sqrt l)
     u, s, vh = torch.linalg.svd(projected, full_matrices=False)
     r = min(rank, s.numel())

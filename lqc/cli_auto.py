@@ -1,0 +1,75 @@
+"""``lqc auto --size 0.2 -o auto.yaml``: search one compression level per linear under a size budget
+and write the choice as a recipe (lqc.auto), with a table of the levels chosen per block."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+
+def add_auto_parser(sub) -> None:
+    auto = sub.add_parser("auto", help="search the best per-layer compression under a size budget; write it as a recipe")
+    auto.add_argument("--model", default="smollm2-135m")
+    auto.add_argument("--size", type=float, required=True, help="budget: weight bytes as stored / float32 bytes, e.g. 0.2")
+    auto.add_argument("-o", "--out", required=True, help="the recipe to write (YAML)")
+    auto.add_argument("--calibration", default="calib", help="'calib' (shared calib.txt) or a text file")
+    auto.add_argument("--levels", nargs="+", default=None, help="levels to choose from (default: int4-g128 int4-g64 int4-g64+eora16 int8 float)")
+    auto.add_argument("--method", default="gptq", choices=("gptq", "hqq", "rtn"), help="how int4 levels are quantized")
+    auto.add_argument("--generations", type=int, default=40)
+    auto.add_argument("--seed", type=int, default=0)
+    auto.add_argument("--state", default=None, help="state file (default: OUT with .state.json): a rerun resumes from it")
+    auto.add_argument("--no-verify", action="store_true", help="skip compiling the written recipe to measure it")
+    auto.add_argument("--threads", type=int, default=2)
+
+
+def cmd_auto(args) -> int:
+    import torch
+
+    import lqc
+    from lqc.auto import DEFAULT_LEVELS, auto_recipe
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer, name = lqc.models.load(args.model)
+    out = Path(args.out)
+    state = Path(args.state) if args.state else out.with_suffix(".state.json")
+    started = time.perf_counter()
+    with torch.no_grad():
+        result = auto_recipe(model, args.calibration, tokenizer=tokenizer, size=args.size, levels=args.levels or DEFAULT_LEVELS,
+                             method=args.method, generations=args.generations, seed=args.seed, state_path=state,
+                             verify=not args.no_verify)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(result.recipe, sort_keys=False, width=120))
+    print(level_table(result.config))
+    counts = Counter(result.config.values())
+    print(f"levels: {', '.join(f'{level} x{n}' for level, n in counts.most_common())}")
+    print(f"bytes: {result.bytes:,} = {result.bytes / result.float_bytes:.3f}x float32 (budget {result.budget_bytes:,}); "
+          f"search KL {result.search_kl:.4f} per token on calibration text")
+    if result.verified:
+        v = result.verified
+        print(f"compiled recipe: {v['bytes']:,} bytes ({v['bytes'] / result.float_bytes:.3f}x), KL {v['kl']:.4f} "
+              f"on {v['windows']} held-out calibration windows")
+    print(f"wrote {out} in {time.perf_counter() - started:.0f}s; evaluate it: lqc eval --model {args.model} --recipe {out} "
+          f"--calibration {args.calibration} --full")
+    out.with_suffix(".json").write_text(json.dumps({"config": result.config, "bytes": result.bytes, "float_bytes": result.float_bytes,
+                                                    "search_kl": result.search_kl, "verified": result.verified,
+                                                    "history": result.state.history}, indent=1))
+    return 0
+
+
+def level_table(config: dict[str, str]) -> str:
+    """Rows: blocks; columns: the linears of a block (q_proj, ..., down_proj); cells: levels."""
+    rows: dict[str, dict[str, str]] = {}
+    for path, level in config.items():
+        block, _, leaf = path.rpartition(".")
+        block = block.rsplit(".", 1)[0] if block.endswith(("self_attn", "mlp")) else block
+        rows.setdefault(block, {})[leaf] = level
+    columns = list(dict.fromkeys(leaf for row in rows.values() for leaf in row))
+    width = max([len(c) for c in columns] + [len(v) for v in config.values()]) + 1
+    lines = ["block".ljust(16) + "".join(c.ljust(width) for c in columns)]
+    for block, row in rows.items():
+        lines.append(block.rsplit("layers.", 1)[-1].ljust(16) + "".join(row.get(c, "-").ljust(width) for c in columns))
+    return "\n".join(lines)
