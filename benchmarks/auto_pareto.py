@@ -8,7 +8,7 @@ reference qlinear math (``kernels: false`` added to each quantize entry: float32
 dequantized weights, as benchmarks/quant_quality.py measures the uniform formats), so the table
 compares compression error alone; the recipes as written run torch's packed bf16 kernels.
 
-    python benchmarks/auto_pareto.py --sizes 0.14 0.17 0.20 0.25 --out benchmarks/results/smollm2-auto-pareto
+    python benchmarks/auto_pareto.py --sizes 0.17 0.20 0.25 --generations 12 --out benchmarks/results/smollm2-auto-pareto
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import yaml
 
 import lqc
-from lqc.auto import DEFAULT_LEVELS, auto_recipe
+from lqc.auto import DEFAULT_LEVELS, auto_recipe, held_out_kl
 from lqc.bench import write_results
 from lqc.data import calibration_from, data_file, tokenize_file
 from lqc.evaluate import causal_lm_logits, perplexity
@@ -37,13 +37,15 @@ UNIFORM = [
 ]
 
 
-def measured(model, recipe: dict, calibration, ids, windows: int) -> dict:
+def measured(model, recipe: dict, calibration, ids, windows: int, held_out: list[torch.Tensor]) -> dict:
+    """The recipe compiled once: stored bytes, perplexity on eval.txt, KL on held-out calibration windows."""
     passes = [{**e, "kernels": False} if e["pass"] == "quantize" else e for e in copy.deepcopy(recipe["passes"])]
     torch._dynamo.reset()
     compressed = lqc.compress(model, passes, calibration=calibration, target="eager", progress=False)
     records = [r for r in lqc.session_of(compressed).reports[-1].records if r.stage == "recipe"]
     result = perplexity(causal_lm_logits(compressed), ids, max_windows=windows, progress=False)
-    return {"perplexity": result.perplexity, "scored_tokens": result.scored_tokens, "bytes": records[-1].bytes_after}
+    return {"perplexity": result.perplexity, "scored_tokens": result.scored_tokens, "bytes": records[-1].bytes_after,
+            "held_out_kl": held_out_kl(model, compressed, held_out)}
 
 
 def markdown(reference: dict, rows: list[dict], float_bytes: int) -> str:
@@ -63,7 +65,7 @@ def markdown(reference: dict, rows: list[dict], float_bytes: int) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=float, nargs="+", default=[0.14, 0.17, 0.20, 0.25])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[0.17, 0.20, 0.25])
     parser.add_argument("--levels", nargs="+", default=list(DEFAULT_LEVELS))
     parser.add_argument("--generations", type=int, default=20)
     parser.add_argument("--windows", type=int, default=128)
@@ -83,14 +85,15 @@ def main(argv=None) -> int:
         rows, sensitivity = [], None
         for size in args.sizes:
             started = time.perf_counter()
+            # verify=False: the recipe is compiled once below, for its bytes, perplexity and held-out KL
             result = auto_recipe(model, calibration, size=size, levels=args.levels, generations=args.generations,
-                                 state_path=states / f"size-{size}.json", sensitivity=sensitivity)
+                                 state_path=states / f"size-{size}.json", sensitivity=sensitivity, verify=False)
             seconds = time.perf_counter() - started
             sensitivity = result.state.sensitivity
             (states / f"size-{size}.yaml").write_text(yaml.safe_dump(result.recipe, sort_keys=False, width=120))
-            m = measured(model, result.recipe, calibration, ids, args.windows)
+            m = measured(model, result.recipe, calibration, ids, args.windows, calibration.windows(1, 512, 20)[16:])
             rows.append({"size": size, **m, "delta_pct": 100 * (m["perplexity"] / reference["perplexity"] - 1),
-                         "search_bytes": result.bytes, "search_kl": result.search_kl, "verified_kl": result.verified["kl"],
+                         "search_bytes": result.bytes, "search_kl": result.search_kl, "verified_kl": m["held_out_kl"],
                          "seconds": seconds, "levels": dict(sorted(_counts(result.config).items())), "recipe": result.recipe})
             print(f"size {size}: {m['bytes'] / result.float_bytes:.3f}x, ppl {m['perplexity']:.4f} "
                   f"({rows[-1]['delta_pct']:+.2f}%), search {seconds:.0f}s, levels {rows[-1]['levels']}", flush=True)

@@ -2,11 +2,11 @@
 
 ``torch.compile(model, backend="lqc", options={"recipe": ...})`` works without importing lqc
 (entry point ``torch_dynamo_backends``). This package adds the ahead-of-time ``compress``, model
-loading, export to serving engines' formats, evaluation and benchmarking, and re-exports the pass-development API.
+loading, the per-layer search ``lqc.auto``, export to serving engines' formats, evaluation and benchmarking, and re-exports the pass-development API.
 """
 
 from lqc.version import __version__  # noqa: E402, F401
-from lqc import models  # noqa: E402
+from lqc import auto, models  # noqa: E402
 from lqc.backend import lqc_backend, session_of  # noqa: E402
 from lqc.compress import compress  # noqa: E402
 from lqc.exporters import export  # noqa: E402
@@ -38,5 +38,6 @@ __all__ = [
     "register_pass",
     "save",
     "Session",
+    "auto",
     "session_of",
 ]

@@ -14,7 +14,10 @@ import yaml
 def add_auto_parser(sub) -> None:
     auto = sub.add_parser("auto", help="search the best per-layer compression under a size budget; write it as a recipe")
     auto.add_argument("--model", default="smollm2-135m")
-    auto.add_argument("--size", type=float, required=True, help="budget: weight bytes as stored / float32 bytes, e.g. 0.2")
+    budget = auto.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--size", type=float, help="budget: weight bytes as stored / float32 bytes, e.g. 0.2")
+    budget.add_argument("--max-ppl-increase", type=float, metavar="PERCENT",
+                        help="budget: the smallest size whose calibration perplexity stays within PERCENT of float32, e.g. 1")
     auto.add_argument("-o", "--out", required=True, help="the recipe to write (YAML)")
     auto.add_argument("--calibration", default="calib", help="'calib' (shared calib.txt) or a text file")
     auto.add_argument("--levels", nargs="+", default=None, help="levels to choose from (default: int4-g128 int4-g64 int4-g64+eora16 int8 float)")
@@ -38,12 +41,16 @@ def cmd_auto(args) -> int:
     state = Path(args.state) if args.state else out.with_suffix(".state.json")
     started = time.perf_counter()
     with torch.no_grad():
-        result = auto_recipe(model, args.calibration, tokenizer=tokenizer, size=args.size, levels=args.levels or DEFAULT_LEVELS,
+        bound = args.max_ppl_increase / 100 if args.max_ppl_increase is not None else None
+        result = auto_recipe(model, args.calibration, tokenizer=tokenizer, size=args.size, max_ppl_increase=bound,
+                             levels=args.levels or DEFAULT_LEVELS,
                              method=args.method, generations=args.generations, seed=args.seed, state_path=state,
                              verify=not args.no_verify)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(result.recipe, sort_keys=False, width=120))
     print(level_table(result.config))
+    for probe in result.probes:
+        print(f"probe {probe['size']:.3f}x: calibration perplexity {probe['calibration_ppl']:.3f} (limit {probe['limit']:.3f})")
     counts = Counter(result.config.values())
     print(f"levels: {', '.join(f'{level} x{n}' for level, n in counts.most_common())}")
     print(f"bytes: {result.bytes:,} = {result.bytes / result.float_bytes:.3f}x float32 (budget {result.budget_bytes:,}); "
@@ -55,7 +62,7 @@ def cmd_auto(args) -> int:
     print(f"wrote {out} in {time.perf_counter() - started:.0f}s; evaluate it: lqc eval --model {args.model} --recipe {out} "
           f"--calibration {args.calibration} --full")
     out.with_suffix(".json").write_text(json.dumps({"config": result.config, "bytes": result.bytes, "float_bytes": result.float_bytes,
-                                                    "search_kl": result.search_kl, "verified": result.verified,
+                                                    "search_kl": result.search_kl, "verified": result.verified, "probes": result.probes,
                                                     "history": result.state.history}, indent=1))
     return 0
 

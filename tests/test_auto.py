@@ -103,6 +103,8 @@ def test_bad_budgets_and_levels_are_named(sensitive_llama, calibration):
         parse_level("int3")
     with pytest.raises(LqcConfigError, match="size is 2"):
         auto_recipe(sensitive_llama, calibration, size=2)
+    with pytest.raises(LqcConfigError, match="one budget"):
+        auto_recipe(sensitive_llama, calibration, size=0.3, max_ppl_increase=0.01)
     with pytest.raises(LqcConfigError, match="needs calibration data"):
         auto_recipe(sensitive_llama, None, size=0.3)
     with pytest.raises(LqcConfigError, match="below what the cheapest level"):
@@ -118,3 +120,16 @@ def test_cli_level_table_has_a_row_per_block():
     lines = level_table(config).splitlines()
     assert lines[0].split() == ["block", "q_proj", "down_proj"]
     assert [line.split() for line in lines[1:]] == [["0", "int8", "int4-g64+eora16"], ["1", "int8", "int4-g64+eora16"]]
+
+
+def test_a_perplexity_bound_gives_the_smallest_size_within_it(sensitive_llama, calibration):
+    """max_ppl_increase: the probes bisect the size; the chosen one keeps the calibration perplexity
+    within the bound, and a smaller probe that broke it is smaller than the choice."""
+    result = auto_recipe(sensitive_llama, calibration, max_ppl_increase=0.02, levels=("int4-g32", "int8"), method="rtn",
+                         window_length=64, windows=6, held_out=2, generations=2, offspring=3, verify=False, progress=False)
+    assert len(result.probes) == 5
+    passed = [p["size"] for p in result.probes if p["calibration_ppl"] <= p["limit"]]
+    failed = [p["size"] for p in result.probes if p["calibration_ppl"] > p["limit"]]
+    assert passed and result.budget_bytes == int(min(passed) * result.float_bytes)
+    assert all(size < min(passed) for size in failed)
+    assert result.bytes <= result.budget_bytes

@@ -10,12 +10,14 @@ window and kept (float32: a low-precision copy would blur KLs of a few hundredth
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from lqc.auto.levels import LevelTable
+from lqc.passes.structural.drop_choice import kl_per_token
 
 
 class KLFitness:
@@ -57,10 +59,21 @@ class KLFitness:
         total = tokens = 0
         with self.swapped(config):
             for i, ref in zip(window_ids, references):
-                logq = F.log_softmax(self._logits(self.windows[i]), dim=-1)
-                total += float((ref.exp() * (ref - logq)).sum())
-                tokens += ref.shape[0]
+                part, n = kl_per_token(self._logits(self.windows[i]), ref)
+                total, tokens = total + part, tokens + n
         return total / tokens
+
+    @torch.no_grad()
+    def perplexity(self, config: dict[str, str], window_ids: Sequence[int]) -> float:
+        """Perplexity of the next tokens of the windows ``window_ids`` with ``config``'s levels
+        (an empty config: the float model)."""
+        nll = tokens = 0
+        with self.swapped(config):
+            for i in window_ids:
+                ids = self.windows[i].reshape(-1)
+                nll += float(F.cross_entropy(self._logits(self.windows[i])[:-1], ids[1:], reduction="sum"))
+                tokens += ids.numel() - 1
+        return math.exp(nll / tokens)
 
     def _logits(self, ids: torch.Tensor) -> torch.Tensor:
         self.forwards += 1

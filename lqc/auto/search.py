@@ -51,6 +51,7 @@ class SearchState:
 
     def save(self, path: Path | None) -> None:
         if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(asdict(self)))
             tmp.replace(path)
