@@ -59,12 +59,34 @@ def cmd_auto(args) -> int:
         v = result.verified
         print(f"compiled recipe: {v['bytes']:,} bytes ({v['bytes'] / result.float_bytes:.3f}x), KL {v['kl']:.4f} "
               f"on {v['windows']} held-out calibration windows")
-    print(f"wrote {out} in {time.perf_counter() - started:.0f}s; evaluate it: lqc eval --model {args.model} --recipe {out} "
+    print(f"wrote {out} (and its heat map {out.with_suffix('.html')}) in {time.perf_counter() - started:.0f}s; evaluate it: lqc eval --model {args.model} --recipe {out} "
           f"--calibration {args.calibration} --full")
+    order = [lv.name for lv in result.table_order]
+    out.with_suffix(".html").write_text(level_heatmap(result.config, order, f"lqc auto: {out.name}, {result.bytes / result.float_bytes:.3f}x float32"))
     out.with_suffix(".json").write_text(json.dumps({"config": result.config, "bytes": result.bytes, "float_bytes": result.float_bytes,
                                                     "search_kl": result.search_kl, "verified": result.verified, "probes": result.probes,
                                                     "history": result.state.history}, indent=1))
     return 0
+
+
+def level_heatmap(config: dict[str, str], order: list[str], title: str) -> str:
+    """A standalone HTML page: blocks x linears, each cell its level, colored from the fewest
+    bytes (light) to the most (dark), ``order`` listing the levels that way."""
+    from html import escape
+
+    rows: dict[str, dict[str, str]] = {}
+    for path, level in config.items():
+        block, _, leaf = path.rpartition(".")
+        rows.setdefault(block.rsplit(".", 1)[0] if block.endswith(("self_attn", "mlp")) else block, {})[leaf] = level
+    columns = list(dict.fromkeys(leaf for row in rows.values() for leaf in row))
+    shade = {level: 90 - 60 * i / max(len(order) - 1, 1) for i, level in enumerate(order)}
+    cell = lambda lv: (f'<td style="background:hsl(210,60%,{shade[lv]:.0f}%);color:{"#000" if shade[lv] > 55 else "#fff"}">'  # noqa: E731
+                       f"{escape(lv)}</td>") if lv else "<td>-</td>"
+    body = "".join(f"<tr><th>{escape(b)}</th>{''.join(cell(r.get(c)) for c in columns)}</tr>" for b, r in rows.items())
+    legend = " ".join(f'<span style="background:hsl(210,60%,{shade[lv]:.0f}%);padding:2px 6px">{escape(lv)}</span>' for lv in order)
+    return (f"<!doctype html><meta charset=utf-8><title>{escape(title)}</title><style>body{{font:13px sans-serif}}"
+            f"td,th{{padding:2px 6px;border:1px solid #ccc}}table{{border-collapse:collapse}}</style><h3>{escape(title)}</h3>"
+            f"<p>{legend}</p><table><tr><th>block</th>{''.join(f'<th>{escape(c)}</th>' for c in columns)}</tr>{body}</table>")
 
 
 def level_table(config: dict[str, str]) -> str:

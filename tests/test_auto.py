@@ -133,3 +133,11 @@ def test_a_perplexity_bound_gives_the_smallest_size_within_it(sensitive_llama, c
     assert passed and result.budget_bytes == int(min(passed) * result.float_bytes)
     assert all(size < min(passed) for size in failed)
     assert result.bytes <= result.budget_bytes
+
+
+def test_heat_map_colors_each_cell_by_its_levels_bytes():
+    from lqc.cli_auto import level_heatmap
+
+    config = {"model.layers.0.self_attn.q_proj": "int4-g64", "model.layers.0.mlp.down_proj": "int8"}
+    page = level_heatmap(config, ["int4-g64", "int8"], "t")
+    assert page.count("<tr>") == 2 and "hsl(210,60%,90%)" in page and "hsl(210,60%,30%)" in page

@@ -36,6 +36,7 @@ class AutoResult:
     state: SearchState
     verified: dict = field(default_factory=dict)  # {"kl", "bytes"} of the compiled recipe, held-out windows
     probes: list[dict] = field(default_factory=list)  # max_ppl_increase: the sizes tried, their calibration perplexity
+    table_order: list[Level] = field(default_factory=list)  # the levels from the fewest bytes to the most
 
 
 def auto_recipe(model: torch.nn.Module, calibration, *, size: float | None = None, max_ppl_increase: float | None = None,
@@ -68,7 +69,8 @@ def auto_recipe(model: torch.nn.Module, calibration, *, size: float | None = Non
                    f"{total / float_bytes:.3f}x as counted by the search.")
     recipe = recipe_from(state.parent, parsed, method=method, calibration_tokens=calibration_tokens,
                          table_int8=table_int8, description=description)
-    result = AutoResult(recipe, state.parent, budget, total, float_bytes, state.parent_kl, state, probes=probes)
+    result = AutoResult(recipe, state.parent, budget, total, float_bytes, state.parent_kl, state, probes=probes,
+                        table_order=table.ordered())
     if verify:
         result.verified = _verify(model, recipe, calibration, fitness, check_windows)
     return result
