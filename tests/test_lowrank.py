@@ -96,3 +96,23 @@ def test_options_and_migrated_layers_are_named(tiny_llama, calibration, token_id
                "awq_samples": 64, "awq_grid": 4, "kernels": False}, {"pass": "lowrank", "rank": 4, "calibration_tokens": 512}]
     with pytest.warns(UserWarning, match="scale-migrated by awq or smoothquant"):
         PassManager(recipe).run(graph, PassContext(calibration=calibration, progress=False))
+
+
+def test_cpu_lowering_multiplies_float_factors_with_the_same_result(tiny_llama, calibration):
+    """pack_cpu_layouts turns int8 factors into float32 ``a`` and ``b * scale`` (decode converts
+    nothing per call); the model computes what the canonical graph computes, to bf16 kernel precision."""
+    import lqc
+
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(6))
+    recipe = [{"pass": "quantize", "format": "int4", "group_size": 32}, {"pass": "lowrank", "rank": 8, "calibration_tokens": 512}]
+    results = {}
+    for kernels in (False, True):
+        compressed = lqc.compress(tiny_llama, [{**recipe[0], "kernels": kernels}, recipe[1]], calibration=calibration,
+                                  target="eager", progress=False)
+        with torch.no_grad():
+            results[kernels] = compressed(ids).logits
+        graph = lqc.session_of(compressed).compilations[-1].lowered
+        factors = [graph.constant(qlinear_args(n)["lowrank_a"]) for n in graph.nodes if op_name(n) == "lqc::qlinear"]
+        assert factors and all(f.dtype == (torch.float32 if kernels else torch.int8) for f in factors)
+        torch._dynamo.reset()
+    assert (results[True] - results[False]).abs().max() < 0.02 * results[False].abs().max()

@@ -114,12 +114,30 @@ class PackCpuLayouts(Pass):
             qweight = graph.add_constant(qweight, f"{name}.qweight", fqns, before=node)
             scales = graph.add_constant(scales, f"{name}.scales", fqns, before=node)
             zeros = graph.add_constant(zeros, f"{name}.zeros", fqns, before=node) if zeros is not None else None
+            lowrank = self._float_factors(graph, ctx, node, args, name)
             with g.inserting_before(node):
-                new = g.call_function(node.target, (args["x"], qweight, scales, zeros, *node.args[4:5], layout, *node.args[6:]))
+                new = g.call_function(node.target, (args["x"], qweight, scales, zeros, *node.args[4:5], layout, *node.args[6:9], *lowrank))
         new.meta["lqc_quantized"] = info
         node.replace_all_uses_with(new)
         g.erase_node(node)
         return True
+
+    @staticmethod
+    def _float_factors(graph: Graph, ctx, node: fx.Node, args: dict, name: str) -> tuple:
+        """int8 low-rank factors as float32 ``a`` and ``b * scale`` (no scale): a decode step then
+        multiplies them as they are instead of converting ~r (N + K) codes per call. The stored
+        (and counted) form stays int8 in the canonical graph."""
+        if args["lowrank_a"] is None:
+            return ()
+        if graph.constant(args["lowrank_a"]).dtype != torch.int8:
+            return tuple(node.args[9:12])
+        sources = [args["lowrank_a"], args["lowrank_b"], args["lowrank_scale"]]
+        a, b = ctx.transform(graph, ("cpu_layout", name, "lowrank"), sources, lambda: (
+            graph.constant(sources[0]).to(torch.float32),
+            graph.constant(sources[1]).to(torch.float32) * graph.constant(sources[2])[:, None]))
+        fqns = graph.fqns(args["qweight"])
+        return (graph.add_constant(a, f"{name}.lowrank_a", fqns, before=node),
+                graph.add_constant(b, f"{name}.lowrank_b", fqns, before=node), None)
 
     def _pack_experts(self, graph: Graph, ctx, node: fx.Node, info: dict) -> bool:
         args = moe_ffn_args(node)
