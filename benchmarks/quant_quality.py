@@ -96,8 +96,8 @@ ORDER = [
     "lqc-int4-g64-awq-gptq", "lqc-int4-g128-gptq-clip", "lqc-int4-g64-gptq", "lqc-int4-g32-rtn", "lqc-int4-g64-gptq-clip-lm-head",
     "lqc-int4-g64-gptq-mse", "lqc-rot-int4-g64-rtn", "lqc-rot-int4-g64-gptq-mse", "lqc-rot-w8a8",
     "lqc-rot-int4-g128-rtn", "lqc-int4-g256-rtn", "lqc-rot-int4-g256-rtn",
-    "lqc-int4-g64-rtn-eora16", "lqc-int4-g64-rtn-eora32", "lqc-int4-g64-rtn-eora64", "lqc-int4-g64-hqq-eora16",
-    "lqc-int4-g64-gptq-mse-eora16", "lqc-int4-g128-rtn-eora16", "lqc-int4-g128-gptq-clip-eora16",
+    "lqc-int4-g64-rtn-eora16", "lqc-int4-g64-gptq-mse-eora16", "lqc-int4-g128-gptq-clip-eora16", "lqc-int4-g128-rtn-eora16",
+    "lqc-int4-g64-rtn-eora32", "lqc-int4-g64-rtn-eora64", "lqc-int4-g64-hqq-eora16",
 ]
 
 
