@@ -2,8 +2,9 @@
 stored bytes and its perplexity on all of eval.txt, beside the uniform named recipes.
 
 One process: the levels (GPTQ int4 g64 / g128, EoRA, int8) and the per-layer sensitivities are
-computed once and shared by every budget's search (the transform cache and ``sensitivity``). Each
-budget's search state is kept under OUT-state/ so an interrupted run resumes. Perplexity uses the
+computed once and shared by every budget's search (the transform cache and ``sensitivity``; a
+later run takes the sensitivities from an earlier run's state and keeps its rows of other sizes).
+Each budget's search state is kept under OUT-state/ so an interrupted run resumes. Perplexity uses the
 reference qlinear math (``kernels: false`` added to each quantize entry: float32 matmuls on the
 dequantized weights, as benchmarks/quant_quality.py measures the uniform formats), so the table
 compares compression error alone; the recipes as written run torch's packed bf16 kernels.
@@ -88,7 +89,10 @@ def main(argv=None) -> int:
         else:
             reference = perplexity(causal_lm_logits(model), ids, max_windows=args.windows, progress=False).to_json()
         print(f"float32: {reference['perplexity']:.4f}", flush=True)
-        rows, sensitivity = [], None
+        previous_rows = json.loads(Path(f"{args.out}.json").read_text())["rows"] if Path(f"{args.out}.json").is_file() else []
+        rows = [r for r in previous_rows if r["size"] not in args.sizes]  # rows of other sizes are kept
+        # the per-layer sensitivities do not depend on the budget: an earlier run's state gives them
+        sensitivity = next((json.loads(f.read_text())["sensitivity"] for f in sorted(states.glob("size-*.json"))), None)
         for size in args.sizes:
             started = time.perf_counter()
             # verify=False: the recipe is compiled once below, for its bytes, perplexity and held-out KL
@@ -98,11 +102,13 @@ def main(argv=None) -> int:
             sensitivity = result.state.sensitivity
             (states / f"size-{size}.yaml").write_text(yaml.safe_dump(result.recipe, sort_keys=False, width=120))
             m = measured(model, result.recipe, calibration, ids, args.windows, calibration.windows(1, 512, 20)[16:])
-            rows.append({"size": size, **m, "delta_pct": 100 * (m["perplexity"] / reference["perplexity"] - 1),
+            rows = [r for r in rows if r["size"] != size] + [{"size": size, **m, "delta_pct": 100 * (m["perplexity"] / reference["perplexity"] - 1),
                          "search_bytes": result.bytes, "search_kl": result.search_kl, "verified_kl": m["held_out_kl"],
-                         "seconds": seconds, "levels": dict(sorted(_counts(result.config).items())), "recipe": result.recipe})
+                         "seconds": seconds, "levels": dict(sorted(_counts(result.config).items())), "recipe": result.recipe}]
+            rows.sort(key=lambda r: r["size"])
+            row = next(r for r in rows if r["size"] == size)
             print(f"size {size}: {m['bytes'] / result.float_bytes:.3f}x, ppl {m['perplexity']:.4f} "
-                  f"({rows[-1]['delta_pct']:+.2f}%), search {seconds:.0f}s, levels {rows[-1]['levels']}", flush=True)
+                  f"({row['delta_pct']:+.2f}%), search {seconds:.0f}s, levels {row['levels']}", flush=True)
             payload = {"model": loaded.name, "torch": torch.__version__, "threads": args.threads, "reference": reference,
                        "float_bytes": result.float_bytes, "rows": rows, "uniform": UNIFORM, "levels": args.levels}
             write_results(args.out, payload, markdown(reference, rows, result.float_bytes))

@@ -22,7 +22,7 @@ def add_auto_parser(sub) -> None:
     auto.add_argument("--calibration", default="calib", help="'calib' (shared calib.txt) or a text file")
     auto.add_argument("--levels", nargs="+", default=None, help="levels to choose from (default: int4-g128 int4-g64 int4-g64+eora16 int8 float)")
     auto.add_argument("--method", default="gptq", choices=("gptq", "hqq", "rtn"), help="how int4 levels are quantized")
-    auto.add_argument("--generations", type=int, default=40)
+    auto.add_argument("--generations", type=int, default=20, help="evolution steps (~16 s each on SmolLM2, 2 threads)")
     auto.add_argument("--seed", type=int, default=0)
     auto.add_argument("--state", default=None, help="state file (default: OUT with .state.json): a rerun resumes from it")
     auto.add_argument("--no-verify", action="store_true", help="skip compiling the written recipe to measure it")

@@ -41,7 +41,7 @@ class AutoResult:
 
 def auto_recipe(model: torch.nn.Module, calibration, *, size: float | None = None, max_ppl_increase: float | None = None,
                 tokenizer=None, levels=DEFAULT_LEVELS, method: str = "gptq", calibration_tokens: int = 8192,
-                window_length: int = 512, windows: int = 16, held_out: int = 4, generations: int = 40, offspring: int = 8,
+                window_length: int = 512, windows: int = 16, held_out: int = 4, generations: int = 20, offspring: int = 8,
                 seed: int = 0, table_int8: bool = True, state_path: str | Path | None = None, verify: bool = True,
                 progress: bool = True, sensitivity: dict[str, float] | None = None) -> AutoResult:
     """One level per block linear: the smallest KL with the model storing at most ``size`` x its
@@ -72,7 +72,7 @@ def auto_recipe(model: torch.nn.Module, calibration, *, size: float | None = Non
     result = AutoResult(recipe, state.parent, budget, total, float_bytes, state.parent_kl, state, probes=probes,
                         table_order=table.ordered())
     if verify:
-        result.verified = _verify(model, recipe, calibration, fitness, check_windows)
+        result.verified = _verify(model, recipe, calibration, check_windows)
     return result
 
 
@@ -155,7 +155,7 @@ def _hessians(model, table: LevelTable, example_ids, calibration, tokens: int, p
 
 
 @torch.no_grad()
-def _verify(model, recipe: dict, calibration, fitness: KLFitness, windows) -> dict:
+def _verify(model, recipe: dict, calibration, windows) -> dict:
     """The recipe compiled by lqc.compress: its stored bytes and KL on ``windows`` (held out)."""
     from lqc.backend import session_of
     from lqc.compress import compress

@@ -27,12 +27,13 @@ from tqdm.auto import tqdm
 
 from lqc.auto.fitness import KLFitness
 from lqc.auto.levels import LevelTable
+from lqc.ir.errors import LqcConfigError
 
 
 @dataclass
 class SearchSettings:
     budget_bytes: int  # what the searched linears may store, together
-    generations: int = 40
+    generations: int = 20
     offspring: int = 8
     survivors: int = 2
     windows: int = 3  # per generation, for the survivors and the parent
@@ -71,7 +72,6 @@ def search(fitness: KLFitness, table: LevelTable, settings: SearchSettings, ener
     order = table.ordered()
     cheapest = order[0].name
     if config_bytes(table, dict.fromkeys(table.units, cheapest)) > settings.budget_bytes:
-        from lqc.ir.errors import LqcConfigError
         raise LqcConfigError(f"lqc auto: the budget {settings.budget_bytes:,} bytes is below what the cheapest level "
                              f"({cheapest}) stores for every layer; raise it or add a cheaper level")
     pending = [u for u in table.units if u not in state.sensitivity]
