@@ -60,8 +60,9 @@ def markdown(reference: dict, rows: list[dict], float_bytes: int) -> str:
         lines.append(f"| auto --size {row['size']} | {row['bytes'] / float_bytes:.3f} | {row['bytes'] / 1e6:.1f} | {row['perplexity']:.4f} | "
                      f"{row['delta_pct']:+.2f}% | {row['search_kl']:.4f} | {row['verified_kl']:.4f} | {row['seconds']:.0f} |")
     for u in UNIFORM:
-        lines.append(f"| {u['recipe']} (committed: {u['source']}) | {u['bytes_x']:.3f} | {u['bytes_x'] * float_bytes / 1e6:.1f} | - | "
-                     f"{u['delta_pct']:+.2f}% | - | - | - |")
+        ppl = reference["perplexity"] * (1 + u["delta_pct"] / 100)
+        lines.append(f"| {u['recipe']} (committed: {u['source']}) | {u['bytes_x']:.3f} | {u['bytes_x'] * float_bytes / 1e6:.1f} | "
+                     f"{ppl:.4f} | {u['delta_pct']:+.2f}% | - | - | - |")
     return "\n".join(lines) + "\n"
 
 
