@@ -8,7 +8,7 @@ B [N, r], A [r, K] that minimize ``E || x @ (W - Wq - B A).T ||^2`` in closed fo
 ``lowrank_a``/``lowrank_b``/``lowrank_scale`` operands): one op, which adds
 ``((x @ A.T) @ B.T) * scale`` to its result.
 
-Stored int8 by default (r (N + K) bytes plus N scales a layer: ~6% of an int4 g64 layer at r=16
+Stored int8 by default (r (N + K) bytes plus N scales a layer: ~8% of an int4 g64 layer at r=16
 on a 576 x 1536 projection); ``storage: bf16`` doubles that. A qlinear whose float weight the
 quantize pass did not keep (scale-migrated by AWQ or SmoothQuant) is left as it is, warned.
 """
