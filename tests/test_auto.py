@@ -141,3 +141,30 @@ def test_heat_map_colors_each_cell_by_its_levels_bytes():
     config = {"model.layers.0.self_attn.q_proj": "int4-g64", "model.layers.0.mlp.down_proj": "int8"}
     page = level_heatmap(config, ["int4-g64", "int8"], "t")
     assert page.count("<tr>") == 2 and "hsl(210,60%,90%)" in page and "hsl(210,60%,30%)" in page
+
+
+def test_cli_writes_the_recipe_table_heat_map_and_record(sensitive_llama, calibration, tmp_path, monkeypatch, capsys):
+    """`lqc auto` end to end on the tiny model (the loader and the calibration text patched to it)."""
+    import json
+
+    import yaml
+
+    import lqc
+    import lqc.auto
+    from lqc.cli import main
+
+    real = lqc.auto.auto_recipe
+    monkeypatch.setattr(lqc.models, "load", lambda name, *a, **k: lqc.models.LoadedModel(sensitive_llama, None, name))
+    monkeypatch.setattr(lqc.auto, "auto_recipe", lambda model, _calibration, **options: real(
+        model, calibration, **{**options, "window_length": 64, "windows": 4, "held_out": 2, "method": "rtn",
+                               "offspring": 3, "progress": False}))
+    out = tmp_path / "auto.yaml"
+    assert main(["auto", "--model", "tiny-llama", "--size", "0.45", "--levels", "int4-g32", "int8", "--generations", "2",
+                 "-o", str(out)]) == 0
+    recipe = yaml.safe_load(out.read_text())
+    assert [e["pass"] for e in recipe["passes"]][0] == "cleanup" and any(e.get("targets") for e in recipe["passes"])
+    assert "<table>" in out.with_suffix(".html").read_text()
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["bytes"] <= 0.45 * record["float_bytes"] and record["verified"]["windows"] == 2
+    printed = capsys.readouterr().out
+    assert "block" in printed and "compiled recipe:" in printed and out.with_suffix(".state.json").is_file()
