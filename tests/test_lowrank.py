@@ -89,6 +89,9 @@ def test_options_and_migrated_layers_are_named(tiny_llama, calibration, token_id
     with pytest.raises(LqcConfigError, match="rank is 0"):
         PassManager([{"pass": "lowrank", "rank": 0}])
     graph = trace(tiny_llama, token_ids)
+    with pytest.warns(UserWarning, match="put the lowrank pass after a quantize pass"):
+        PassManager([{"pass": "lowrank"}]).run(graph, PassContext(calibration=calibration, progress=False))
+    graph = trace(tiny_llama, token_ids)
     with pytest.raises(LqcConfigError, match="needs calibration data"):
         PassManager([{"pass": "quantize"}, {"pass": "lowrank"}]).run(graph, PassContext(progress=False))
     graph = trace(tiny_llama, token_ids)

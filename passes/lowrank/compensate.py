@@ -83,6 +83,9 @@ class LowRank(Pass):
             warnings.warn(f"lowrank: {len(report.skipped)} quantized linears have no float weight in their input's "
                           f"coordinates (scale-migrated by awq or smoothquant), left without compensation: "
                           f"{', '.join(report.skipped[:4])}{' ...' if len(report.skipped) > 4 else ''}", stacklevel=2)
+        if not nodes and not report.skipped:
+            warnings.warn("lowrank: no quantized linear to compensate: put the lowrank pass after a quantize pass "
+                          "(e.g. [{pass: quantize, format: int4}, {pass: lowrank, rank: 16}])", stacklevel=2)
         if not nodes:
             return PassResult(matches=0, details=report)
         hessians, bases = self._hessians(graph, ctx, nodes), {}
