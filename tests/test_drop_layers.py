@@ -234,10 +234,12 @@ def test_other_pre_norm_families(token_ids, family, blocks):
     assert not any(graph.module_path(n).startswith(f"{blocks}.1.") and op_name(n) in ("linear", "addmm") for n in graph.nodes)
 
 
-def test_post_norm_blocks_are_refused(token_ids):
+def test_post_norm_blocks_are_kept_whole_with_a_warning(token_ids):
     graph = trace(lqc.models.load("tiny-bert").model, token_ids)
-    with pytest.raises(LqcConfigError, match="only pre-norm residual blocks"):
-        PassManager([{"pass": "drop_layers", "what": "block", "layers": [1]}]).run(graph, PassContext(progress=False))
+    nodes = len(graph.nodes)
+    with pytest.warns(UserWarning, match=r"drop_layers: graph\S* keeps every layer: .*a post-norm block like BERT's"):
+        report = PassManager([{"pass": "drop_layers", "what": "block", "layers": [1]}]).run(graph, PassContext(progress=False))
+    assert report.records[-1].matches == 0 and len(graph.nodes) == nodes
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])

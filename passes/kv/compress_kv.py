@@ -35,6 +35,7 @@ import torch.fx as fx
 
 from lqc.ir import Graph, op_name
 from lqc.ir.errors import LqcConfigError
+from lqc.ir.regions import is_attention_op
 from lqc.runtime.kv import graph_cache  # noqa: F401 - registers the ops' implementations
 from lqc.runtime.kv.cache import check_cache_options
 from lqc.runtime.kv.quant import check_kv_options
@@ -226,7 +227,7 @@ class CompressKV(Pass):
     def run(self, graph: Graph, ctx) -> PassResult:
         o = self.options
         rewritten, skipped = [], {}
-        # a model run without a cache has nothing to compress: its attentions are left alone, silently
+        # a model run without a cache has nothing to compress: its attentions are left alone (warned below)
         has_cache = any(i.role == "kv_cache" for i in graph.inputs) or any(op_name(n) == "index_copy_" for n in graph.nodes)
         for sdpa in list(graph.nodes):
             if op_name(sdpa) != SDPA or not self.selects(sdpa):
@@ -248,6 +249,17 @@ class CompressKV(Pass):
             else:
                 skipped[Graph.module_path(sdpa) or sdpa.name] = reason
         placeholders = self._drop_unread_caches(graph)
+        # attention spelled out as matmul + softmax (eager attention: soft-capping, say) is not an
+        # sdpa this pass can rewrite: its layers keep their float cache, and the user is told
+        for softmax in [n for n in graph.nodes if op_name(n) in ("softmax", "_softmax") and is_attention_op(n)]:
+            if self.selects(softmax):
+                skipped[Graph.module_path(softmax) or softmax.name] = (
+                    "it is eager attention (matmul and softmax, e.g. with soft-capping), not scaled_dot_product_attention, "
+                    "the only attention compress_kv rewrites")
+        if not has_cache and not rewritten and not skipped and any(is_attention_op(n) for n in graph.nodes):
+            warnings.warn(f"lqc compress_kv: {graph.name} runs without a KV cache (an encoder, or a call with "
+                          f"use_cache=False): nothing to compress here; the cache is compressed in graphs that use one "
+                          f"(generate, a decode step)", stacklevel=2)
         for where, reason in skipped.items():
             warnings.warn(f"lqc compress_kv: the attention in {where} keeps its float cache: {reason}", stacklevel=2)
         kinds = sorted({op_name(n) for n in graph.nodes if op_name(n).startswith("lqc::kv_")})

@@ -80,7 +80,7 @@ class LowRank(Pass):
             elif not has_lowrank(node):
                 nodes.append(node)
         if report.skipped:
-            warnings.warn(f"lowrank: {len(report.skipped)} quantized linears have no float weight in their input's "
+            warnings.warn(f"lqc lowrank: {len(report.skipped)} quantized linears have no float weight in their input's "
                           f"coordinates (scale-migrated by awq or smoothquant), left without compensation: "
                           f"{', '.join(report.skipped[:4])}{' ...' if len(report.skipped) > 4 else ''}", stacklevel=2)
         if not nodes and not report.skipped:

@@ -34,7 +34,7 @@ def quantize_tables(graph: Graph, ctx, selects, quantized_linears: list[fx.Node]
         if not graph.is_constant(table) or not selects(node):
             continue
         if max_norm is not None:
-            warnings.warn(f"quantize: {graph.module_path(node)} renormalizes its rows (max_norm); left in float", stacklevel=3)
+            warnings.warn(f"lqc quantize: {graph.module_path(node)} renormalizes its rows (max_norm); left in float", stacklevel=3)
             continue
         name = (graph.fqns(table) or (table.name,))[0].removesuffix(".weight")
         weight = graph.constant(table)

@@ -17,6 +17,8 @@ folded copy; the table it is tied to is untouched.
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 
 import torch
@@ -146,6 +148,16 @@ class FoldNorms(Pass):
             norm = fold.producer.describe(graph)
             consumers = fold_norm(graph, fold, lambda key, sources, fn: ctx.transform(graph, key, sources, fn))
             rows.append({"norm": norm, "into": consumers})
+        if not rows and (feeding := _norms_feeding_linears(graph)):
+            warnings.warn(f"lqc fold_norms: {graph.name} folds no norm: the norms feeding linears ({feeding[0]} and "
+                          f"{len(feeding) - 1} more) do not end in a product by a weight vector it recognises "
+                          f"(norm(x) * gamma [+ beta])", stacklevel=2)
         return PassResult(matches=len(rows), details=FoldNormsReport(folded=rows))
+
+
+def _norms_feeding_linears(graph: Graph) -> list[str]:
+    """Paths of the norm regions whose output some linear reads."""
+    inputs = {site.x.name for site in linear_sites(graph)}
+    return [r.path for r in graph.regions_of_kind("norm") if inputs & set(r.nodes)]
 
 

@@ -195,7 +195,7 @@ class MergeAdapters(Pass):
         def leave(layer: str, reason: str) -> None:
             if layer not in unmerged:
                 unmerged[layer] = reason
-                warnings.warn(f"merge_adapters: {layer} left unmerged: {reason}", stacklevel=3)
+                warnings.warn(f"lqc merge_adapters: {layer} left unmerged: {reason}", stacklevel=3)
 
         for node in list(graph.nodes):
             if node in erased or op_name(node) not in ("linear", "matmul", "addmm"):

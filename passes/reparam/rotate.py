@@ -246,7 +246,7 @@ class Rotate(Pass):
         try:
             plan = plan_rotation(graph)
         except NotRotatable as exc:
-            warnings.warn(f"rotate: not rotating: {exc}. Norms were folded (exact); the graph is otherwise unchanged.", stacklevel=2)
+            warnings.warn(f"lqc rotate: not rotating: {exc}. Norms were folded (exact); the graph is otherwise unchanged.", stacklevel=2)
             return PassResult(details=RotateReport(rotated=False, reason=str(exc), folded_norms=len(folded)))
         q, description = rotation_matrix(plan.width, opts.rotation, opts.seed)
 
@@ -264,7 +264,7 @@ class Rotate(Pass):
         for site in plan.writers:
             pair = hadamard_pair(site.weight_tensor(graph).shape[1]) if opts.online_hadamard and _down_projection(site) else None
             if opts.online_hadamard and _down_projection(site) and pair is None:
-                warnings.warn(f"rotate: no Hadamard of order {site.weight_tensor(graph).shape[1]} for {site.name(graph)}'s input; no online rotation there", stacklevel=2)
+                warnings.warn(f"lqc rotate: no Hadamard of order {site.weight_tensor(graph).shape[1]} for {site.name(graph)}'s input; no online rotation there", stacklevel=2)
             if pair is None:
                 self._set_weight(graph, ctx, site, "writer", lambda w: q.T @ w)
                 continue

@@ -7,13 +7,11 @@ add dies: the sublayer's nodes, its pre-norm, its projections and their constant
 behaves as if the sublayer returned zeros.
 
 The KV cache: the attention's key/value states also leave the graph, as outputs (dynamic cache:
-``cat(past, new)``) or through in-place writes into cache buffers (static cache:
-``index_copy_``). Nobody reads a dropped layer's cache, but HF still sizes and counts it, so its
-shape must stay. Where the new states meet the cache (a ``cat`` or an in-place write with a
-cache operand) they are replaced by zeros of the same shape, built from the stream's sizes;
-the in-place writes themselves are kept. The k/v projections then die with the rest. (When the
-shape cannot be built from the stream's sizes, the states are computed as before and the report
-lists that layer under ``cache_kept``.)
+``cat(past, new)``) or through in-place writes into cache buffers (static: ``index_copy_``). Nobody reads a dropped layer's cache, but HF still sizes it, so its shape
+stays: the new states become zeros of the same shape where they meet the cache (the in-place
+writes are kept) and the k/v projections die with the rest (when the shape cannot be built from
+the stream's sizes, the states are computed as before: the report's ``cache_kept``). A block
+the pass cannot rewrite (post-norm, parallel attention and MLP) leaves the model whole, warned.
 
 The choice is greedy by KL (lqc.passes.structural.drop_choice, the default) or by the cosine scores of
 lqc.passes.structural.layer_importance; a compensation (lqc.passes.structural.drop_compensation)
@@ -23,6 +21,7 @@ dynamo captures from it (prefill, decode), so they all drop the same layers the 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -142,12 +141,13 @@ class DropLayers(Pass):
         return frozenset() if self.options.layers and self.options.compensation == "none" else self.requires
 
     def run(self, graph: Graph, ctx) -> PassResult:
-        try:
-            boundaries = find_boundaries(graph)
+        try:  # a structure the pass cannot rewrite leaves the model whole, and the user is told why
+            boundaries = find_boundaries(graph) or "no decoder block (a list-indexed module holding attention) in it"
         except ValueError as exc:
-            raise LqcConfigError(f"pass 'drop_layers' cannot drop layers of this graph: {exc}") from exc
-        if not boundaries:
-            return PassResult(message="no decoder blocks in this graph")
+            boundaries = str(exc)
+        if isinstance(boundaries, str):
+            warnings.warn(f"lqc drop_layers: {graph.name} keeps every layer: {boundaries}", stacklevel=2)
+            return PassResult(message=f"nothing dropped: {boundaries}")
         total = len(boundaries)
         index_of = {b.block: i for i, b in enumerate(boundaries)}
         how_many = self._how_many(total)

@@ -231,7 +231,7 @@ def selected_ffn_sites(graph: Graph, p: Pass) -> list[FfnSite]:
             continue
         site, reason = ffn_site(graph, region)
         if site is None:
-            warnings.warn(f"{p.name}: {region.path} left dense: {reason}", stacklevel=4)
+            warnings.warn(f"lqc {p.name}: {region.path} left dense: {reason}", stacklevel=4)
             continue
         sites.append(site)
     return sites
@@ -257,6 +257,9 @@ def ffn_site(graph: Graph, region) -> tuple[FfnSite | None, str]:
     if len(first) == 1:
         up = first[0]
         activation = _identify(graph, up.node, hidden)
+        if activation is None and any(op_name(n) in ("chunk", "split", "getitem") for n in _between(up.node, hidden) or []):
+            return None, ("its gate and up projections are one fused linear, split in two (Phi-3's gate_up_proj): "
+                          "not carved yet")
         if activation is None:
             return None, "the activation between its linears is not silu, gelu, gelu-tanh or relu"
         return FfnSite(x, up, None, down, activation, name), ""

@@ -1,9 +1,12 @@
 """Importance of decoder blocks and their sublayers, measured on the residual stream.
 
-A pre-norm decoder block writes into the residual stream twice:
+A residual decoder block writes into the residual stream twice:
 
     h_mid = h_in + attention(norm(h_in))
     h_out = h_mid + ffn(norm(h_mid))
+
+(Gemma 2/3 also norm each sublayer's output before the add, OLMo 2 only after, Granite scales it:
+the add is found through such per-token steps.)
 
 A sublayer that barely changes the stream's direction can be dropped with little loss. One
 interpreted run of the graph over calibration windows (torch.fx's Interpreter: no
@@ -72,24 +75,48 @@ class BlockBoundary:
             self.h_in = new
 
 
-def _residual_add(nodes: list[fx.Node]) -> tuple[fx.Node, fx.Node] | None:
-    """The first ``add(stream, x)`` outside ``nodes`` with x one of ``nodes`` (a sublayer's
-    output): returns (the add, its stream operand)."""
+# ops a sublayer's output may pass through, token by token, on its way to the residual add: a
+# post-norm (Gemma 2/3, OLMo 2), a constant scale (Granite's residual_multiplier), eval-mode dropout
+_PER_TOKEN_OPS = {"mul", "div", "truediv", "to", "type", "type_as", "float", "contiguous", "dropout", "pow", "mean", "rsqrt",
+                  "sqrt", "add", "sub", "layer_norm", "rms_norm", "getitem", "clone"}
+
+
+def _constant(node: Any, depth: int = 4) -> bool:
+    """A number, a frozen weight, or computed from those alone (Gemma's ``1 + weight``)."""
+    if not isinstance(node, fx.Node):
+        return True
+    if node.op == "get_attr":
+        return True
+    return depth > 0 and node.op == "call_function" and all(_constant(a, depth - 1) for a in node.all_input_nodes)
+
+
+def _residual_add(nodes: list[fx.Node], max_steps: int = 24) -> tuple[fx.Node, fx.Node] | None:
+    """The ``add(stream, y)`` that writes a sublayer into the residual stream: y is one of
+    ``nodes`` (the sublayer's output), or computed from it token by token outside the sublayer
+    (a post-norm, a constant scale), with nothing else mixed in. Returns (the add, its stream
+    operand)."""
     inside = set(nodes)
+    derived: set[fx.Node] = set()  # outside the sublayer, computed from its output alone
+    order = {n: i for i, n in enumerate(nodes[0].graph.nodes)}
+    frontier = sorted({u for n in nodes for u in n.users if u not in inside}, key=order.get)
     candidates = []
-    for node in nodes:
-        for user in node.users:
-            if user in inside or op_name(user) != "add" or len(user.args) != 2:
-                continue
-            a, b = user.args
-            if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
-                continue
-            stream = b if a is node else a
-            if stream not in inside:
-                candidates.append((user, stream))
+    steps = 0
+    while frontier and steps < max_steps:
+        node = frontier.pop(0)
+        steps += 1
+        if node in derived:
+            continue
+        from_sublayer = [a for a in node.all_input_nodes if a in inside or a in derived]
+        others = [a for a in node.all_input_nodes if a not in inside and a not in derived and not _constant(a)]
+        if op_name(node) == "add" and len(node.args) == 2 and len(from_sublayer) == 1 and len(others) == 1:
+            candidates.append((node, others[0]))
+            continue
+        if others or op_name(node) not in _PER_TOKEN_OPS:
+            continue  # mixes in something else, or is not a per-token op: not on the way to the add
+        derived.add(node)
+        frontier = sorted(set(frontier) | {u for u in node.users if u not in derived}, key=order.get)
     if not candidates:
         return None
-    order = {n: i for i, n in enumerate(nodes[0].graph.nodes)}
     return min(candidates, key=lambda c: order[c[0]])
 
 
@@ -109,15 +136,17 @@ def find_boundaries(graph: Graph) -> list[BlockBoundary]:
             add = _residual_add([by_name[n] for n in region.nodes if n in by_name])
             if add is None:
                 raise ValueError(
-                    f"the output of {region} is not added to the residual stream outside it: "
-                    f"only pre-norm residual blocks (h + sublayer(norm(h))) are supported"
+                    f"the output of {region} is not added to the residual stream outside it (a post-norm block "
+                    f"like BERT's, or parallel attention and MLP like GPT-NeoX's): only residual blocks "
+                    f"h + post(sublayer(pre(h))) are supported"
                 )
             found.append(add)
         (attn_add, h_in), (ffn_add, h_mid) = found
         if h_mid is not attn_add:
             raise ValueError(
-                f"in {block.path} the FFN's residual add reads {h_mid.name}, not the attention's add {attn_add.name}: "
-                f"only pre-norm residual blocks (h + sublayer(norm(h))) are supported"
+                f"in {block.path} the FFN's residual add reads {h_mid.name}, not the attention's add {attn_add.name} "
+                f"(a post-norm block like BERT's, or parallel attention and MLP like GPT-NeoX's): only residual blocks "
+                f"h + post(sublayer(pre(h))) are supported"
             )
         boundaries.append(BlockBoundary(block.block, block.path, h_in, attn_add, ffn_add, attention[0], ffn[0]))
     return boundaries

@@ -1,0 +1,141 @@
+"""Quality of lqc's named recipes on one real model: the table published per model (docs/models.md).
+
+Per recipe: weight bytes as stored (every tensor the compressed graphs hold, embeddings and lm_head
+included) against float32, perplexity on eval.txt against float32 eager (DESIGN.md protocol:
+non-overlapping 512-token windows, all 128 unless ``--windows``), and greedy generation agreement
+with float32 (``--gen-prompts`` prompts of 32 tokens from eval.txt, ``--gen-tokens`` new tokens
+each; the share of generated tokens equal to float32's at the same position). Calibrated recipes
+see calib.txt only. One process measures every row on the same windows.
+
+KV-cache recipes (those with a ``compress_kv`` pass) change nothing when a window runs in one call
+without a cache, so their rows feed each window ``--chunk`` (128) tokens at a time through
+transformers' DynamicCache (every token attends to the earlier chunks as the cache holds them),
+against a float32 row measured the same way.
+
+Models whose tokenizer starts every text with a BOS token (Gemma: without it the model degenerates
+into repeating one token; the tokenizer transformers builds from its GGUF file omits it) get it in front of every window and every prompt (``--bos``, on by
+default where the tokenizer adds one); the BOS position itself is not scored, so every row scores
+the same tokens as a window without it.
+
+    python benchmarks/model_quality.py --model gemma3-270m --out benchmarks/results/gemma3-quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import lqc
+from lqc.bench import write_results
+from lqc.data import calibration_from, tokenize_file
+from lqc.evaluate import agreement, cached_logits, causal_lm_logits, eval_prompts, greedy_tokens, perplexity
+from lqc.recipes import resolve_recipe
+
+RECIPES = ["default", "int8", "int4-gptq", "w8a8", "kv-int4", "max"]
+
+
+def compressed_bytes(compiled: torch.nn.Module) -> int:
+    """Bytes of the constants the first compiled graph holds after the recipe's last pass: the model
+    as stored. (The CPU lowering after it may keep a second, packed copy of a tied table for the
+    lm_head's matmul; that is run-time memory, not the model's size.)"""
+    records = lqc.session_of(compiled).reports[0].records
+    return [r for r in records if r.stage == "recipe"][-1].bytes_after
+
+
+def with_bos(logits_fn, bos: int | None):
+    """logits_fn on the window with ``bos`` in front, the BOS position's logits dropped."""
+    if bos is None:
+        return logits_fn
+    return lambda ids: logits_fn(torch.cat([ids.new_full((ids.shape[0], 1), bos), ids], dim=1))[:, 1:]
+
+
+def is_kv_recipe(recipe: str) -> bool:
+    return any(entry["pass"] == "compress_kv" for entry in resolve_recipe(recipe)["passes"])
+
+
+def measure(model, tokenizer, ids, recipe, args, calibration, reference, prompts, ref_tokens):
+    from transformers import DynamicCache
+
+    started = time.perf_counter()
+    compiled = lqc.compress(model, recipe, calibration=calibration, tokenizer=tokenizer,
+                            example_inputs=ids[: args.window_length][None])
+    compile_s = time.perf_counter() - started
+    kv = is_kv_recipe(recipe)
+    logits = cached_logits(compiled, DynamicCache, args.chunk) if kv else causal_lm_logits(compiled)
+    result = perplexity(with_bos(logits, args.bos), ids, window_length=args.window_length, max_windows=args.windows, desc=f"lqc {recipe}")
+    base = reference["chunked" if kv else "whole"]
+    tokens = greedy_tokens(compiled, prompts, args.gen_tokens) if prompts else []
+    row = {"recipe": recipe, "bytes": compressed_bytes(compiled), "perplexity": result.perplexity,
+           "delta_pct": (result.perplexity / base.perplexity - 1) * 100, "scored_tokens": result.scored_tokens,
+           "evaluation": f"chunks of {args.chunk} through a cache" if kv else "whole windows", "compile_s": compile_s,
+           "agreement": agreement(ref_tokens, tokens).agreement if prompts else None}
+    torch._dynamo.reset()  # the next recipe compiles afresh (dynamo's recompile limit is per function)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="gemma3-270m")
+    parser.add_argument("--recipes", nargs="*", default=RECIPES)
+    parser.add_argument("--windows", type=int, default=128)
+    parser.add_argument("--window-length", type=int, default=512)
+    parser.add_argument("--chunk", type=int, default=128)
+    parser.add_argument("--gen-prompts", type=int, default=8)
+    parser.add_argument("--gen-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bos", choices=["auto", "yes", "no"], default="auto", help="a BOS token before each window and prompt")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import DynamicCache
+
+    model, tokenizer, name = lqc.models.load(args.model)
+    ids = tokenize_file("eval", tokenizer)
+    calibration = calibration_from("calib", tokenizer)
+    # Gemma's tokenizer adds BOS, but the one transformers builds from the GGUF file says it does not
+    gemma = getattr(model.config, "model_type", "").startswith("gemma")
+    adds_bos = (getattr(tokenizer, "add_bos_token", False) or gemma) and tokenizer.bos_token_id is not None
+    args.bos = tokenizer.bos_token_id if args.bos == "yes" or (args.bos == "auto" and adds_bos) else None
+    float_bytes = sum(t.numel() * t.element_size() for t in {p.data_ptr(): p for p in model.parameters()}.values())
+    with torch.no_grad():
+        reference = {
+            "whole": perplexity(with_bos(causal_lm_logits(model), args.bos), ids, window_length=args.window_length, max_windows=args.windows,
+                                desc="float32"),
+            "chunked": perplexity(with_bos(cached_logits(model, DynamicCache, args.chunk), args.bos), ids, window_length=args.window_length,
+                                  max_windows=args.windows, desc="float32 cached")
+            if any(is_kv_recipe(r) for r in args.recipes) else None,
+        }
+        prompts = eval_prompts(ids, args.gen_prompts)
+        if args.bos is not None:
+            prompts = [torch.cat([p.new_full((1, 1), args.bos), p], dim=1) for p in prompts]
+        ref_tokens = greedy_tokens(model, prompts, args.gen_tokens) if prompts else []
+        rows = []
+        for recipe in args.recipes:
+            rows.append(measure(model, tokenizer, ids, recipe, args, calibration, reference, prompts, ref_tokens))
+            print(rows[-1], flush=True)
+    lines = [f"# lqc's recipes on {name}\n",
+             f"eval.txt, {reference['whole'].windows} windows of {args.window_length} tokens "
+             f"({reference['whole'].scored_tokens:,} scored), float32 reference perplexity {reference['whole'].perplexity:.4f}"
+             + (f" (fed {args.chunk} tokens at a time through a cache: {reference['chunked'].perplexity:.4f})"
+                if reference["chunked"] else "")
+             + ("; a BOS token before every window and prompt" if args.bos is not None else "")
+             + f"; float32 weights {float_bytes / 1e6:.1f} MB; greedy agreement over {len(prompts)} prompts x "
+               f"{args.gen_tokens} tokens; {args.threads} threads.\n",
+             "| recipe | weight MB | x float32 | perplexity | change | greedy agreement | evaluated as | compress s |",
+             "|---|---:|---:|---:|---:|---:|---|---:|"]
+    for row in rows:
+        agree = f"{row['agreement']:.3f}" if row["agreement"] is not None else "-"
+        lines.append(f"| {row['recipe']} | {row['bytes'] / 1e6:.1f} | {row['bytes'] / float_bytes:.3f} | {row['perplexity']:.4f} | "
+                     f"{row['delta_pct']:+.2f}% | {agree} | {row['evaluation']} | {row['compile_s']:.0f} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        payload = {"model": name, "bos": args.bos, "float_bytes": float_bytes, "windows": args.windows, "window_length": args.window_length,
+                   "reference": {k: v.to_json() for k, v in reference.items() if v is not None}, "rows": rows}
+        write_results(args.out, payload, table)
+
+
+if __name__ == "__main__":
+    main()
