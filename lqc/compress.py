@@ -188,7 +188,8 @@ class Compression:
 
 def dropped_modules(reports) -> dict[str, dict]:
     """Module path -> {kind, block} of everything drop_layers dropped in these graph reports."""
-    return {path: info for report in reports for record in report.records if record.name == "drop_layers"
+    return {path: info for report in reports for record in report.records
+            if record.name == "drop_layers" and record.details is not None  # None: it kept every layer, warned
             for path, info in record.details.dropped_modules.items()}
 
 

@@ -20,6 +20,7 @@ not understand.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import logging
@@ -134,8 +135,9 @@ class Session:
         ctx = self._context(graph, args, name)
         debug_dir = Path(opts.debug_dir) / name if opts.debug_dir else None
         viz = opts.viz or debug_dir is not None
-        report = PassManager([copy.copy(p) for p in self.recipe], verify=opts.verify, debug_dir=debug_dir,
-                             snapshots=viz).run(graph, ctx)
+        with said_once(name):
+            report = PassManager([copy.copy(p) for p in self.recipe], verify=opts.verify, debug_dir=debug_dir,
+                                 snapshots=viz).run(graph, ctx)
         report.capture_seconds = capture_seconds
         compilation = Compilation(name=name, report=report, reference=ctx.reference, graph=graph)
 
@@ -274,3 +276,20 @@ def _refusing_compressed_cache(fn, name: str, reason: str):
     if getattr(fn, "_boxed_call", False):
         run._boxed_call = True
     return run
+
+
+@contextlib.contextmanager
+def said_once(graph_name: str):
+    """What the recipe's passes warn about one graph (a region left uncompressed, a fallback), said
+    in one warning: a model lqc only partly compresses gets one list, not a warning per pass."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    ours = [w for w in caught if issubclass(w.category, UserWarning) and str(w.message).startswith("lqc")]
+    for w in caught:
+        if w not in ours or len(ours) == 1:  # others' warnings, and a single one of ours, as they were
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if len(ours) > 1:
+        notes = "\n".join(f"  - {w.message}" for w in ours)
+        warnings.warn(f"lqc: {graph_name}: {len(ours)} notes on what the recipe left as it was:\n{notes}", UserWarning,
+                      stacklevel=2)

@@ -15,8 +15,8 @@ claim docs/models.md makes for it.
 
 Each cell traces the model once (dynamo, as the backend does), runs the recipe's passes and the
 CPU lowering on a copy of the graph (calibration: 2 windows of random token ids) and compares the
-logits on 16 tokens with the eager model's. KV-cache columns trace a decode step instead (the
-prompt's cache in transformers' DynamicCache), since a cache is what they compress.
+logits on 16 tokens with the eager model's. KV-cache columns trace the model run with
+use_cache=True (the graph that writes transformers' DynamicCache), since a cache is what they compress.
 
     python -m lqc.support_matrix --out docs/models.md
 """
@@ -130,13 +130,14 @@ CALIBRATION_SEEDS = (1, 2)  # two windows of 128 random token ids
 
 
 @functools.lru_cache(maxsize=None)
-def traced(arch: str):
-    """(model, its graph on 16 token ids, the ids, the eager logits): one capture per architecture."""
+def traced(arch: str, cache: bool = False):
+    """(model, its graph on 16 token ids, the ids, the eager logits): one capture per architecture.
+    ``cache``: the decoder run with use_cache=True, its graph writing transformers' DynamicCache."""
     from lqc.ir import trace
 
     model = build(arch)
     ids = _token_ids(16, 0)
-    kwargs = {} if arch in ENCODERS else {"use_cache": False}
+    kwargs = {} if arch in ENCODERS else {"use_cache": cache}
     with torch.no_grad():
         reference = model(input_ids=ids, **kwargs).logits
     return model, trace(model, input_ids=ids, **kwargs), ids, reference
@@ -148,7 +149,7 @@ def check_cell(arch: str, column: str) -> Cell:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            rel_error, applied = _run_kv(arch, spec.recipe) if spec.kv else _run_graph(arch, spec.recipe, spec.zeroed_attention)
+            rel_error, applied = _run_graph(arch, spec.recipe, spec.zeroed_attention, cache=spec.kv)
         except LqcError as exc:
             return Cell("error", _first_sentence(str(exc)))
         except Exception as exc:  # noqa: BLE001 -- any other exception is a bug the matrix must show
@@ -172,22 +173,22 @@ def _from_lqc(warning) -> bool:
     return str(warning.message).startswith("lqc") or (filename.startswith(_LQC_ROOT) and "site-packages" not in filename)
 
 
-def _run_graph(arch: str, recipe: Any, zeroed_attention: int | None = None) -> tuple[float, bool]:
+def _run_graph(arch: str, recipe: Any, zeroed_attention: int | None = None, cache: bool = False) -> tuple[float, bool]:
     """The recipe's passes, then the CPU lowering, on a copy of the architecture's graph."""
     from lqc.data import calibration_from
     from lqc.lowering import lowering_passes
     from lqc.passes import PassContext, PassManager
     from lqc.recipes import resolve_recipe
 
-    model, graph, ids, reference = traced(arch)
+    model, graph, ids, reference = traced(arch, cache)
     passes = recipe if isinstance(recipe, list) else resolve_recipe(recipe)["passes"]
     compressed = graph.copy(name=graph.name)
     calibration = calibration_from([_token_ids(128, seed)[0] for seed in CALIBRATION_SEEDS])
     ctx = PassContext(calibration=calibration, progress=False)
     report = PassManager(passes).run(compressed, ctx)
     PassManager(lowering_passes("eager", [ids])).run(compressed, ctx, report=report)
-    with torch.no_grad():
-        logits = compressed(ids)[-1]
+    with torch.no_grad():  # the logits among the outputs (a cache-writing graph also returns the cache)
+        (logits,) = [t for t in compressed(ids) if isinstance(t, torch.Tensor) and t.shape == reference.shape]
     if zeroed_attention is not None and _all_applied(report.records):
         reference = _zeroed_attention_logits(arch, graph, zeroed_attention)
     return _relative_error(logits, reference), _all_applied(report.records)
@@ -203,29 +204,6 @@ def _zeroed_attention_logits(arch: str, graph, block: int) -> torch.Tensor:
     model.get_submodule(path).forward = lambda hidden_states, *args, **kwargs: (torch.zeros_like(hidden_states), None)
     with torch.no_grad():
         return model(input_ids=ids, **({} if arch in ENCODERS else {"use_cache": False})).logits
-
-
-def _run_kv(arch: str, recipe: Any) -> tuple[float, bool]:
-    """lqc.compress, then a 16-token prefill through transformers' DynamicCache (the graph that
-    writes the cache: compress_kv must rewrite it, or say why not)."""
-    import lqc
-
-    model = traced(arch)[0]
-    if arch in ENCODERS:
-        return _run_graph(arch, recipe)  # no cache to compress: the pass must say so
-    from transformers import DynamicCache
-
-    ids = _token_ids(16, 3)
-    torch._dynamo.reset()
-    compiled = lqc.compress(model, recipe, example_inputs=ids[:, :16], progress=False)
-    reference, logits = (_cached_logits(m, ids, DynamicCache(config=model.config)) for m in (model, compiled))
-    records = [r for report in lqc.session_of(compiled).reports for r in report.records]
-    return _relative_error(logits, reference), _all_applied(records)
-
-
-def _cached_logits(model, ids: torch.Tensor, cache) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids, past_key_values=cache, use_cache=True).logits
 
 
 # the passes that compress: each must match something, or warn why not. The exact rewrites
