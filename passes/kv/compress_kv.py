@@ -256,7 +256,10 @@ class CompressKV(Pass):
                 skipped[Graph.module_path(softmax) or softmax.name] = (
                     "it is eager attention (matmul and softmax, e.g. with soft-capping), not scaled_dot_product_attention, "
                     "the only attention compress_kv rewrites")
-        if not has_cache and not rewritten and not skipped and any(is_attention_op(n) for n in graph.nodes):
+        if not rewritten and not skipped and not any(is_attention_op(n) for n in graph.nodes):
+            warnings.warn(f"lqc compress_kv: {graph.name} has no attention (scaled_dot_product_attention, or a softmax "
+                          f"over a matmul): no KV cache to compress", stacklevel=2)
+        elif not has_cache and not rewritten and not skipped:
             warnings.warn(f"lqc compress_kv: {graph.name} runs without a KV cache (an encoder, or a call with "
                           f"use_cache=False): nothing to compress here; the cache is compressed in graphs that use one "
                           f"(generate, a decode step)", stacklevel=2)

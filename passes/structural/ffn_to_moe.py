@@ -4,8 +4,7 @@ An FFN ``down(h(x))`` with n hidden neurons is a sum over its neurons, so cuttin
 into groups and adding the groups' outputs changes nothing. Most neurons are near zero on any
 given token, so skipping the groups a token barely uses costs little. Per FFN:
 
-1. One interpreted run of the graph over calibration windows records the FFN's input x and its
-   hidden activations h (the input of the down projection).
+1. One interpreted run over calibration windows records the FFN's input x and hidden activations h.
 2. The neurons are cut into ``experts`` equal groups (lqc.passes.structural.expert_partition): the
    ``shared`` groups with the highest activation rates stay always on; the rest are clustered by
    activation pattern (balanced k-means), or cut at random (``partition: random``, the baseline).
@@ -13,13 +12,12 @@ given token, so skipping the groups a token barely uses costs little. Per FFN:
    neuron (its most active one: that neuron's gate, or up, weight row) and is then refined by
    least squares to predict the expert's activation mass ``sum |h_i|`` over its neurons.
 4. The graph keeps the shared neurons in its own linears (their weights sliced) and adds
-   ``lqc::moe_ffn`` for the routed ones, ``top_k`` per token, each with weight 1. With
-   ``top_k = experts - shared`` every expert is active and the result is the dense FFN.
+   ``lqc::moe_ffn`` for the routed ones, ``top_k`` per token (all: the dense FFN).
 
 Recognised FFNs: gated (SwiGLU: ``down(act(gate(x)) * up(x))``) and plain
 (``down(act(up(x) + b))``, GPT-2 and BERT), any linear spelling (lqc.ir.linear). The activation
-is identified by running the graph's own nodes between the linears on a probe and comparing
-with silu, gelu, gelu-tanh and relu; an FFN it cannot recognise is left dense, with a warning.
+is identified by running the graph's own nodes between the linears on a probe (silu, gelu,
+gelu-tanh, relu); an FFN it cannot recognise (Phi-3's fused gate/up) is left dense, warned.
 """
 
 from __future__ import annotations
@@ -222,11 +220,13 @@ def router_recall(x: torch.Tensor, mass: torch.Tensor, weight: torch.Tensor, bia
     return round(hits.mean().item(), 4)
 
 
-# -- finding FFNs ----------------------------------------------------------------------------------
 def selected_ffn_sites(graph: Graph, p: Pass) -> list[FfnSite]:
     """The FFNs of the regions pass ``p`` selects; one it cannot recognise stays dense, with a warning."""
-    sites = []
-    for region in graph.regions_of_kind("ffn"):
+    sites, regions = [], graph.regions_of_kind("ffn")
+    if not regions:
+        warnings.warn(f"lqc {p.name}: {graph.name} has no FFN (linears around an activation in a block with attention)"
+                      f": left as it was", stacklevel=4)
+    for region in regions:
         if not p.selects(region.path):
             continue
         site, reason = ffn_site(graph, region)
