@@ -18,6 +18,7 @@ default where the tokenizer adds one); the BOS position itself is not scored, so
 the same tokens as a window without it.
 
     python benchmarks/model_quality.py --model gemma3-270m --out benchmarks/results/gemma3-quality
+    python benchmarks/model_quality.py --recipes my-recipe.yaml --windows 16   # a recipe file, a quick look
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import lqc
 from lqc.bench import write_results
 from lqc.data import calibration_from, tokenize_file
 from lqc.evaluate import agreement, cached_logits, causal_lm_logits, eval_prompts, greedy_tokens, perplexity
+from lqc.passes.recipe import read_recipe_file
 from lqc.recipes import resolve_recipe
 
 RECIPES = ["default", "int8", "int4-gptq", "w8a8", "kv-int4", "max"]
@@ -52,7 +54,10 @@ def with_bos(logits_fn, bos: int | None):
 
 
 def is_kv_recipe(recipe: str) -> bool:
-    return any(entry["pass"] == "compress_kv" for entry in resolve_recipe(recipe)["passes"])
+    """A named recipe, a composition or a recipe file, with a compress_kv pass."""
+    data = resolve_recipe(recipe)
+    data = read_recipe_file(data) if isinstance(data, str) else data
+    return any(entry["pass"] == "compress_kv" for entry in (data["passes"] if isinstance(data, dict) else data))
 
 
 def measure(model, tokenizer, ids, recipe, args, calibration, reference, prompts, ref_tokens):
