@@ -87,7 +87,7 @@ def _constant(node: Any, depth: int = 4) -> bool:
         return True
     if node.op == "get_attr":
         return True
-    return depth > 0 and node.op == "call_function" and all(_constant(a, depth - 1) for a in node.all_input_nodes)
+    return depth > 0 and node.op in ("call_function", "call_method") and all(_constant(a, depth - 1) for a in node.all_input_nodes)
 
 
 def _residual_add(nodes: list[fx.Node], max_steps: int = 24) -> tuple[fx.Node, fx.Node] | None:
