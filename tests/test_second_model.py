@@ -84,6 +84,7 @@ def test_dropped_attention_equals_the_model_with_that_attention_zeroed(gemma3, w
 
 
 def test_moe_with_every_expert_active_equals_the_dense_model(gemma3, windows):
+    from lqc.data import calibration_from
     from lqc.ir import op_name, trace
     from lqc.passes import PassContext, PassManager
 
@@ -92,7 +93,7 @@ def test_moe_with_every_expert_active_equals_the_dense_model(gemma3, windows):
     with torch.no_grad():
         dense = graph(prompt)[-1]
     recipe = [{"pass": "ffn_to_moe", "experts": 8, "shared": 1, "top_k": 7, "tokens": 256, "partition": "random"}]
-    PassManager(recipe).run(graph, PassContext(calibration=[windows[1][0]], progress=False))
+    PassManager(recipe).run(graph, PassContext(calibration=calibration_from([windows[1][0]]), progress=False))
     assert sum(op_name(n) == "lqc::moe_ffn" for n in graph.nodes) == 18
     with torch.no_grad():
         assert _relative(graph(prompt)[-1], dense) <= 1e-5
@@ -132,6 +133,6 @@ def test_lqc_eval_and_bench_run_on_it(gemma3, tmp_path, monkeypatch, capsys):
     result = json.loads(out.read_text())
     assert result["lqc"]["perplexity"] == pytest.approx(result["reference"]["perplexity"], rel=1e-6)
     bench = tmp_path / "bench.json"
-    assert main(["bench", "--model", "gemma3-270m", "--variants", "eager", "lqc", "--prefill-tokens", "32",
+    assert main(["bench", "--model", "gemma3-270m", "--variants", "lqc", "--prefill-tokens", "32",
                  "--prompt-tokens", "16", "--decode-tokens", "4", "--runs", "1", "--json", str(bench)]) == 0
     assert "decode" in capsys.readouterr().out
