@@ -156,8 +156,24 @@ class FoldNorms(Pass):
 
 
 def _norms_feeding_linears(graph: Graph) -> list[str]:
-    """Paths of the norm regions whose output some linear reads."""
+    """Paths of the norm regions a linear reads that still multiply by a weight (a norm folded
+    already has none; batch norms are fold_batchnorm's)."""
     inputs = {site.x.name for site in linear_sites(graph)}
-    return [r.path for r in graph.regions_of_kind("norm") if inputs & set(r.nodes)]
+    by_name = {n.name: n for n in graph.nodes}
+
+    def weighted(names) -> bool:
+        nodes = [by_name[n] for n in names if n in by_name]
+        return not any(op_name(n) == "batch_norm" for n in nodes) and any(
+            op_name(n) == "mul" and any(_from_weights(a) for a in n.all_input_nodes) for n in nodes)
+
+    return [r.path for r in graph.regions_of_kind("norm") if inputs & set(r.nodes) and weighted(r.nodes)]
+
+
+def _from_weights(node: fx.Node, depth: int = 3) -> bool:
+    """A frozen weight, or computed from frozen weights alone (Gemma's ``1 + w``)."""
+    if node.op == "get_attr":
+        return True
+    return depth > 0 and node.op in ("call_function", "call_method") and bool(node.all_input_nodes) and all(
+        _from_weights(a, depth - 1) for a in node.all_input_nodes)
 
 
