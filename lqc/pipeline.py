@@ -282,9 +282,15 @@ def _refusing_compressed_cache(fn, name: str, reason: str):
 def said_once(graph_name: str):
     """What the recipe's passes warn about one graph (a region left uncompressed, a fallback), said
     in one warning: a model lqc only partly compresses gets one list, not a warning per pass."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:  # said even when a pass then fails
+        _say_once(graph_name, caught)
+
+
+def _say_once(graph_name: str, caught: list) -> None:
     ours = [w for w in caught if issubclass(w.category, UserWarning) and str(w.message).startswith("lqc")]
     for w in caught:
         if w not in ours or len(ours) == 1:  # others' warnings, and a single one of ours, as they were
