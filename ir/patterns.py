@@ -45,6 +45,15 @@ def is_vector_constant(value) -> bool:
     return isinstance(value, fx.Node) and value.op == "get_attr" and len(shape_of(value) or ()) == 1
 
 
+def from_weights(node, depth: int = 4) -> bool:
+    """A frozen weight (get_attr), or computed from frozen weights and numbers alone (Gemma's
+    ``1 + weight.float()``), within ``depth`` ops."""
+    if node.op == "get_attr":
+        return True
+    return depth > 0 and node.op in ("call_function", "call_method") and bool(node.all_input_nodes) and all(
+        from_weights(a, depth - 1) for a in node.all_input_nodes)
+
+
 def is_number(value) -> bool:
     return isinstance(value, (int, float))
 

@@ -26,6 +26,7 @@ import torch.fx as fx
 
 from lqc.ir import Graph, op_name
 from lqc.ir.linear import LinearSite, linear_sites
+from lqc.ir.patterns import from_weights
 from lqc.ir.provenance import derived_from
 
 from lqc.passes.base import Pass, PassResult
@@ -164,16 +165,7 @@ def _norms_feeding_linears(graph: Graph) -> list[str]:
     def weighted(names) -> bool:
         nodes = [by_name[n] for n in names if n in by_name]
         return not any(op_name(n) == "batch_norm" for n in nodes) and any(
-            op_name(n) == "mul" and any(_from_weights(a) for a in n.all_input_nodes) for n in nodes)
+            op_name(n) == "mul" and any(from_weights(a) for a in n.all_input_nodes) for n in nodes)
 
     return [r.path for r in graph.regions_of_kind("norm") if inputs & set(r.nodes) and weighted(r.nodes)]
-
-
-def _from_weights(node: fx.Node, depth: int = 3) -> bool:
-    """A frozen weight, or computed from frozen weights alone (Gemma's ``1 + w``)."""
-    if node.op == "get_attr":
-        return True
-    return depth > 0 and node.op in ("call_function", "call_method") and bool(node.all_input_nodes) and all(
-        _from_weights(a, depth - 1) for a in node.all_input_nodes)
-
 

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lqc.ir import Graph, op_name
+from lqc.ir.patterns import from_weights
 
 from lqc.passes.numerics import clone_inputs
 
@@ -81,13 +82,9 @@ _PER_TOKEN_OPS = {"mul", "div", "truediv", "to", "type", "type_as", "float", "co
                   "sqrt", "add", "sub", "layer_norm", "rms_norm", "getitem", "clone"}
 
 
-def _constant(node: Any, depth: int = 4) -> bool:
-    """A number, a frozen weight, or computed from those alone (Gemma's ``1 + weight``)."""
-    if not isinstance(node, fx.Node):
-        return True
-    if node.op == "get_attr":
-        return True
-    return depth > 0 and node.op in ("call_function", "call_method") and all(_constant(a, depth - 1) for a in node.all_input_nodes)
+def _constant(node: Any) -> bool:
+    """A number, or computed from frozen weights alone (Gemma's ``1 + w``)."""
+    return not isinstance(node, fx.Node) or from_weights(node)
 
 
 def _residual_add(nodes: list[fx.Node], max_steps: int = 24) -> tuple[fx.Node, fx.Node] | None:
