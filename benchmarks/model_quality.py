@@ -13,9 +13,9 @@ transformers' DynamicCache (every token attends to the earlier chunks as the cac
 against a float32 row measured the same way.
 
 Models whose tokenizer starts every text with a BOS token (Gemma: without it the model degenerates
-into repeating one token; the tokenizer transformers builds from its GGUF file omits it) get it in front of every window and every prompt (``--bos``, on by
-default where the tokenizer adds one); the BOS position itself is not scored, so every row scores
-the same tokens as a window without it.
+into repeating one token) get it in front of every evaluation window, prompt and calibration window
+(``--bos``; by default where ``lqc.data.bos_token`` finds the tokenizer adds one); the BOS position
+itself is not scored, so every row scores the same tokens as a window without it.
 
     python benchmarks/model_quality.py --model gemma3-270m --out benchmarks/results/gemma3-quality
     python benchmarks/model_quality.py --recipes my-recipe.yaml --windows 16   # a recipe file, a quick look
@@ -24,13 +24,14 @@ the same tokens as a window without it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
 
 import lqc
 from lqc.bench import write_results
-from lqc.data import calibration_from, tokenize_file
+from lqc.data import bos_token, calibration_from, tokenize_file
 from lqc.evaluate import agreement, cached_logits, causal_lm_logits, eval_prompts, greedy_tokens, perplexity
 from lqc.passes.recipe import read_recipe_file
 from lqc.recipes import resolve_recipe
@@ -44,13 +45,6 @@ def compressed_bytes(compiled: torch.nn.Module) -> int:
     lm_head's matmul; that is run-time memory, not the model's size.)"""
     records = lqc.session_of(compiled).reports[0].records
     return [r for r in records if r.stage == "recipe"][-1].bytes_after
-
-
-def with_bos(logits_fn, bos: int | None):
-    """logits_fn on the window with ``bos`` in front, the BOS position's logits dropped."""
-    if bos is None:
-        return logits_fn
-    return lambda ids: logits_fn(torch.cat([ids.new_full((ids.shape[0], 1), bos), ids], dim=1))[:, 1:]
 
 
 def is_kv_recipe(recipe: str) -> bool:
@@ -69,7 +63,7 @@ def measure(model, tokenizer, ids, recipe, args, calibration, reference, prompts
     compile_s = time.perf_counter() - started
     kv = is_kv_recipe(recipe)
     logits = cached_logits(compiled, DynamicCache, args.chunk) if kv else causal_lm_logits(compiled)
-    result = perplexity(with_bos(logits, args.bos), ids, window_length=args.window_length, max_windows=args.windows, desc=f"lqc {recipe}")
+    result = perplexity(logits, ids, window_length=args.window_length, max_windows=args.windows, desc=f"lqc {recipe}", bos=args.bos)
     base = reference["chunked" if kv else "whole"]
     tokens = greedy_tokens(compiled, prompts, args.gen_tokens) if prompts else []
     row = {"recipe": recipe, "bytes": compressed_bytes(compiled), "perplexity": result.perplexity,
@@ -98,23 +92,19 @@ def main() -> None:
 
     model, tokenizer, name = lqc.models.load(args.model)
     ids = tokenize_file("eval", tokenizer)
-    calibration = calibration_from("calib", tokenizer)
-    # Gemma's tokenizer adds BOS, but the one transformers builds from the GGUF file says it does not
-    gemma = getattr(model.config, "model_type", "").startswith("gemma")
-    adds_bos = (getattr(tokenizer, "add_bos_token", False) or gemma) and tokenizer.bos_token_id is not None
-    args.bos = tokenizer.bos_token_id if args.bos == "yes" or (args.bos == "auto" and adds_bos) else None
+    args.bos = {"auto": bos_token(tokenizer), "yes": tokenizer.bos_token_id, "no": None}[args.bos]
+    # calibration windows start the way evaluation windows do
+    calibration = dataclasses.replace(calibration_from("calib", tokenizer), bos=args.bos)
     float_bytes = sum(t.numel() * t.element_size() for t in {p.data_ptr(): p for p in model.parameters()}.values())
     with torch.no_grad():
         reference = {
-            "whole": perplexity(with_bos(causal_lm_logits(model), args.bos), ids, window_length=args.window_length, max_windows=args.windows,
-                                desc="float32"),
-            "chunked": perplexity(with_bos(cached_logits(model, DynamicCache, args.chunk), args.bos), ids, window_length=args.window_length,
-                                  max_windows=args.windows, desc="float32 cached")
+            "whole": perplexity(causal_lm_logits(model), ids, window_length=args.window_length, max_windows=args.windows,
+                                desc="float32", bos=args.bos),
+            "chunked": perplexity(cached_logits(model, DynamicCache, args.chunk), ids, window_length=args.window_length,
+                                  max_windows=args.windows, desc="float32 cached", bos=args.bos)
             if any(is_kv_recipe(r) for r in args.recipes) else None,
         }
-        prompts = eval_prompts(ids, args.gen_prompts)
-        if args.bos is not None:
-            prompts = [torch.cat([p.new_full((1, 1), args.bos), p], dim=1) for p in prompts]
+        prompts = eval_prompts(ids, args.gen_prompts, bos=args.bos)
         ref_tokens = greedy_tokens(model, prompts, args.gen_tokens) if prompts else []
         rows = []
         for recipe in args.recipes:

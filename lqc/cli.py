@@ -52,7 +52,7 @@ def cmd_eval(args) -> int:
     import torch
 
     import lqc
-    from lqc.data import tokenize_file
+    from lqc.data import bos_token, tokenize_file
     from lqc.evaluate import (
         FULL_WINDOWS, QUICK_WINDOWS, agreement, causal_lm_logits, eval_prompts, greedy_tokens, perplexity,
     )
@@ -66,21 +66,24 @@ def cmd_eval(args) -> int:
         print("this model has no tokenizer; evaluation needs text", file=sys.stderr)
         return 2
     ids = tokenize_file(args.text, tokenizer)
+    bos = bos_token(tokenizer)  # Gemma's windows and prompts start with BOS, as its calibration does
     max_windows = args.windows or (FULL_WINDOWS if args.full else QUICK_WINDOWS)
     recipe = recipe_arg(args.recipe)
     results: dict[str, Any] = {"model": name, "recipe": recipe, "text": str(args.text), "target": args.target}
 
     with torch.no_grad():
-        reference = perplexity(causal_lm_logits(model), ids, window_length=args.window_length, max_windows=max_windows, desc="float32 eager")
+        reference = perplexity(causal_lm_logits(model), ids, window_length=args.window_length, max_windows=max_windows, desc="float32 eager",
+                               bos=bos)
         compiled = lqc.compress(
             model, recipe, calibration=args.calibration, tokenizer=tokenizer, target=args.target,
             debug_dir=args.debug_dir, example_inputs=ids[: args.window_length][None],
         )
-        candidate = perplexity(causal_lm_logits(compiled), ids, window_length=args.window_length, max_windows=max_windows, desc=f"lqc {args.recipe}")
+        candidate = perplexity(causal_lm_logits(compiled), ids, window_length=args.window_length, max_windows=max_windows, desc=f"lqc {args.recipe}",
+                               bos=bos)
         results["reference"] = reference.to_json()
         results["lqc"] = candidate.to_json()
         if args.gen_prompts:
-            prompts = eval_prompts(ids, args.gen_prompts)
+            prompts = eval_prompts(ids, args.gen_prompts, bos=bos)
             ref_tokens = greedy_tokens(model, prompts, args.gen_tokens)
             lqc_tokens = greedy_tokens(compiled, prompts, args.gen_tokens)
             results["agreement"] = agreement(ref_tokens, lqc_tokens).to_json()

@@ -60,6 +60,17 @@ def tokenize(text: str, tokenizer: Any) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def bos_token(tokenizer: Any) -> int | None:
+    """The BOS id when ``tokenizer`` puts one before every text (Gemma's does: its model degenerates
+    without one), else None (SmolLM2's does not). Windows cut from a token stream get it in front,
+    for calibration and for evaluation, the way the model sees a prompt."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
 def tokenize_file(path: str | Path, tokenizer: Any) -> torch.Tensor:
     path = data_file(str(path))
     if not path.is_file():
@@ -81,9 +92,9 @@ def calibration_from(value: Any, tokenizer: Any = None, *, max_windows: int = 32
         sequences = list(value) if value.dim() == 2 else [value]
         return Calibration(sequences, max_windows=max_windows)
     if isinstance(value, (str, os.PathLike)):
-        return Calibration([tokenize_file(value, tokenizer)], max_windows=max_windows)
+        return Calibration([tokenize_file(value, tokenizer)], max_windows=max_windows, bos=bos_token(tokenizer))
     if isinstance(value, Sequence) and value and all(isinstance(v, str) for v in value):
-        return Calibration([tokenize(v, tokenizer) for v in value], max_windows=max_windows)
+        return Calibration([tokenize(v, tokenizer) for v in value], max_windows=max_windows, bos=bos_token(tokenizer))
     if isinstance(value, Sequence) and value and all(isinstance(v, torch.Tensor) for v in value):
         return Calibration(list(value), max_windows=max_windows)
     raise LqcConfigError(

@@ -68,6 +68,11 @@ def cached_logits(model: torch.nn.Module, new_cache: Callable[[], object], chunk
     return logits
 
 
+def with_bos(logits_fn: Callable[[torch.Tensor], torch.Tensor], bos: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``logits_fn`` run on the window with ``bos`` in front, the BOS position's logits dropped."""
+    return lambda ids: logits_fn(torch.cat([ids.new_full((ids.shape[0], 1), bos), ids], dim=1))[:, 1:]
+
+
 def window_nll(logits: torch.Tensor, window: torch.Tensor) -> float:
     """Summed negative log-likelihood of ``window`` [1, T]'s tokens 2..T under ``logits`` [1, T, V]:
     log-softmax through a float32 logsumexp (each token's log-probability within ~1e-7 relative
@@ -86,12 +91,18 @@ def perplexity(
     max_windows: int | None = QUICK_WINDOWS,
     progress: bool = True,
     desc: str = "perplexity",
+    bos: int | None = None,
 ) -> PerplexityResult:
+    """Perplexity of ``ids`` cut into windows, each window's tokens 2..T scored. ``bos`` (the id
+    lqc.data.bos_token gives for a model that expects one) goes in front of every window; its own
+    position is not scored, so the scored tokens are the same with or without it."""
     if window_length < 2:  # the first token of a window is never scored: a window of 1 scores nothing
         raise LqcConfigError(f"perplexity scores every token of a window but the first: window_length must be at least 2; "
                              f"got {window_length}")
     chunks = token_windows(ids, window_length, max_windows, what="the evaluation text",
                            fix=": give a shorter window_length (lqc eval --window-length) or a longer text")
+    if bos is not None:
+        logits_fn = with_bos(logits_fn, bos)
     total_nll = 0.0
     scored = 0
     start = time.perf_counter()
@@ -102,10 +113,13 @@ def perplexity(
     return PerplexityResult(math.exp(mean), mean, scored, len(chunks), window_length, time.perf_counter() - start)
 
 
-def eval_prompts(ids: torch.Tensor, count: int, length: int = 32, spacing: int = 512) -> list[torch.Tensor]:
-    """``count`` prompts of ``length`` tokens, each from the start of a different 512-token window."""
+def eval_prompts(ids: torch.Tensor, count: int, length: int = 32, spacing: int = 512, bos: int | None = None) -> list[torch.Tensor]:
+    """``count`` prompts of ``length`` tokens, each from the start of a different 512-token window
+    (after ``bos``, when given)."""
     prompts = [ids[i * spacing : i * spacing + length] for i in range(count)]
-    return [p[None] for p in prompts if len(p) == length]
+    if bos is not None:
+        prompts = [torch.cat([p.new_full((1,), bos), p]) for p in prompts]
+    return [p[None] for p in prompts if len(p) == length + (bos is not None)]
 
 
 @torch.no_grad()

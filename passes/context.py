@@ -30,6 +30,9 @@ class Calibration:
     sequences: list[torch.Tensor]  # 1-D int64 token ids, one per document or sample
     max_windows: int = 32
     default_length: int = 512  # window length for graphs whose sequence length is symbolic
+    # A token every window starts with: the BOS of a model trained to always see one first (Gemma
+    # degenerates without it, so statistics taken without it describe a model nobody runs).
+    bos: int | None = None
 
     def __post_init__(self) -> None:
         if not self.sequences:
@@ -38,6 +41,8 @@ class Calibration:
         digest = hashlib.sha256()
         for seq in self.sequences:
             digest.update(seq.numpy().tobytes())
+        if self.bos is not None:
+            digest.update(f"bos={self.bos}".encode())
         self.digest = digest.hexdigest()[:16]
 
     @property
@@ -45,10 +50,15 @@ class Calibration:
         return sum(len(s) for s in self.sequences)
 
     def windows(self, batch: int, length: int, max_windows: int | None = None) -> list[torch.Tensor]:
-        """Non-overlapping [batch, length] windows of the concatenated sequences."""
-        rows = token_windows(torch.cat(self.sequences), batch * length, max_windows or self.max_windows,
+        """Non-overlapping [batch, length] windows of the concatenated sequences (each row the BOS
+        and ``length - 1`` text tokens when ``bos`` is set)."""
+        text_length = length - (self.bos is not None)
+        rows = token_windows(torch.cat(self.sequences), batch * text_length, max_windows or self.max_windows,
                              what="calibration data", fix=" (this graph's inputs): give more calibration text")
-        return list(rows.view(-1, batch, length))
+        rows = rows.view(-1, batch, text_length)
+        if self.bos is not None:
+            rows = torch.cat([rows.new_full((*rows.shape[:2], 1), self.bos), rows], dim=-1)
+        return list(rows)
 
     def inputs_for(self, graph: Graph, max_windows: int | None = None, *, tokens: int | None = None) -> list[tuple]:
         """Inputs for ``graph``: windows of the token shape it was captured with. ``tokens`` asks for

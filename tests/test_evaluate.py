@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lqc.evaluate import agreement, eval_prompts, perplexity
-from lqc.data import calibration_from, windows
+from lqc.data import bos_token, calibration_from, windows
 from lqc.ir import LqcConfigError
 
 
@@ -27,6 +27,44 @@ def test_perplexity_scores_every_token_but_the_first_of_each_window():
         logp = torch.log_softmax(logits_table[w[:-1]].double(), -1)
         nll -= logp.gather(-1, w[1:, None]).sum().item()
     assert result.perplexity == pytest.approx(math.exp(nll / result.scored_tokens), rel=1e-6)  # float32 logsumexp
+
+
+def test_a_bos_goes_before_every_window_and_is_not_scored():
+    """Gemma's windows start with BOS: the logits function sees it first, the scored tokens and
+    their logits are the window's own (the same count as without it)."""
+    vocab, length, bos = 7, 8, 6
+    ids = torch.arange(2 * length) % 5
+    seen = []
+
+    def logits_fn(window):
+        seen.append(window)
+        return torch.nn.functional.one_hot(window, vocab).float()  # depends on the token only
+
+    plain = perplexity(logits_fn, ids, window_length=length, max_windows=None, progress=False)
+    with_bos = perplexity(logits_fn, ids, window_length=length, max_windows=None, progress=False, bos=bos)
+    assert [w[0, 0].item() for w in seen[2:]] == [bos, bos] and seen[2].shape == (1, length + 1)
+    assert torch.equal(seen[2][:, 1:], seen[0])
+    assert with_bos.scored_tokens == plain.scored_tokens and with_bos.perplexity == pytest.approx(plain.perplexity)
+    prompts = eval_prompts(torch.arange(2000), 2, length=10, bos=bos)
+    assert [p[0, :2].tolist() for p in prompts] == [[bos, 0], [bos, 512]] and prompts[0].shape == (1, 11)
+
+
+def test_calibration_windows_start_with_the_tokenizers_bos():
+    class Tokenizer:  # adds BOS (1) before every text, as Gemma's does
+        bos_token_id = 1
+
+        def __call__(self, text, add_special_tokens=True):
+            ids = [10 + (ord(c) % 50) for c in text]
+            return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
+
+    assert bos_token(Tokenizer()) == 1
+    text = "abcdefghijklmnopqrstuvwxyz" * 4
+    cal = calibration_from([text], Tokenizer())
+    rows = cal.windows(2, 8, 3)
+    assert len(rows) == 3 and rows[0].shape == (2, 8)
+    stream = torch.cat([r[:, 1:].flatten() for r in rows])
+    assert (torch.stack(rows)[..., 0] == 1).all() and torch.equal(stream, cal.sequences[0][: len(stream)])
+    assert cal.digest != calibration_from([text], lambda t, add_special_tokens=True: Tokenizer()(t, False)).digest
 
 
 def test_agreement():

@@ -26,7 +26,7 @@ from lqc.ir import Graph, op_name
 from lqc.ir.errors import LqcConfigError
 from lqc.ir.lqc_ops import has_lowrank, qlinear_args
 from lqc.ir.provenance import derived_from
-from lqc.runtime.quantization.lowrank import LowRankFactors, eora_factors, input_basis, store_factors
+from lqc.runtime.quantization.lowrank import LowRankFactors, eora_factors, input_root, store_factors
 
 from lqc.passes.base import Pass, PassResult
 from lqc.passes.options import PassOptions
@@ -88,13 +88,13 @@ class LowRank(Pass):
                           "(e.g. [{pass: quantize, format: int4}, {pass: lowrank, rank: 16}])", stacklevel=2)
         if not nodes:
             return PassResult(matches=0, details=report)
-        hessians, bases = self._hessians(graph, ctx, nodes), {}
+        hessians, roots = self._hessians(graph, ctx, nodes), {}
 
         def fit(node: fx.Node, info: dict):
             x = qlinear_args(node)["x"].name
-            if x not in bases:  # q/k/v (and gate/up) share an input: one eigendecomposition
-                bases[x] = input_basis(hessians()[x])
-            return self._fit(info, hessians()[x], bases[x])
+            if x not in roots:  # q/k/v (and gate/up) share an input: one factorization
+                roots[x] = input_root(hessians()[x])
+            return self._fit(info, hessians()[x], roots[x])
 
         for node in nodes:
             info = node.meta["lqc_quantized"]
@@ -120,11 +120,11 @@ class LowRank(Pass):
 
         return hessians
 
-    def _fit(self, info: dict, hessian: torch.Tensor, basis) -> tuple[LowRankFactors, float, float]:
+    def _fit(self, info: dict, hessian: torch.Tensor, root: torch.Tensor) -> tuple[LowRankFactors, float, float]:
         """The stored factors, and the output error energy ``tr(dW H dW^T)`` before and after."""
         weight = info["float_weight"].to(torch.float32)
         delta = weight - info["canonical"].dequantize(torch.float32)
-        b, a = eora_factors(delta, hessian, self.options.rank, basis)
+        b, a = eora_factors(delta, hessian, self.options.rank, root)
         factors = store_factors(b, a, self.options.storage)
         h = hessian.to(torch.float32)
         energy = lambda d: float(((d @ h) * d).sum())  # noqa: E731

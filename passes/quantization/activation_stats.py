@@ -36,8 +36,10 @@ class InputStats:
     count: int = 0
     samples: list[torch.Tensor] = field(default_factory=list)
     _kept: int = 0
+    _averaged: bool = False
 
     def add(self, x: torch.Tensor, generator: torch.Generator) -> None:
+        assert not self._averaged, "InputStats.add after mean_hessian: the sums were divided in place"
         rows = x.detach().reshape(-1, self.width).to(torch.float32)
         if self.abs_sum is None:
             self.abs_sum = torch.zeros(self.width, dtype=torch.float64)
@@ -65,8 +67,12 @@ class InputStats:
 
     @property
     def mean_hessian(self) -> torch.Tensor:
-        """X^T X / tokens, float64."""
-        return self.hessian / max(self.count, 1)
+        """X^T X / tokens, float64: the sums divided in place, once (a second K x K copy per linear
+        is ~1 GB on SmolLM2, and fresh memory is slow to touch in a VM: 11 s of EoRA's 45)."""
+        if not self._averaged:
+            self.hessian /= max(self.count, 1)
+            self._averaged = True
+        return self.hessian
 
 
 class _AllRecorded(Exception):

@@ -2,12 +2,12 @@
 
 A compressed linear computes ``x @ Wc.T``; its error on the inputs it sees is ``x @ (W - Wc).T``.
 EoRA (Liu et al., 2024) adds a rank-r path ``(x @ A.T) @ B.T`` that minimizes that error in the
-eigenspace of the inputs: with the input second moment ``H = E[x x^T] = Q diag(l) Q^T``,
+eigenspace of the inputs: with the input second moment ``H = E[x x^T] = L L^T``,
 
-    min over rank-r M of  E || x @ (dW - M).T ||^2  =  || (dW Q diag(sqrt l)) - M Q diag(sqrt l) ||_F^2
+    min over rank-r M of  E || x @ (dW - M).T ||^2  =  || dW L - M L ||_F^2
 
-so the best M is the rank-r truncated SVD of ``dW Q diag(sqrt l)``, mapped back by
-``diag(1/sqrt l) Q^T``. A plain SVD of dW (no activations) would spend the rank on input
+so the best M is the rank-r truncated SVD of ``dW L``, mapped back by ``L^-1`` (EoRA writes L as
+``Q diag(sqrt l)`` from H's eigendecomposition; any square root gives the same M). A plain SVD of dW (no activations) would spend the rank on input
 directions the layer never sees.
 
 Factors are stored ``int8`` (``a`` int8 [r, K] with its row scales folded into ``b`` before ``b``
@@ -43,25 +43,51 @@ class LowRankFactors:
         return b @ self.a.to(torch.float32)
 
 
-def input_basis(hessian: torch.Tensor, rel_floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Q, sqrt l) of the inputs' second moment ``H = Q diag(l) Q^T`` [K, K], float64. Eigenvalues
-    below ``rel_floor`` times the largest (directions the inputs never take, e.g. padding) are
-    clamped so 1/sqrt stays finite; on those directions any correction costs nothing."""
-    h = hessian.to(torch.float64)
-    evals, evecs = torch.linalg.eigh((h + h.T) / 2)
-    return evecs, evals.clamp(min=float(evals.max()) * rel_floor).sqrt()
+def input_root(hessian: torch.Tensor, rel_floor: float = 1e-6) -> torch.Tensor:
+    """``L`` (lower triangular, float64) with ``L L^T = H + d I``: a square root of the inputs'
+    second moment [K, K] (float64; only its lower triangle is read). ``d`` starts at ``rel_floor``
+    times H's largest diagonal entry, so directions the inputs never take (padding; fewer tokens
+    than K) keep ``L`` invertible, and grows until the factorization succeeds; on those directions
+    any correction costs nothing. (A Cholesky factor whitens as well as an eigendecomposition does,
+    at a tenth of its time.) The damping goes onto H's diagonal in place and comes off after:
+    no K x K copy (a real model has hundreds of them)."""
+    diagonal = hessian.diagonal()
+    damping = float(diagonal.max().clamp(min=1e-30)) * rel_floor
+    for _ in range(8):
+        diagonal += damping
+        try:
+            root, info = torch.linalg.cholesky_ex(hessian)
+        finally:
+            diagonal -= damping
+        if int(info) == 0:
+            return root
+        damping *= 100
+    raise ValueError("the inputs' second moment is not a finite positive semi-definite matrix (NaN or inf in the activations?)")
 
 
 def eora_factors(delta: torch.Tensor, hessian: torch.Tensor, rank: int,
-                 basis: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 root: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B [N, r], A [r, K]) float32 minimizing ``tr((dW - BA) H (dW - BA)^T)`` over rank-r BA.
-    ``basis``: ``input_basis(hessian)`` when the caller has it (linears sharing an input)."""
-    evecs, root = basis if basis is not None else input_basis(hessian)
-    projected = delta.to(torch.float64) @ evecs * root  # dW Q diag(sqrt l)
-    u, s, vh = torch.linalg.svd(projected, full_matrices=False)
-    r = min(rank, s.numel())
-    b = u[:, :r] * s[:r]
-    a = (vh[:r] / root) @ evecs.T
+    ``root``: ``input_root(hessian)`` when the caller has it (linears sharing an input).
+
+    The best BA is the rank-r truncated SVD of ``P = dW L`` mapped back by ``L^-1``. Only the top r
+    singular vectors are needed, so they come from the eigenvectors of P's smaller Gram matrix:
+    with P's top left singular vectors U_r the answer is ``U_r (U_r^T dW)``; with its top right
+    ones V_r it is ``(dW L V_r) (V_r^T L^-1)``."""
+    root = input_root(hessian.to(torch.float64)) if root is None else root
+    delta = delta.to(torch.float64)
+    projected = delta @ root  # P = dW L
+    n, k = projected.shape
+    r = min(rank, n, k)
+    if n <= k:
+        _, vectors = torch.linalg.eigh(projected @ projected.T)  # ascending: the top r are last
+        u = vectors[:, -r:].flip(-1)
+        b, a = u, u.T @ delta
+    else:
+        _, vectors = torch.linalg.eigh(projected.T @ projected)
+        v = vectors[:, -r:].flip(-1)
+        b = projected @ v
+        a = torch.linalg.solve_triangular(root.T, v, upper=True).T  # V_r^T L^-1
     return b.to(torch.float32), a.to(torch.float32)
 
 
