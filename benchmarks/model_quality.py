@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
+from pathlib import Path
 
 import torch
 
 import lqc
 from lqc.bench import write_results
 from lqc.data import bos_token, calibration_from, tokenize_file
-from lqc.evaluate import agreement, cached_logits, causal_lm_logits, eval_prompts, greedy_tokens, perplexity
+from lqc.evaluate import PerplexityResult, agreement, cached_logits, causal_lm_logits, eval_prompts, greedy_tokens, perplexity
 from lqc.passes.recipe import read_recipe_file
 from lqc.recipes import resolve_recipe
 
@@ -52,6 +54,19 @@ def is_kv_recipe(recipe: str) -> bool:
     data = resolve_recipe(recipe)
     data = read_recipe_file(data) if isinstance(data, str) else data
     return any(entry["pass"] == "compress_kv" for entry in (data["passes"] if isinstance(data, dict) else data))
+
+
+def kept_rows(args, reference) -> list[dict]:
+    """The rows of ``--out``'s JSON for recipes this run does not measure: only when that file's
+    float32 reference is this run's to the last digit (same model, windows, BOS), so every row of
+    the table stays a change against the same perplexity."""
+    previous = json.loads(Path(args.out + ".json").read_text())
+    if previous["reference"]["whole"]["perplexity"] != reference["whole"].perplexity or previous["bos"] != args.bos:
+        raise SystemExit(f"--update: {args.out}.json was measured against another reference "
+                         f"({previous['reference']['whole']['perplexity']} vs {reference['whole'].perplexity}); measure every row again")
+    if reference["chunked"] is None and "chunked" in previous["reference"]:
+        reference["chunked"] = PerplexityResult(**previous["reference"]["chunked"])
+    return previous["rows"]
 
 
 def measure(model, tokenizer, ids, recipe, args, calibration, reference, prompts, ref_tokens):
@@ -86,6 +101,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bos", choices=["auto", "yes", "no"], default="auto", help="a BOS token before each window and prompt")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--update", action="store_true",
+                        help="keep --out's rows for recipes not measured now (refused unless its float32 reference is this run's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import DynamicCache
@@ -106,10 +123,12 @@ def main() -> None:
         }
         prompts = eval_prompts(ids, args.gen_prompts, bos=args.bos)
         ref_tokens = greedy_tokens(model, prompts, args.gen_tokens) if prompts else []
-        rows = []
+        fresh = {}
         for recipe in args.recipes:
-            rows.append(measure(model, tokenizer, ids, recipe, args, calibration, reference, prompts, ref_tokens))
-            print(rows[-1], flush=True)
+            fresh[recipe] = measure(model, tokenizer, ids, recipe, args, calibration, reference, prompts, ref_tokens)
+            print(fresh[recipe], flush=True)
+        kept = kept_rows(args, reference) if args.update else []
+        rows = [fresh.pop(row["recipe"], row) for row in kept] + list(fresh.values())
     lines = [f"# lqc's recipes on {name}\n",
              f"eval.txt, {reference['whole'].windows} windows of {args.window_length} tokens "
              f"({reference['whole'].scored_tokens:,} scored), float32 reference perplexity {reference['whole'].perplexity:.4f}"
@@ -117,7 +136,9 @@ def main() -> None:
                 if reference["chunked"] else "")
              + ("; a BOS token before every window and prompt" if args.bos is not None else "")
              + f"; float32 weights {float_bytes / 1e6:.1f} MB; greedy agreement over {len(prompts)} prompts x "
-               f"{args.gen_tokens} tokens; {args.threads} threads.\n",
+               f"{args.gen_tokens} tokens; {args.threads} threads."
+             + (f" Rows measured in this run: {', '.join(args.recipes)}; the others in an earlier run against the same "
+                f"reference (--update)." if args.update else "") + "\n",
              "| recipe | weight MB | x float32 | perplexity | change | greedy agreement | evaluated as | compress s |",
              "|---|---:|---:|---:|---:|---:|---|---:|"]
     for row in rows:

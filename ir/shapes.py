@@ -32,11 +32,46 @@ def fake_from_example(mode: FakeTensorMode, value: Any) -> Any:
     return value
 
 
+# node.meta[_KEY] = (key, val): the value propagation gave the node, and a hash of everything it
+# depends on (op, target, constant arguments, and the shapes, strides and dtypes of its inputs and
+# constants). A pass rewrites a few nodes of a graph of thousands: on the next propagation a node
+# whose key is unchanged keeps its value (the same op on the same shapes gives the same shapes),
+# so only the nodes the pass touched, and those whose inputs' shapes changed, run again.
+_KEY = "lqc_shape_key"
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable stand-in for a node argument: a node by its value's metadata, a tensor by its."""
+    if isinstance(value, fx.Node):
+        return ("node", _frozen(value.meta.get("val")))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_frozen(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, slice):
+        return ("slice", _frozen(value.start), _frozen(value.stop), _frozen(value.step))
+    if isinstance(value, torch.Tensor):
+        return ("tensor", str(tuple(value.shape)), str(value.stride()), value.dtype, str(value.device))
+    return (type(value).__name__, repr(value))
+
+
 class _FakePropagator(fx.Interpreter):
-    def __init__(self, graph: Graph, mode: FakeTensorMode):
+    def __init__(self, graph: Graph, mode: FakeTensorMode, examples: list[Any]):
         super().__init__(graph.gm, garbage_collect_values=True)
         self.mode = mode
         self.fake_constants: dict[int, FakeTensor] = {}
+        self.examples = dict(zip(graph.placeholders(), examples))
+
+    def _key(self, node: fx.Node) -> int:
+        if node.op == "placeholder":
+            depends = (id(self.mode), _frozen(self.examples[node]))
+        elif node.op == "get_attr":
+            depends = _frozen(getattr(self.module, node.target, None))
+        elif node.op == "call_module":
+            depends = id(self.module.get_submodule(node.target))
+        else:
+            depends = None
+        return hash((node.op, node.target, depends, _frozen(node.args), _frozen(node.kwargs)))
 
     def get_attr(self, target, args, kwargs):
         value = super().get_attr(target, args, kwargs)
@@ -48,6 +83,10 @@ class _FakePropagator(fx.Interpreter):
         return value
 
     def run_node(self, node: fx.Node) -> Any:
+        key = self._key(node)
+        cached = node.meta.get(_KEY)
+        if cached is not None and cached[0] == key and node.op not in ("placeholder", "output") and node.meta.get("val") is cached[1]:
+            return cached[1]
         try:
             with self.mode:
                 result = super().run_node(node)
@@ -57,6 +96,7 @@ class _FakePropagator(fx.Interpreter):
                 f"{type(exc).__name__}: {exc}\n  input shapes: {_describe_inputs(node)}"
             ) from exc
         node.meta["val"] = result
+        node.meta[_KEY] = (key, result)
         return result
 
 
@@ -115,6 +155,6 @@ def propagate_shapes(graph: Graph) -> None:
     # recorded example values, so propagation runs on copies of the placeholders' fakes.
     with mode:
         run_inputs = [v.clone() if isinstance(v, torch.Tensor) else v for v in examples]
-    _FakePropagator(graph, mode).run(*run_inputs)
+    _FakePropagator(graph, mode, examples).run(*run_inputs)
     for node, example in zip(placeholders, examples):
         node.meta["val"] = example
