@@ -139,18 +139,26 @@ def test_dropped_attention_generates_frees_its_cache_and_saves(smollm2, prompt, 
         lqc.export(tmp_path, "compressed-tensors", tmp_path.parent / "export")  # HF configs hold whole blocks only
 
 
-def test_moe_with_every_expert_active_equals_the_dense_model(smollm2, eval_ids):
+@pytest.fixture(scope="module")
+def captured_128(smollm2, eval_ids):
+    """SmolLM2 captured on 128 tokens of eval.txt, with its logits: the MoE and routing tests run
+    their passes on copies (a capture costs ~10 s). The capture is static: calibration windows take
+    its length, so 128 tokens (4 windows for 512 calibration tokens, not 100 of a 5-token prompt)."""
+    from lqc.ir import trace
+
+    prompt = eval_ids[None, :128]
+    graph = trace(smollm2.model, prompt)
+    with torch.no_grad():
+        return graph, prompt, graph(prompt)[-1]
+
+
+def test_moe_with_every_expert_active_equals_the_dense_model(smollm2, captured_128):
     from lqc.data import calibration_from
-    from lqc.ir import op_name, trace
+    from lqc.ir import op_name
     from lqc.passes import PassContext, PassManager
 
-    model = smollm2.model
-    # the capture is static: calibration windows take its length, so 128 tokens (4 windows for
-    # 512 calibration tokens, not 100 of a 5-token prompt)
-    prompt = eval_ids[None, :128]
-    graph = trace(model, prompt)
-    with torch.no_grad():
-        dense = graph(prompt)[-1]
+    captured, prompt, dense = captured_128
+    graph = captured.copy()
     calibration = calibration_from("calib", smollm2.tokenizer)
     # the random partition: which neurons share an expert does not matter when every expert is on
     # (the calibrated clustering is tested on tiny models: on 30 FFNs of 1,536 neurons it takes ~55 s)
@@ -162,18 +170,16 @@ def test_moe_with_every_expert_active_equals_the_dense_model(smollm2, eval_ids):
     assert ((carved - dense).norm() / dense.norm()).item() <= 1e-5
 
 
-def test_route_neurons_keeps_half_the_ffn_neurons_close_to_the_dense_model(smollm2, eval_ids):
+def test_route_neurons_keeps_half_the_ffn_neurons_close_to_the_dense_model(smollm2, captured_128):
     """route_neurons at 50% on SmolLM2 (calibrated on 512 tokens of calib.txt): 30 FFNs routed,
     and on 128 tokens of eval.txt the next-token choice agrees with the dense model's on >= 70% of
     positions with a mean KL below 0.25 (measured: 75.8%, 0.185; the 128-window figures: docs/moe.md)."""
     from lqc.data import calibration_from
-    from lqc.ir import op_name, trace
+    from lqc.ir import op_name
     from lqc.passes import PassContext, PassManager
 
-    prompt = eval_ids[None, :128]
-    graph = trace(smollm2.model, prompt)
-    with torch.no_grad():
-        dense = graph(prompt)[-1]
+    captured, prompt, dense = captured_128
+    graph = captured.copy()
     calibration = calibration_from("calib", smollm2.tokenizer)
     PassManager([{"pass": "route_neurons", "active": 0.5, "tokens": 512}]).run(graph, PassContext(calibration=calibration, progress=False))
     assert sum(op_name(n) == "lqc::keep_top_neurons" for n in graph.nodes) == 30
