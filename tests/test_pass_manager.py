@@ -77,6 +77,24 @@ class BreakOutput(Pass):
         return PassResult()
 
 
+class ShrinkWeight(Pass):
+    """Deliberately breaks the graph without touching a node: a linear's weight loses an input
+    column (shape propagation, which keeps the values of unchanged nodes, must see it)."""
+
+    name = "test_shrink_weight"
+
+    def run(self, graph, ctx):
+        node = next(n for n in graph.gm.graph.find_nodes(op="get_attr") if getattr(graph.gm, n.target).dim() == 2
+                    and any("linear" in str(u.target) for u in n.users))
+        setattr(graph.gm, node.target, getattr(graph.gm, node.target)[:, :-1].clone())
+        return PassResult()
+
+
+def test_a_constant_changed_in_place_of_a_node_is_verified(graph):
+    with pytest.raises(VerificationError, match="shapes do not propagate after pass 'test_shrink_weight'"):
+        PassManager([{"pass": "cleanup"}, ShrinkWeight()]).run(graph)
+
+
 def test_passes_run_in_recipe_order(graph):
     RecordOrder.log.clear()
     PassManager([RecordOrder(label="a"), RecordOrder(label="b"), RecordOrder(label="c")]).run(graph)
