@@ -81,8 +81,9 @@ def test_quantization_quality_bounds(smollm2, eval_ids):
     """Quality bounds on 2 evaluation windows (1,022 tokens; the full figures are in
     docs/quantization.md): int8 within 1.5% of float32, HQQ int4 g64 better than RTN already after 5
     of its 20 default steps (a quarter of its 18 s on one thread), and RTN int4 g64 with a rank-16
-    EoRA path (the lowrank pass, 1,024 calibration tokens) closer to float32 than HQQ. One capture
-    of the 512-token window, each recipe run by the pass manager on a copy of it."""
+    EoRA path (the lowrank pass, 512 calibration tokens; measured 22.95 against HQQ's 26.93) closer
+    to float32 than HQQ. One capture of the 512-token window, each recipe run by the pass manager
+    on a copy of it."""
     from lqc.data import calibration_from
     from lqc.evaluate import causal_lm_logits, perplexity
     from lqc.ir import trace
@@ -97,7 +98,7 @@ def test_quantization_quality_bounds(smollm2, eval_ids):
     rtn = {"pass": "quantize", "format": "int4", "group_size": 64}
     recipes = {"int8": [{"pass": "quantize", "format": "int8"}], "rtn": [rtn],
                "hqq": [{**rtn, "method": "hqq", "hqq_iters": 5}],
-               "rtn+eora16": [rtn, {"pass": "lowrank", "rank": 16, "calibration_tokens": 1024}]}
+               "rtn+eora16": [rtn, {"pass": "lowrank", "rank": 16, "calibration_tokens": 512}]}
     calibration = calibration_from("calib", smollm2.tokenizer)
     for name, recipe in recipes.items():
         compressed = graph.copy(name=name)
