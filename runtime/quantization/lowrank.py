@@ -7,8 +7,8 @@ eigenspace of the inputs: with the input second moment ``H = E[x x^T] = L L^T``,
     min over rank-r M of  E || x @ (dW - M).T ||^2  =  || dW L - M L ||_F^2
 
 so the best M is the rank-r truncated SVD of ``dW L``, mapped back by ``L^-1`` (EoRA writes L as
-``Q diag(sqrt l)`` from H's eigendecomposition; any square root gives the same M). A plain SVD of dW (no activations) would spend the rank on input
-directions the layer never sees.
+``Q diag(sqrt l)`` from H's eigendecomposition; any square root gives the same M). A plain SVD
+of dW (no activations) would spend the rank on input directions the layer never sees.
 
 Factors are stored ``int8`` (``a`` int8 [r, K] with its row scales folded into ``b`` before ``b``
 is quantized per row: ``b`` int8 [N, r] and ``scale`` [N]) or ``bf16`` (``a``, ``b`` bfloat16,
@@ -49,16 +49,17 @@ def input_root(hessian: torch.Tensor, rel_floor: float = 1e-6) -> torch.Tensor:
     times H's largest diagonal entry, so directions the inputs never take (padding; fewer tokens
     than K) keep ``L`` invertible, and grows until the factorization succeeds; on those directions
     any correction costs nothing. (A Cholesky factor whitens as well as an eigendecomposition does,
-    at a tenth of its time.) The damping goes onto H's diagonal in place and comes off after:
-    no K x K copy (a real model has hundreds of them)."""
+    at a tenth of its time.) The damping goes onto H's diagonal in place and the diagonal is put
+    back after, bit for bit: no K x K copy (a real model has hundreds of them)."""
     diagonal = hessian.diagonal()
-    damping = float(diagonal.max().clamp(min=1e-30)) * rel_floor
+    saved = diagonal.clone()
+    damping = float(saved.max().clamp(min=1e-30)) * rel_floor
     for _ in range(8):
         diagonal += damping
         try:
             root, info = torch.linalg.cholesky_ex(hessian)
         finally:
-            diagonal -= damping
+            diagonal.copy_(saved)
         if int(info) == 0:
             return root
         damping *= 100
