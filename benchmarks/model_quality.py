@@ -104,6 +104,8 @@ def main() -> None:
     parser.add_argument("--update", action="store_true",
                         help="keep --out's rows for recipes not measured now (refused unless its float32 reference is this run's)")
     args = parser.parse_args()
+    if args.update and not (args.out and Path(args.out + ".json").is_file()):
+        parser.error("--update keeps the rows of an earlier --out OUT (OUT.json): give --out with an existing result")
     torch.set_num_threads(args.threads)
     from transformers import DynamicCache
 
@@ -123,11 +125,11 @@ def main() -> None:
         }
         prompts = eval_prompts(ids, args.gen_prompts, bos=args.bos)
         ref_tokens = greedy_tokens(model, prompts, args.gen_tokens) if prompts else []
+        kept = kept_rows(args, reference) if args.update else []  # refused here, before any recipe is measured
         fresh = {}
         for recipe in args.recipes:
             fresh[recipe] = measure(model, tokenizer, ids, recipe, args, calibration, reference, prompts, ref_tokens)
             print(fresh[recipe], flush=True)
-        kept = kept_rows(args, reference) if args.update else []
         rows = [fresh.pop(row["recipe"], row) for row in kept] + list(fresh.values())
     lines = [f"# lqc's recipes on {name}\n",
              f"eval.txt, {reference['whole'].windows} windows of {args.window_length} tokens "
