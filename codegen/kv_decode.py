@@ -170,9 +170,10 @@ def attend_triton(view: CompressedKVView, query: torch.Tensor, attention_mask: t
     rep = query_heads // kv_heads
     rows = rep * q_len
     q = (query.to(torch.float32).reshape(b, kv_heads, rows, d) * scaling).contiguous()
-    bias = mask_bias(view, attention_mask, q_len, causal, query.device)  # [B, 1 or Hq, q, T]
+    bias = mask_bias(view, attention_mask, q_len, causal, query.device)  # [B, 1 or Hkv, q, T]
     if bias is not None:  # the kernel's rows are (query head of a KV head, query token): [B, Hkv, rep * q, T]
-        bias = bias.expand(b, query_heads, q_len, view.tokens).reshape(b, kv_heads, rows, view.tokens).contiguous()
+        bias = bias[:, :, None].expand(b, kv_heads, rep, q_len, view.tokens).reshape(b, kv_heads, rows, view.tokens)
+        bias = bias.contiguous()
     block_r = max(16, triton.next_power_of_2(rows))
     precision = dot_input_precision()  # q, K, V are float32 here: TF32 only where torch allows it
 

@@ -307,6 +307,9 @@ _lib.define(
 # cache holds for the layer ([B, Hkv, T, D], or the empty 1-d tensor before the first token).
 # Returns the attention [B, Hq, q, D] (SDPA's layout) and, in place of the concatenated keys and
 # values, two handles [B, Hkv, T + q, D] of stride 0 (one NaN each) for the cache to hold.
+# ``sliding_window`` W > 0: the layer is transformers' ``DynamicSlidingWindowLayer``, whose past
+# holds the last W - 1 tokens only and whose mask starts at the window; the handles are sliced
+# to the last W - 1 tokens by the graph, as the keys were.
 #
 # ``kv_static_attention``: ``StaticCache``. ``key_buffer`` and ``value_buffer`` are its buffers
 # (never written: the tokens go to the compressed layer); ``cache_position`` [q] the positions
@@ -314,7 +317,8 @@ _lib.define(
 KV_CACHE_OPTIONS = "int bits, int group, int residual, int sinks, int window, int snapkv, int observation"
 _lib.define(
     "kv_dynamic_attention(Tensor past_keys, Tensor past_values, Tensor query, Tensor keys, Tensor values, "
-    f"Tensor? attention_mask, float scaling, bool causal, {KV_CACHE_OPTIONS}) -> (Tensor, Tensor, Tensor)"
+    f"Tensor? attention_mask, float scaling, bool causal, {KV_CACHE_OPTIONS}, int sliding_window=0) "
+    "-> (Tensor, Tensor, Tensor)"
 )
 _lib.define(
     "kv_static_attention(Tensor key_buffer, Tensor value_buffer, Tensor cache_position, Tensor query, Tensor keys, "

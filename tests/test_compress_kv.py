@@ -223,3 +223,31 @@ def test_chunked_prefill_through_repeat_kv():
         logits = cached_logits(compiled, lambda: DynamicCache(config=model.config), 8)(ids)
     assert (logits - reference).abs().max().item() < 1e-5
     assert all(_lqc_nodes(g) == ["lqc.kv_dynamic_attention.default"] * 2 for g in lqc.session_of(compiled.forward).compilations)
+
+
+def test_sliding_window_layers_compress_and_still_slide():
+    """Gemma 3 interleaves sliding-window layers (8 tokens here; transformers keeps their last 7 in a
+    DynamicSlidingWindowLayer and masks from the window's start) with full ones. 36 tokens run well
+    past the window: without quantization the compiled model's logits equal the float cache's (the
+    window is applied exactly), and with 2 bits they equal CompressedKVCache's (which gives the
+    sliding layers the same window) at every step. Both layers read a compressed cache, and the
+    sliding layer's cache holds a placeholder of the window's length."""
+    from lqc.support_matrix import build
+
+    model = build("gemma3").eval()
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    float_logits = _step_logits(model, DynamicCache(config=model.config), ids)
+    for bits in (0, 2):
+        options = dict(OPTIONS, bits=bits)
+        reference_model = copy.deepcopy(model)
+        reference = _step_logits(reference_model, CompressedKVCache(reference_model.config, **dict(options, bits=bits or None)), ids)
+        cache = DynamicCache(config=model.config)
+        compiled = _compiled(model, **options)
+        logits = _step_logits(compiled, cache, ids)
+        assert (logits - reference).abs().max().item() < 1e-5, bits
+        assert ((logits - float_logits).abs().max().item() < 1e-5) == (bits == 0)
+        for graph in lqc.session_of(compiled.forward).compilations:
+            assert _lqc_nodes(graph) == ["lqc.kv_dynamic_attention.default"] * 2
+        sliding, full = cache.layers[0].keys, cache.layers[1].keys
+        assert sliding.shape[-2] == 7 and full.shape[-2] == 36 and sliding.stride() == (0, 0, 0, 0)
+        assert kv_graph_cache.layer_for(sliding).stored_tokens <= 7 + 1 + OPTIONS["residual"] + OPTIONS["group"]

@@ -252,7 +252,7 @@ def test_other_caches_keep_the_attention_the_config_had(tiny_llama, token_ids):
 def test_eviction_without_lqc_attention_names_the_fix(tiny_llama, token_ids):
     cache = CompressedKVCache(tiny_llama.config, bits=4, group=4, residual=4, sinks=1, window=8)
     tiny_llama.config._attn_implementation = "sdpa"
-    with pytest.raises(ValueError, match=r"need lqc's KV attention.*use_compressed_attention\(model.config\)"):
+    with pytest.raises(ValueError, match=r"needs lqc's KV attention.*use_compressed_attention\(model.config\)"):
         tiny_llama(token_ids, cache=cache)
 
 

@@ -73,3 +73,32 @@ def test_steps_it_does_not_compute_go_to_attend():
     query = torch.randn(1, 1, 1, 24, generator=gen)
     out, _ = kv_decode.attend_triton(view, query, None, 0.2)
     torch.testing.assert_close(out, attend(view, query, None, 0.2)[0])
+
+
+@pytest.mark.parametrize("mask", [None, "bool"])
+def test_evicted_tokens_per_kv_head_and_a_sliding_window_offset(mask):
+    """Stored tokens at positions that differ per KV head (eviction) and a mask that starts at
+    position 20 (a sliding window's): the kernel's bias rows follow each KV head's positions, and
+    the tokens before the window are masked out, as in ``attend``."""
+    gen = torch.Generator().manual_seed(7)
+    b, kv_heads, rep, d, q_len = 1, 2, 3, 16, 2
+    view = _view(b, kv_heads, d, 2, 32, 6, 4, 16, torch.float32, gen)
+    tokens = view.tokens  # 40 stored of 48 seen: per KV head, a different 8 were evicted
+    view.positions = torch.stack([torch.randperm(48, generator=gen)[:tokens].sort().values for _ in range(kv_heads)])[None]
+    view.mask_offset = 20
+    attention_mask = None if mask is None else torch.rand(b, 1, q_len, 48 - 20, generator=gen) > 0.2
+    query = torch.randn(b, kv_heads * rep, q_len, d, generator=gen)
+    out, _ = kv_decode.attend_triton(view, query, attention_mask, d**-0.5, causal=False, tokens_per_program=32)
+    expected, _ = attend(view, query, attention_mask, d**-0.5, causal=False)
+    assert ((out - expected).norm() / expected.norm()).item() <= 1e-3
+    # ``attend`` itself against softmax attention over the dequantized tokens, each KV head's
+    # columns taken at its tokens' positions minus 20, the tokens before 20 left out
+    keys, values = view.dequantized()
+    columns = view.positions[0] - 20  # [Hkv, T]
+    allowed = (columns >= 0)[:, None].expand(kv_heads, q_len, tokens)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[0, 0].T[columns.clamp(min=0)].transpose(1, 2)
+    scores = (query[0].reshape(kv_heads, rep, q_len, d) * d**-0.5) @ keys[0][:, None].transpose(-1, -2)
+    probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
+    reference = (probs @ values[0][:, None]).reshape(kv_heads * rep, q_len, d).transpose(0, 1)
+    torch.testing.assert_close(expected[0], reference, atol=1e-5, rtol=1e-5)

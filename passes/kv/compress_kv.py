@@ -20,8 +20,13 @@ and values. A dynamic cache's ``cat`` that no attention reads (``drop_layers`` r
 attention) becomes ``lqc::kv_placeholder``: the dropped layer's cache holds 4 bytes, not zeros.
 Nothing else in the graph changes.
 
-An SDPA the pass does not recognize (no cache: ``use_cache=False``; a sliding-window cache,
-whose ``cat`` feeds a slice; dropout) is left as it is, with a warning when a cache was there.
+A sliding-window layer of a ``DynamicCache`` (Gemma 2/3, Mistral: ``DynamicSlidingWindowLayer``)
+returns only the ``cat``'s last W - 1 tokens to the cache (``cat[:, :, -(W-1):]``); its op gets
+``sliding_window=W`` and the slice then cuts the handle instead. A static cache's sliding layers
+(``StaticSlidingWindowLayer``: a rolling buffer) are not recognized.
+
+An SDPA the pass does not recognize (no cache: ``use_cache=False``; a static sliding-window
+cache; dropout) is left as it is, with a warning when a cache was there.
 """
 
 from __future__ import annotations
@@ -91,6 +96,7 @@ class _CacheUpdate:
     new_values: fx.Node
     updates: tuple[fx.Node, fx.Node]  # the two cats, or the two index_copy_ nodes
     positions: fx.Node | None = None  # static: index_copy_'s positions
+    sliding_window: int = 0  # dynamic: W when the cache keeps only the cat's last W - 1 tokens (a sliding window)
 
 
 def _sdpa_args(node: fx.Node) -> dict:
@@ -162,11 +168,42 @@ def _cache_cat(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return past, new
 
 
+def _kept_tail(node: fx.Node) -> int | None:
+    """k of ``x[:, :, -k:, :]`` going only to the graph's output: what transformers'
+    ``DynamicSlidingWindowLayer`` keeps of the concatenated keys or values (k = W - 1)."""
+    if op_name(node) != "getitem" or not isinstance(node.args[1], tuple) or not all(u.op == "output" for u in node.users):
+        return None
+    index = node.args[1]
+    if len(index) not in (3, 4) or index[:2] != (_ALL, _ALL) or any(i != _ALL for i in index[3:]):
+        return None
+    tail = index[2]
+    if not isinstance(tail, slice) or tail.stop is not None or tail.step not in (None, 1):
+        return None
+    return -tail.start if isinstance(tail.start, int) and tail.start < 0 else None
+
+
+def _sliding_window(cats: tuple[fx.Node, fx.Node]) -> int | None:
+    """W if each cat's only slice is a kept tail of W - 1 tokens (the same W for both), 0 if no cat
+    has one, None if they disagree."""
+    tails = set()
+    for cat in cats:
+        kept = [_kept_tail(u) for u in cat.users if op_name(u) == "getitem" and _view_kind(u) is None]
+        tails.add(kept[0] if len(kept) == 1 else (None if kept else 0))
+    if len(tails) != 1 or None in tails:
+        return None
+    tail = tails.pop()
+    return tail + 1 if tail else 0
+
+
 def _dynamic_update(keys: fx.Node, values: fx.Node) -> _CacheUpdate | None:
     key_cat, value_cat = _cache_cat(keys), _cache_cat(values)
     if key_cat is None or value_cat is None:
         return None
-    return _CacheUpdate("dynamic", key_cat[0], value_cat[0], key_cat[1], value_cat[1], (keys, values))
+    window = _sliding_window((keys, values))
+    if window is None:
+        return None
+    return _CacheUpdate("dynamic", key_cat[0], value_cat[0], key_cat[1], value_cat[1], (keys, values),
+                        sliding_window=window)
 
 
 def _static_update(keys: fx.Node, values: fx.Node) -> _CacheUpdate | None:
@@ -199,14 +236,15 @@ def _why_not(args: dict, update: _CacheUpdate | None, graph_users_ok: bool) -> s
     if args["dropout_p"] not in (0, 0.0):
         return f"it has dropout {args['dropout_p']}"
     if not graph_users_ok:
-        return "the cache update is also read by something other than this attention and the graph's output (a sliding window?)"
+        return "the cache update is also read by something other than this attention and the graph's output"
     return None
 
 
 def _users_ok(update: _CacheUpdate, sdpa: fx.Node, chain: list[fx.Node]) -> bool:
     allowed = set(chain) | {sdpa}
-    if update.kind == "dynamic":  # the cat: read by the attention and returned to the cache
-        return all(u in allowed or u.op == "output" for cat in update.updates for u in cat.users)
+    if update.kind == "dynamic":  # the cat: read by the attention and returned (a sliding window: its tail) to the cache
+        return all(u in allowed or u.op == "output" or (update.sliding_window and _kept_tail(u))
+                   for cat in update.updates for u in cat.users)
     # the buffer: written once, read by the attention, returned (prefill) to the cache
     return all(u in allowed or u.op == "output" or u in update.updates
                for buffer in (update.past_keys, update.past_values) for u in buffer.users)
@@ -297,8 +335,9 @@ class CompressKV(Pass):
         attention = (args["query"], update.new_keys, update.new_values, args["attn_mask"], float(scale), bool(args["is_causal"]))
         with g.inserting_before(sdpa):
             if update.kind == "dynamic":
+                window = (update.sliding_window,) if update.sliding_window else ()
                 op = g.call_function(torch.ops.lqc.kv_dynamic_attention.default,
-                                     (update.past_keys, update.past_values, *attention, *self.options.op_options()))
+                                     (update.past_keys, update.past_values, *attention, *self.options.op_options(), *window))
                 out = g.call_function(operator.getitem, (op, 0))
                 handles = [g.call_function(operator.getitem, (op, i)) for i in (1, 2)]
             else:
@@ -314,8 +353,11 @@ class CompressKV(Pass):
                 g.erase_node(node)
         if update.kind == "dynamic":
             for cat, handle in zip(update.updates, handles):  # the cache keeps the handles
+                tails = [u for u in cat.users if _kept_tail(u)] if update.sliding_window else []
                 cat.replace_all_uses_with(handle)
                 g.erase_node(cat)
+                for tail in tails:  # the sliding window's slice now cuts the handle, made at the attention
+                    handle.append(tail)
             for past in (update.past_keys, update.past_values):
                 if _empty_tensor(past) and not past.users:
                     g.erase_node(past)

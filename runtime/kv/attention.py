@@ -60,6 +60,9 @@ class CompressedKVView:
     keys: torch.Tensor  # the full-precision recent tokens, this step's last
     values: torch.Tensor
     positions: torch.Tensor | None  # [B, H, T] position of each stored token; None: 0..T-1
+    # the position of the mask's first column: transformers' sliding-window cache builds its mask
+    # over the window only (from kv_offset); stored tokens before it are outside the window
+    mask_offset: int = 0
 
     @property
     def tokens(self) -> int:
@@ -93,17 +96,32 @@ def _quantized_chunks(q: QuantizedKV):
 
 
 def _mask_columns(attention_mask: torch.Tensor, view: CompressedKVView, query_length: int) -> torch.Tensor:
-    """The mask over positions -> over the stored tokens: [B, 1 or H, q, T]."""
+    """The mask over positions -> over the stored tokens: [B, 1 or H, q, T]; a stored token before
+    the mask's first position (``view.mask_offset``) is masked out (boolean False, additive -inf)."""
     tokens = view.tokens
-    if view.positions is None:
+    if view.positions is None and not view.mask_offset:
         # the stored tokens are positions 0..T-1; a static cache's mask also covers its empty slots
         if attention_mask.shape[-1] < tokens:
             raise ValueError(f"lqc KV attention: the mask covers {attention_mask.shape[-1]} positions but the cache "
                              f"holds {tokens} tokens; build the mask with this cache's get_mask_sizes")
         return attention_mask[..., :tokens]
-    b, heads, _ = view.positions.shape
-    index = view.positions[:, :, None, :].expand(b, heads, query_length, tokens)
-    return attention_mask.expand(b, heads, query_length, attention_mask.shape[-1]).gather(-1, index)
+    columns = _mask_index(view)  # [B or 1, H or 1, T]
+    b, heads = max(columns.shape[0], attention_mask.shape[0]), max(columns.shape[1], attention_mask.shape[1])
+    index = columns.clamp(min=0)[:, :, None, :].expand(b, heads, query_length, tokens)
+    gathered = attention_mask.expand(b, heads, query_length, attention_mask.shape[-1]).gather(-1, index)
+    stale = (columns < 0)[:, :, None, :]
+    if not stale.any():
+        return gathered
+    return gathered & ~stale if gathered.dtype == torch.bool else gathered.masked_fill(stale, float("-inf"))
+
+
+def _mask_index(view: CompressedKVView) -> torch.Tensor:
+    """Each stored token's mask column (its position minus ``mask_offset``): [B or 1, H or 1, T]."""
+    if view.positions is None:
+        positions = torch.arange(view.tokens, device=view.keys.device)[None, None]
+    else:
+        positions = view.positions
+    return positions - view.mask_offset
 
 
 def compressed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -151,7 +169,7 @@ torch.library.impl("lqc::kv_attention", "CompositeExplicitAutograd")(kv_attentio
 
 def mask_bias(view: CompressedKVView, attention_mask: torch.Tensor | None, q_len: int, causal: bool,
               device: torch.device) -> torch.Tensor | None:
-    """What the mask adds to the scores over the stored tokens: float32 [B, 1 or Hq, q, T], 0 where
+    """What the mask adds to the scores over the stored tokens: float32 [B, 1 or Hkv, q, T], 0 where
     allowed and -inf where not (a boolean mask), or the additive mask's values; without a mask and
     with ``causal``, -inf for this step's later tokens (the last q_len stored). None: nothing."""
     tokens = view.tokens
@@ -160,11 +178,13 @@ def mask_bias(view: CompressedKVView, attention_mask: torch.Tensor | None, q_len
         if allowed.dtype != torch.bool:
             return allowed.to(torch.float32)
         return torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill(~allowed, float("-inf"))
-    if causal and q_len > 1:
+    stale = (_mask_index(view) < 0)[:, :, None, :] if view.mask_offset else None
+    if (causal and q_len > 1) or (stale is not None and stale.any()):
         bias = torch.zeros(1, 1, q_len, tokens, dtype=torch.float32, device=device)
-        future = torch.ones(q_len, q_len, dtype=torch.bool, device=device).triu(1)
-        bias[..., tokens - q_len :] = bias[..., tokens - q_len :].masked_fill(future, float("-inf"))
-        return bias
+        if causal and q_len > 1:
+            future = torch.ones(q_len, q_len, dtype=torch.bool, device=device).triu(1)
+            bias[..., tokens - q_len :] = bias[..., tokens - q_len :].masked_fill(future, float("-inf"))
+        return bias if stale is None else bias.masked_fill(stale, float("-inf"))
     return None
 
 

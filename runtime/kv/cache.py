@@ -20,6 +20,11 @@ Eviction (opt-in), applied after each step's attention:
   ``observation`` queries attend to them (summed over the query heads of each KV head, max-pooled
   over 7 neighbours) and only the top K per KV head are kept. GQA-aware: one choice per KV head.
 
+A sliding-window layer (``sliding_window=W``: Gemma 2/3's and Mistral's local attention) keeps at
+least the most recent W - 1 tokens, as transformers' ``DynamicSlidingWindowLayer`` does; tokens
+older than that are evicted like the StreamingLLM window's (whole quantized blocks), and those that
+remain past the window are masked by the sliding mask itself (lqc.runtime.kv.attention).
+
 Kept tokens keep the rotary positions they were computed at; the cache records each one's
 position, and ``get_seq_length`` counts every token seen, so new tokens get their true positions.
 
@@ -77,16 +82,20 @@ def check_cache_options(bits, group, residual, sinks, window, snapkv, observatio
 
 
 class CompressedKVLayer(CacheLayerMixin):
-    is_sliding = False
     is_croppable = False
     is_compileable = False
 
     def __init__(self, bits: int | None = 4, group: int = 64, residual: int = 128, sinks: int = 4,
-                 window: int | None = None, snapkv: int | None = None, observation: int = 32, config=None):
+                 window: int | None = None, snapkv: int | None = None, observation: int = 32, config=None,
+                 sliding_window: int | None = None):
         super().__init__()
         check_cache_options(bits, group, residual, sinks, window, snapkv, observation)
+        if sliding_window is not None and sliding_window < 2:
+            raise ValueError(f"a sliding window covers at least 2 tokens; got {sliding_window}")
         self.bits, self.group, self.residual, self.sinks = bits, group, residual, sinks
         self.window, self.snapkv, self.observation = window, snapkv, observation
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None  # transformers builds this layer a sliding mask
         self.config = config  # whose attention implementation says whether attention reads codes
         self.store = KVStore(self)  # what lqc::kv_attention receives
         self.keys = self.quantized = None
@@ -116,9 +125,9 @@ class CompressedKVLayer(CacheLayerMixin):
         if reads_codes(self.config):
             pending = PendingKV(self.store, key_states, value_states)
             return pending, pending
-        if self.window is not None or self.snapkv is not None:
+        if self.kept_window is not None or self.snapkv is not None:
             raise ValueError(
-                "StreamingLLM and SnapKV eviction need lqc's KV attention, and this model's config was switched away "
+                "eviction (StreamingLLM, SnapKV, a sliding window's) needs lqc's KV attention, and this model's config was switched away "
                 "from it; call lqc.runtime.kv.attention.use_compressed_attention(model.config)"
             )
         return self.dequantized_update(key_states, value_states)
@@ -165,8 +174,15 @@ class CompressedKVLayer(CacheLayerMixin):
             self._keep_top_tokens(importance)
         if self.bits is not None:
             self._close_blocks()
-        if self.window is not None:
+        if self.kept_window is not None:
             self._evict_outside_window()
+
+    @property
+    def kept_window(self) -> int | None:
+        """Recent tokens eviction keeps at least: the StreamingLLM window, or the W - 1 past tokens a
+        sliding window of W can still attend to, whichever is smaller; None: no eviction."""
+        windows = [w for w in (self.window, self.sliding_window and self.sliding_window - 1) if w]
+        return min(windows) if windows else None
 
     def _close_blocks(self) -> None:
         blocks = max(0, (self.keys.shape[-2] - self.residual) // self.group)
@@ -190,8 +206,9 @@ class CompressedKVLayer(CacheLayerMixin):
         quantized = self.quantized[0].tokens if self.quantized else 0
         recent = self.keys.shape[-2]
         # whole blocks first, while the rest still covers the window; then recent tokens, if no block is left
-        drop_quantized = min(quantized, max(0, quantized + recent - self.window) // self.group * self.group)
-        drop_recent = max(0, recent - self.window) if drop_quantized == quantized else 0
+        window = self.kept_window
+        drop_quantized = min(quantized, max(0, quantized + recent - window) // self.group * self.group)
+        drop_recent = max(0, recent - window) if drop_quantized == quantized else 0
         if not drop_quantized and not drop_recent:
             return
         positions = self._track_positions()
@@ -267,22 +284,28 @@ class CompressedKVLayer(CacheLayerMixin):
 
 
 class CompressedKVCache(Cache):
-    """One ``CompressedKVLayer`` per decoder layer of ``config`` (full attention only). Switches
-    ``config`` to lqc's KV attention (other caches keep the attention the config had)."""
+    """One ``CompressedKVLayer`` per decoder layer of ``config`` (full attention, or sliding-window
+    attention with the layer's window). Switches ``config`` to lqc's KV attention (other caches keep
+    the attention the config had)."""
 
     def __init__(self, config, bits: int | None = 4, group: int = 64, residual: int = 128, sinks: int = 4,
                  window: int | None = None, snapkv: int | None = None, observation: int = 32,
                  dropped: Iterable[int] = ()):
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
         text_config = config.get_text_config(decoder=True)
-        kinds = set(getattr(text_config, "layer_types", None) or ["full_attention"])
-        if kinds != {"full_attention"}:
-            raise ValueError(f"CompressedKVCache supports full-attention layers only; this model has {sorted(kinds)}")
+        kinds, kwargs = get_layer_types_and_kwargs(text_config)
+        unsupported = sorted(set(kinds) - {"full_attention", "sliding_attention"})
+        if unsupported:
+            raise ValueError(f"CompressedKVCache supports full and sliding-window attention layers; this model also has "
+                             f"{unsupported}")
         check_cache_options(bits, group, residual, sinks, window, snapkv, observation, attention_head_dim(text_config))
         use_compressed_attention(config)
         dropped = set(dropped)
         layers = [DroppedDynamicLayer() if i in dropped else
-                  CompressedKVLayer(bits, group, residual, sinks, window, snapkv, observation, config=text_config)
-                  for i in range(text_config.num_hidden_layers)]
+                  CompressedKVLayer(bits, group, residual, sinks, window, snapkv, observation, config=text_config,
+                                    sliding_window=kwargs[i].get("sliding_window"))
+                  for i in range(len(kinds))]
         super().__init__(layers=layers)
 
     def nbytes(self) -> int:

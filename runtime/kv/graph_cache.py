@@ -75,8 +75,9 @@ def _lookup(tensor: torch.Tensor) -> CompressedKVLayer | None:
     return _layers.get(tensor.untyped_storage().data_ptr()) if tensor.numel() else None
 
 
-def _new_layer(bits, group, residual, sinks, window, snapkv, observation) -> CompressedKVLayer:
-    return CompressedKVLayer(bits or None, group, residual, sinks, window or None, snapkv or None, observation)
+def _new_layer(bits, group, residual, sinks, window, snapkv, observation, sliding_window=0) -> CompressedKVLayer:
+    return CompressedKVLayer(bits or None, group, residual, sinks, window or None, snapkv or None, observation,
+                             sliding_window=sliding_window or None)
 
 
 def _take_in(layer: CompressedKVLayer, past_keys: torch.Tensor, past_values: torch.Tensor) -> None:
@@ -93,6 +94,8 @@ def _take_in(layer: CompressedKVLayer, past_keys: torch.Tensor, past_values: tor
 
 def _check_position(layer: CompressedKVLayer, past: int) -> None:
     stored = layer.appended if layer.keys is not None else 0
+    if layer.sliding_window:  # transformers' sliding layer holds the last W - 1 tokens only
+        stored = min(stored, layer.sliding_window - 1)
     if stored != past:
         raise RuntimeError(
             f"lqc compressed KV cache: transformers' cache says {past} tokens came before this step, the compressed "
@@ -101,8 +104,10 @@ def _check_position(layer: CompressedKVLayer, past: int) -> None:
         )
 
 
-def _attend_and_store(layer: CompressedKVLayer, query, keys, values, attention_mask, scaling, causal) -> torch.Tensor:
+def _attend_and_store(layer: CompressedKVLayer, query, keys, values, attention_mask, scaling, causal,
+                      mask_offset: int = 0) -> torch.Tensor:
     view = layer.append(keys, values)
+    view.mask_offset = mask_offset
     out, importance = attention_function()(view, query, attention_mask, scaling, layer.importance_window(query.shape[-2]), causal)
     layer.settle(importance)
     layer.seen = layer.appended
@@ -110,17 +115,19 @@ def _attend_and_store(layer: CompressedKVLayer, query, keys, values, attention_m
 
 
 def kv_dynamic_attention(past_keys, past_values, query, keys, values, attention_mask, scaling, causal,
-                         bits, group, residual, sinks, window, snapkv, observation):
+                         bits, group, residual, sinks, window, snapkv, observation, sliding_window=0):
     """``lqc::kv_dynamic_attention``: see lqc.ir.lqc_ops."""
     check_kv_attention_shapes(query, keys, values)
     past = past_keys.shape[-2] if past_keys.dim() == 4 else 0
     layer = _lookup(past_keys) if past else None
     if layer is None:
-        layer = _new_layer(bits, group, residual, sinks, window, snapkv, observation)
+        layer = _new_layer(bits, group, residual, sinks, window, snapkv, observation, sliding_window)
         if past:
             _take_in(layer, past_keys, past_values)
     _check_position(layer, past)
-    out = _attend_and_store(layer, query, keys, values, attention_mask, scaling, causal)
+    # transformers' mask covers the past it kept and the new tokens: its first column is this position
+    mask_offset = layer.appended - past if layer.keys is not None else 0
+    out = _attend_and_store(layer, query, keys, values, attention_mask, scaling, causal, mask_offset)
     handles = []
     for past_states, states in ((past_keys, keys), (past_values, values)):
         handle = torch.full((1,), float("nan"), dtype=states.dtype, device=states.device)
