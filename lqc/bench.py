@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from lqc.ir.errors import LqcConfigError
 from lqc.passes import DEFAULT_CACHE
 from lqc.passes.report import format_table
 from lqc.runtime.structural.dropped_layers import kv_cache_nbytes
@@ -82,6 +83,30 @@ def model_weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def static_cache(config, length: int):
+    """transformers' ``StaticCache`` of ``length`` slots, for a compiled decode loop. Its
+    sliding-window layers (Gemma 2/3, Mistral) keep the tokens seen in a Python int that dynamo
+    guards on: with ``dynamic=False`` each decode step is a new graph, and after 8 the forward runs
+    uncompiled. Where the cache is no longer than a layer's window the window never slides, and a
+    plain ``StaticLayer`` holds the same tokens, attended under the same sliding mask (the model
+    builds it from positions): such layers are swapped for one. A longer cache is refused: its
+    timings would be of uncompiled steps."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
+    cache = StaticCache(config=config, max_cache_len=length)
+    for i, layer in enumerate(cache.layers):
+        if not isinstance(layer, StaticSlidingWindowLayer):
+            continue
+        if layer.max_cache_len != length or not layer._is_croppable:
+            window = config.get_text_config(decoder=True).sliding_window
+            raise LqcConfigError(f"a compiled decode loop over {length} tokens slides this model's {window}-token attention "
+                                 f"window, and transformers' static cache then recompiles every step; keep prompt and "
+                                 f"decoded tokens within {window} (--prompt-tokens, --decode-tokens, --prefill-tokens)")
+        cache.layers[i] = StaticLayer(max_cache_len=length)
+    return cache
+
+
 class Runner:
     """One variant's forward, driven through a prefill and a static-cache decode loop."""
 
@@ -93,11 +118,9 @@ class Runner:
         self.session = None  # for an lqc forward: the Session whose compilations it runs
 
     def new_cache(self, length: int):
-        from transformers import StaticCache
-
         from lqc.runtime.structural.dropped_layers import free_dropped_layers
 
-        return free_dropped_layers(StaticCache(config=self.model.config, max_cache_len=length), self.dropped_attention)
+        return free_dropped_layers(static_cache(self.model.config, length), self.dropped_attention)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> float:

@@ -99,7 +99,7 @@ def profile_decode(model: torch.nn.Module, forward_for: Callable[[], Callable], 
                    steps: int = 32, seed: int = 0, log: Callable[[str], None] = print) -> DecodeProfile:
     """``forward_for()`` compiles the forward to profile (called with Inductor's kernel names on)."""
     import torch._inductor.config as inductor_config
-    from transformers import StaticCache
+    from lqc.bench import static_cache
 
     from lqc.ir.errors import LqcConfigError
 
@@ -109,7 +109,7 @@ def profile_decode(model: torch.nn.Module, forward_for: Callable[[], Callable], 
 
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed))
     length = prompt_tokens + 3 * steps + 2
-    cache = StaticCache(config=model.config, max_cache_len=length)
+    cache = static_cache(model.config, length)
     position = [prompt_tokens]
 
     def step(token: torch.Tensor) -> torch.Tensor:

@@ -165,9 +165,9 @@ def _recipe_variant(recipe: str, model, calibration, tokenizer) -> Variant:
 
 
 def _new_cache(model, length: int):
-    from transformers import StaticCache
+    from lqc.bench import static_cache
 
-    return StaticCache(config=model.config, max_cache_len=length)
+    return static_cache(model.config, length)
 
 
 def _score(v: Variant, window_ids: list[torch.Tensor], cache_length: int) -> None:

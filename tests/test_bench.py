@@ -93,3 +93,31 @@ def test_bench_profile_refuses_zero_steps(capsys):
 
     assert main(["bench", "--profile", "--model", "tiny-llama", "--target", "eager", "--profile-steps", "0"]) == 2
     assert "--profile-steps" in capsys.readouterr().err
+
+
+def test_a_sliding_window_model_decodes_in_fixed_graphs_or_is_refused():
+    """Gemma 3's sliding layers (8 tokens here): transformers' static cache would recompile every
+    step; within the window the bench's cache holds them as plain static layers, so the compiled
+    decode loop is 2 graphs and each step's logits are the eager model's on the whole sequence;
+    past the window it is refused."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from lqc.bench import compile_for_decode, static_cache
+    from lqc.support_matrix import build
+
+    model = build("gemma3").eval()
+    forward = compile_for_decode(model.forward)
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    cache = static_cache(model.config, 8)
+    before = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        steps = [forward(input_ids=ids[:, :3], cache=cache, use_cache=True).logits[:, -1]]
+        for i in range(3, 7):
+            steps.append(forward(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True,
+                                 position_ids=torch.tensor([[i]])).logits[:, -1])
+        reference = model(ids).logits[0, 2:]
+    assert counters["stats"]["unique_graphs"] - before == 2  # prompt and decode step
+    assert (torch.cat(steps) - reference).abs().max().item() < 1e-4
+    with pytest.raises(lqc.LqcConfigError, match="slides this model's 8-token attention window.*--decode-tokens"):
+        static_cache(model.config, 9)
