@@ -150,21 +150,24 @@ def _kv_partial_kernel(
     tl.store(l_ptr + b * sm_b + h * sm_h + chunk * sm_c + offs_r, l, mask=mask_r)
 
 
-def supported(view: CompressedKVView, query: torch.Tensor, importance_window: int) -> str | None:
+def supported(view: CompressedKVView, query: torch.Tensor, importance_window: int, softcap: float = 0.0) -> str | None:
     """Why ``attend_triton`` hands this step to ``attend`` (None: it computes it)."""
     d = query.shape[-1]
     if importance_window:
         return "SnapKV importance needs the attention probabilities"
+    if softcap:
+        return "soft-capped scores (Gemma 2) are not in the kernel"
     if d < 16 or d & (d - 1):
         return f"head_dim {d} is not a power of two >= 16"
     return None
 
 
 def attend_triton(view: CompressedKVView, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
-                  importance_window: int = 0, causal: bool = True, *, tokens_per_program: int = TOKENS_PER_PROGRAM):
+                  importance_window: int = 0, causal: bool = True, softcap: float = 0.0, *,
+                  tokens_per_program: int = TOKENS_PER_PROGRAM):
     """``attend``'s result ([B, q, Hq, D], importance) by the flash-decoding kernel."""
-    if supported(view, query, importance_window) is not None:
-        return attend(view, query, attention_mask, scaling, importance_window, causal)
+    if supported(view, query, importance_window, softcap) is not None:
+        return attend(view, query, attention_mask, scaling, importance_window, causal, softcap)
     b, query_heads, q_len, d = query.shape
     kv_heads = view.keys.shape[1]
     rep = query_heads // kv_heads

@@ -295,7 +295,7 @@ class KVStore(OpaqueBase):
 register_opaque_type(KVStore, typ="reference")
 _lib.define(
     f"kv_attention({get_opaque_type_name(KVStore)} store, Tensor query, Tensor keys, Tensor values, "
-    "Tensor? attention_mask, float scaling) -> Tensor"
+    "Tensor? attention_mask, float scaling, float softcap=0.0) -> Tensor"
 )
 
 # The same, for transformers' own caches, put in by the ``compress_kv`` pass in place of the
@@ -311,18 +311,21 @@ _lib.define(
 # holds the last W - 1 tokens only and whose mask starts at the window; the handles are sliced
 # to the last W - 1 tokens by the graph, as the keys were.
 #
+# ``softcap`` c > 0 (all three ops): the scores are soft-capped, c * tanh(scores / c), before the
+# mask is added (Gemma 2's attention, rewritten from its eager form).
+#
 # ``kv_static_attention``: ``StaticCache``. ``key_buffer`` and ``value_buffer`` are its buffers
 # (never written: the tokens go to the compressed layer); ``cache_position`` [q] the positions
 # of the new tokens. Returns the attention [B, Hq, q, D].
 KV_CACHE_OPTIONS = "int bits, int group, int residual, int sinks, int window, int snapkv, int observation"
 _lib.define(
     "kv_dynamic_attention(Tensor past_keys, Tensor past_values, Tensor query, Tensor keys, Tensor values, "
-    f"Tensor? attention_mask, float scaling, bool causal, {KV_CACHE_OPTIONS}, int sliding_window=0) "
-    "-> (Tensor, Tensor, Tensor)"
+    f"Tensor? attention_mask, float scaling, bool causal, {KV_CACHE_OPTIONS}, int sliding_window=0, "
+    "float softcap=0.0) -> (Tensor, Tensor, Tensor)"
 )
 _lib.define(
     "kv_static_attention(Tensor key_buffer, Tensor value_buffer, Tensor cache_position, Tensor query, Tensor keys, "
-    f"Tensor values, Tensor? attention_mask, float scaling, bool causal, {KV_CACHE_OPTIONS}) -> Tensor"
+    f"Tensor values, Tensor? attention_mask, float scaling, bool causal, {KV_CACHE_OPTIONS}, float softcap=0.0) -> Tensor"
 )
 
 # ``kv_placeholder(past, new)``: what a dynamic cache keeps for an attention layer no attention
@@ -355,7 +358,8 @@ def kv_handle_shape(past_keys: torch.Tensor, keys: torch.Tensor) -> tuple:
 
 
 @torch.library.register_fake("lqc::kv_dynamic_attention")
-def _kv_dynamic_attention_fake(past_keys, past_values, query, keys, values, attention_mask, scaling, causal, *options):
+def _kv_dynamic_attention_fake(past_keys, past_values, query, keys, values, attention_mask, scaling, causal, *options,
+                               **kwargs):
     check_kv_attention_shapes(query, keys, values)
     return (_attention_like(query), keys.new_empty(()).expand(kv_handle_shape(past_keys, keys)),
             values.new_empty(()).expand(kv_handle_shape(past_values, values)))
@@ -368,13 +372,13 @@ def _kv_placeholder_fake(past, new):
 
 @torch.library.register_fake("lqc::kv_static_attention")
 def _kv_static_attention_fake(key_buffer, value_buffer, cache_position, query, keys, values, attention_mask, scaling,
-                              causal, *options):
+                              causal, *options, **kwargs):
     check_kv_attention_shapes(query, keys, values)
     return _attention_like(query)
 
 
 @torch.library.register_fake("lqc::kv_attention")
-def _kv_attention_fake(store, query, keys, values, attention_mask, scaling):
+def _kv_attention_fake(store, query, keys, values, attention_mask, scaling, softcap=0.0):
     check_kv_attention_shapes(query, keys, values)
     b, query_heads, length, head_dim = query.shape
     return query.new_empty((b, length, query_heads, head_dim))

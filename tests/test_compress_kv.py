@@ -225,18 +225,43 @@ def test_chunked_prefill_through_repeat_kv():
     assert all(_lqc_nodes(g) == ["lqc.kv_dynamic_attention.default"] * 2 for g in lqc.session_of(compiled.forward).compilations)
 
 
-def test_sliding_window_layers_compress_and_still_slide():
-    """Gemma 3 interleaves sliding-window layers (8 tokens here; transformers keeps their last 7 in a
-    DynamicSlidingWindowLayer and masks from the window's start) with full ones. 36 tokens run well
-    past the window: without quantization the compiled model's logits equal the float cache's (the
-    window is applied exactly), and with 2 bits they equal CompressedKVCache's (which gives the
-    sliding layers the same window) at every step. Both layers read a compressed cache, and the
-    sliding layer's cache holds a placeholder of the window's length."""
-    from lqc.support_matrix import build
+def _sliding_model(arch: str):
+    """Tiny Gemma 3 or Gemma 2 (support matrix configs: a sliding layer of 8 tokens, then a full
+    one); Gemma 2's scores soft-capped at 1.0 instead of 50 and its query and key weights scaled up
+    (random init scores are ~1e-3), so the cap changes the logits."""
+    import transformers
 
-    model = build("gemma3").eval()
+    from lqc.support_matrix import ARCHITECTURES
+
+    config_name, model_name, kwargs = ARCHITECTURES[arch]
+    if arch == "gemma2":
+        kwargs = dict(kwargs, attn_logit_softcapping=1.0)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**kwargs)).eval()
+    if arch == "gemma2":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.mul_(30)
+                layer.self_attn.k_proj.weight.mul_(30)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "gemma2"])
+def test_sliding_window_layers_compress_and_still_slide(arch):
+    """Sliding-window layers (transformers keeps their last 7 tokens in a DynamicSlidingWindowLayer
+    and masks from the window's start) interleaved with full ones; Gemma 2's eager, soft-capped
+    attention read as SDPA. 36 tokens run well past the window: without quantization the compiled
+    model's logits equal the float cache's (the window and the cap applied exactly), and with 2 bits
+    they equal CompressedKVCache's (which gives the sliding layers the same window) at every step.
+    Both layers read a compressed cache; the sliding layer's holds a placeholder of the window's length."""
+    model = _sliding_model(arch)
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
     float_logits = _step_logits(model, DynamicCache(config=model.config), ids)
+    if arch == "gemma2":  # the cap matters here: without it the logits are others
+        uncapped = copy.deepcopy(model)
+        for layer in uncapped.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+        assert (_step_logits(uncapped, DynamicCache(config=model.config), ids, 2) - float_logits[:3]).abs().max() > 1e-2
     for bits in (0, 2):
         options = dict(OPTIONS, bits=bits)
         reference_model = copy.deepcopy(model)

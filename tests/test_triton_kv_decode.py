@@ -70,6 +70,7 @@ def test_steps_it_does_not_compute_go_to_attend():
     view = _view(1, 1, 24, 0, 0, 4, 8, 8, torch.float32, gen)
     assert "head_dim 24" in kv_decode.supported(view, torch.randn(1, 1, 1, 24), 0)
     assert "SnapKV" in kv_decode.supported(view, torch.randn(1, 1, 1, 24), 4)
+    assert "soft-capped" in kv_decode.supported(view, torch.randn(1, 1, 1, 32), 0, softcap=50.0)
     query = torch.randn(1, 1, 1, 24, generator=gen)
     out, _ = kv_decode.attend_triton(view, query, None, 0.2)
     torch.testing.assert_close(out, attend(view, query, None, 0.2)[0])

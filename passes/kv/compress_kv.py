@@ -25,8 +25,13 @@ returns only the ``cat``'s last W - 1 tokens to the cache (``cat[:, :, -(W-1):]`
 ``sliding_window=W`` and the slice then cuts the handle instead. A static cache's sliding layers
 (``StaticSlidingWindowLayer``: a rolling buffer) are not recognized.
 
-An SDPA the pass does not recognize (no cache: ``use_cache=False``; a static sliding-window
-cache; dropout) is left as it is, with a warning when a cache was there.
+Eager attention (Gemma 2's, whose scores are soft-capped: matmul, scaling, tanh, mask, softmax,
+matmul) is read as SDPA's arguments plus the cap (lqc.passes.kv.eager_attention) and rewritten
+the same way, the op soft-capping the scores it computes over the codes.
+
+An attention the pass does not recognize (no cache: ``use_cache=False``; a static sliding-window
+cache; dropout; eager attention spelled otherwise) is left as it is, with a warning when a cache
+was there.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from lqc.runtime.kv.cache import check_cache_options
 from lqc.runtime.kv.quant import check_kv_options
 
 from lqc.passes.base import Pass, PassResult
+from lqc.passes.kv.eager_attention import EagerAttention, match_eager_attention
 from lqc.passes.options import PassOptions
 from lqc.passes.registry import register_pass
 
@@ -267,33 +273,29 @@ class CompressKV(Pass):
         rewritten, skipped = [], {}
         # a model run without a cache has nothing to compress: its attentions are left alone (warned below)
         has_cache = any(i.role == "kv_cache" for i in graph.inputs) or any(op_name(n) == "index_copy_" for n in graph.nodes)
-        for sdpa in list(graph.nodes):
-            if op_name(sdpa) != SDPA or not self.selects(sdpa):
+        for anchor, args, eager in self._attentions(graph):
+            where = Graph.module_path(anchor) or anchor.name
+            if args is None:
+                skipped[where] = ("it is eager attention (matmul and softmax) in a form compress_kv does not read as "
+                                  "scaled_dot_product_attention (scores, optional soft-capping and mask, softmax, "
+                                  "matmul with the values)")
                 continue
-            args = _sdpa_args(sdpa)
-            update, chain = _find_update(sdpa, args)
+            update, chain = _find_update(anchor, args)
             if update is None and not has_cache:
                 continue
-            reason = _why_not(args, update, update is not None and _users_ok(update, sdpa, chain))
-            if reason is None:
-                head_dim = _head_dim(update.new_keys)
-                if o.bits and head_dim is not None:
-                    try:
-                        check_kv_options(o.bits, o.group, head_dim)
-                    except ValueError as exc:
-                        raise LqcConfigError(f"pass 'compress_kv' on {Graph.module_path(sdpa)}: {exc}") from None
-                self._rewrite(graph, sdpa, args, update, chain)
-                rewritten.append(Graph.module_path(sdpa) or sdpa.name)
-            else:
-                skipped[Graph.module_path(sdpa) or sdpa.name] = reason
+            reason = _why_not(args, update, update is not None and _users_ok(update, anchor, chain))
+            if reason is not None:
+                skipped[where] = reason
+                continue
+            head_dim = _head_dim(update.new_keys)
+            if o.bits and head_dim is not None:
+                try:
+                    check_kv_options(o.bits, o.group, head_dim)
+                except ValueError as exc:
+                    raise LqcConfigError(f"pass 'compress_kv' on {Graph.module_path(anchor)}: {exc}") from None
+            self._rewrite(graph, anchor, args, update, chain, eager)
+            rewritten.append(where)
         placeholders = self._drop_unread_caches(graph)
-        # attention spelled out as matmul + softmax (eager attention: soft-capping, say) is not an
-        # sdpa this pass can rewrite: its layers keep their float cache, and the user is told
-        for softmax in [n for n in graph.nodes if op_name(n) in ("softmax", "_softmax") and is_attention_op(n)]:
-            if self.selects(softmax):
-                skipped[Graph.module_path(softmax) or softmax.name] = (
-                    "it is eager attention (matmul and softmax, e.g. with soft-capping), not scaled_dot_product_attention, "
-                    "the only attention compress_kv rewrites")
         if not rewritten and not skipped and not any(is_attention_op(n) for n in graph.nodes):
             warnings.warn(f"lqc compress_kv: {graph.name} has no attention (scaled_dot_product_attention, or a softmax "
                           f"over a matmul): no KV cache to compress", stacklevel=2)
@@ -307,6 +309,21 @@ class CompressKV(Pass):
         return PassResult(matches=len(rewritten),
                           details=CompressKVReport(rewritten=rewritten, skipped=skipped, unread_caches=placeholders, ops=kinds),
                           message=f"{len(rewritten)} attention layers read a compressed cache" if rewritten else "")
+
+    def _attentions(self, graph: Graph) -> list[tuple[fx.Node, dict | None, EagerAttention | None]]:
+        """Each attention the pass selects: (the node its output replaces, SDPA's arguments, the
+        eager attention they were read from). SDPA is its own node; eager attention (Gemma 2's
+        soft-capped scores) is read from its softmax, arguments None if it cannot be."""
+        found = []
+        for node in list(graph.nodes):
+            if not self.selects(node):
+                continue
+            if op_name(node) == SDPA:
+                found.append((node, _sdpa_args(node), None))
+            elif op_name(node) in ("softmax", "_softmax") and is_attention_op(node):
+                eager = match_eager_attention(node)
+                found.append((eager.output, eager.args, eager) if eager else (node, None, None))
+        return found
 
     def _drop_unread_caches(self, graph: Graph) -> list[str]:
         """Layers whose attention drop_layers removed still grow the dynamic cache with zeros: keep
@@ -327,27 +344,33 @@ class CompressKV(Pass):
                     g.erase_node(past)
         return replaced
 
-    def _rewrite(self, graph: Graph, sdpa: fx.Node, args: dict, update: _CacheUpdate, chain: list[fx.Node]) -> None:
+    def _rewrite(self, graph: Graph, sdpa: fx.Node, args: dict, update: _CacheUpdate, chain: list[fx.Node],
+                 eager: EagerAttention | None = None) -> None:
+        """Replace ``sdpa`` (or eager attention's output matmul) and the cache update by one KV op."""
         g = graph.gm.graph
         scale = args["scale"]
         if scale is None:
             scale = _head_dim(args["query"]) ** -0.5
         attention = (args["query"], update.new_keys, update.new_values, args["attn_mask"], float(scale), bool(args["is_causal"]))
+        kwargs = {"softcap": eager.softcap} if eager and eager.softcap else {}
         with g.inserting_before(sdpa):
             if update.kind == "dynamic":
-                window = (update.sliding_window,) if update.sliding_window else ()
+                if update.sliding_window:
+                    kwargs["sliding_window"] = update.sliding_window
                 op = g.call_function(torch.ops.lqc.kv_dynamic_attention.default,
-                                     (update.past_keys, update.past_values, *attention, *self.options.op_options(), *window))
+                                     (update.past_keys, update.past_values, *attention, *self.options.op_options()), kwargs)
                 out = g.call_function(operator.getitem, (op, 0))
                 handles = [g.call_function(operator.getitem, (op, i)) for i in (1, 2)]
             else:
                 op = g.call_function(torch.ops.lqc.kv_static_attention.default,
                                      (update.past_keys, update.past_values, update.positions, *attention,
-                                      *self.options.op_options()))
+                                      *self.options.op_options()), kwargs)
                 out, handles = op, []
         op.meta.update({k: v for k, v in sdpa.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
         sdpa.replace_all_uses_with(out)
         g.erase_node(sdpa)
+        for node in eager.nodes if eager else ():  # softmax, soft-capping, scores: only the output read them
+            g.erase_node(node)
         for node in chain:  # the views fed only the attention; each path listed from SDPA back
             if not node.users:
                 g.erase_node(node)

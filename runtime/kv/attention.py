@@ -130,7 +130,8 @@ def compressed_attention(module, query, key, value, attention_mask, scaling=None
     if not isinstance(key, PendingKV):
         return _fallback(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    return torch.ops.lqc.kv_attention(key.store, query, key.keys, key.values, attention_mask, scaling), None
+    softcap = kwargs.get("softcap") or 0.0  # Gemma 2's soft-capped scores
+    return torch.ops.lqc.kv_attention(key.store, query, key.keys, key.values, attention_mask, scaling, softcap), None
 
 
 # What the KV ops attend with: ``attend`` below, unless code generated for the graph (target
@@ -153,12 +154,13 @@ def attention_function() -> Callable:
     return _attention.get() or attend
 
 
-def kv_attention(store: KVStore, query, keys, values, attention_mask, scaling):
+def kv_attention(store: KVStore, query, keys, values, attention_mask, scaling, softcap=0.0):
     """``lqc::kv_attention``: append this step's tokens to the store's layer, attend, settle."""
     check_kv_attention_shapes(query, keys, values)
     layer = store.layer
     view = layer.append(keys, values)
-    out, importance = attention_function()(view, query, attention_mask, scaling, layer.importance_window(query.shape[-2]))
+    out, importance = attention_function()(view, query, attention_mask, scaling, layer.importance_window(query.shape[-2]),
+                                           softcap=softcap)
     layer.settle(importance)
     return out
 
@@ -189,8 +191,9 @@ def mask_bias(view: CompressedKVView, attention_mask: torch.Tensor | None, q_len
 
 
 def attend(view: CompressedKVView, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
-           importance_window: int = 0, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention of ``query`` [B, Hq, q, D] over ``view`` -> ([B, q, Hq, D], importance). With
+           importance_window: int = 0, causal: bool = True, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of ``query`` [B, Hq, q, D] over ``view`` -> ([B, q, Hq, D], importance); with
+    ``softcap`` c > 0 the scores are c * tanh(scores / c) before the mask (Gemma 2). With
     ``importance_window`` w > 0 (SnapKV), importance [B, Hkv, recent tokens] sums the attention
     the last w queries of every query head of a KV head give each recent token. Without a mask,
     ``causal`` keeps each of this step's tokens (the last q stored) from the later ones."""
@@ -206,6 +209,8 @@ def attend(view: CompressedKVView, query: torch.Tensor, attention_mask: torch.Te
     parts.append(q @ view.keys.to(torch.float32).transpose(-1, -2))
     scores = torch.cat(parts, dim=-1).reshape(b, kv_heads, rep, q_len, -1)
     tokens = scores.shape[-1]
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
 
     bias = mask_bias(view, attention_mask, q_len, causal, q.device)
     if bias is not None:

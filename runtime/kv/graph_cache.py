@@ -105,17 +105,18 @@ def _check_position(layer: CompressedKVLayer, past: int) -> None:
 
 
 def _attend_and_store(layer: CompressedKVLayer, query, keys, values, attention_mask, scaling, causal,
-                      mask_offset: int = 0) -> torch.Tensor:
+                      mask_offset: int = 0, softcap: float = 0.0) -> torch.Tensor:
     view = layer.append(keys, values)
     view.mask_offset = mask_offset
-    out, importance = attention_function()(view, query, attention_mask, scaling, layer.importance_window(query.shape[-2]), causal)
+    out, importance = attention_function()(view, query, attention_mask, scaling, layer.importance_window(query.shape[-2]),
+                                           causal, softcap=softcap)
     layer.settle(importance)
     layer.seen = layer.appended
     return out.transpose(1, 2)  # SDPA's [B, Hq, q, D], which the graph expects
 
 
 def kv_dynamic_attention(past_keys, past_values, query, keys, values, attention_mask, scaling, causal,
-                         bits, group, residual, sinks, window, snapkv, observation, sliding_window=0):
+                         bits, group, residual, sinks, window, snapkv, observation, sliding_window=0, softcap=0.0):
     """``lqc::kv_dynamic_attention``: see lqc.ir.lqc_ops."""
     check_kv_attention_shapes(query, keys, values)
     past = past_keys.shape[-2] if past_keys.dim() == 4 else 0
@@ -127,7 +128,7 @@ def kv_dynamic_attention(past_keys, past_values, query, keys, values, attention_
     _check_position(layer, past)
     # transformers' mask covers the past it kept and the new tokens: its first column is this position
     mask_offset = layer.appended - past if layer.keys is not None else 0
-    out = _attend_and_store(layer, query, keys, values, attention_mask, scaling, causal, mask_offset)
+    out = _attend_and_store(layer, query, keys, values, attention_mask, scaling, causal, mask_offset, softcap)
     handles = []
     for past_states, states in ((past_keys, keys), (past_values, values)):
         handle = torch.full((1,), float("nan"), dtype=states.dtype, device=states.device)
@@ -137,7 +138,7 @@ def kv_dynamic_attention(past_keys, past_values, query, keys, values, attention_
 
 
 def kv_static_attention(key_buffer, value_buffer, cache_position, query, keys, values, attention_mask, scaling, causal,
-                        bits, group, residual, sinks, window, snapkv, observation):
+                        bits, group, residual, sinks, window, snapkv, observation, softcap=0.0):
     """``lqc::kv_static_attention``: see lqc.ir.lqc_ops."""
     check_kv_attention_shapes(query, keys, values)
     first = int(cache_position[0])
@@ -152,7 +153,7 @@ def kv_static_attention(key_buffer, value_buffer, cache_position, query, keys, v
     if not torch.equal(cache_position.to(positions.device), positions):
         raise RuntimeError(f"lqc compressed KV cache: a static cache step writes positions {cache_position.tolist()}; "
                            f"lqc's compressed cache appends consecutive positions only")
-    return _attend_and_store(layer, query, keys, values, attention_mask, scaling, causal)
+    return _attend_and_store(layer, query, keys, values, attention_mask, scaling, causal, softcap=softcap)
 
 
 def kv_placeholder(past, new):
