@@ -95,11 +95,11 @@ def static_cache(config, length: int):
     from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
     cache = StaticCache(config=config, max_cache_len=length)
+    window = getattr(config.get_text_config(decoder=True), "sliding_window", None)
     for i, layer in enumerate(cache.layers):
         if not isinstance(layer, StaticSlidingWindowLayer):
             continue
-        if layer.max_cache_len != length or not layer._is_croppable:
-            window = config.get_text_config(decoder=True).sliding_window
+        if window is None or length > window:
             raise LqcConfigError(f"a compiled decode loop over {length} tokens slides this model's {window}-token attention "
                                  f"window, and transformers' static cache then recompiles every step; keep prompt and "
                                  f"decoded tokens within {window} (--prompt-tokens, --decode-tokens, --prefill-tokens)")
