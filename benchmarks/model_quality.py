@@ -77,7 +77,8 @@ def measure(model, tokenizer, ids, recipe, args, calibration, reference, prompts
                             example_inputs=ids[: args.window_length][None])
     compile_s = time.perf_counter() - started
     kv = is_kv_recipe(recipe)
-    logits = cached_logits(compiled, DynamicCache, args.chunk) if kv else causal_lm_logits(compiled)
+    # the model's own cache layout (sliding-window layers keep their window), as generate() builds it
+    logits = cached_logits(compiled, lambda: DynamicCache(config=model.config), args.chunk) if kv else causal_lm_logits(compiled)
     result = perplexity(logits, ids, window_length=args.window_length, max_windows=args.windows, desc=f"lqc {recipe}", bos=args.bos)
     base = reference["chunked" if kv else "whole"]
     tokens = greedy_tokens(compiled, prompts, args.gen_tokens) if prompts else []
@@ -119,7 +120,8 @@ def main() -> None:
         reference = {
             "whole": perplexity(causal_lm_logits(model), ids, window_length=args.window_length, max_windows=args.windows,
                                 desc="float32", bos=args.bos),
-            "chunked": perplexity(cached_logits(model, DynamicCache, args.chunk), ids, window_length=args.window_length,
+            "chunked": perplexity(cached_logits(model, lambda: DynamicCache(config=model.config), args.chunk), ids,
+                                  window_length=args.window_length,
                                   max_windows=args.windows, desc="float32 cached", bos=args.bos)
             if any(is_kv_recipe(r) for r in args.recipes) else None,
         }
