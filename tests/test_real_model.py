@@ -45,23 +45,24 @@ def test_generate_identical_with_static_cache(smollm2, prompt):
 
 
 def test_lqc_eval_quick_frozen_graph_perplexity_equals_eager(smollm2_for_the_cli, tmp_path, capsys):
-    """`lqc eval`: float32 eager against the frozen graph, on 4 windows of 512 tokens (the quick
-    mode's 16 windows run the same code four times longer). Its agreement of 1.0 is generate() with
-    the dynamic cache through the backend giving eager's tokens."""
+    """`lqc eval`: float32 eager against the frozen graph, on 2 windows of 512 tokens (the quick
+    mode's 16 windows run the same code eight times longer). Its agreement of 1.0 is generate()
+    with the dynamic cache through the backend giving eager's 2 tokens (prefill and first-decode
+    graphs; 6 tokens through all three dynamic-cache graphs in the drop test below)."""
     import json
 
     from lqc.cli import main
 
     out = tmp_path / "eval.json"
-    assert main(["eval", "--recipe", "none", "--windows", "4", "--gen-prompts", "1", "--gen-tokens", "8", "--json", str(out)]) == 0
+    assert main(["eval", "--recipe", "none", "--windows", "2", "--gen-prompts", "1", "--gen-tokens", "2", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     eager, frozen = result["reference"], result["lqc"]
-    assert eager["windows"] == frozen["windows"] == 4
-    assert eager["scored_tokens"] == frozen["scored_tokens"] == 4 * 511
+    assert eager["windows"] == frozen["windows"] == 2
+    assert eager["scored_tokens"] == frozen["scored_tokens"] == 2 * 511
     assert frozen["perplexity"] == pytest.approx(eager["perplexity"], rel=1e-6)
     assert 10 < eager["perplexity"] < 40  # SmolLM2-135M on Python's whatsnew prose: ~23
     assert result["agreement"]["agreement"] == 1.0
-    assert "perplexity on eval: 4 windows of 512 tokens" in capsys.readouterr().out
+    assert "perplexity on eval: 2 windows of 512 tokens" in capsys.readouterr().out
 
 
 def test_default_target_adds_no_error_beyond_inductor(smollm2, prompt):
@@ -187,9 +188,9 @@ def test_route_neurons_keeps_half_the_ffn_neurons_close_to_the_dense_model(smoll
 
 
 def test_compressed_kv_cache_quality(smollm2, eval_ids):
-    """One 1024-token window of eval.txt fed 128 tokens at a time: int8 KV within +0.5% and int4
-    (group 64, 128 recent, 4 sinks) within +3% of the float cache's perplexity (the issue's bounds,
-    there at 2048). Its composition with dropped layers is in the drop-layers test above."""
+    """One 1024-token window of eval.txt fed 128 tokens at a time: int8 KV within +0.5% of the float
+    cache's perplexity (the issue's bound, there at 2048). int4's +3% is checked through the pass in
+    the next test (512 tokens); docs/kv-cache.md has both on every 2048-token window of eval.txt."""
     from transformers import DynamicCache
 
     from lqc.evaluate import cached_logits, perplexity
@@ -202,12 +203,10 @@ def test_compressed_kv_cache_quality(smollm2, eval_ids):
             result = {name: perplexity(cached_logits(model, new_cache, 128), eval_ids, window_length=1024,
                                        max_windows=1, progress=False).perplexity
                       for name, new_cache in (("float", lambda: DynamicCache(config=config)),
-                                              ("int8", lambda: CompressedKVCache(config, bits=8)),
-                                              ("int4", lambda: CompressedKVCache(config, bits=4)))}
+                                              ("int8", lambda: CompressedKVCache(config, bits=8)))}
     finally:
         config._attn_implementation = previous
     assert result["int8"] / result["float"] - 1 < 0.005, result
-    assert result["int4"] / result["float"] - 1 < 0.03, result
 
 
 def test_compress_kv_pass_on_transformers_own_caches(smollm2, eval_ids):
