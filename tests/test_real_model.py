@@ -79,26 +79,26 @@ def test_default_target_adds_no_error_beyond_inductor(smollm2, prompt):
 
 
 def test_quantization_quality_bounds(smollm2, eval_ids):
-    """Quality bounds on 2 evaluation windows (1,022 tokens; the full figures are in
-    docs/quantization.md): int8 within 1.5% of float32, HQQ int4 g64 better than RTN already after 5
-    of its 20 default steps (a quarter of its 18 s on one thread), and RTN int4 g64 with a rank-16
-    EoRA path (the lowrank pass, 512 calibration tokens; measured 22.95 against HQQ's 26.93) closer
-    to float32 than HQQ. One capture of the 512-token window, each recipe run by the pass manager
-    on a copy of it."""
+    """Quality bounds on one 512-token evaluation window (the full figures are in
+    docs/quantization.md): int8 within 1.5% of float32, HQQ int4 g64 better than RTN already after 3
+    of its 20 default steps, and RTN int4 g64 with a rank-16 EoRA path (the lowrank pass, 512
+    calibration tokens) closer to float32 than HQQ (measured: float32 19.37, int8 19.47, EoRA 20.47,
+    HQQ 23.25, RTN 25.61). One capture of the 512-token window, each recipe run by the pass
+    manager on a copy of it."""
     from lqc.data import calibration_from
     from lqc.evaluate import causal_lm_logits, perplexity
     from lqc.ir import trace
     from lqc.passes import PassContext, PassManager
 
     def ppl(logits_of):
-        return perplexity(logits_of, eval_ids, max_windows=2, progress=False).perplexity
+        return perplexity(logits_of, eval_ids, max_windows=1, progress=False).perplexity
 
     graph = trace(smollm2.model, eval_ids[None, :512], use_cache=False)
     reference = ppl(causal_lm_logits(smollm2.model))
     results = {}
     rtn = {"pass": "quantize", "format": "int4", "group_size": 64}
     recipes = {"int8": [{"pass": "quantize", "format": "int8"}], "rtn": [rtn],
-               "hqq": [{**rtn, "method": "hqq", "hqq_iters": 5}],
+               "hqq": [{**rtn, "method": "hqq", "hqq_iters": 3}],
                "rtn+eora16": [rtn, {"pass": "lowrank", "rank": 16, "calibration_tokens": 512}]}
     calibration = calibration_from("calib", smollm2.tokenizer)
     for name, recipe in recipes.items():
