@@ -99,7 +99,10 @@ def static_cache(config, length: int):
     for i, layer in enumerate(cache.layers):
         if not isinstance(layer, StaticSlidingWindowLayer):
             continue
-        if window is None or length > window:
+        if window is None:  # a chunked-attention layer (attention_chunk_size), held the same way
+            raise LqcConfigError("this model's static cache has chunked-attention layers, which recompile every decode "
+                                 "step under a compiled loop; lqc bench times models with full or sliding-window attention")
+        if length > window:
             raise LqcConfigError(f"a compiled decode loop over {length} tokens slides this model's {window}-token attention "
                                  f"window, and transformers' static cache then recompiles every step; keep prompt and "
                                  f"decoded tokens within {window} (--prompt-tokens, --decode-tokens, --prefill-tokens)")
