@@ -220,7 +220,8 @@ def test_awq_in_a_recipe(tiny_llama, token_ids, monkeypatch):
 @pytest.mark.parametrize(
     "extra",
     [{"method": "gptq", "gptq_params": "clip"}, {"method": "gptq", "act_order": True, "gptq_params": "clip"},
-     {"method": "gptq", "act_order": True, "gptq_params": "mse"}, {"method": "awq", "awq_gptq": True}],
+     {"method": "gptq", "act_order": True, "gptq_params": "mse"}, {"method": "awq", "awq_gptq": True},
+     {"method": "gptq", "act_order": True, "gptq_params": "mse", "sequential": True, "sequential_target": "float"}],
 )
 def test_gptq_variants_beat_rtn(tiny_llama, token_ids, extra):
     from lqc.passes import Calibration, TransformCache
@@ -233,9 +234,11 @@ def test_gptq_variants_beat_rtn(tiny_llama, token_ids, extra):
         return PassManager([entry], verify=True).run(graph, ctx).records[0]
 
     base = {"pass": "quantize", "format": "int4", "group_size": 32, "calibration_tokens": 2000}
+    before = {name: p.clone() for name, p in tiny_llama.named_parameters()}
     record = run({**base, **extra})
     assert record.matches == 14
     assert record.rel_error < run(base).rel_error
+    assert all(torch.equal(p, before[name]) for name, p in tiny_llama.named_parameters())  # the model is left as it was
 
 
 def test_smoothquant_search_never_loses_to_no_smoothing():

@@ -47,6 +47,7 @@ from lqc.passes.quantization.activation_stats import collect_input_stats
 from lqc.passes.quantization.experts import quantize_experts
 from lqc.passes.quantization.migration import migrate
 from lqc.passes.quantization.report import LayerRow, QuantizeReport
+from lqc.passes.quantization.sequential_stats import SequentialInputStats
 from lqc.passes.quantization.sensitivity import keep_sensitive, kept_format
 from lqc.passes.quantization.tables import quantize_tables
 from lqc.passes.quantization.weights import quantize_weight
@@ -82,6 +83,12 @@ class QuantizeOptions(PassOptions):
     gptq_params: Literal["minmax", "clip", "mse"] = field(
         default="minmax", metadata={"help": "gptq int4: static group parameters from min/max, the clipping search on sampled rows (clip), or the range search on the full Hessian (mse)"}
     )
+    sequential: bool = field(
+        default=False, metadata={"help": "gptq: each layer's statistics on the outputs of the layers quantized before it (still one forward)"}
+    )
+    sequential_target: Literal["quantized", "float"] = field(
+        default="quantized", metadata={"help": "sequential gptq: fit each layer's outputs on the quantized prefix's inputs to its own outputs on them (quantized) or to the float model's (float: GPTAQ's asymmetric calibration, a second forward)"}
+    )
     mse_search: Literal["grid", "coordinate"] = field(
         default="grid", metadata={"help": "gptq_params mse: all 8 x 8 low/high shrink ratios (grid), or the low end then the high end (coordinate: 4x less search work)"}
     )
@@ -100,6 +107,8 @@ class QuantizeOptions(PassOptions):
             raise LqcConfigError("method 'hqq' optimizes int4 zero points, which zero_point 'symmetric' removes; use method rtn, gptq or awq")
         if self.method == "gptq" and self.format not in ("int4", "int8"):
             raise LqcConfigError(f"method 'gptq' quantizes int4 or int8 weights; got format {self.format!r}")
+        if self.sequential and (self.method != "gptq" or self.awq_gptq):
+            raise LqcConfigError(f"quantize.sequential collects GPTQ's statistics layer by layer: use method 'gptq' (got {self.method!r})")
         if self.method == "awq" and self.format != "int4":
             raise LqcConfigError(f"method 'awq' quantizes int4 weights; got format {self.format!r}")
         if self.activations == "int8" and self.format != "int4":
@@ -137,13 +146,18 @@ class Quantize(Pass):
         migrated = {}
         if opts.method == "awq" or opts.smoothquant:
             migrated, report.migration = migrate(opts, graph, ctx, sites, input_stats)
-        for site in sites:
-            name = site.name(graph)
-            weight = site.weight_tensor(graph)
-            q = migrated.get(name) or ctx.transform(
+        quantized = {}  # all computed before any rewrite: sequential statistics run the graph as it was
+        order = input_stats.order(sites) if opts.sequential else sites  # inputs first to last
+        for site in order:
+            name, weight = site.name(graph), site.weight_tensor(graph)
+            quantized[name] = migrated.get(name) or ctx.transform(
                 graph, ("weight", name), [site.weight],
                 lambda site=site, weight=weight: quantize_weight(opts, weight, lambda: input_stats(site)),
             )
+            if opts.sequential:  # the layers after it run on its quantized weight
+                input_stats.quantized(site, quantized[name].dequantize())
+        for site in sites:
+            name, weight, q = site.name(graph), site.weight_tensor(graph), quantized[site.name(graph)]
             report.layers.append(LayerRow(name, list(weight.shape), graph.constant(site.weight).nbytes, q.nbytes()))
             node = rewrite_qlinear(graph, site, q, name, opts.kernels, opts.activations)
             # what the lowrank pass compensates against: the float weight in the coordinates of the
@@ -188,6 +202,9 @@ class Quantize(Pass):
         """``input_stats(site)``: the calibration statistics of a site's input, collected for all
         sites at once on the first call (only a weight the transform cache lacks makes one)."""
         opts = self.options
+        if opts.sequential:
+            return SequentialInputStats(graph, lambda: ctx.calibration_inputs(graph, tokens=opts.calibration_tokens), sites,
+                                        want_hessian=True, progress=ctx.progress, float_target=opts.sequential_target == "float")
         stats: dict = {}
 
         def input_stats(site: LinearSite):

@@ -1,0 +1,132 @@
+"""Calibration statistics collected in graph order, each linear's on the outputs of the layers
+already quantized before it (GPTQ's sequential mode, "true-sequential" in AutoGPTQ).
+
+Plain collection (activation_stats) runs the float graph once, so every layer's GPTQ compensates
+for its own rounding only; the errors of the layers before it reach the output uncorrected. Here
+the linears are quantized in the order of their inputs in the graph: the statistics of input x
+are recorded with every linear before x already running on its quantized weight, so each layer's
+GPTQ also absorbs what the quantized prefix changed.
+
+It costs one forward, like plain collection: for each calibration window the interpreter keeps
+its live values and resumes where it stopped, so every node runs exactly once. Every linear
+before input x consumes an input that comes before x, whose layer was quantized when x's turn
+came; the live values at x therefore depend on quantized layers only.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.fx as fx
+from tqdm.auto import tqdm
+
+from lqc.ir import Graph
+from lqc.ir.linear import LinearSite
+from lqc.passes.numerics import clone_inputs
+from lqc.passes.quantization.activation_stats import InputStats
+
+
+class SequentialInputStats:
+    """``stats(site)``: the statistics of ``site.x``, collected on first request. Requests come
+    in graph order of the inputs; ``quantized(site, weight)`` must have been told the weight of
+    every linear whose input comes before."""
+
+    def __init__(self, graph: Graph, inputs: Callable[[], Sequence[tuple]], sites: Sequence[LinearSite], *,
+                 max_samples: int = 0, want_hessian: bool = True, progress: bool = True, seed: int = 0,
+                 float_target: bool = False):
+        self.graph = graph
+        self.nodes = list(graph.gm.graph.nodes)
+        self.position = {node: i for i, node in enumerate(self.nodes)}
+        self.max_samples, self.want_hessian = max_samples, want_hessian
+        self.generator = torch.Generator().manual_seed(seed)
+        self.interpreter = fx.Interpreter(graph.gm, garbage_collect_values=False)
+        self.last_use = _last_uses(self.nodes)
+        self.replaced: dict[fx.Node, tuple[fx.Node, torch.Tensor]] = {}  # linear -> (weight node, weight as stored)
+        self.inputs = inputs  # called on the first request: a model whose layers are all cached needs none
+        self.envs: list[dict] | None = None  # per window: the live values before node self.next
+        self.float_target = float_target
+        self.float_envs: list[dict] | None = None  # the same, float weights throughout (float_target)
+        self.next = 0
+        self.recorded: dict[fx.Node, InputStats] = {}
+        self.total, self.progress, self.bar = len({s.x for s in sites}), progress, None
+
+    def order(self, sites: Sequence[LinearSite]) -> list[LinearSite]:
+        """``sites`` in the order their statistics can be collected: by input position."""
+        return sorted(sites, key=lambda site: self.position[site.x])
+
+    def quantized(self, site: LinearSite, weight: torch.Tensor) -> None:
+        """From now on ``site`` runs on ``weight`` ([out, in], dequantized)."""
+        stored = self.graph.constant(site.weight)
+        weight = weight.T if site.transposed else weight
+        self.replaced[site.node] = (site.weight, weight.to(stored.dtype).contiguous())
+
+    def __call__(self, site: LinearSite) -> InputStats:
+        if site.x in self.recorded:
+            return self.recorded[site.x]
+        target = self.position[site.x]
+        if target < self.next:
+            raise RuntimeError(f"sequential statistics: {site.x.name} was asked for after the graph ran past it")
+        if self.envs is None:
+            self.envs = [self._placeholders(args) for args in self.inputs()]
+            if self.float_target:
+                self.float_envs = [self._placeholders(args) for args in self.inputs()]
+            self.bar = tqdm(total=self.total, desc="sequential calibration", disable=not self.progress, leave=False)
+        stats = InputStats(int(site.x.meta["val"].shape[-1]), self.max_samples, self.want_hessian)
+        with torch.no_grad():
+            for i, env in enumerate(self.envs):
+                self._run(env, self.next, target)
+                stats.add(env[site.x], self.generator)
+                if self.float_target:
+                    self._run(self.float_envs[i], self.next, target, replace=False)
+                    add_cross(stats, self.float_envs[i][site.x], env[site.x])
+        self.next = target + 1
+        self.recorded = {site.x: stats}  # earlier inputs are done with: free their Hessians
+        self.bar.update(1)
+        return stats
+
+    def _placeholders(self, args: tuple) -> dict:
+        env = {}
+        values = iter(clone_inputs(args))
+        for node in self.nodes:
+            if node.op == "placeholder":
+                env[node] = next(values, node.args[0] if node.args else None)
+        return env
+
+    def _run(self, env: dict, start: int, stop: int, replace: bool = True) -> None:
+        """Run nodes start..stop (inclusive) on ``env``, dropping values no later node reads."""
+        self.interpreter.env = env
+        for node in self.nodes[start : stop + 1]:
+            if node.op in ("placeholder", "output"):
+                continue
+            replaced = self.replaced.get(node) if replace else None
+            if replaced is None:
+                env[node] = self.interpreter.run_node(node)
+            else:  # the quantized weight stands in for the float one, for this node only
+                weight_node, weight = replaced
+                original, env[weight_node] = env[weight_node], weight
+                env[node] = self.interpreter.run_node(node)
+                env[weight_node] = original
+            for dead in self.last_use.get(node, ()):
+                env.pop(dead, None)
+
+
+def add_cross(stats: InputStats, x_float: torch.Tensor, x_quant: torch.Tensor) -> None:
+    """Sum of x_float^T x_quant over tokens: with the Hessian of x_quant, the least-squares weight
+    that maps the quantized prefix's inputs to the float layer's outputs."""
+    rows_f = x_float.reshape(-1, stats.width).to(torch.float32)
+    rows_q = x_quant.reshape(-1, stats.width).to(torch.float32)
+    cross = (rows_f.T @ rows_q).to(torch.float64)
+    stats.cross = cross if getattr(stats, "cross", None) is None else stats.cross + cross
+
+
+def _last_uses(nodes: list[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
+    """node -> the values whose last reader it is (as fx.Interpreter's garbage collection)."""
+    last: dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        for value in node.all_input_nodes:
+            last[value] = node
+    uses: dict[fx.Node, list[fx.Node]] = {}
+    for value, reader in last.items():
+        uses.setdefault(reader, []).append(value)
+    return uses
