@@ -221,7 +221,7 @@ def test_awq_in_a_recipe(tiny_llama, token_ids, monkeypatch):
     "extra",
     [{"method": "gptq", "gptq_params": "clip"}, {"method": "gptq", "act_order": True, "gptq_params": "clip"},
      {"method": "gptq", "act_order": True, "gptq_params": "mse"}, {"method": "awq", "awq_gptq": True},
-     {"method": "gptq", "act_order": True, "gptq_params": "mse", "sequential": True, "sequential_target": "float"}],
+     {"method": "gptq", "act_order": True, "gptq_params": "mse", "sequential": True}],
 )
 def test_gptq_variants_beat_rtn(tiny_llama, token_ids, extra):
     from lqc.passes import Calibration, TransformCache

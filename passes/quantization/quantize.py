@@ -86,9 +86,6 @@ class QuantizeOptions(PassOptions):
     sequential: bool = field(
         default=False, metadata={"help": "gptq: each layer's statistics on the outputs of the layers quantized before it (still one forward)"}
     )
-    sequential_target: Literal["quantized", "float"] = field(
-        default="quantized", metadata={"help": "sequential gptq: fit each layer's outputs on the quantized prefix's inputs to its own outputs on them (quantized) or to the float model's (float: GPTAQ's asymmetric calibration, a second forward)"}
-    )
     mse_search: Literal["grid", "coordinate"] = field(
         default="grid", metadata={"help": "gptq_params mse: all 8 x 8 low/high shrink ratios (grid), or the low end then the high end (coordinate: 4x less search work)"}
     )
@@ -204,7 +201,7 @@ class Quantize(Pass):
         opts = self.options
         if opts.sequential:
             return SequentialInputStats(graph, lambda: ctx.calibration_inputs(graph, tokens=opts.calibration_tokens), sites,
-                                        want_hessian=True, progress=ctx.progress, float_target=opts.sequential_target == "float")
+                                        want_hessian=True, progress=ctx.progress)
         stats: dict = {}
 
         def input_stats(site: LinearSite):

@@ -33,8 +33,7 @@ class SequentialInputStats:
     every linear whose input comes before."""
 
     def __init__(self, graph: Graph, inputs: Callable[[], Sequence[tuple]], sites: Sequence[LinearSite], *,
-                 max_samples: int = 0, want_hessian: bool = True, progress: bool = True, seed: int = 0,
-                 float_target: bool = False):
+                 max_samples: int = 0, want_hessian: bool = True, progress: bool = True, seed: int = 0):
         self.graph = graph
         self.nodes = list(graph.gm.graph.nodes)
         self.position = {node: i for i, node in enumerate(self.nodes)}
@@ -45,8 +44,6 @@ class SequentialInputStats:
         self.replaced: dict[fx.Node, tuple[fx.Node, torch.Tensor]] = {}  # linear -> (weight node, weight as stored)
         self.inputs = inputs  # called on the first request: a model whose layers are all cached needs none
         self.envs: list[dict] | None = None  # per window: the live values before node self.next
-        self.float_target = float_target
-        self.float_envs: list[dict] | None = None  # the same, float weights throughout (float_target)
         self.next = 0
         self.recorded: dict[fx.Node, InputStats] = {}
         self.total, self.progress, self.bar = len({s.x for s in sites}), progress, None
@@ -69,17 +66,12 @@ class SequentialInputStats:
             raise RuntimeError(f"sequential statistics: {site.x.name} was asked for after the graph ran past it")
         if self.envs is None:
             self.envs = [self._placeholders(args) for args in self.inputs()]
-            if self.float_target:
-                self.float_envs = [self._placeholders(args) for args in self.inputs()]
             self.bar = tqdm(total=self.total, desc="sequential calibration", disable=not self.progress, leave=False)
         stats = InputStats(int(site.x.meta["val"].shape[-1]), self.max_samples, self.want_hessian)
         with torch.no_grad():
-            for i, env in enumerate(self.envs):
+            for env in self.envs:
                 self._run(env, self.next, target)
                 stats.add(env[site.x], self.generator)
-                if self.float_target:
-                    self._run(self.float_envs[i], self.next, target, replace=False)
-                    add_cross(stats, self.float_envs[i][site.x], env[site.x])
         self.next = target + 1
         self.recorded = {site.x: stats}  # earlier inputs are done with: free their Hessians
         self.bar.update(1)
@@ -93,13 +85,13 @@ class SequentialInputStats:
                 env[node] = next(values, node.args[0] if node.args else None)
         return env
 
-    def _run(self, env: dict, start: int, stop: int, replace: bool = True) -> None:
+    def _run(self, env: dict, start: int, stop: int) -> None:
         """Run nodes start..stop (inclusive) on ``env``, dropping values no later node reads."""
         self.interpreter.env = env
         for node in self.nodes[start : stop + 1]:
             if node.op in ("placeholder", "output"):
                 continue
-            replaced = self.replaced.get(node) if replace else None
+            replaced = self.replaced.get(node)
             if replaced is None:
                 env[node] = self.interpreter.run_node(node)
             else:  # the quantized weight stands in for the float one, for this node only
@@ -109,15 +101,6 @@ class SequentialInputStats:
                 env[weight_node] = original
             for dead in self.last_use.get(node, ()):
                 env.pop(dead, None)
-
-
-def add_cross(stats: InputStats, x_float: torch.Tensor, x_quant: torch.Tensor) -> None:
-    """Sum of x_float^T x_quant over tokens: with the Hessian of x_quant, the least-squares weight
-    that maps the quantized prefix's inputs to the float layer's outputs."""
-    rows_f = x_float.reshape(-1, stats.width).to(torch.float32)
-    rows_q = x_quant.reshape(-1, stats.width).to(torch.float32)
-    cross = (rows_f.T @ rows_q).to(torch.float64)
-    stats.cross = cross if getattr(stats, "cross", None) is None else stats.cross + cross
 
 
 def _last_uses(nodes: list[fx.Node]) -> dict[fx.Node, list[fx.Node]]:

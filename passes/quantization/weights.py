@@ -55,9 +55,6 @@ def gptq_weight(opts, weight: torch.Tensor, stats, hessian: torch.Tensor | None 
     padded = pad_columns(weight.to(torch.float32), group) if group else weight.to(torch.float32)
     full = torch.zeros(padded.shape[1], padded.shape[1], dtype=torch.float64)
     full[:k, :k] = stats.mean_hessian if hessian is None else hessian  # padded inputs are always zero: dead columns
-    if hessian is None and getattr(stats, "cross", None) is not None:
-        padded = padded.clone()  # pad_columns and .to may return the model's own weight
-        padded[:, :k] = float_target_weight(padded[:, :k], stats.cross / stats.count, full[:k, :k], opts.damp)
     group_params = None
     if group and opts.gptq_params == "clip":
         x = stats.sample if x is None else x
@@ -69,13 +66,6 @@ def gptq_weight(opts, weight: torch.Tensor, stats, hessian: torch.Tensor | None 
     if opts.format == "int4":
         return quantize_int4(result.weight[:, :k], group, result.scales, result.zeros, zero_point=opts.zero_point)
     return quantize_int8(result.weight, scales=result.scales)
-
-
-def float_target_weight(weight: torch.Tensor, cross: torch.Tensor, hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """W C (H + damp I)^-1: the weight whose outputs on the quantized prefix's inputs (Hessian H)
-    come closest to the float layer's on the float inputs (C = mean x_float^T x_quant)."""
-    h = hessian + damp * hessian.diagonal().mean() * torch.eye(hessian.shape[0], dtype=hessian.dtype)
-    return torch.linalg.solve(h, (weight.to(torch.float64) @ cross).T).T.to(weight.dtype)
 
 
 def fake_quantize(opts, weight: torch.Tensor) -> torch.Tensor:
