@@ -47,6 +47,7 @@ class SequentialInputStats:
         self.next = 0
         self.recorded: dict[fx.Node, InputStats] = {}
         self.total, self.progress, self.bar = len({s.x for s in sites}), progress, None
+        self.last = max((self.position[s.x] for s in sites), default=-1)
 
     def order(self, sites: Sequence[LinearSite]) -> list[LinearSite]:
         """``sites`` in the order their statistics can be collected: by input position."""
@@ -75,6 +76,9 @@ class SequentialInputStats:
         self.next = target + 1
         self.recorded = {site.x: stats}  # earlier inputs are done with: free their Hessians
         self.bar.update(1)
+        if target == self.last:  # no input after this one: the windows' values are done with
+            self.bar.close()
+            self.envs = []
         return stats
 
     def _placeholders(self, args: tuple) -> dict:
