@@ -39,8 +39,9 @@ class SequentialInputStats:
         self.position = {node: i for i, node in enumerate(self.nodes)}
         self.max_samples, self.want_hessian = max_samples, want_hessian
         self.generator = torch.Generator().manual_seed(seed)
-        self.interpreter = fx.Interpreter(graph.gm, garbage_collect_values=False)
-        self.last_use = _last_uses(self.nodes)
+        # garbage_collect_values: fx computes which values each node reads last (user_to_last_uses);
+        # the loop below drops them itself, since it runs the nodes in pieces
+        self.interpreter = fx.Interpreter(graph.gm, garbage_collect_values=True)
         self.replaced: dict[fx.Node, tuple[fx.Node, torch.Tensor]] = {}  # linear -> (weight node, weight as stored)
         self.inputs = inputs  # called on the first request: a model whose layers are all cached needs none
         self.envs: list[dict] | None = None  # per window: the live values before node self.next
@@ -82,11 +83,12 @@ class SequentialInputStats:
         return stats
 
     def _placeholders(self, args: tuple) -> dict:
-        env = {}
-        values = iter(clone_inputs(args))
+        """A window's env holding its inputs (fx's placeholder handling: defaults, missing ones)."""
+        env = self.interpreter.env = {}
+        self.interpreter.args_iter = iter(clone_inputs(args))
         for node in self.nodes:
             if node.op == "placeholder":
-                env[node] = next(values, node.args[0] if node.args else None)
+                env[node] = self.interpreter.run_node(node)
         return env
 
     def _run(self, env: dict, start: int, stop: int) -> None:
@@ -103,17 +105,6 @@ class SequentialInputStats:
                 original, env[weight_node] = env[weight_node], weight
                 env[node] = self.interpreter.run_node(node)
                 env[weight_node] = original
-            for dead in self.last_use.get(node, ()):
+            for dead in self.interpreter.user_to_last_uses.get(node, ()):
                 env.pop(dead, None)
 
-
-def _last_uses(nodes: list[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
-    """node -> the values whose last reader it is (as fx.Interpreter's garbage collection)."""
-    last: dict[fx.Node, fx.Node] = {}
-    for node in nodes:
-        for value in node.all_input_nodes:
-            last[value] = node
-    uses: dict[fx.Node, list[fx.Node]] = {}
-    for value, reader in last.items():
-        uses.setdefault(reader, []).append(value)
-    return uses
