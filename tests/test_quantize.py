@@ -106,6 +106,50 @@ def _correlated_problem(n_out=64, k=256, tokens=2048):
     return x, w, (x.T @ x / tokens).double()
 
 
+
+@pytest.mark.parametrize("zero_point", ["float", "integer", "symmetric"])
+def test_refit_solves_each_rows_least_squares_for_gptqs_codes(zero_point):
+    """The refitted parameters are each row's least-squares (s, z) for GPTQ's codes, found here by
+    torch.linalg.lstsq on the whitened design matrix; they lower every row's error, and the stored
+    weight keeps GPTQ's codes. With integer or no zero points only the scales move."""
+    from lqc.passes.quantization.gptq import gptq
+    from lqc.passes.quantization.refit import refit_int4_params
+    from lqc.passes.quantization.weights import refit_gptq_params
+    from lqc.runtime.quantization.formats import fit_zero_points, int4_codes
+
+    x, w, hessian = _correlated_problem(n_out=8, k=128)
+    s0, z0 = fit_zero_points(*int4_minmax_params(w, 32), zero_point)
+    result = gptq(w, hessian, fmt="int4", group_size=32, act_order=True, group_params=(s0, z0), zero_point=zero_point)
+    codes = int4_codes(result.weight, result.scales, result.zeros, 32)
+    scales, zeros = refit_int4_params(w, hessian, codes, result.scales, result.zeros, 32,
+                                      fit_zeros=zero_point == "float", param_dtype=torch.float64, ridge=0.0)
+    root = torch.linalg.cholesky(hessian)  # d H d^T = |d L|^2
+    centered = codes.double() - 8
+    for row in range(w.shape[0]):
+        if zero_point == "float":
+            design = torch.zeros(128, 8, dtype=torch.float64)
+            for g in range(4):
+                design[g * 32:(g + 1) * 32, g] = centered[row, g * 32:(g + 1) * 32]
+                design[g * 32:(g + 1) * 32, 4 + g] = 1.0
+        else:
+            offset = (result.zeros[row] / result.scales[row]).double().repeat_interleave(32)
+            design = torch.zeros(128, 4, dtype=torch.float64)
+            for g in range(4):
+                design[g * 32:(g + 1) * 32, g] = (centered[row] + offset)[g * 32:(g + 1) * 32]
+        best = torch.linalg.lstsq(root.T @ design, root.T @ w[row].double()).solution
+        assert torch.allclose(scales[row], best[:4], rtol=1e-6, atol=1e-9)
+        if zero_point == "float":
+            assert torch.allclose(zeros[row], best[4:], rtol=1e-6, atol=1e-9)
+    if zero_point == "symmetric":
+        assert not zeros.any()
+
+    stored_scales, stored_zeros, weight = refit_gptq_params(w, hessian, result, 32, zero_point)
+    error = lambda q: (((q.double() - w) @ hessian) * (q.double() - w)).sum(1)  # noqa: E731
+    assert (error(weight) <= error(result.weight)).all() and error(weight).sum() < 0.97 * error(result.weight).sum()
+    stored = quantize_int4(weight, 32, stored_scales, stored_zeros, zero_point=zero_point)
+    assert torch.equal(int4_codes(stored.dequantize(), stored.scales, stored.zeros, 32), codes)
+    assert torch.equal(stored.dequantize(), weight)
+
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_halves_output_error_and_lands_on_the_grid(act_order):
     from lqc.passes.quantization.gptq import gptq
@@ -221,7 +265,8 @@ def test_awq_in_a_recipe(tiny_llama, token_ids, monkeypatch):
     "extra",
     [{"method": "gptq", "gptq_params": "clip"}, {"method": "gptq", "act_order": True, "gptq_params": "clip"},
      {"method": "gptq", "act_order": True, "gptq_params": "mse"}, {"method": "awq", "awq_gptq": True},
-     {"method": "gptq", "act_order": True, "gptq_params": "mse", "sequential": True}],
+     {"method": "gptq", "act_order": True, "gptq_params": "mse", "sequential": True},
+     {"method": "gptq", "act_order": True, "gptq_params": "mse", "gptq_refit": True}],
 )
 def test_gptq_variants_beat_rtn(tiny_llama, token_ids, extra):
     from lqc.passes import Calibration, TransformCache

@@ -83,6 +83,9 @@ class QuantizeOptions(PassOptions):
     gptq_params: Literal["minmax", "clip", "mse"] = field(
         default="minmax", metadata={"help": "gptq int4: static group parameters from min/max, the clipping search on sampled rows (clip), or the range search on the full Hessian (mse)"}
     )
+    gptq_refit: bool = field(
+        default=False, metadata={"help": "gptq int4: after the codes are chosen, refit each row's group scales and zeros to them by least squares on the Hessian"}
+    )
     sequential: bool = field(
         default=False, metadata={"help": "gptq: each layer's statistics on the outputs of the layers quantized before it (still one forward)"}
     )
@@ -104,6 +107,8 @@ class QuantizeOptions(PassOptions):
             raise LqcConfigError("method 'hqq' optimizes int4 zero points, which zero_point 'symmetric' removes; use method rtn, gptq or awq")
         if self.method == "gptq" and self.format not in ("int4", "int8"):
             raise LqcConfigError(f"method 'gptq' quantizes int4 or int8 weights; got format {self.format!r}")
+        if self.gptq_refit and (self.method != "gptq" and not self.awq_gptq or self.format != "int4"):
+            raise LqcConfigError(f"quantize.gptq_refit refits the group parameters of GPTQ's int4 codes: use method 'gptq' and format 'int4' (got {self.method!r}, {self.format!r})")
         if self.sequential and (self.method != "gptq" or self.awq_gptq):
             raise LqcConfigError(f"quantize.sequential collects GPTQ's statistics layer by layer: use method 'gptq' (got {self.method!r})")
         if self.method == "awq" and self.format != "int4":

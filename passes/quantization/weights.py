@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 
 from lqc.runtime.quantization.formats import (
-    QuantizedWeight, int4_minmax_params, pad_columns, quantize_fp8, quantize_int4, quantize_int8,
+    INT4_OFFSET, QuantizedWeight, fit_zero_points, int4_codes, int4_minmax_params, pad_columns, quantize_fp8, quantize_int4, quantize_int8,
 )
 
 from lqc.passes.quantization.awq import search_clipping, search_clipping_hessian
 from lqc.passes.quantization.gptq import gptq
 from lqc.passes.quantization.hqq import hqq_int4_params
+from lqc.passes.quantization.refit import refit_int4_params
 
 
 def quantize_weight(opts, weight: torch.Tensor, input_stats=None) -> QuantizedWeight:
@@ -64,8 +65,22 @@ def gptq_weight(opts, weight: torch.Tensor, stats, hessian: torch.Tensor | None 
     result = gptq(padded, full, fmt=opts.format, group_size=group, block_size=opts.block_size,
                   damp=opts.damp, act_order=opts.act_order, group_params=group_params, zero_point=opts.zero_point)
     if opts.format == "int4":
-        return quantize_int4(result.weight[:, :k], group, result.scales, result.zeros, zero_point=opts.zero_point)
+        scales, zeros = result.scales, result.zeros
+        if opts.gptq_refit:
+            scales, zeros, result.weight = refit_gptq_params(padded, full, result, group, opts.zero_point)
+        return quantize_int4(result.weight[:, :k], group, scales, zeros, zero_point=opts.zero_point)
     return quantize_int8(result.weight, scales=result.scales)
+
+
+def refit_gptq_params(weight: torch.Tensor, hessian: torch.Tensor, result, group: int, zero_point: str):
+    """GPTQ's int4 codes with the (scales, zeros) that fit them best (lqc.passes.quantization.refit),
+    and the weight they dequantize to."""
+    codes = int4_codes(result.weight, result.scales, result.zeros, group)
+    scales, zeros = refit_int4_params(weight, hessian, codes, result.scales, result.zeros, group,
+                                      fit_zeros=zero_point == "float")
+    scales, zeros = fit_zero_points(scales, zeros, zero_point)
+    s, z = (t.to(torch.float32).repeat_interleave(group, dim=1) for t in (scales, zeros))
+    return scales, zeros, (codes.to(torch.float32) - INT4_OFFSET) * s + z
 
 
 def fake_quantize(opts, weight: torch.Tensor) -> torch.Tensor:
