@@ -313,7 +313,31 @@ def test_size_report_equals_a_filled_cache(tiny_llama, options):
         tiny_llama.generate(ids, max_new_tokens=11, do_sample=False, cache=cache)
     assert cache.get_seq_length() == 40
     report = kv_cache_report(tiny_llama.config, 40, element_bytes=4, **options)
-    assert report["total_bytes"] == cache.nbytes() and report["stored_tokens_per_layer"] == cache.layers[0].stored_tokens
+    assert report["total_bytes"] == cache.nbytes() and report["stored_tokens_per_layer"] == [layer.stored_tokens for layer in cache.layers]
     assert report["float_bytes"] == 40 * 2 * 2 * 2 * 16 * 4  # tokens x (K, V) x layers x KV heads x head_dim x 4 bytes
     with pytest.raises(ValueError, match="SnapKV keeps what the prompt's attention selects"):
         kv_cache_report(tiny_llama.config, 40, snapkv=8)
+
+
+def test_size_report_counts_sliding_window_layers_as_their_caches_hold_them():
+    """Gemma 3's layout (a sliding layer of window 8, a full one): past the window the sliding layer
+    holds 7 tokens in either cache, and the report equals both caches generate() filled to 40
+    tokens: lqc's compressed one and transformers' own float DynamicCache."""
+    from transformers import DynamicCache
+
+    from lqc import support_matrix
+    from lqc.runtime.kv.cache import kv_cache_report
+
+    model = support_matrix.build("gemma3")
+    ids = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(3))
+    options = {"bits": 4, "group": 4, "residual": 4, "sinks": 1}
+    caches = {"lqc": CompressedKVCache(model.config, **options), "float": DynamicCache(config=model.config)}
+    with torch.no_grad():
+        for cache in caches.values():
+            model.generate(ids, max_new_tokens=11, do_sample=False, cache=cache)
+    report = kv_cache_report(model.config, 40, element_bytes=4, **options)
+    float_bytes = sum(t.nbytes for layer in caches["float"].layers for t in (layer.keys, layer.values))
+    assert [layer.keys.shape[-2] for layer in caches["float"].layers] == [7, 40]
+    assert report["float_bytes"] == float_bytes == (7 + 40) * 2 * 2 * 8 * 4  # tokens x (K, V) x KV heads x head_dim x 4 bytes
+    assert report["total_bytes"] == caches["lqc"].nbytes()
+    assert report["stored_tokens_per_layer"] == [layer.stored_tokens for layer in caches["lqc"].layers]

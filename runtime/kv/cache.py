@@ -314,10 +314,16 @@ class CompressedKVCache(Cache):
 
 def kv_cache_report(config, context: int, *, element_bytes: int = 2, dropped: Iterable[int] = (), **options) -> dict:
     """KV bytes of one sequence at ``context`` tokens, with ``CompressedKVCache`` ``options``
-    (bits, group, residual, sinks, window), against a float cache of ``element_bytes`` (2:
-    float16). Measured, not estimated: one layer's cache is filled with ``context`` tokens of
-    zeros in ``element_bytes`` floats and counted, times the layers that hold a cache. SnapKV
-    depends on the prompt's attention, so it is not reported here."""
+    (bits, group, residual, sinks, window), against transformers' own float cache of
+    ``element_bytes`` (2: float16). Measured, not estimated: for each kind of layer (full attention,
+    or sliding-window attention with its window W) one layer's cache is filled with ``context``
+    tokens of zeros in ``element_bytes`` floats and counted, times the layers of that kind that hold
+    a cache (the float cache counts every layer, ``dropped`` ones too). A sliding layer keeps the
+    last W - 1 tokens in either cache (transformers' DynamicSlidingWindowLayer), so past its window
+    it costs what W - 1 tokens cost. SnapKV depends on the prompt's attention, so it is not reported
+    here."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
     if options.get("snapkv") is not None:
         raise ValueError("kv_cache_report: SnapKV keeps what the prompt's attention selects; report it from a real cache's nbytes()")
     if context < 1:
@@ -325,15 +331,22 @@ def kv_cache_report(config, context: int, *, element_bytes: int = 2, dropped: It
     text_config = config.get_text_config(decoder=True)
     dtype = {2: torch.float16, 4: torch.float32}[element_bytes]
     heads, head_dim = text_config.num_key_value_heads, attention_head_dim(text_config)
-    layer = CompressedKVLayer(**options)
-    zeros = torch.zeros(1, heads, context, head_dim, dtype=dtype)
-    layer.append(zeros, zeros)
-    layer.settle()
-    layers = text_config.num_hidden_layers - len(set(dropped))
-    total = layer.nbytes() * layers
-    float_total = float_kv_bytes_per_token(text_config, element_bytes) * context
-    per_quantized = layer.quantized_nbytes_per_token()
-    return {"context": context, "layers_with_cache": layers, "stored_tokens_per_layer": layer.stored_tokens,
+    _, kwargs = get_layer_types_and_kwargs(text_config)
+    every_window = [kw.get("sliding_window") for kw in kwargs]  # None: full attention
+    windows = [w for i, w in enumerate(every_window) if i not in set(dropped)]
+    filled = {}
+    for window in set(windows):  # one filled layer per kind
+        layer = filled[window] = CompressedKVLayer(**options, sliding_window=window)
+        zeros = torch.zeros(1, heads, context, head_dim, dtype=dtype)
+        layer.append(zeros, zeros)
+        layer.settle()
+    total = sum(filled[w].nbytes() for w in windows)
+    # the float cache is the whole model's, dropped layers included: what the user had before lqc
+    float_tokens = sum(context if w is None else min(context, w - 1) for w in every_window)
+    float_total = float_kv_bytes_per_token(text_config, element_bytes, layers=1) * float_tokens
+    per_quantized = next((p for p in (layer.quantized_nbytes_per_token() for layer in filled.values()) if p), None)
+    layers = len(windows)
+    return {"context": context, "layers_with_cache": layers, "stored_tokens_per_layer": [filled[w].stored_tokens for w in windows],
             "total_bytes": total, "bytes_per_token": total / context, "float_bytes": float_total,
             "vs_float": total / float_total,
             "bytes_per_quantized_token": per_quantized * layers if per_quantized else None,
