@@ -16,7 +16,8 @@ from lqc.checkpoint import manifest_digest
 
 
 def _compress_and_save(model, recipe, directory, ids, **kwargs):
-    compressed = lqc.compress(model, recipe, progress=False, **kwargs)
+    # captured on ids: the logits below reuse that graph (another shape would be a second capture)
+    compressed = lqc.compress(model, recipe, progress=False, example_inputs=ids, **kwargs)
     with torch.no_grad():
         logits = compressed(ids).logits
     lqc.save(compressed, directory)
