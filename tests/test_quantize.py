@@ -150,6 +150,28 @@ def test_refit_solves_each_rows_least_squares_for_gptqs_codes(zero_point):
     assert torch.equal(int4_codes(stored.dequantize(), stored.scales, stored.zeros, 32), codes)
     assert torch.equal(stored.dequantize(), weight)
 
+
+def test_refit_rounds_keep_each_rows_best_round():
+    """More rounds (GPTQ again on the refitted parameters, refit again) never raise a row's error
+    and lower the layer's; 0 rounds or rounds without gptq_refit are configuration errors."""
+    from types import SimpleNamespace
+
+    from lqc.passes.quantization.gptq import gptq
+    from lqc.passes.quantization.quantize import QuantizeOptions
+    from lqc.passes.quantization.weights import refit_rounds
+
+    x, w, hessian = _correlated_problem(n_out=32, k=128)
+    result = gptq(w, hessian, fmt="int4", group_size=32, act_order=True, group_params=int4_minmax_params(w, 32))
+    error = lambda q: (((q.double() - w) @ hessian) * (q.double() - w)).sum(1)  # noqa: E731
+    opts = dict(group_size=32, zero_point="float", block_size=128, damp=0.01, act_order=True)
+    one = refit_rounds(SimpleNamespace(**opts, refit_rounds=1), w, hessian, result)[2]
+    three = refit_rounds(SimpleNamespace(**opts, refit_rounds=3), w, hessian, result)
+    assert (error(three[2]) <= error(one)).all() and error(three[2]).sum() < 0.99 * error(one).sum()
+    assert torch.equal(quantize_int4(three[2], 32, three[0], three[1]).dequantize(), three[2])  # on the stored grid
+    for bad in ({"gptq_refit": True, "refit_rounds": 0}, {"refit_rounds": 2}):
+        with pytest.raises(LqcConfigError, match="refit_rounds counts gptq_refit's rounds"):
+            QuantizeOptions(format="int4", method="gptq", **bad)
+
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_halves_output_error_and_lands_on_the_grid(act_order):
     from lqc.passes.quantization.gptq import gptq

@@ -86,6 +86,9 @@ class QuantizeOptions(PassOptions):
     gptq_refit: bool = field(
         default=False, metadata={"help": "gptq int4: after the codes are chosen, refit each row's group scales and zeros to them by least squares on the Hessian"}
     )
+    refit_rounds: int = field(
+        default=1, metadata={"help": "gptq_refit: rounds of refit, then GPTQ again on the refitted parameters (each row keeps its best round)"}
+    )
     sequential: bool = field(
         default=False, metadata={"help": "gptq: each layer's statistics on the outputs of the layers quantized before it (still one forward)"}
     )
@@ -109,6 +112,8 @@ class QuantizeOptions(PassOptions):
             raise LqcConfigError(f"method 'gptq' quantizes int4 or int8 weights; got format {self.format!r}")
         if self.gptq_refit and (self.method != "gptq" and not self.awq_gptq or self.format != "int4"):
             raise LqcConfigError(f"quantize.gptq_refit refits the group parameters of GPTQ's int4 codes: use method 'gptq' and format 'int4' (got {self.method!r}, {self.format!r})")
+        if self.refit_rounds < 1 or (self.refit_rounds > 1 and not self.gptq_refit):
+            raise LqcConfigError(f"quantize.refit_rounds counts gptq_refit's rounds: at least 1, and more than 1 only with gptq_refit: true (got {self.refit_rounds})")
         if self.sequential and (self.method != "gptq" or self.awq_gptq):
             raise LqcConfigError(f"quantize.sequential collects GPTQ's statistics layer by layer: use method 'gptq' (got {self.method!r})")
         if self.method == "awq" and self.format != "int4":

@@ -67,9 +67,29 @@ def gptq_weight(opts, weight: torch.Tensor, stats, hessian: torch.Tensor | None 
     if opts.format == "int4":
         scales, zeros = result.scales, result.zeros
         if opts.gptq_refit:
-            scales, zeros, result.weight = refit_gptq_params(padded, full, result, group, opts.zero_point)
+            scales, zeros, result.weight = refit_rounds(opts, padded, full, result)
         return quantize_int4(result.weight[:, :k], group, scales, zeros, zero_point=opts.zero_point)
     return quantize_int8(result.weight, scales=result.scales)
+
+
+def refit_rounds(opts, weight: torch.Tensor, hessian: torch.Tensor, result):
+    """``opts.refit_rounds`` rounds of: refit the parameters to the codes, then (before the next
+    round) GPTQ again with the refitted parameters as its static groups. Each row keeps its best
+    round's (scales, zeros, weight): rows are independent in the layer's output error."""
+    group = opts.group_size
+    best = refit_gptq_params(weight, hessian, result, group, opts.zero_point)
+    for _ in range(opts.refit_rounds - 1):
+        again = gptq(weight, hessian, fmt="int4", group_size=group, block_size=opts.block_size, damp=opts.damp,
+                     act_order=opts.act_order, group_params=(best[0].float(), best[1].float()), zero_point=opts.zero_point)
+        candidate = refit_gptq_params(weight, hessian, again, group, opts.zero_point)
+        better = _row_errors(weight, hessian, candidate[2]) < _row_errors(weight, hessian, best[2])
+        best = tuple(torch.where(better[:, None], new, old) for new, old in zip(candidate, best))
+    return best
+
+
+def _row_errors(weight: torch.Tensor, hessian: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    d = (quantized - weight).to(torch.float64)
+    return ((d @ hessian) * d).sum(1)
 
 
 def refit_gptq_params(weight: torch.Tensor, hessian: torch.Tensor, result, group: int, zero_point: str):
