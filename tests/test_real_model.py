@@ -188,8 +188,8 @@ def test_route_neurons_keeps_half_the_ffn_neurons_close_to_the_dense_model(smoll
 
 
 def test_compressed_kv_cache_quality(smollm2, eval_ids):
-    """One 1024-token window of eval.txt fed 128 tokens at a time: int8 KV within +0.5% of the float
-    cache's perplexity (the issue's bound, there at 2048). int4's +3% is checked through the pass in
+    """One 512-token window of eval.txt fed 128 tokens at a time: int8 KV within +0.5% of the float
+    cache's perplexity (the issue's bound, there at 2048; 380 of the 512 tokens are quantized). int4's +3% is checked through the pass in
     the next test (512 tokens); docs/kv-cache.md has both on every 2048-token window of eval.txt."""
     from transformers import DynamicCache
 
@@ -200,7 +200,7 @@ def test_compressed_kv_cache_quality(smollm2, eval_ids):
     previous = config._attn_implementation
     try:
         with torch.no_grad():
-            result = {name: perplexity(cached_logits(model, new_cache, 128), eval_ids, window_length=1024,
+            result = {name: perplexity(cached_logits(model, new_cache, 128), eval_ids, window_length=512,
                                        max_windows=1, progress=False).perplexity
                       for name, new_cache in (("float", lambda: DynamicCache(config=config)),
                                               ("int8", lambda: CompressedKVCache(config, bits=8)))}
