@@ -86,9 +86,14 @@ def _solve_rows(w, h, c, s0, z0, group_size: int, fit_zeros: bool, ridge: float)
 
 
 def _row_errors(w, h, c, s, z, group_size: int) -> torch.Tensor:
-    """Each row's output error ``d H d^T`` [r] for the weight ``c * s (+ z)`` per group."""
+    """Each row's output error [r] for the weight ``c * s (+ z)`` per group."""
     w_hat = c * s.repeat_interleave(group_size, dim=1)
     if z is not None:
         w_hat = w_hat + z.repeat_interleave(group_size, dim=1)
-    d = w.to(torch.float64) - w_hat
-    return ((d @ h) * d).sum(-1)
+    return row_errors(w, h, w_hat)
+
+
+def row_errors(weight: torch.Tensor, hessian: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """Each row's output error ``d H d^T`` [N] (float64) of replacing ``weight`` by ``quantized``."""
+    d = quantized.to(torch.float64) - weight.to(torch.float64)
+    return ((d @ hessian.to(torch.float64)) * d).sum(-1)

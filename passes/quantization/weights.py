@@ -16,7 +16,7 @@ from lqc.runtime.quantization.formats import (
 from lqc.passes.quantization.awq import search_clipping, search_clipping_hessian
 from lqc.passes.quantization.gptq import gptq
 from lqc.passes.quantization.hqq import hqq_int4_params
-from lqc.passes.quantization.refit import refit_int4_params
+from lqc.passes.quantization.refit import refit_int4_params, row_errors
 
 
 def quantize_weight(opts, weight: torch.Tensor, input_stats=None) -> QuantizedWeight:
@@ -82,14 +82,9 @@ def refit_rounds(opts, weight: torch.Tensor, hessian: torch.Tensor, result):
         again = gptq(weight, hessian, fmt="int4", group_size=group, block_size=opts.block_size, damp=opts.damp,
                      act_order=opts.act_order, group_params=(best[0].float(), best[1].float()), zero_point=opts.zero_point)
         candidate = refit_gptq_params(weight, hessian, again, group, opts.zero_point)
-        better = _row_errors(weight, hessian, candidate[2]) < _row_errors(weight, hessian, best[2])
+        better = row_errors(weight, hessian, candidate[2]) < row_errors(weight, hessian, best[2])
         best = tuple(torch.where(better[:, None], new, old) for new, old in zip(candidate, best))
     return best
-
-
-def _row_errors(weight: torch.Tensor, hessian: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
-    d = (quantized - weight).to(torch.float64)
-    return ((d @ hessian) * d).sum(1)
 
 
 def refit_gptq_params(weight: torch.Tensor, hessian: torch.Tensor, result, group: int, zero_point: str):
